@@ -1,2 +1,19 @@
 //! KooAgent library: everything the `kooagent` binary does, as testable modules.
+//!
+//! Layers (imports point down): `cli`/`bench` → `daemon`/`socket`/`client` → `ops` →
+//! `agent` + services → core logic (`device_code`, `clock`, `config`, `protocol`) → `store`.
+pub mod agent;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod daemon;
 pub mod device_code;
+pub mod device_service;
+pub mod logging;
+pub mod notify;
+pub mod ops;
+pub mod protocol;
+pub mod socket;
+pub mod store;

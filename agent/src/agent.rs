@@ -1,0 +1,50 @@
+//! The running agent's shared state: configuration (swapped on reload), the clock, and the
+//! services the socket operations answer from. One `Arc<Agent>` is shared by every
+//! connection.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::device_service::DeviceService;
+
+pub struct Agent {
+    config: RwLock<Arc<Config>>,
+    pub config_file: Option<PathBuf>,
+    pub clock: Arc<dyn Clock>,
+    pub started: Instant,
+    pub started_unix: i64,
+    pub device: DeviceService,
+}
+
+impl Agent {
+    pub fn new(config: Config, config_file: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Agent> {
+        let device = DeviceService::new(&config);
+        Arc::new(Agent {
+            started_unix: clock.now_secs(),
+            config: RwLock::new(Arc::new(config)),
+            config_file,
+            clock,
+            started: Instant::now(),
+            device,
+        })
+    }
+
+    /// The configuration in force now (cheap: an `Arc` clone).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Installs a reloaded configuration and lets services react to what changed.
+    pub fn replace_config(self: &Arc<Self>, new: Config) {
+        let old = {
+            let mut guard = self.config.write().expect("config lock");
+            std::mem::replace(&mut *guard, Arc::new(new.clone()))
+        };
+        if old.identity != new.identity || old.agent.product_id != new.agent.product_id {
+            self.device.reconfigure(&new, self.clock.clone());
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! `kooagent bench`: starts a private agent on a temporary directory and prints a table of
+//! what it measured: round trips per second and latency percentiles per operation and
+//! client count, time from exec to a connectable socket, idle RSS and idle CPU. When
+//! `redis-server` is installed it is measured in the same run (PING over a Unix socket)
+//! and the table shows our throughput as a ratio of it, so noisy machines still compare.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Seconds per measurement
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Concurrent client counts to measure
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub clients: Vec<usize>,
+    /// Times the agent is started to measure exec → ready
+    #[arg(long, default_value_t = 5)]
+    pub starts: usize,
+    /// Skip the Redis reference even when redis-server is installed
+    #[arg(long)]
+    pub no_redis: bool,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One operation to measure: a name for the table, the request's op and params.
+pub struct Scenario {
+    pub label: &'static str,
+    pub op: &'static str,
+    pub params: &'static str,
+}
+
+/// Operations measured over the socket. Later capabilities add their lines here.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        label: "ping",
+        op: "ping",
+        params: "{}",
+    },
+    Scenario {
+        label: "device.code",
+        op: "device.code",
+        params: "{}",
+    },
+];
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub clients: usize,
+    pub requests: u64,
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Our throughput divided by Redis's PING with the same client count, when measured.
+    pub vs_redis: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub ready_ms_median: f64,
+    pub ready_ms_max: f64,
+    pub idle_rss_kib: u64,
+    pub idle_cpu_ticks: u64,
+    pub idle_seconds: f64,
+}
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path) -> Result<PathBuf> {
+    let cfg = dir.join("agent.toml");
+    let text = format!(
+        "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n[identity]\nmetadata = false\n",
+        dir.join("state").display(),
+        dir.join("agent.pid").display(),
+        dir.join("agent.sock").display()
+    );
+    std::fs::write(&cfg, text)?;
+    Ok(cfg)
+}
+
+/// Starts the agent and returns it with the time from exec to a successful connect.
+fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(Agent, Duration)> {
+    let _ = std::fs::remove_file(socket);
+    let t0 = Instant::now();
+    let child = Command::new(exe)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the agent")?;
+    let mut agent = Agent {
+        child,
+        socket: socket.to_path_buf(),
+    };
+    loop {
+        if StdUnixStream::connect(socket).is_ok() {
+            return Ok((agent, t0.elapsed()));
+        }
+        if let Some(status) = agent.child.try_wait()? {
+            bail!("the agent exited during start: {status}");
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("the agent did not open its socket within 10 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn proc_stat(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((rss, ticks))
+}
+
+/// Drives `clients` connections, each sending `request` and waiting for its answer, for
+/// `seconds`. Returns (requests, per-request latencies in ns).
+async fn drive(
+    socket: PathBuf,
+    request: Vec<u8>,
+    clients: usize,
+    seconds: f64,
+    expect: &'static str,
+) -> Result<(u64, Vec<u32>, f64)> {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..clients {
+        let socket = socket.clone();
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::UnixStream::connect(&socket).await?;
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = TokioBufReader::new(rd);
+            let mut line = Vec::with_capacity(512);
+            let mut lat = Vec::with_capacity(1 << 16);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                wr.write_all(&request).await?;
+                line.clear();
+                rd.read_until(b'\n', &mut line).await?;
+                lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                if !line.windows(expect.len()).any(|w| w == expect.as_bytes()) {
+                    anyhow::bail!("unexpected answer: {}", String::from_utf8_lossy(&line));
+                }
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok((all.len() as u64, all, elapsed))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn row(label: &str, clients: usize, n: u64, mut lat: Vec<u32>, elapsed: f64) -> Row {
+    lat.sort_unstable();
+    Row {
+        scenario: label.into(),
+        clients,
+        requests: n,
+        per_sec: n as f64 / elapsed,
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        vs_redis: None,
+    }
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
+/// Measures Redis answering PING on a Unix socket, with our own client loop, so both are
+/// driven identically.
+fn redis_rows(rt: &tokio::runtime::Runtime, dir: &Path, args: &BenchArgs) -> Result<Vec<Row>> {
+    let Some(server) = which("redis-server") else {
+        return Ok(vec![]);
+    };
+    let sock = dir.join("redis.sock");
+    let mut child = Command::new(server)
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let t0 = Instant::now();
+    while StdUnixStream::connect(&sock).is_err() {
+        if t0.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            bail!("redis-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut rows = Vec::new();
+    for &c in &args.clients {
+        let (n, lat, el) = rt.block_on(drive(
+            sock.clone(),
+            b"PING\r\n".to_vec(),
+            c,
+            args.seconds,
+            "PONG",
+        ))?;
+        rows.push(row("redis PING (reference)", c, n, lat, el));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(rows)
+}
+
+pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the kooagent binary")?;
+    let dir = tempdir()?;
+    let config = write_config(&dir)?;
+    let socket = dir.join("agent.sock");
+
+    // exec → ready, several starts.
+    let mut ready = Vec::new();
+    for _ in 0..args.starts.max(1).saturating_sub(1) {
+        let (agent, t) = start_agent(&exe, &config, &socket)?;
+        ready.push(t);
+        drop(agent);
+    }
+    let (agent, t) = start_agent(&exe, &config, &socket)?;
+    ready.push(t);
+    ready.sort();
+    let pid = agent.child.id();
+
+    // Idle: let start-up work (identity) finish, then watch CPU ticks over a quiet window.
+    {
+        let mut c = crate::client::Client::connect(&agent.socket)?;
+        c.call("device.code", serde_json::json!({}))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_seconds = 3.0;
+    let (rss, ticks0) = proc_stat(pid)?;
+    std::thread::sleep(Duration::from_secs_f64(idle_seconds));
+    let (_, ticks1) = proc_stat(pid)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    for s in SCENARIOS {
+        let mut req = format!(
+            "{{\"v\":1,\"id\":1,\"op\":\"{}\",\"params\":{}}}",
+            s.op, s.params
+        )
+        .into_bytes();
+        req.push(b'\n');
+        for &c in &args.clients {
+            let (n, lat, el) = rt.block_on(drive(
+                socket.clone(),
+                req.clone(),
+                c,
+                args.seconds,
+                "\"ok\":true",
+            ))?;
+            rows.push(row(s.label, c, n, lat, el));
+        }
+    }
+    drop(agent);
+    if !args.no_redis {
+        match redis_rows(&rt, &dir, &args) {
+            Ok(reference) => {
+                for r in rows.iter_mut() {
+                    if let Some(base) = reference.iter().find(|b| b.clients == r.clients) {
+                        r.vs_redis = Some(r.per_sec / base.per_sec);
+                    }
+                }
+                rows.extend(reference);
+            }
+            Err(e) => eprintln!("redis reference skipped: {e}"),
+        }
+    }
+    let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+    let report = Report {
+        rows,
+        ready_ms_median: ms(&ready[ready.len() / 2]),
+        ready_ms_max: ms(ready.last().expect("at least one start")),
+        idle_rss_kib: rss,
+        idle_cpu_ticks: ticks1.saturating_sub(ticks0),
+        idle_seconds,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report, &mut std::io::stdout())?;
+    }
+    Ok(())
+}
+
+pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for row in &r.rows {
+        writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            row.scenario,
+            row.clients,
+            row.requests,
+            row.per_sec,
+            row.p50_us,
+            row.p99_us,
+            row.vs_redis
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "-".into())
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(out, "| measure | value |")?;
+    writeln!(out, "|---|---:|")?;
+    writeln!(
+        out,
+        "| exec → socket ready (median) | {:.1} ms |",
+        r.ready_ms_median
+    )?;
+    writeln!(
+        out,
+        "| exec → socket ready (max) | {:.1} ms |",
+        r.ready_ms_max
+    )?;
+    writeln!(
+        out,
+        "| idle RSS | {:.2} MiB |",
+        r.idle_rss_kib as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| idle CPU over {:.0} s | {} ticks |",
+        r.idle_seconds, r.idle_cpu_ticks
+    )?;
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    // Short path: Unix socket paths are limited to 107 bytes.
+    let base = std::env::temp_dir().join(format!("kooagent-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}

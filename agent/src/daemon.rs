@@ -1,0 +1,159 @@
+//! `kooagent run`: load and check the configuration, bind the socket (before detaching, so
+//! a second agent fails in the foreground), optionally detach, then serve until SIGTERM or
+//! SIGINT; SIGHUP reloads the configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::agent::Agent;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{self, Origin, Overrides};
+use crate::notify::{monotonic_usec, notify_logged};
+use crate::ops::Dispatcher;
+use crate::{logging, socket, store};
+
+pub struct RunOptions {
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub daemon: bool,
+    /// Where logs go when detached (default: `<state_dir>/agent.log`).
+    pub log_file: Option<PathBuf>,
+}
+
+pub fn run(opts: RunOptions) -> Result<()> {
+    let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
+    let cfg = loaded.config.clone();
+    logging::init(cfg.log_level(), None);
+    raise_fd_limit();
+    store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
+    let group_required = loaded.origin("socket.group") != Origin::Default;
+    let bound = socket::bind(
+        &cfg.socket.path,
+        cfg.socket_mode()?,
+        &cfg.socket.group,
+        group_required,
+    )?;
+    if opts.daemon {
+        let log_path = opts
+            .log_file
+            .clone()
+            .unwrap_or_else(|| cfg.agent.state_dir.join("agent.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening log file {}", log_path.display()))?;
+        if let Some(dir) = cfg.agent.pidfile.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let d = daemonize::Daemonize::new()
+            .pid_file(&cfg.agent.pidfile)
+            .working_directory("/")
+            .stderr(log);
+        if let Err(e) = d.start() {
+            bound.remove();
+            return Err(anyhow::anyhow!("could not detach: {e}"));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("kooagent")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(serve_until_signal(loaded, opts, &bound));
+    bound.remove();
+    result
+}
+
+async fn serve_until_signal(
+    loaded: config::Loaded,
+    opts: RunOptions,
+    bound: &socket::Bound,
+) -> Result<()> {
+    let cfg = loaded.config.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
+    agent.device.start(&cfg, clock.clone());
+    let dispatcher = Arc::new(Dispatcher::new());
+    let listener = {
+        let std_listener = bound.listener.try_clone().context("cloning the listener")?;
+        std_listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(std_listener)?
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = tokio::spawn(socket::serve(
+        listener,
+        agent.clone(),
+        dispatcher,
+        cfg.socket.max_connections,
+        shutdown_rx,
+    ));
+    log::info!(
+        "kooagent {} listening on {} (state {})",
+        env!("CARGO_PKG_VERSION"),
+        bound.path.display(),
+        cfg.agent.state_dir.display()
+    );
+    notify_logged("READY=1");
+    loop {
+        tokio::select! {
+            _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { log::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                notify_logged(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+                reload(&agent, &opts);
+                notify_logged("READY=1");
+            }
+        }
+    }
+    notify_logged("STOPPING=1");
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    if opts.daemon {
+        let _ = std::fs::remove_file(&cfg.agent.pidfile);
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+fn reload(agent: &Arc<Agent>, opts: &RunOptions) {
+    // Without --config the default location is looked at again: a file created since the
+    // start is picked up, like a file edited in place.
+    match config::load(opts.config.as_deref(), &opts.overrides) {
+        Err(e) => log::error!("SIGHUP: configuration not reloaded, keeping the old one: {e}"),
+        Ok(loaded) => {
+            let old = agent.config();
+            let new = loaded.config;
+            if old.socket != new.socket || old.agent.state_dir != new.agent.state_dir {
+                log::warn!("SIGHUP: socket and state_dir changes take effect after a restart");
+            }
+            logging::set_level(new.log_level());
+            agent.replace_config(new);
+            log::info!("SIGHUP: configuration reloaded");
+        }
+    }
+}
+
+/// Thousands of idle clients need thousands of descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The local socket's wire format: newline-delimited JSON, one request per line, one
+//! response per line, in order. See docs/protocol.md.
+//!
+//! Request:  `{"v":1,"id":7,"op":"ping","params":{}}`
+//! Response: `{"v":1,"id":7,"ok":true,"result":{...}}`
+//!        or `{"v":1,"id":7,"ok":false,"error":{"code":"unknown_op","message":"..."}}`
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub const VERSION: u64 = 1;
+/// Longest request line accepted, newline excluded.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Stable, machine-readable error codes shared by every operation. Operations add their
+/// own codes next to their code; these are the protocol-level ones.
+pub mod codes {
+    pub const PARSE_ERROR: &str = "parse_error";
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    pub const UNKNOWN_OP: &str = "unknown_op";
+    pub const INVALID_PARAMS: &str = "invalid_params";
+    pub const LINE_TOO_LONG: &str = "line_too_long";
+    pub const BUSY: &str = "busy";
+    pub const NOT_READY: &str = "not_ready";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// An error answer: a stable code plus a message for people.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpError {
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+impl OpError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        OpError {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        OpError::new(codes::INVALID_PARAMS, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        OpError::new(codes::INTERNAL, message)
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// A well-formed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Value,
+    pub op: String,
+    pub params: Value,
+}
+
+/// Parses one request line. On failure the error carries the request's `id` when it could
+/// be read, so the client can still match the answer.
+pub fn parse_request(line: &[u8]) -> Result<Request, (Value, OpError)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        let msg = match std::str::from_utf8(line) {
+            Err(_) => "request is not valid UTF-8".to_string(),
+            Ok(_) => format!("request is not valid JSON: {e}"),
+        };
+        (Value::Null, OpError::new(codes::PARSE_ERROR, msg))
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err((
+            Value::Null,
+            OpError::new(codes::INVALID_REQUEST, "request must be a JSON object"),
+        ));
+    };
+    let id = obj.remove("id").unwrap_or(Value::Null);
+    let fail = |code, msg: String| Err((id.clone(), OpError::new(code, msg)));
+    if !matches!(id, Value::String(_) | Value::Number(_)) {
+        return fail(
+            codes::INVALID_REQUEST,
+            "request needs an \"id\" (a string or a number) to echo back".into(),
+        );
+    }
+    match obj.get("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+        Some(v) => {
+            return fail(
+                codes::UNSUPPORTED_VERSION,
+                format!("protocol version {v} is not supported; this agent speaks v={VERSION}"),
+            )
+        }
+        None => {
+            return fail(
+                codes::INVALID_REQUEST,
+                format!("request needs the protocol version, \"v\":{VERSION}"),
+            )
+        }
+    }
+    let op = match obj.remove("op") {
+        Some(Value::String(s)) => s,
+        _ => {
+            return fail(
+                codes::INVALID_REQUEST,
+                "request needs an \"op\" string naming the operation".into(),
+            )
+        }
+    };
+    let params = match obj.remove("params") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(p @ Value::Object(_)) => p,
+        Some(_) => {
+            return fail(
+                codes::INVALID_PARAMS,
+                "\"params\" must be a JSON object".into(),
+            )
+        }
+    };
+    for key in obj.keys() {
+        if key != "v" {
+            return fail(
+                codes::INVALID_REQUEST,
+                format!("unknown request field {key:?} (expected v, id, op, params)"),
+            );
+        }
+    }
+    Ok(Request { id, op, params })
+}
+
+/// Appends a success line.
+pub fn write_ok(out: &mut Vec<u8>, id: &Value, result: &Value) {
+    out.extend_from_slice(b"{\"v\":1,\"id\":");
+    serde_json::to_writer(&mut *out, id).expect("ids serialise");
+    out.extend_from_slice(b",\"ok\":true,\"result\":");
+    serde_json::to_writer(&mut *out, result).expect("values serialise");
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends a streamed event line (for `watch`-style operations).
+pub fn write_event(out: &mut Vec<u8>, id: &Value, event: &Value) {
+    out.extend_from_slice(b"{\"v\":1,\"id\":");
+    serde_json::to_writer(&mut *out, id).expect("ids serialise");
+    out.extend_from_slice(b",\"ok\":true,\"event\":");
+    serde_json::to_writer(&mut *out, event).expect("values serialise");
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends an error line.
+pub fn write_err(out: &mut Vec<u8>, id: &Value, err: &OpError) {
+    out.extend_from_slice(b"{\"v\":1,\"id\":");
+    serde_json::to_writer(&mut *out, id).expect("ids serialise");
+    out.extend_from_slice(b",\"ok\":false,\"error\":");
+    serde_json::to_writer(&mut *out, err).expect("errors serialise");
+    out.extend_from_slice(b"}\n");
+}
+
+/// Typed access to a request's params: `params::<MyParams>(&call.params)`.
+pub fn params<T: serde::de::DeserializeOwned>(params: &Value) -> Result<T, OpError> {
+    T::deserialize(params).map_err(|e| OpError::invalid_params(format!("bad params: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_a_request() {
+        let r = parse_request(br#"{"v":1,"id":"a","op":"ping"}"#).unwrap();
+        assert_eq!(r.op, "ping");
+        assert_eq!(r.id, json!("a"));
+        assert_eq!(r.params, json!({}));
+    }
+
+    #[test]
+    fn bad_requests_keep_the_id_when_they_can() {
+        let (id, e) = parse_request(br#"{"v":2,"id":5,"op":"ping"}"#).unwrap_err();
+        assert_eq!((id, e.code), (json!(5), codes::UNSUPPORTED_VERSION));
+        let (id, e) = parse_request(br#"{"v":1,"id":5}"#).unwrap_err();
+        assert_eq!((id, e.code), (json!(5), codes::INVALID_REQUEST));
+        let (_, e) = parse_request(br#"{"v":1,"op":"ping"}"#).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_REQUEST);
+        let (_, e) = parse_request(b"{nope").unwrap_err();
+        assert_eq!(e.code, codes::PARSE_ERROR);
+        let (_, e) = parse_request(b"\xff\xfe").unwrap_err();
+        assert!(e.message.contains("UTF-8"));
+        let (_, e) = parse_request(br#"[1]"#).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_REQUEST);
+        let (_, e) = parse_request(br#"{"v":1,"id":1,"op":"ping","params":[]}"#).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_PARAMS);
+        let (_, e) = parse_request(br#"{"v":1,"id":1,"op":"ping","extra":1}"#).unwrap_err();
+        assert!(e.message.contains("extra"));
+    }
+
+    #[test]
+    fn writes_lines() {
+        let mut out = Vec::new();
+        write_ok(&mut out, &json!(1), &json!({"pong":true}));
+        write_err(
+            &mut out,
+            &json!("x"),
+            &OpError::new(codes::UNKNOWN_OP, "no"),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"v\":1,\"id\":1,\"ok\":true,\"result\":{\"pong\":true}}\n\
+             {\"v\":1,\"id\":\"x\",\"ok\":false,\"error\":{\"code\":\"unknown_op\",\"message\":\"no\"}}\n"
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! The local Unix socket server: binds safely (refuses a live second agent, replaces a
+//! stale socket file), then serves newline-delimited JSON with one task per connection.
+//! Responses to pipelined requests are batched into one write; idle connections cost a
+//! parked task and a small buffer, never a thread or a poll loop.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::agent::Agent;
+use crate::ops::{Call, Dispatcher, Peer, Reply};
+use crate::protocol::{self, codes, OpError, MAX_LINE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another agent is already listening on {0}; stop it first (or set socket.path)")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket group {group:?} (socket.group): {message}")]
+    Group { group: String, message: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BindError + 'a {
+    move |source| BindError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A bound listening socket plus what is needed to clean it up.
+pub struct Bound {
+    pub listener: std::os::unix::net::UnixListener,
+    pub path: PathBuf,
+    inode: u64,
+}
+
+impl Bound {
+    /// Removes the socket file if it is still the one we created.
+    pub fn remove(&self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.ino() == self.inode {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds `path` with `mode`, giving `group` access. `group_required`: fail when the group
+/// does not exist (it was configured explicitly) instead of keeping the default group.
+pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result<Bound, BindError> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(BindError::InUse(path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!(
+                    "replacing stale socket {} left by an earlier run",
+                    path.display()
+                );
+                std::fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("probe existing socket", path)(e)),
+        },
+        Ok(_) => return Err(BindError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect", path)(e)),
+    }
+    // Bind under a tight umask so the socket is never reachable with a looser mode, even
+    // for the instant before the chmod below.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io_err("bind", path))?;
+    let cleanup = |e: BindError| {
+        let _ = std::fs::remove_file(path);
+        e
+    };
+    if let Some(gid) = lookup_group(group).map_err(|m| {
+        cleanup(BindError::Group {
+            group: group.into(),
+            message: m,
+        })
+    })? {
+        if let Err(e) = chown_group(path, gid) {
+            if group_required {
+                return Err(cleanup(BindError::Group {
+                    group: group.into(),
+                    message: format!("cannot give it the socket: {e}"),
+                }));
+            }
+            log::debug!("socket group {group} not applied: {e}");
+        }
+    } else if group_required {
+        return Err(cleanup(BindError::Group {
+            group: group.into(),
+            message: "no such group".into(),
+        }));
+    } else {
+        log::debug!("socket group {group} does not exist; keeping the process's group");
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| cleanup(io_err("set mode of", path)(e)))?;
+    let inode = std::fs::symlink_metadata(path)
+        .map_err(|e| cleanup(io_err("inspect", path)(e)))?
+        .ino();
+    Ok(Bound {
+        listener,
+        path: path.to_path_buf(),
+        inode,
+    })
+}
+
+fn lookup_group(name: &str) -> Result<Option<u32>, String> {
+    let cname = std::ffi::CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given; getgrnam_r writes only into them.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "group lookup failed: {}",
+            io::Error::from_raw_os_error(rc)
+        ));
+    }
+    Ok((!result.is_null()).then_some(grp.gr_gid))
+}
+
+fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, None, Some(gid))
+}
+
+/// Serves connections until `shutdown` turns true, then waits (bounded) for in-flight
+/// requests to finish.
+pub async fn serve(
+    listener: UnixListener,
+    agent: Arc<Agent>,
+    dispatcher: Arc<Dispatcher>,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    // Each connection holds a clone; when all are gone, `recv` returns None.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        };
+        let agent = agent.clone();
+        let dispatcher = dispatcher.clone();
+        let shutdown = shutdown.clone();
+        let alive = alive_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, agent, dispatcher, shutdown).await {
+                log::debug!("connection ended: {e}");
+            }
+            drop(permit);
+            drop(alive);
+        });
+    }
+    drop(alive_tx);
+    let _ = tokio::time::timeout(Duration::from_millis(900), alive_rx.recv()).await;
+}
+
+async fn refuse_busy(mut stream: UnixStream) {
+    let mut out = Vec::new();
+    let err = OpError::new(codes::BUSY, "too many connections; retry later");
+    protocol::write_err(&mut out, &serde_json::Value::Null, &err);
+    let _ = stream.write_all(&out).await;
+}
+
+enum Line {
+    /// A complete line is in the buffer.
+    Complete,
+    /// The line exceeded MAX_LINE; it was discarded up to its newline.
+    TooLong,
+    Eof,
+}
+
+/// Reads one line into `line` (newline stripped), refusing to buffer more than MAX_LINE.
+async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io::Result<Line> {
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let buf = rd.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else if line.is_empty() {
+                Line::Eof
+            } else {
+                Line::Complete
+            });
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                if !too_long && line.len() + i <= MAX_LINE {
+                    line.extend_from_slice(&buf[..i]);
+                } else {
+                    too_long = true;
+                }
+                rd.consume(i + 1);
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Complete
+                });
+            }
+            None => {
+                let n = buf.len();
+                if !too_long && line.len() + n <= MAX_LINE {
+                    line.extend_from_slice(buf);
+                } else {
+                    too_long = true;
+                    line.clear();
+                }
+                rd.consume(n);
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    agent: Arc<Agent>,
+    dispatcher: Arc<Dispatcher>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            log::debug!("peer credentials unavailable: {e}");
+            Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            }
+        }
+    };
+    log::debug!(
+        "connection from uid={} gid={} pid={:?}",
+        peer.uid,
+        peer.gid,
+        peer.pid
+    );
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(8 * 1024, rd);
+    let mut line = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        if *shutdown.borrow() && rd.buffer().is_empty() {
+            break;
+        }
+        let read = tokio::select! {
+            biased;
+            r = read_line(&mut rd, &mut line) => r?,
+            _ = shutdown.changed(), if rd.buffer().is_empty() => break,
+        };
+        match read {
+            Line::Eof => break,
+            Line::TooLong => {
+                let err = OpError::new(
+                    codes::LINE_TOO_LONG,
+                    format!("request line longer than {MAX_LINE} bytes was refused"),
+                );
+                protocol::write_err(&mut out, &serde_json::Value::Null, &err);
+            }
+            Line::Complete => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match protocol::parse_request(&line) {
+                    Err((id, err)) => protocol::write_err(&mut out, &id, &err),
+                    Ok(req) => {
+                        log::trace!("uid={} op={}", peer.uid, req.op);
+                        let call = Call {
+                            params: req.params,
+                            peer,
+                        };
+                        match dispatcher.dispatch(agent.clone(), &req.op, call).await {
+                            Ok(Reply::Value(v)) => protocol::write_ok(&mut out, &req.id, &v),
+                            Err(e) => protocol::write_err(&mut out, &req.id, &e),
+                            Ok(Reply::Stream(events)) => {
+                                wr.write_all(&out).await?;
+                                out.clear();
+                                return stream_events(wr, rd, &req.id, events, shutdown).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Pipelined requests already buffered are answered in one write.
+        if rd.buffer().is_empty() || out.len() >= 64 * 1024 {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        wr.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+async fn stream_events(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut rd: BufReader<OwnedReadHalf>,
+    id: &serde_json::Value,
+    mut events: mpsc::Receiver<serde_json::Value>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut out = Vec::new();
+    let mut sink = Vec::new();
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => {
+                    out.clear();
+                    protocol::write_event(&mut out, id, &ev);
+                    wr.write_all(&out).await?;
+                }
+                None => return Ok(()),
+            },
+            // The client closing its side ends the stream.
+            r = read_line(&mut rd, &mut sink) => {
+                if matches!(r?, Line::Eof) {
+                    return Ok(());
+                }
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
