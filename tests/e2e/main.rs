@@ -1,1 +1,6 @@
+//! End-to-end tests: each starts the real `kooagent` binary and talks to it as a client
+//! would. Modules by capability.
+mod harness;
 
+mod daemon;
+mod socket;

@@ -1,0 +1,255 @@
+//! The daemon's life cycle: configuration errors, readiness, signals, a second agent,
+//! stale sockets, detaching.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{short_tempdir, TestAgent, BIN};
+
+#[test]
+fn unknown_key_stops_start_and_names_the_key() {
+    let mut a = TestAgent::prepare("[socket]\nmod = \"0600\"\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `mod`"), "{err}");
+    assert!(!a.socket.exists(), "no half-started agent");
+    a.child = None;
+}
+
+#[test]
+fn bad_value_stops_start_and_names_the_key() {
+    let a = TestAgent::prepare("[agent]\nlog_level = \"chatty\"\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent.log_level"), "{err}");
+}
+
+#[test]
+fn config_show_names_origins() {
+    let a = TestAgent::prepare("");
+    let out = a.cli(&["config", "show"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("socket.path")).unwrap();
+    assert!(
+        line.contains(&a.socket.display().to_string()) && line.contains("# file"),
+        "{line}"
+    );
+    let line = text.lines().find(|l| l.starts_with("socket.mode")).unwrap();
+    assert!(
+        line.contains("\"0660\"") && line.contains("# default"),
+        "{line}"
+    );
+}
+
+#[test]
+fn embedded_defaults_without_a_config_file() {
+    // With no file at all the agent still has a full configuration: FHS paths as root,
+    // the user's XDG directories otherwise.
+    let home = short_tempdir();
+    let out = Command::new(BIN)
+        .args(["config", "show"])
+        .env_remove("KOOAGENT_CONFIG")
+        .env("HOME", home.path())
+        .env("XDG_RUNTIME_DIR", home.path().join("run"))
+        .env("XDG_CONFIG_HOME", home.path().join("cfg"))
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            text.contains("socket.path = \"/run/kooagent/agent.sock\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("agent.state_dir = \"/var/lib/kooagent\""),
+            "{text}"
+        );
+    } else {
+        assert!(
+            text.contains(&format!(
+                "{}/run/kooagent/agent.sock",
+                home.path().display()
+            )),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("# file"), "{text}");
+}
+
+#[test]
+fn second_agent_on_the_same_socket_is_refused() {
+    let a = TestAgent::start("");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    // The first one is untouched.
+    assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn stale_socket_after_a_crash_is_replaced() {
+    let mut a = TestAgent::start("");
+    a.kill9();
+    assert!(a.socket.exists(), "a crash leaves the socket file");
+    a.spawn(&[]);
+    assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn sigterm_exits_zero_quickly_even_with_idle_clients() {
+    let mut a = TestAgent::start("");
+    let _idle: Vec<_> = (0..50).map(|_| a.connect()).collect();
+    let mut busy = a.connect();
+    busy.call("ping", json!({})).unwrap();
+    let (status, took) = a.stop();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(!a.socket.exists(), "socket removed on a clean exit");
+}
+
+#[test]
+fn notify_socket_gets_ready_and_stopping() {
+    let mut a = TestAgent::prepare("");
+    let notify_path = a.dir.path().join("notify");
+    let rx = UnixDatagram::bind(&notify_path).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    a.child = Some(child);
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY means the socket answers.
+    assert!(a.call("ping", json!({})).is_ok());
+    a.signal(libc::SIGHUP);
+    let n = rx.recv(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"RELOADING=1\nMONOTONIC_USEC="));
+    let n = rx.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    a.signal(libc::SIGTERM);
+    let n = rx.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(a.child.take().unwrap().wait().unwrap().success());
+}
+
+#[test]
+fn sighup_reloads_and_a_bad_reload_keeps_the_old_config() {
+    let a = TestAgent::start("");
+    let text = crate::harness::base_config(a.dir.path(), "[agent]\nproduct_id = \"sku-2\"\n");
+    std::fs::write(&a.config, text).unwrap();
+    a.signal(libc::SIGHUP);
+    let t0 = Instant::now();
+    loop {
+        let s = a.call("agent.status", json!({})).unwrap();
+        if s["product_id"] == json!("sku-2") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "reload not applied: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&a.config, "[agent]\nbogus = 1\n").unwrap();
+    a.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    let s = a.call("agent.status", json!({})).unwrap();
+    assert_eq!(s["product_id"], json!("sku-2"));
+    assert!(a.log().contains("not reloaded"), "{}", a.log());
+}
+
+#[test]
+fn daemon_mode_detaches_and_writes_a_pidfile() {
+    let mut a = TestAgent::prepare("");
+    let out = Command::new(BIN)
+        .args(["run", "--daemon", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.wait_ready();
+    let pidfile = a.dir.path().join("agent.pid");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        a.call("agent.status", json!({})).unwrap()["pid"],
+        json!(pid)
+    );
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while a.socket.exists() || pidfile.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "daemon did not clean up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(std::fs::read_to_string(a.state.join("agent.log"))
+        .unwrap()
+        .contains("listening"));
+}
+
+#[test]
+fn socket_has_mode_0660() {
+    let a = TestAgent::start("");
+    let mode = std::fs::metadata(&a.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+}
+
+#[test]
+fn explicit_missing_socket_group_is_an_error() {
+    let mut a = TestAgent::prepare("[socket]\ngroup = \"no-such-group-x\"\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-group-x") && err.contains("socket.group"),
+        "{err}"
+    );
+    assert!(!a.socket.exists());
+    a.child = None;
+}

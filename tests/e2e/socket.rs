@@ -1,0 +1,143 @@
+//! The socket protocol: framing, pipelining, errors that keep the connection usable,
+//! limits, and many idle connections.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Conn, TestAgent};
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    let mut batch = Vec::new();
+    for i in 0..200 {
+        let op = if i % 3 == 0 { "agent.status" } else { "ping" };
+        batch.extend_from_slice(format!("{{\"v\":1,\"id\":{i},\"op\":\"{op}\"}}\n").as_bytes());
+    }
+    c.send_raw(&batch);
+    for i in 0..200 {
+        let v = c.read_json();
+        assert_eq!(v["id"], json!(i));
+        assert_eq!(v["ok"], json!(true), "{v}");
+    }
+}
+
+#[test]
+fn errors_are_answers_and_the_connection_stays_usable() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    c.send_raw(b"{not json\n");
+    let v = c.read_json();
+    assert_eq!(
+        (v["ok"].clone(), v["error"]["code"].clone()),
+        (json!(false), json!("parse_error"))
+    );
+    c.send_raw(b"\xff\xfe\n");
+    assert_eq!(c.read_json()["error"]["code"], json!("parse_error"));
+    c.send_raw(b"{\"v\":9,\"id\":\"x\",\"op\":\"ping\"}\n");
+    let v = c.read_json();
+    assert_eq!(
+        (v["id"].clone(), v["error"]["code"].clone()),
+        (json!("x"), json!("unsupported_version"))
+    );
+    c.send_raw(b"{\"v\":1,\"op\":\"ping\"}\n");
+    assert_eq!(c.read_json()["error"]["code"], json!("invalid_request"));
+    let e = c.call("no.such.op", json!({})).unwrap_err();
+    assert_eq!(e["code"], json!("unknown_op"));
+    assert!(e["message"].as_str().unwrap().contains("no.such.op"));
+    let e = c
+        .call("device.code", json!({"explain": "yes"}))
+        .unwrap_err();
+    assert_eq!(e["code"], json!("invalid_params"));
+    assert_eq!(c.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn oversized_line_is_refused_and_the_connection_survives() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    let mut big = b"{\"v\":1,\"id\":1,\"op\":\"ping\",\"params\":{\"pad\":\"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    big.extend_from_slice(b"\"}}\n");
+    c.send_raw(&big);
+    let v = c.read_json();
+    assert_eq!(v["error"]["code"], json!("line_too_long"), "{v}");
+    // Just under the limit is fine.
+    let mut ok = b"{\"v\":1,\"id\":2,\"op\":\"ping\",\"params\":{}}".to_vec();
+    ok.extend(std::iter::repeat_n(b' ', 60 * 1024));
+    ok.push(b'\n');
+    c.send_raw(&ok);
+    assert_eq!(c.read_json()["id"], json!(2));
+    assert!(c.call("ping", json!({})).is_ok());
+}
+
+#[test]
+fn peer_credentials_are_logged_at_debug() {
+    let a = TestAgent::start("");
+    a.call("ping", json!({})).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    assert!(
+        a.log().contains(&format!("connection from uid={uid} ")),
+        "{}",
+        a.log()
+    );
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain rlimit calls on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+#[test]
+fn thousands_of_idle_connections_do_not_starve_an_active_one() {
+    raise_nofile();
+    let a = TestAgent::start("");
+    let idle: Vec<Conn> = (0..3000).map(|_| a.connect()).collect();
+    let mut c = a.connect();
+    for _ in 0..100 {
+        assert_eq!(c.call("ping", json!({})).unwrap(), json!({"pong": true}));
+    }
+    assert!(a.call("agent.status", json!({})).is_ok());
+    drop(idle);
+}
+
+#[test]
+fn connections_beyond_the_limit_get_busy() {
+    let a = TestAgent::start("[socket]\nmax_connections = 4\n");
+    let _held: Vec<Conn> = (0..4)
+        .map(|_| {
+            let mut c = a.connect();
+            c.call("ping", json!({})).unwrap();
+            c
+        })
+        .collect();
+    let mut extra = a.connect();
+    let v = extra.read_json();
+    assert_eq!(v["error"]["code"], json!("busy"), "{v}");
+    assert!(extra.closed());
+}
+
+#[test]
+fn status_reports_what_is_configured() {
+    let a = TestAgent::start("");
+    let s = a.call("agent.status", json!({})).unwrap();
+    assert_eq!(s["version"], json!(env!("CARGO_PKG_VERSION")));
+    assert_eq!(s["state_dir"], json!(a.state));
+    assert_eq!(s["socket"], json!(a.socket));
+    assert!(s["uptime_secs"].is_u64());
+    let out = a.cli(&["status"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("state dir:"));
+}
