@@ -3,4 +3,5 @@
 mod harness;
 
 mod daemon;
+mod docs;
 mod socket;

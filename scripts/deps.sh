@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages and Python modules the tests use, when missing. Idempotent;
+# quick when everything is already there.
+set -euo pipefail
+
+need_apt=()
+command -v socat >/dev/null || need_apt+=(socat)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if ((${#need_apt[@]})); then
+    if [ "$(id -u)" = 0 ]; then
+        echo "== installing ${need_apt[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "warning: missing ${need_apt[*]} (not root: install them yourself); dependent tests skip" >&2
+    fi
+fi
+
+if ! python3 -c 'import cryptography' 2>/dev/null; then
+    echo "== installing python cryptography"
+    python3 -m pip install -q cryptography
+fi
