@@ -28,6 +28,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
     let cfg = loaded.config.clone();
     logging::init(cfg.log_level(), None);
+    // Clients can connect as soon as the socket is bound, before the runtime has installed
+    // its signal handlers; hold SIGTERM/SIGINT/SIGHUP pending until then, so an early
+    // SIGHUP reloads instead of killing the agent with the default action.
+    set_signal_mask(libc::SIG_BLOCK);
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
     let group_required = loaded.origin("socket.group") != Origin::Default;
@@ -89,6 +93,7 @@ async fn serve_until_signal(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    set_signal_mask(libc::SIG_UNBLOCK);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(socket::serve(
         listener,
@@ -140,6 +145,20 @@ fn reload(agent: &Arc<Agent>, opts: &RunOptions) {
             agent.replace_config(new);
             log::info!("SIGHUP: configuration reloaded");
         }
+    }
+}
+
+/// Blocks or unblocks the signals the daemon handles, for the calling thread (threads
+/// started later inherit it; a blocked signal stays pending for a thread that unblocks it).
+fn set_signal_mask(how: libc::c_int) {
+    // SAFETY: the sigset is initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 

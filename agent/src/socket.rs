@@ -4,6 +4,7 @@
 //! parked task and a small buffer, never a thread or a poll loop.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,13 +87,13 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("inspect", path)(e)),
     }
-    // Bind under a tight umask so the socket is never reachable with a looser mode, even
-    // for the instant before the chmod below.
+    // Bind under a tight umask, set mode and group, and only then listen: a client can
+    // never connect while the socket still has the wrong mode or group.
     // SAFETY: umask only swaps the process's file mode mask.
     let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
+    let bound = bind_unlistened(path);
     unsafe { libc::umask(old) };
-    let listener = bound.map_err(io_err("bind", path))?;
+    let fd = bound.map_err(io_err("bind", path))?;
     let cleanup = |e: BindError| {
         let _ = std::fs::remove_file(path);
         e
@@ -122,6 +123,13 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| cleanup(io_err("set mode of", path)(e)))?;
+    // SAFETY: fd is a bound, owned socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(cleanup(io_err("listen on", path)(
+            io::Error::last_os_error(),
+        )));
+    }
+    let listener = std::os::unix::net::UnixListener::from(fd);
     let inode = std::fs::symlink_metadata(path)
         .map_err(|e| cleanup(io_err("inspect", path)(e)))?
         .ino();
@@ -130,6 +138,44 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
         path: path.to_path_buf(),
         inode,
     })
+}
+
+/// socket(2) + bind(2) without listen(2).
+fn bind_unlistened(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket call; the result is checked and then owned.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: addr is initialised and len is within its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn lookup_group(name: &str) -> Result<Option<u32>, String> {
@@ -157,6 +203,11 @@ fn lookup_group(name: &str) -> Result<Option<u32>, String> {
 }
 
 fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
+    // Under the systemd unit the process already runs with this group, and the unit's
+    // syscall filter refuses chown: only call it when there is something to change.
+    if std::fs::symlink_metadata(path)?.gid() == gid {
+        return Ok(());
+    }
     std::os::unix::fs::lchown(path, None, Some(gid))
 }
 
