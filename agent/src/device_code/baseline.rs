@@ -74,18 +74,22 @@ pub struct Component {
     pub source: String,
     pub note: Option<String>,
     pub changed: bool,
+    /// Not looked at this time (instance id with `metadata = false` or not fetched yet): like
+    /// an unreadable component, the baseline hash is carried.
+    pub not_consulted: bool,
 }
 
 /// Components whose change (with machine-id kept) means "this is a clone".
 pub const ANCHORS: &[&str] = &["dmi_product_uuid", "instance_id"];
 
 /// Uses the baseline's hash for a component that exists but is unreadable right now (e.g. a
-/// root-only DMI file read by an unprivileged `kooagent id`), so that it neither changes the code
-/// nor counts as a change.
+/// root-only DMI file read by an unprivileged `kooagent id`) or was not consulted (instance id
+/// not fetched / metadata off), so that it neither changes the code nor counts as a change.
 pub fn carry_unreadable(components: &mut [Component], baseline: Option<&Baseline>) {
     let Some(b) = baseline else { return };
     for c in components.iter_mut() {
-        if c.state != ComponentState::Unreadable || c.hash.is_some() {
+        let carry = c.state == ComponentState::Unreadable || c.not_consulted;
+        if !carry || c.hash.is_some() {
             continue;
         }
         if let Some(h) = b.components.get(&c.name) {
@@ -304,6 +308,7 @@ mod tests {
             source: String::new(),
             note: None,
             changed: false,
+            not_consulted: false,
         }
     }
 

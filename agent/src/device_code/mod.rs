@@ -255,6 +255,61 @@ pub struct DeviceReport {
     pub persisted: bool,
 }
 
+impl DeviceReport {
+    /// Whether a code typed or carried by a license (any accepted spelling, see [`parse_code`])
+    /// matches this device: it must be one of [`DeviceReport::accepted_codes`]. Always false
+    /// while `settling`, so a license is not bound or checked against a provisional code.
+    pub fn accepts(&self, code: &str) -> bool {
+        self.settled && parse_code(code).is_ok_and(|c| self.accepted_codes.contains(&c))
+    }
+
+    /// Multi-line human explanation for `kooagent id --explain`: the code, the status sentence,
+    /// and one line per component (state, class, hash prefix, change, source, note).
+    pub fn explain(&self) -> String {
+        let mut out = format!(
+            "Device code: {}\nStatus: {}{}\n{}\n",
+            self.code,
+            self.status,
+            if self.settled { "" } else { " (provisional)" },
+            self.detail
+        );
+        if self.accepted_codes.len() > 1 {
+            out.push_str(&format!(
+                "Accepted codes: {}\n",
+                self.accepted_codes.join(", ")
+            ));
+        }
+        if let Some(b) = &self.baseline_code {
+            out.push_str(&format!("Baseline code: {b}\n"));
+        }
+        out.push_str(&format!(
+            "Product: {}{}\nComponents (identity ones make up the code; raw values never leave this machine):\n",
+            self.product_id,
+            if self.container { " (container)" } else { "" }
+        ));
+        for c in &self.components {
+            let class = match c.class {
+                ComponentClass::Identity => "identity",
+                ComponentClass::Drift => "drift",
+            };
+            out.push_str(&format!(
+                "  {:<18} {:<11} {:<8} {:<16} {:<7} {}",
+                c.name,
+                state_str(c.state),
+                class,
+                c.hash.as_deref().unwrap_or("-"),
+                if c.changed { "CHANGED" } else { "" },
+                c.source
+            ));
+            if let Some(n) = &c.note {
+                out.push_str(&format!(" ({n})"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// Nothing to build a code from.
@@ -566,6 +621,7 @@ impl Resolver {
                 source: raw.source,
                 note,
                 changed: false,
+                not_consulted: false,
             });
         }
         if !out.iter().any(|c| c.name == "instance_id") {
@@ -588,6 +644,7 @@ impl Resolver {
                 Some("not fetched yet (no cached value)".to_string()),
             ),
         };
+        let not_consulted = hash.is_none();
         Component {
             name: "instance_id".into(),
             class: ComponentClass::Drift,
@@ -597,6 +654,7 @@ impl Resolver {
             source: self.cfg.metadata_url.clone(),
             note,
             changed: false,
+            not_consulted,
         }
     }
 }

@@ -316,7 +316,11 @@ pub(crate) fn root_fs_uuid(root: &Path) -> Raw {
     let entries = match fs::read_dir(rooted(root, by_uuid)) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Raw::new(name, by_uuid, Reading::Absent(None))
+            return Raw::new(
+                name,
+                by_uuid,
+                Reading::Absent(Some(format!("no {by_uuid} (needed to name {source})"))),
+            )
         }
         Err(e) => return Raw::new(name, by_uuid, Reading::Unreadable(describe(&e))),
     };

@@ -184,6 +184,15 @@ fn plain_vm_is_stable_and_stores_no_raw_ids() {
         assert!(!json.contains(raw), "report leaks {raw}");
     }
     assert!(json.contains("\"status\":\"same\""));
+    assert!(b.accepts(&b.code.to_lowercase().replace('-', "")));
+    assert!(!b.accepts("0000-0000-0000-0000-0000"));
+    assert!(!b.accepts("garbage"));
+    let text = b.explain();
+    assert!(
+        text.contains(&b.code) && text.contains("dmi_product_uuid"),
+        "{text}"
+    );
+    assert!(!text.to_lowercase().contains(MID));
     let mode = fs::metadata(f.state_file()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
@@ -309,6 +318,8 @@ fn empty_or_uninitialized_machine_id_is_settling() {
         assert!(!r.settled && !r.persisted);
         assert_eq!(comp(&r, "machine_id").state, ComponentState::Placeholder);
         assert!(!f.state_file().exists(), "baseline written while settling");
+        assert!(!r.accepts(&r.code), "a provisional code is never accepted");
+        assert!(r.explain().contains("provisional"));
         // systemd fills machine-id: first_seen now.
         f.write("etc/machine-id", &format!("{MID}\n"));
         let s = run(&f.resolver(), 2);
@@ -587,6 +598,14 @@ fn instance_id_in_a_container_enters_the_code_and_keeps_the_old_code() {
     );
     let third = r.resolve(3, true).unwrap();
     assert_eq!(third.accepted_codes, second.accepted_codes);
+    // Turning metadata off later is a config change, not a device change: the recorded
+    // instance id hash is carried.
+    let off = f.resolver().resolve(4, true).unwrap();
+    assert_eq!(off.status, IdentityStatus::Same);
+    assert_eq!(off.code, second.code);
+    let c = comp(&off, "instance_id");
+    assert_eq!(c.state, ComponentState::Absent);
+    assert!(c.note.as_deref().unwrap().contains("baseline hash used"));
 }
 
 #[test]
