@@ -433,11 +433,41 @@ impl Resolver {
                 product_id: self.product_id.clone(),
                 ..Default::default()
             });
+        let fresh_in_memory = self.memory_instance().is_some();
         let cached = self.cached_instance(&file);
-        let (mut components, settling) = self.hash_components(snapshot.components, cached);
+        let had_cache = cached.is_some();
+        let (mut components, settling) =
+            self.hash_components(snapshot.components.clone(), cached.clone());
         let old = file.baseline.clone();
         baseline::carry_unreadable(&mut components, old.as_ref());
         assign_classes(&mut components);
+        let status = baseline::classify(&mut components, old.as_ref(), settling);
+
+        // A clone / new device starts its own baseline: recompute without values that belong
+        // to the old device, i.e. without carried hashes and without an instance id cached on
+        // disk (it came with the copied disk; only a fetch made by this process is trusted).
+        let mut drop_file_cache = false;
+        if matches!(status, IdentityStatus::Clone | IdentityStatus::NewDevice) {
+            let keep = if fresh_in_memory { cached } else { None };
+            let (mut fresh, _) = self.hash_components(snapshot.components.clone(), keep);
+            assign_classes(&mut fresh);
+            let has_identity = fresh
+                .iter()
+                .any(|c| c.class == ComponentClass::Identity && c.hash.is_some());
+            if has_identity {
+                for c in fresh.iter_mut() {
+                    c.changed = components.iter().any(|o| o.name == c.name && o.changed);
+                    if c.name == "instance_id" && had_cache && !fresh_in_memory {
+                        c.note = Some(
+                            "cached value dropped (it predates this clone); waiting for a fresh fetch"
+                                .into(),
+                        );
+                    }
+                }
+                components = fresh;
+                drop_file_cache = had_cache && !fresh_in_memory;
+            }
+        }
 
         let identity: Vec<(&str, &str)> = components
             .iter()
@@ -461,7 +491,6 @@ impl Resolver {
             });
         }
         let code = derive::device_code(&self.product_id, &identity);
-        let status = baseline::classify(&mut components, old.as_ref(), settling);
         let accepted = baseline::accepted_codes(&code, status, old.as_ref());
         let mut detail = describe(status, &code, old.as_ref(), &components, persist);
         let uncarried: Vec<&str> = components
@@ -486,6 +515,9 @@ impl Resolver {
         let mut persisted = false;
         if persist && status != IdentityStatus::Settling {
             baseline::update(&mut file, &code, status, &components, now_unix);
+            if drop_file_cache {
+                file.instance_id = None;
+            }
             let path = self.state_file().expect("persist implies a state dir");
             match baseline::save(&path, &file) {
                 Ok(()) => persisted = true,
@@ -564,13 +596,15 @@ impl Resolver {
         Ok(previous.map(|p| p.hash) != Some(entry.hash))
     }
 
-    fn cached_instance(&self, file: &IdentityFile) -> Option<CachedInstance> {
-        let mem = self
-            .instance
+    fn memory_instance(&self) -> Option<CachedInstance> {
+        self.instance
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        mem.or_else(|| file.instance_id.clone())
+            .clone()
+    }
+
+    fn cached_instance(&self, file: &IdentityFile) -> Option<CachedInstance> {
+        self.memory_instance().or_else(|| file.instance_id.clone())
     }
 
     /// Hashes the raw readings (raw values are dropped here) and inserts the cached instance id

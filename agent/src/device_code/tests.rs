@@ -809,3 +809,76 @@ fn config_parses_and_validates() {
     );
     assert!(matches!(r.resolve(1, false), Err(DeviceError::Config(_))));
 }
+
+fn metadata_cfg(f: &Fake, url: String) -> IdentityConfig {
+    IdentityConfig {
+        metadata: true,
+        metadata_url: url,
+        metadata_timeout_ms: 2000,
+        ..f.cfg()
+    }
+}
+
+#[test]
+fn cloned_vm_drops_the_instance_id_cached_on_the_copied_disk() {
+    let f = Fake::vm();
+    let (url, server) = testserver::serve(200, r#"{"uuid":"i-original"}"#, 1);
+    let r = f.resolver_with(metadata_cfg(&f, url), "prod-1");
+    assert!(r.refresh_instance_id().unwrap());
+    server.join().unwrap();
+    let orig = r.resolve(1, true).unwrap();
+
+    // Clone: new DMI UUID, same disk (machine-id, identity.json with the cached instance id).
+    f.write(
+        "sys/class/dmi/id/product_uuid",
+        "9B0E8A4C-1D2F-4E3A-8B7C-6D5E4F3A2B1C\n",
+    );
+    let (url, server) = testserver::serve(200, r#"{"uuid":"i-clone"}"#, 1);
+    let clone = f.resolver_with(metadata_cfg(&f, url), "prod-1");
+    let c = clone.resolve(2, true).unwrap();
+    assert_eq!(c.status, IdentityStatus::Clone);
+    assert_ne!(c.code, orig.code);
+    let inst = comp(&c, "instance_id");
+    assert_eq!(inst.hash, None);
+    assert!(inst.note.as_deref().unwrap().contains("dropped"));
+    let file = baseline::load(&f.state_file()).unwrap().unwrap();
+    assert!(file.instance_id.is_none());
+    // The clone's own instance id arrives: not another clone, same code.
+    assert!(clone.refresh_instance_id().unwrap());
+    server.join().unwrap();
+    let d = clone.resolve(3, true).unwrap();
+    assert_eq!(d.status, IdentityStatus::Same);
+    assert_eq!(d.code, c.code);
+    let file = baseline::load(&f.state_file()).unwrap().unwrap();
+    assert_eq!(
+        file.history
+            .iter()
+            .filter(|t| t.status == IdentityStatus::Clone)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn cloned_container_is_detected_once_the_instance_id_is_fetched() {
+    let f = Fake::empty();
+    f.write(".dockerenv", "");
+    f.write("etc/machine-id", &format!("{MID}\n"));
+    let (url, server) = testserver::serve(200, r#"{"uuid":"i-original"}"#, 1);
+    let r = f.resolver_with(metadata_cfg(&f, url), "prod-1");
+    assert!(r.refresh_instance_id().unwrap());
+    server.join().unwrap();
+    let orig = r.resolve(1, true).unwrap();
+
+    // Same container image and state on another instance: indistinguishable until the fetch.
+    let (url, server) = testserver::serve(200, r#"{"uuid":"i-other"}"#, 1);
+    let clone = f.resolver_with(metadata_cfg(&f, url), "prod-1");
+    assert_eq!(clone.resolve(2, true).unwrap().status, IdentityStatus::Same);
+    assert!(clone.refresh_instance_id().unwrap());
+    server.join().unwrap();
+    let c = clone.resolve(3, true).unwrap();
+    assert_eq!(c.status, IdentityStatus::Clone);
+    assert_ne!(c.code, orig.code);
+    assert!(!c.accepts(&orig.code));
+    assert_eq!(comp(&c, "instance_id").state, ComponentState::Found);
+}
