@@ -754,10 +754,15 @@ fn describe(
             Some(b) if b.code != code => format!("Same device; a new identity source appeared, so the code changed from {} (still accepted).", b.code),
             _ => "Same device as the baseline.".to_string(),
         },
-        IdentityStatus::Drift => format!(
-            "One component changed ({list}) while the device identity is kept: the baseline code {} stays accepted.",
-            old.map(|b| b.code.as_str()).unwrap_or("-")
-        ),
+        IdentityStatus::Drift => match old {
+            Some(b) if b.code != code => format!(
+                "One component changed ({list}) while the device identity is kept: the baseline code {} stays accepted.",
+                b.code
+            ),
+            _ => format!(
+                "One component changed ({list}) while the device identity is kept: the code is unchanged."
+            ),
+        },
         IdentityStatus::Clone => format!(
             "Cloned machine: machine-id is shared with the original but {list} changed, so this is a different device (was {}); consider regenerating /etc/machine-id.",
             old.map(|b| b.code.as_str()).unwrap_or("-")

@@ -882,3 +882,11 @@ fn cloned_container_is_detected_once_the_instance_id_is_fetched() {
     assert!(!c.accepts(&orig.code));
     assert_eq!(comp(&c, "instance_id").state, ComponentState::Found);
 }
+
+#[test]
+fn resolver_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Resolver>();
+    shared::<DeviceReport>();
+    shared::<DeviceError>();
+}
