@@ -5,6 +5,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,33 @@ pub fn quarantine(path: &Path, now_unix: i64) -> Result<PathBuf, StoreError> {
     Ok(target)
 }
 
+/// An exclusive advisory lock (flock) held until dropped.
+pub struct FileLock(#[allow(dead_code)] File);
+
+impl FileLock {
+    /// Blocks until the lock on `path` (created if needed, mode 0600) is held.
+    pub fn acquire(path: &Path) -> io::Result<FileLock> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        loop {
+            // SAFETY: flock(2) on a descriptor we own for the lifetime of the call.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 {
+                return Ok(FileLock(f));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +142,7 @@ mod tests {
         );
         // No temporary files left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let _l = FileLock::acquire(&dir.path().join("state.lock")).unwrap();
         assert_eq!(read_optional(&dir.path().join("nope")).unwrap(), None);
     }
 

@@ -3,5 +3,6 @@
 mod harness;
 
 mod daemon;
+mod device;
 mod docs;
 mod socket;
