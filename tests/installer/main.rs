@@ -522,3 +522,19 @@ fn unit_passes_systemd_analyze() {
     assert!(out.status.success(), "check-units.sh failed:\n{text}");
     assert!(text.contains("exposure"), "{text}");
 }
+
+/// Builds the .deb and .rpm and checks their contents (scripts/package.sh). Slow (a release
+/// build, ~1 min here), so ignored by default: `cargo test -p kooagent-install -- --ignored`.
+#[test]
+#[ignore]
+fn packages_contain_the_installed_files() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package.sh");
+    let out = Command::new("sh").arg(&script).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "package.sh failed:\n{text}");
+    assert!(text.contains("contents OK"), "{text}");
+}
