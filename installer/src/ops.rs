@@ -319,7 +319,17 @@ impl Ctx {
     /// Runs a command that changes the live system. Under `--root` it is only printed.
     /// Returns whether it ran and succeeded.
     pub fn run(&mut self, argv: &[&str]) -> io::Result<bool> {
-        let line = argv.join(" ");
+        let line = argv
+            .iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
         if !self.live {
             println!("  {:<12} {line} (--root: not run on this host)", "skip");
             return Ok(false);
