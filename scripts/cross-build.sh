@@ -153,6 +153,9 @@ state_dir = "$tmp/state"
 [socket]
 path = "$tmp/agent.sock"
 group = "$(id -gn)"
+
+[identity]
+metadata = false
 EOF
     run run --config "$tmp/agent.toml" --log-level debug >"$tmp/run.log" 2>&1 &
     pid=$!

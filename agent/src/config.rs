@@ -375,6 +375,32 @@ mod tests {
     }
 
     #[test]
+    fn packaged_template_is_valid_commented_and_uncommented() {
+        let text = include_str!("../../packaging/agent.toml");
+        let (c, keys) = Config::parse(text, Path::new("agent.toml")).unwrap();
+        assert!(
+            keys.is_empty(),
+            "every line of the template is commented out"
+        );
+        c.validate().unwrap();
+        // Uncommenting every setting gives a valid configuration too.
+        let on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => "",
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (c, keys) = Config::parse(&on, Path::new("agent.toml")).unwrap();
+        assert!(
+            keys.contains(&"identity.metadata_url".to_string()),
+            "{keys:?}"
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn embedded_defaults_are_valid() {
         Config::default().validate().unwrap();
     }

@@ -550,6 +550,15 @@ impl Resolver {
         if !self.cfg.metadata {
             return Ok(false);
         }
+        // The default address is link-local: only worth asking (and only polite to ask)
+        // on a VM whose firmware says it runs on an OpenStack cloud such as Huawei Cloud
+        // ECS. Bare metal, boards and laptops never send that request. A configured URL
+        // is always asked.
+        if self.cfg.metadata_url == DEFAULT_METADATA_URL
+            && !sources::on_openstack_cloud(&self.cfg.root)
+        {
+            return Ok(false);
+        }
         let uuid = metadata::fetch_instance_id(
             &self.cfg.metadata_url,
             Duration::from_millis(self.cfg.metadata_timeout_ms),

@@ -112,6 +112,27 @@ fn serial(v: &str) -> Option<String> {
     }
 }
 
+/// True when DMI names an OpenStack-based cloud: Huawei Cloud ECS reports
+/// `OpenStack Foundation` / `OpenStack Nova` and the chassis asset tag `HUAWEICLOUD`.
+pub(crate) fn on_openstack_cloud(root: &Path) -> bool {
+    [
+        "sys_vendor",
+        "product_name",
+        "chassis_asset_tag",
+        "chassis_vendor",
+    ]
+    .iter()
+    .filter_map(|f| {
+        read_small(&rooted(root, format!("/sys/class/dmi/id/{f}")))
+            .ok()
+            .flatten()
+    })
+    .any(|v| {
+        let v = v.to_ascii_lowercase();
+        v.contains("openstack") || v.contains("huaweicloud")
+    })
+}
+
 /// Container markers left by docker, podman and systemd-nspawn / LXC.
 pub(crate) fn in_container(root: &Path) -> bool {
     [

@@ -890,3 +890,38 @@ fn resolver_can_be_shared_across_threads() {
     shared::<DeviceReport>();
     shared::<DeviceError>();
 }
+
+#[test]
+fn default_metadata_address_is_only_asked_on_an_openstack_cloud() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    assert!(!super::sources::on_openstack_cloud(root));
+    // No cloud DMI: the link-local default is never contacted.
+    let cfg = IdentityConfig {
+        root: root.to_path_buf(),
+        metadata: true,
+        ..IdentityConfig::default()
+    };
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(
+        root.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    let r = Resolver::new(cfg, "p".into(), None);
+    assert!(!r.refresh_instance_id().unwrap());
+    fs::create_dir_all(root.join("sys/class/dmi/id")).unwrap();
+    fs::write(
+        root.join("sys/class/dmi/id/chassis_asset_tag"),
+        "HUAWEICLOUD\n",
+    )
+    .unwrap();
+    assert!(super::sources::on_openstack_cloud(root));
+    fs::write(root.join("sys/class/dmi/id/chassis_asset_tag"), "\n").unwrap();
+    fs::write(
+        root.join("sys/class/dmi/id/sys_vendor"),
+        "OpenStack Foundation\n",
+    )
+    .unwrap();
+    assert!(super::sources::on_openstack_cloud(root));
+}
