@@ -35,6 +35,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
     let group_required = loaded.origin("socket.group") != Origin::Default;
+    let mut ready_pipe: Option<std::os::unix::net::UnixStream> = None;
     let bound = socket::bind(
         &cfg.socket.path,
         cfg.socket_mode()?,
@@ -54,13 +55,34 @@ pub fn run(opts: RunOptions) -> Result<()> {
         if let Some(dir) = cfg.agent.pidfile.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // The parent returns only once the detached agent is ready (pidfile written,
+        // signals handled), so init scripts and tests never race the start: the child
+        // reports over a socket pair, and a child that dies reports by closing it.
+        let (mut parent_end, child_end) =
+            std::os::unix::net::UnixStream::pair().context("creating the readiness pipe")?;
         let d = daemonize::Daemonize::new()
             .pid_file(&cfg.agent.pidfile)
             .working_directory("/")
             .stderr(log);
-        if let Err(e) = d.start() {
-            bound.remove();
-            return Err(anyhow::anyhow!("could not detach: {e}"));
+        match d.execute() {
+            daemonize::Outcome::Parent(Ok(_)) => {
+                drop(child_end);
+                let mut buf = [0u8; 1];
+                let ready = matches!(std::io::Read::read(&mut parent_end, &mut buf), Ok(1));
+                std::process::exit(if ready { 0 } else { 1 });
+            }
+            daemonize::Outcome::Parent(Err(e)) => {
+                bound.remove();
+                return Err(anyhow::anyhow!("could not detach: {e}"));
+            }
+            daemonize::Outcome::Child(Err(e)) => {
+                bound.remove();
+                return Err(anyhow::anyhow!("could not detach: {e}"));
+            }
+            daemonize::Outcome::Child(Ok(_)) => {
+                drop(parent_end);
+                ready_pipe = Some(child_end);
+            }
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -70,7 +92,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(serve_until_signal(loaded, opts, &bound));
+    let result = rt.block_on(serve_until_signal(loaded, opts, &bound, ready_pipe));
     bound.remove();
     result
 }
@@ -79,6 +101,7 @@ async fn serve_until_signal(
     loaded: config::Loaded,
     opts: RunOptions,
     bound: &socket::Bound,
+    ready_pipe: Option<std::os::unix::net::UnixStream>,
 ) -> Result<()> {
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -109,6 +132,9 @@ async fn serve_until_signal(
         cfg.agent.state_dir.display()
     );
     notify_logged("READY=1");
+    if let Some(mut pipe) = ready_pipe {
+        let _ = std::io::Write::write_all(&mut pipe, b"1");
+    }
     loop {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
