@@ -4,3 +4,5 @@ mod harness;
 
 mod daemon;
 mod socket;
+mod upstream;
+mod usage;

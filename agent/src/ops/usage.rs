@@ -202,6 +202,7 @@ struct StatusParams {
 fn status(agent: Arc<Agent>, call: Call) -> OpFuture {
     Box::pin(async move {
         let p: StatusParams = params(&call.params)?;
+        agent.usage.wait_open().await;
         let cfg = agent.config();
         Ok(Reply::Value(agent.usage.status(&cfg.usage, p.records)))
     })

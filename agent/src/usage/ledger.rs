@@ -373,6 +373,15 @@ pub struct Info {
 struct Shared {
     state: Mutex<State>,
     info: Mutex<Info>,
+    /// Set once the open has finished (successfully or not).
+    opened: (Mutex<bool>, std::sync::Condvar),
+}
+
+impl Shared {
+    fn set_opened(&self) {
+        *self.opened.0.lock().expect("opened lock") = true;
+        self.opened.1.notify_all();
+    }
 }
 
 /// Handle to the ledger's writer thread; cheap to clone.
@@ -391,6 +400,7 @@ impl Ledger {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             info: Mutex::new(Info::default()),
+            opened: (Mutex::new(false), std::sync::Condvar::new()),
         });
         let s = shared.clone();
         let handle = std::thread::Builder::new()
@@ -449,6 +459,17 @@ impl Ledger {
         self.send(Cmd::Prune(cutoff, tx))?;
         rx.blocking_recv()
             .unwrap_or_else(|_| Err(LedgerError::Unavailable("the ledger has stopped".into())))
+    }
+
+    /// Waits (blocking) until the ledger has been opened and replayed, at most `timeout`.
+    /// True when it has.
+    pub fn wait_open(&self, timeout: std::time::Duration) -> bool {
+        let (lock, cv) = &self.shared.opened;
+        let guard = lock.lock().expect("opened lock");
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |opened| !*opened)
+            .expect("opened lock");
+        *guard
     }
 
     /// The model as of the last commit.
@@ -522,6 +543,7 @@ fn writer(cfg: LedgerConfig, clock: Arc<dyn Clock>, shared: Arc<Shared>, rx: Rec
         Err(e) => {
             log::error!("usage ledger: {e}");
             shared.info.lock().expect("info lock").error = Some(e.clone());
+            shared.set_opened();
             // Answer everything with the reason until told to stop.
             while let Ok(cmd) = rx.recv() {
                 let err = LedgerError::Unavailable(e.clone());
@@ -543,6 +565,7 @@ fn writer(cfg: LedgerConfig, clock: Arc<dyn Clock>, shared: Arc<Shared>, rx: Rec
         info.recovery = recovery;
     }
     *shared.state.lock().expect("state lock") = state;
+    shared.set_opened();
     let mut w = Writer {
         next_rotate_at: cfg.rotate_bytes(),
         cfg,

@@ -191,6 +191,15 @@ impl UsageService {
         rx.await.map_err(|_| RecordError::NotStarted)
     }
 
+    /// Waits (bounded) for the ledger to be opened, so status never shows an empty model
+    /// for a ledger still being replayed.
+    pub async fn wait_open(&self) {
+        if let Some(r) = self.running.get() {
+            let l = r.ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.wait_open(Duration::from_secs(10))).await;
+        }
+    }
+
     pub fn status(&self, cfg: &UsageConfig, with_records: bool) -> Value {
         let Some(r) = self.running.get() else {
             return json!({"started": false});
@@ -344,6 +353,12 @@ const IDENTITY_RETRY_MS: i64 = 30_000;
 
 impl Uploader {
     fn run(mut self, rx: mpsc::Receiver<Wake>) {
+        // What is pending is known only once the ledger is replayed.
+        while !self.ledger.wait_open(Duration::from_secs(1)) {
+            if self.agent.strong_count() == 0 {
+                return;
+            }
+        }
         let mut close_at_ms = None::<i64>;
         loop {
             let Some(agent) = self.agent.upgrade() else {
