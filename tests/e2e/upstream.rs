@@ -72,8 +72,9 @@ pub struct Faults {
     pub status: Option<(u16, usize)>,
     /// Answer 413 to requests with more than this many records.
     pub max_records: Option<usize>,
-    /// Wait this long before answering.
+    /// Wait `slow` before answering the next `slow_count` requests.
     pub slow: Duration,
+    pub slow_count: usize,
     /// Reset the connection after reading the next `n` requests, storing nothing.
     pub reset_before: usize,
     /// Store the next `n` requests' records, then reset instead of answering.
@@ -312,7 +313,9 @@ fn handle(
             );
         }
     };
-    if !f.slow.is_zero() {
+    if f.slow_count > 0 {
+        f.slow_count -= 1;
+        consume(&mut f);
         std::thread::sleep(f.slow);
     }
     let seen = |status: u16| Seen {

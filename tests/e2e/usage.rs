@@ -34,9 +34,14 @@ fn write_key(dir: &Path, mode: u32) -> PathBuf {
 /// `[usage]` for a test: the given upstreams, the test CA, fast retries, no lateness.
 fn usage_toml(upstreams: &[String], key: Option<&Path>, ca: Option<&Path>, extra: &str) -> String {
     let ups: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    let timeout = if extra.contains("upload_timeout_secs") {
+        ""
+    } else {
+        "upload_timeout_secs = 5\n"
+    };
     let mut t = format!(
         "[usage]\nupstreams = [{}]\nlateness_secs = 0\nbackoff_initial_ms = 50\nbackoff_max_ms = 400\n\
-         upload_timeout_secs = 5\n{extra}\n",
+         {timeout}{extra}\n",
         ups.join(", ")
     );
     if let Some(k) = key {
@@ -369,7 +374,7 @@ fn after_a_long_outage_everything_is_delivered_oldest_first_once() {
         &[format!("https://localhost:{port}")],
         &ca,
         0o600,
-        "batch_size = 10",
+        "batch_size = 10\nupload_timeout_secs = 1",
     );
     let t = now();
     let mut batch = Vec::new();
@@ -395,16 +400,16 @@ fn after_a_long_outage_everything_is_delivered_oldest_first_once() {
             >= 3
     });
     // The upstream comes back on the same port, flaky at first: resets before and after
-    // storing, a 500, a slow answer.
+    // storing, a 500, an answer slower than the agent waits (stored all the same).
     let listener_up = Upstream::start_on(&ca, KEY, port);
     listener_up.set(|f| {
         f.reset_before = 1;
         f.reset_after = 1;
         f.status = Some((500, 1));
-        f.slow = Duration::from_millis(300);
+        f.slow = Duration::from_millis(2500);
+        f.slow_count = 1;
     });
     wait_for("everything delivered", || listener_up.unique() == closed);
-    listener_up.set(|f| f.slow = Duration::ZERO);
     wait_for("no pending", || {
         status(&a)["pending"]["records"] == json!(0)
     });
@@ -426,7 +431,7 @@ fn after_a_long_outage_everything_is_delivered_oldest_first_once() {
     // A record the upstream stored but whose answer was lost came again, identical (the
     // upstream checks the payload); nothing else was received twice.
     let twice = recs.values().filter(|(_, n)| *n > 1).count();
-    assert!(twice <= 10, "{twice}");
+    assert!((1..=20).contains(&twice), "{twice}");
 }
 
 #[test]

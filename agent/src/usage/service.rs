@@ -146,6 +146,10 @@ impl UsageService {
             .name("usage-upload".into())
             .spawn(move || uploader.run(rx))
             .expect("spawning the upload thread");
+        match readiness(&cfg.usage) {
+            Ok(_) => log::info!("usage: uploading to {}", cfg.usage.upstreams.join(", ")),
+            Err(why) => log::warn!("usage: uploading is off: {why}"),
+        }
         let _ = self.running.set(Running {
             ledger,
             wake: Mutex::new(tx),
