@@ -148,6 +148,11 @@ impl UsageService {
             .expect("spawning the upload thread");
         match readiness(&cfg.usage) {
             Ok(_) => log::info!("usage: uploading to {}", cfg.usage.upstreams.join(", ")),
+            // Recording without uploading is a valid setup; a key file that is set but
+            // unusable is a mistake worth a warning.
+            Err(why) if cfg.usage.key_file().is_none() => {
+                log::info!("usage: uploading is off: {why}")
+            }
             Err(why) => log::warn!("usage: uploading is off: {why}"),
         }
         let _ = self.running.set(Running {
@@ -199,6 +204,9 @@ impl UsageService {
     /// for a ledger still being replayed.
     pub async fn wait_open(&self) {
         if let Some(r) = self.running.get() {
+            if r.ledger.wait_open(Duration::ZERO) {
+                return;
+            }
             let l = r.ledger.clone();
             let _ = tokio::task::spawn_blocking(move || l.wait_open(Duration::from_secs(10))).await;
         }
