@@ -9,6 +9,8 @@ use std::time::Instant;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_service::DeviceService;
+use crate::usage::service::{Chain, ConfigMeters};
+use crate::usage::UsageService;
 
 pub struct Agent {
     config: RwLock<Arc<Config>>,
@@ -17,11 +19,15 @@ pub struct Agent {
     pub started: Instant,
     pub started_unix: i64,
     pub device: DeviceService,
+    pub usage: UsageService,
 }
 
 impl Agent {
     pub fn new(config: Config, config_file: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Agent> {
         let device = DeviceService::new(&config);
+        // Where a meter's usage is billed: `[usage.meters]` first. The license module
+        // adds its source (the installed license's instance id) as a second link here.
+        let usage = UsageService::new(Box::new(Chain(vec![Box::new(ConfigMeters)])));
         Arc::new(Agent {
             started_unix: clock.now_secs(),
             config: RwLock::new(Arc::new(config)),
@@ -29,6 +35,7 @@ impl Agent {
             clock,
             started: Instant::now(),
             device,
+            usage,
         })
     }
 

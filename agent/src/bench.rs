@@ -53,7 +53,16 @@ pub const SCENARIOS: &[Scenario] = &[
         op: "device.code",
         params: "{}",
     },
+    // Answered only once the record is fsynced: group commit is what makes this scale.
+    Scenario {
+        label: "usage.record (durable)",
+        op: "usage.record",
+        params: r#"{"meter":"bench","value":"1.25"}"#,
+    },
 ];
+
+/// Records per `usage.record_batch` request in the batch measurement.
+pub const BATCH: usize = 1000;
 
 #[derive(Debug, Serialize)]
 pub struct Row {
@@ -75,6 +84,12 @@ pub struct Report {
     pub idle_rss_kib: u64,
     pub idle_cpu_ticks: u64,
     pub idle_seconds: f64,
+    /// Durable usage records per second with `usage.record_batch` of [`BATCH`], per client count.
+    pub batch_records_per_sec: Vec<(usize, f64)>,
+    /// The agent's peak RSS over the whole run (VmHWM).
+    pub peak_rss_kib: u64,
+    /// One append + fdatasync in the bench directory: the floor under a durable answer.
+    pub fdatasync_us_median: f64,
 }
 
 struct Agent {
@@ -93,7 +108,8 @@ impl Drop for Agent {
 fn write_config(dir: &Path) -> Result<PathBuf> {
     let cfg = dir.join("agent.toml");
     let text = format!(
-        "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n[identity]\nmetadata = false\n",
+        "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n[identity]\nmetadata = false\n\
+         [usage.meters.bench]\ninstance_id = \"bench-instance\"\n",
         dir.join("state").display(),
         dir.join("agent.pid").display(),
         dir.join("agent.sock").display()
@@ -313,7 +329,30 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
             rows.push(row(s.label, c, n, lat, el));
         }
     }
+    let mut batch_records_per_sec = Vec::new();
+    {
+        let one = r#"{"meter":"bench","value":"0.5"}"#;
+        let list = vec![one; BATCH].join(",");
+        let mut req = format!(
+            "{{\"v\":1,\"id\":1,\"op\":\"usage.record_batch\",\"params\":{{\"records\":[{list}]}}}}"
+        )
+        .into_bytes();
+        req.push(b'\n');
+        for &c in &args.clients {
+            let (n, lat, el) = rt.block_on(drive(
+                socket.clone(),
+                req.clone(),
+                c,
+                args.seconds,
+                "\"ok\":true",
+            ))?;
+            batch_records_per_sec.push((c, (n as usize * BATCH) as f64 / el));
+            rows.push(row("usage.record_batch of 1000", c, n, lat, el));
+        }
+    }
+    let peak_rss_kib = peak_rss(pid).unwrap_or(0);
     drop(agent);
+    let fdatasync_us_median = fdatasync_latency(&dir).unwrap_or(f64::NAN);
     if !args.no_redis {
         match redis_rows(&rt, &dir, &args) {
             Ok(reference) => {
@@ -335,6 +374,9 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         idle_rss_kib: rss,
         idle_cpu_ticks: ticks1.saturating_sub(ticks0),
         idle_seconds,
+        batch_records_per_sec,
+        peak_rss_kib,
+        fdatasync_us_median,
     };
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
@@ -389,7 +431,49 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "| idle CPU over {:.0} s | {} ticks |",
         r.idle_seconds, r.idle_cpu_ticks
     )?;
+    for (clients, rate) in &r.batch_records_per_sec {
+        writeln!(
+            out,
+            "| usage.record_batch of 1000, {clients} client(s) | {rate:.0} records/s |"
+        )?;
+    }
+    writeln!(
+        out,
+        "| peak RSS over the run | {:.2} MiB |",
+        r.peak_rss_kib as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| fdatasync in the bench directory (median) | {:.0} µs |",
+        r.fdatasync_us_median
+    )?;
     Ok(())
+}
+
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Median time of a small append + fdatasync in `dir`: no durable answer can be faster,
+/// so records/s per client is bounded by its inverse.
+fn fdatasync_latency(dir: &Path) -> Result<f64> {
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        f.write_all(&[0u8; 128])?;
+        f.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = std::fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 fn tempdir() -> Result<PathBuf> {

@@ -110,6 +110,37 @@ enum Command {
     },
     /// Start an agent and measure it; prints a table
     Bench(crate::bench::BenchArgs),
+    /// Usage metering: what is recorded, pending, delivered, parked
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Pending, delivered and parked records, the last upload attempt, the ledger
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close the hours that can be closed and deliver everything pending now
+    Flush {
+        /// Put records the upstream refused back in the queue first
+        #[arg(long)]
+        retry_parked: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record usage of a meter (durable when this returns)
+    Record {
+        meter: String,
+        /// A decimal amount, e.g. 1.5
+        value: String,
+        /// When it was used: RFC 3339 UTC or Unix seconds (default now)
+        #[arg(long)]
+        at: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,9 +234,168 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
+        Command::Usage { command } => usage(&g, command),
         Command::Bench(args) => {
             crate::bench::run(args, g.config.clone())?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn usage(g: &Global, command: UsageCommand) -> Result<ExitCode> {
+    let mut c = g.client()?;
+    match command {
+        UsageCommand::Status { json } => {
+            let v = c.call("usage.status", json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_usage_status(&v);
+            }
+        }
+        UsageCommand::Flush { retry_parked, json } => {
+            let v = c.call("usage.flush", json!({"retry_parked": retry_parked}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let round = &v["round"];
+                println!(
+                    "closed {} hourly records; requeued {}; sent {} requests: {} delivered, {} parked; {} pending",
+                    v["closed_records"],
+                    v["requeued"],
+                    round["requests"].as_u64().unwrap_or(0),
+                    round["delivered"].as_u64().unwrap_or(0),
+                    round["parked"].as_u64().unwrap_or(0),
+                    v["pending"]
+                );
+                if let Some(why) = v["not_sent_because"].as_str() {
+                    println!("not everything was sent: {why}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        UsageCommand::Record { meter, value, at } => {
+            let at = at.map(|a| match a.parse::<i64>() {
+                Ok(n) => json!(n),
+                Err(_) => json!(a),
+            });
+            let mut p = json!({"meter": meter, "value": value});
+            if let Some(at) = at {
+                p["at"] = at;
+            }
+            let v = c.call("usage.record", p)?;
+            println!(
+                "recorded in the hour starting {}{}",
+                v["hour"].as_str().unwrap_or("?"),
+                if v["moved"] == json!(true) {
+                    " (its own hour was already closed)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_usage_status(v: &Value) {
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let up = &v["uploading"];
+    if up["enabled"] == json!(true) {
+        println!("uploading:  on, to {}", s(&up["upstreams"]));
+    } else {
+        println!("uploading:  OFF: {}", s(&up["reason"]));
+    }
+    let l = &v["ledger"];
+    println!(
+        "ledger:     {} ({} bytes, {} commits, {} compactions)",
+        s(&l["path"]),
+        s(&l["bytes"]),
+        s(&l["commits"]),
+        s(&l["rotations"])
+    );
+    if let Some(e) = l["error"].as_str() {
+        println!("            ERROR: {e}");
+    }
+    if let Some(e) = l["last_write_error"].as_str() {
+        println!("            last write failed: {e}");
+    }
+    let torn = l["recovery"]["torn_bytes"].as_u64().unwrap_or(0);
+    if torn > 0 {
+        println!(
+            "            recovered from a torn write: {torn} bytes cut (kept in {})",
+            s(&l["recovery"]["torn_saved_as"])
+        );
+    }
+    println!("closed up to {}", s(&v["closed_before"]));
+    if let Some(open) = v["open"].as_object() {
+        for (meter, o) in open {
+            println!(
+                "open:       {meter}: {} in {} hour(s) since {}",
+                s(&o["value"]),
+                s(&o["hours"]),
+                s(&o["oldest_hour"])
+            );
+        }
+    }
+    println!(
+        "pending:    {} (oldest hour {})",
+        s(&v["pending"]["records"]),
+        s(&v["pending"]["oldest_hour"])
+    );
+    println!(
+        "delivered:  {} (last {} via {})",
+        s(&v["delivered"]["records"]),
+        s(&v["delivered"]["last_at"]),
+        s(&v["delivered"]["last_upstream"])
+    );
+    println!("parked:     {}", s(&v["parked"]["records"]));
+    for p in v["parked"]["list"].as_array().into_iter().flatten() {
+        println!(
+            "            {} {} {} = {}: {}",
+            s(&p["hour"]),
+            s(&p["meter"]),
+            s(&p["instance_id"]),
+            s(&p["usage_value"]),
+            s(&p["reason"])
+        );
+    }
+    let u = &v["upload"];
+    println!(
+        "last try:   {} ({} consecutive failures; next {})",
+        s(&u["last_attempt_at"]),
+        s(&u["consecutive_failures"]),
+        s(&u["next_attempt_at"])
+    );
+    if let Some(t) = u["last_round"]["transient"].as_str() {
+        println!("            {t}");
+    }
+    if let Some(b) = u["close_blocked"].as_str() {
+        println!("hours open: {b}");
+    }
+    if let Some(t) = v["totals"].as_object() {
+        for (meter, t) in t {
+            println!(
+                "recorded:   {meter}: {} in {} records",
+                s(&t["value"]),
+                s(&t["records"])
+            );
+        }
+    }
+    let d = &v["dropped"];
+    for kind in ["unsent", "unclosed"] {
+        if let Some(m) = d[kind].as_object() {
+            for (meter, t) in m {
+                println!(
+                    "DROPPED:    {meter}: {} in {} {kind} records (older than usage.max_age_days or over usage.max_bytes)",
+                    s(&t["value"]),
+                    s(&t["records"])
+                );
+            }
         }
     }
 }

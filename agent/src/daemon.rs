@@ -107,6 +107,7 @@ async fn serve_until_signal(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
     agent.device.start(&cfg, clock.clone());
+    agent.usage.start(&agent);
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;
@@ -149,6 +150,9 @@ async fn serve_until_signal(
     notify_logged("STOPPING=1");
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    // Queued ledger writes finish; nothing acknowledged is pending in memory.
+    let a = agent.clone();
+    let _ = tokio::task::spawn_blocking(move || a.usage.stop()).await;
     if opts.daemon {
         let _ = std::fs::remove_file(&cfg.agent.pidfile);
     }

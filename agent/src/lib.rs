@@ -17,3 +17,4 @@ pub mod ops;
 pub mod protocol;
 pub mod socket;
 pub mod store;
+pub mod usage;

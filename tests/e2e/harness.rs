@@ -84,6 +84,13 @@ impl TestAgent {
             .arg(&self.config)
             .args(args)
             .env_remove("NOTIFY_SOCKET")
+            // Tests talk to loopback only: never through a proxy from the environment.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

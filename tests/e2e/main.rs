@@ -6,3 +6,5 @@ mod daemon;
 mod device;
 mod docs;
 mod socket;
+mod upstream;
+mod usage;

@@ -16,6 +16,7 @@ use crate::protocol::{codes, OpError};
 pub mod device;
 pub mod ping;
 pub mod status;
+pub mod usage;
 
 /// Who is on the other end of the socket (SO_PEERCRED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,7 +74,7 @@ impl Default for Dispatcher {
 
 impl Dispatcher {
     pub fn new() -> Dispatcher {
-        let tables: &[&[OpSpec]] = &[ping::OPS, status::OPS, device::OPS];
+        let tables: &[&[OpSpec]] = &[ping::OPS, status::OPS, device::OPS, usage::OPS];
         let mut ops = HashMap::new();
         for spec in tables.iter().flat_map(|t| t.iter()) {
             let clash = ops.insert(spec.name, spec.handler);

@@ -1,0 +1,654 @@
+//! The usage service held by `Agent`: resolves meters, hands records to the ledger, and
+//! runs the upload thread (close hours at each hour boundary plus the lateness allowance,
+//! deliver what is pending, back off with jitter after transient failures). Idle, the
+//! thread wakes only at the next hour boundary.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::config::UsageConfig;
+use super::hours::{self, Key, HOUR};
+use super::ledger::{Item, Ledger, LedgerConfig, LedgerError};
+use super::secret::Secret;
+use super::state::{amount, Delivery, Entry};
+use super::upload::{self, Client, Round};
+use crate::agent::Agent;
+use crate::clock::{format_rfc3339, Clock};
+use crate::device_service::DeviceState;
+
+/// Resolves a meter name to what its usage is billed to.
+///
+/// Today [`ConfigMeters`] answers from `[usage.meters]`. The license module (another
+/// branch) plugs in here: a `LicenseMeters` implementing this trait that answers with the
+/// installed license's instance id, placed after `ConfigMeters` in a [`Chain`] built in
+/// `Agent::new` (see `UsageService::new`'s caller).
+pub trait MeterResolver: Send + Sync {
+    /// `Ok(None)`: this source does not know the meter (the next source is asked).
+    fn resolve(&self, cfg: &UsageConfig, meter: &str) -> Result<Option<Key>, String>;
+}
+
+/// Meters from `[usage.meters]`.
+pub struct ConfigMeters;
+
+impl MeterResolver for ConfigMeters {
+    fn resolve(&self, cfg: &UsageConfig, meter: &str) -> Result<Option<Key>, String> {
+        Ok(cfg.meters.get(meter).map(|m| Key {
+            instance: m.instance_id.clone(),
+            meter: meter.to_string(),
+            pkg: m.package_instance_id.clone(),
+        }))
+    }
+}
+
+/// Asks each source in turn; the first that knows the meter wins.
+pub struct Chain(pub Vec<Box<dyn MeterResolver>>);
+
+impl MeterResolver for Chain {
+    fn resolve(&self, cfg: &UsageConfig, meter: &str) -> Result<Option<Key>, String> {
+        for r in &self.0 {
+            if let Some(k) = r.resolve(cfg, meter)? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// How the last delivery attempt went (memory only; the ledger keeps per-record facts).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UploadInfo {
+    pub last_attempt_at: Option<String>,
+    pub last_round: Option<Round>,
+    pub last_success_at: Option<String>,
+    pub consecutive_failures: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_close_at: Option<String>,
+    /// Why hours are not being closed right now, if they are not.
+    pub close_blocked: Option<String>,
+}
+
+/// What `usage.flush` reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlushResult {
+    pub closed_records: usize,
+    pub requeued: usize,
+    pub round: Option<Round>,
+    pub pending: usize,
+    pub not_sent_because: Option<String>,
+}
+
+enum Wake {
+    Flush {
+        retry_parked: bool,
+        reply: oneshot::Sender<FlushResult>,
+    },
+    Stop,
+}
+
+struct Running {
+    ledger: Ledger,
+    wake: Mutex<mpsc::Sender<Wake>>,
+    upload: Arc<Mutex<UploadInfo>>,
+}
+
+pub struct UsageService {
+    resolver: Box<dyn MeterResolver>,
+    running: OnceLock<Running>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("unknown meter {0:?}: add it under [usage.meters] with its instance_id")]
+    UnknownMeter(String),
+    #[error("meter {0:?}: {1}")]
+    Resolve(String, String),
+    #[error("the usage service has not started")]
+    NotStarted,
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+impl UsageService {
+    pub fn new(resolver: Box<dyn MeterResolver>) -> UsageService {
+        UsageService {
+            resolver,
+            running: OnceLock::new(),
+        }
+    }
+
+    /// Opens the ledger (on its own thread) and starts the upload thread.
+    pub fn start(&self, agent: &Arc<Agent>) {
+        let cfg = agent.config();
+        let ledger = Ledger::start(
+            LedgerConfig {
+                dir: cfg.agent.state_dir.join("usage"),
+                max_bytes: cfg.usage.max_bytes,
+            },
+            agent.clock.clone(),
+        );
+        let (tx, rx) = mpsc::channel();
+        let upload = Arc::new(Mutex::new(UploadInfo::default()));
+        let uploader = Uploader {
+            agent: Arc::downgrade(agent),
+            clock: agent.clock.clone(),
+            ledger: ledger.clone(),
+            info: upload.clone(),
+            client: None,
+            attempt: 0,
+            retry_at_ms: Some(0),
+        };
+        std::thread::Builder::new()
+            .name("usage-upload".into())
+            .spawn(move || uploader.run(rx))
+            .expect("spawning the upload thread");
+        match readiness(&cfg.usage) {
+            Ok(_) => log::info!("usage: uploading to {}", cfg.usage.upstreams.join(", ")),
+            // Recording without uploading is a valid setup; a key file that is set but
+            // unusable is a mistake worth a warning.
+            Err(why) if cfg.usage.key_file().is_none() => {
+                log::info!("usage: uploading is off: {why}")
+            }
+            Err(why) => log::warn!("usage: uploading is off: {why}"),
+        }
+        let _ = self.running.set(Running {
+            ledger,
+            wake: Mutex::new(tx),
+            upload,
+        });
+    }
+
+    /// Finishes queued ledger writes and stops both threads (an upload in flight is
+    /// abandoned; its records stay pending and are resent with the same metering_sn).
+    pub fn stop(&self) {
+        if let Some(r) = self.running.get() {
+            let _ = r.wake.lock().expect("wake lock").send(Wake::Stop);
+            r.ledger.stop();
+        }
+    }
+
+    pub fn resolve(&self, cfg: &UsageConfig, meter: &str) -> Result<Key, RecordError> {
+        match self.resolver.resolve(cfg, meter) {
+            Ok(Some(k)) => Ok(k),
+            Ok(None) => Err(RecordError::UnknownMeter(meter.into())),
+            Err(e) => Err(RecordError::Resolve(meter.into(), e)),
+        }
+    }
+
+    /// Records items durably; answers each item's hour.
+    pub async fn record(&self, items: Vec<Item>) -> Result<Vec<i64>, RecordError> {
+        let r = self.running.get().ok_or(RecordError::NotStarted)?;
+        Ok(r.ledger.record(items).await?)
+    }
+
+    /// Closes what can be closed and delivers now; waits for the outcome.
+    pub async fn flush(&self, retry_parked: bool) -> Result<FlushResult, RecordError> {
+        let r = self.running.get().ok_or(RecordError::NotStarted)?;
+        let (tx, rx) = oneshot::channel();
+        r.wake
+            .lock()
+            .expect("wake lock")
+            .send(Wake::Flush {
+                retry_parked,
+                reply: tx,
+            })
+            .map_err(|_| RecordError::NotStarted)?;
+        rx.await.map_err(|_| RecordError::NotStarted)
+    }
+
+    /// Waits (bounded) for the ledger to be opened, so status never shows an empty model
+    /// for a ledger still being replayed.
+    pub async fn wait_open(&self) {
+        if let Some(r) = self.running.get() {
+            if r.ledger.wait_open(Duration::ZERO) {
+                return;
+            }
+            let l = r.ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.wait_open(Duration::from_secs(10))).await;
+        }
+    }
+
+    pub fn status(&self, cfg: &UsageConfig, with_records: bool) -> Value {
+        let Some(r) = self.running.get() else {
+            return json!({"started": false});
+        };
+        let info = r.ledger.info();
+        let upload = r.upload.lock().expect("upload lock").clone();
+        let uploading = match readiness(cfg) {
+            Ok(_) => json!({"enabled": true, "upstreams": cfg.upstreams}),
+            Err(why) => json!({"enabled": false, "reason": why, "upstreams": cfg.upstreams}),
+        };
+        let st = r.ledger.state();
+        let (pending, delivered, parked_n) = st.count();
+        let mut oldest_pending: Option<i64> = None;
+        let mut last_delivered: Option<(i64, String)> = None;
+        let mut parked = Vec::new();
+        for s in st.records.values() {
+            match &s.delivery {
+                Delivery::Pending => {
+                    oldest_pending =
+                        Some(oldest_pending.map_or(s.rec.begin, |o| o.min(s.rec.begin)))
+                }
+                Delivery::Delivered { at, upstream, .. } => {
+                    if last_delivered.as_ref().is_none_or(|(t, _)| at > t) {
+                        last_delivered = Some((*at, upstream.clone()));
+                    }
+                }
+                Delivery::Parked { at, reason } => parked.push(json!({
+                    "metering_sn": s.rec.sn,
+                    "meter": s.rec.key.meter,
+                    "instance_id": s.rec.key.instance,
+                    "hour": format_rfc3339(s.rec.begin),
+                    "usage_value": s.rec.usage_value,
+                    "parked_at": format_rfc3339(*at),
+                    "reason": reason,
+                })),
+            }
+        }
+        let mut open = serde_json::Map::new();
+        for ((h, k), v) in &st.open {
+            let e = open.entry(k.meter.clone()).or_insert_with(
+                || json!({"hours": 0, "value": "0", "oldest_hour": format_rfc3339(*h)}),
+            );
+            e["hours"] = json!(e["hours"].as_u64().unwrap_or(0) + 1);
+            let prev = super::decimal::parse(e["value"].as_str().unwrap_or("0"))
+                .map(|a| a.0)
+                .unwrap_or(0);
+            e["value"] = json!(amount(prev + v));
+        }
+        let totals: serde_json::Map<String, Value> = st
+            .totals
+            .iter()
+            .map(|(m, t)| {
+                (
+                    m.clone(),
+                    json!({"records": t.records, "value": amount(t.value)}),
+                )
+            })
+            .collect();
+        let carry: Vec<Value> = st
+            .carry
+            .iter()
+            .map(|(k, v)| json!({"meter": k.meter, "instance_id": k.instance, "value": amount(*v)}))
+            .collect();
+        let dropped_t = |m: &std::collections::BTreeMap<String, super::state::Totals>| -> Value {
+            m.iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        json!({"records": t.records, "value": amount(t.value)}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let mut v = json!({
+            "started": true,
+            "ledger": info,
+            "uploading": uploading,
+            "closed_before": (st.closed_before > 0).then(|| format_rfc3339(st.closed_before)),
+            "open": open,
+            "carry": carry,
+            "pending": {"records": pending, "oldest_hour": oldest_pending.map(format_rfc3339)},
+            "delivered": {
+                "records": delivered,
+                "last_at": last_delivered.as_ref().map(|(t, _)| format_rfc3339(*t)),
+                "last_upstream": last_delivered.map(|(_, u)| u),
+            },
+            "parked": {"records": parked_n, "list": parked},
+            "totals": totals,
+            "dropped": {
+                "unsent": dropped_t(&st.dropped.unsent),
+                "unclosed": dropped_t(&st.dropped.unclosed),
+                "delivered_history": st.dropped.delivered_history,
+            },
+            "upload": upload,
+        });
+        if with_records {
+            let recs: Vec<Value> = st
+                .records
+                .values()
+                .map(|s| {
+                    json!({
+                        "metering_sn": s.rec.sn,
+                        "meter": s.rec.key.meter,
+                        "instance_id": s.rec.key.instance,
+                        "package_instance_id": s.rec.key.pkg,
+                        "begin_time": crate::clock::format_compact(s.rec.begin),
+                        "end_time": crate::clock::format_compact(s.rec.end()),
+                        "record_time": crate::clock::format_compact(s.rec.record_time),
+                        "usage_value": s.rec.usage_value,
+                        "delivery": s.delivery,
+                    })
+                })
+                .collect();
+            v["records"] = json!(recs);
+        }
+        v
+    }
+}
+
+/// Whether uploading can run with this configuration, and if so the key.
+fn readiness(cfg: &UsageConfig) -> Result<Secret, String> {
+    let Some(path) = cfg.key_file() else {
+        return Err("usage.key_file is not set: usage is recorded durably but not uploaded".into());
+    };
+    Secret::load(path)
+}
+
+struct Uploader {
+    agent: Weak<Agent>,
+    clock: Arc<dyn Clock>,
+    ledger: Ledger,
+    info: Arc<Mutex<UploadInfo>>,
+    /// Rebuilt when its configuration changes.
+    client: Option<(ClientKey, Client)>,
+    /// Consecutive transient failures.
+    attempt: u32,
+    /// When to try delivering again (Unix ms); `None` = only on a new closed hour.
+    retry_at_ms: Option<i64>,
+}
+
+#[derive(PartialEq)]
+struct ClientKey {
+    upstreams: Vec<String>,
+    extra_ca: std::path::PathBuf,
+    timeout: u64,
+}
+
+/// How long to wait for the identity before trying to close hours again.
+const IDENTITY_RETRY_MS: i64 = 30_000;
+
+impl Uploader {
+    fn run(mut self, rx: mpsc::Receiver<Wake>) {
+        // What is pending is known only once the ledger is replayed.
+        while !self.ledger.wait_open(Duration::from_secs(1)) {
+            if self.agent.strong_count() == 0 {
+                return;
+            }
+        }
+        let mut close_at_ms = None::<i64>;
+        loop {
+            let Some(agent) = self.agent.upgrade() else {
+                return;
+            };
+            let cfg = agent.config().usage.clone();
+            drop(agent);
+            let lateness_ms = cfg.lateness_secs as i64 * 1000;
+            let now = self.clock.now_ms();
+            // Next close: the end of the current hour plus the lateness allowance. Hours
+            // already closable at start are closed at the first boundary (or by a flush),
+            // so late usage for them can still arrive while the agent catches up.
+            let due = *close_at_ms.get_or_insert_with(|| next_close_ms(now, lateness_ms));
+            let mut wake_at = due;
+            if let Some(r) = self.retry_at_ms {
+                if self.ledger.state().count().0 > 0 {
+                    wake_at = wake_at.min(r);
+                }
+            }
+            let timeout = Duration::from_millis((wake_at - now).clamp(0, 3_600_000) as u64);
+            match rx.recv_timeout(timeout) {
+                Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Wake::Flush {
+                    retry_parked,
+                    reply,
+                }) => {
+                    let r = self.flush(&cfg, retry_parked);
+                    let _ = reply.send(r);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.clock.now_ms();
+                    if now >= due {
+                        match self.close(&cfg) {
+                            Ok(_) => close_at_ms = Some(next_close_ms(now, lateness_ms)),
+                            Err(_) => close_at_ms = Some(now + IDENTITY_RETRY_MS),
+                        }
+                        self.prune(&cfg);
+                        self.retry_at_ms.get_or_insert(now);
+                    }
+                    if self.retry_at_ms.is_some_and(|r| now >= r) {
+                        let _ = self.deliver(&cfg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every closable hour. Needs the device code for metering_sn.
+    fn close(&mut self, cfg: &UsageConfig) -> Result<usize, String> {
+        let code = match self.agent.upgrade().map(|a| a.device.current()) {
+            Some(DeviceState::Ready(r)) if r.settled => r.code.clone(),
+            Some(DeviceState::Ready(r)) => {
+                return self.blocked(format!("device identity settling: {}", r.detail))
+            }
+            Some(DeviceState::Pending) => {
+                return self.blocked("device identity not computed yet".into())
+            }
+            Some(DeviceState::Failed(e)) => {
+                return self.blocked(format!("device identity unavailable: {e}"))
+            }
+            None => return Err("stopping".into()),
+        };
+        match self.ledger.close_hours(&code, cfg.lateness_secs as i64) {
+            Ok(n) => {
+                let mut i = self.info.lock().expect("upload lock");
+                i.close_blocked = None;
+                i.last_close_at = Some(format_rfc3339(self.clock.now_secs()));
+                if n > 0 {
+                    log::info!("usage: closed {n} hourly records");
+                }
+                Ok(n)
+            }
+            Err(e) => self.blocked(format!("closing hours failed: {e}")),
+        }
+    }
+
+    fn blocked(&self, why: String) -> Result<usize, String> {
+        log::info!("usage: hours stay open: {why}");
+        self.info.lock().expect("upload lock").close_blocked = Some(why.clone());
+        Err(why)
+    }
+
+    fn prune(&self, cfg: &UsageConfig) {
+        let cutoff = self.clock.now_secs() - cfg.max_age_days as i64 * 86_400;
+        if let Err(e) = self.ledger.prune(cutoff) {
+            log::warn!("usage: pruning old records failed: {e}");
+        }
+    }
+
+    fn client(&mut self, cfg: &UsageConfig) -> Result<&Client, String> {
+        let key = ClientKey {
+            upstreams: cfg.upstreams.clone(),
+            extra_ca: cfg.extra_ca_file.clone(),
+            timeout: cfg.upload_timeout_secs,
+        };
+        if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
+            let c = Client::new(
+                cfg.upstreams.clone(),
+                cfg.extra_ca_file(),
+                Duration::from_secs(cfg.upload_timeout_secs),
+            )?;
+            self.client = Some((key, c));
+        }
+        Ok(&self.client.as_ref().expect("just set").1)
+    }
+
+    /// One delivery round; schedules the next try. Returns the round or why none ran.
+    fn deliver(&mut self, cfg: &UsageConfig) -> Result<Round, String> {
+        if self.ledger.state().count().0 == 0 {
+            self.retry_at_ms = None;
+            return Ok(Round::default());
+        }
+        let key = match readiness(cfg) {
+            Ok(k) => k,
+            Err(e) => {
+                // Nothing to retry until the configuration changes or a flush asks.
+                self.retry_at_ms = None;
+                return Err(e);
+            }
+        };
+        let clock = self.clock.clone();
+        let ledger = self.ledger.clone();
+        let batch = cfg.batch_size;
+        let result = match self.client(cfg) {
+            Ok(client) => upload::deliver(&ledger, client, &key, clock.as_ref(), batch)
+                .map_err(|e| format!("recording the outcome failed: {e}")),
+            Err(e) => Err(e),
+        };
+        let now = self.clock.now_ms();
+        let mut info = self.info.lock().expect("upload lock");
+        info.last_attempt_at = Some(format_rfc3339(now / 1000));
+        let failed = match &result {
+            Ok(round) => {
+                info.last_round = Some(round.clone());
+                if round.delivered > 0 {
+                    info.last_success_at = Some(format_rfc3339(now / 1000));
+                }
+                round.transient.is_some()
+            }
+            Err(e) => {
+                log::warn!("usage upload: {e}");
+                true
+            }
+        };
+        if failed {
+            self.attempt = self.attempt.saturating_add(1);
+            let delay = backoff_ms(cfg, self.attempt);
+            self.retry_at_ms = Some(now + delay);
+            info.consecutive_failures = self.attempt;
+            info.next_attempt_at = Some(format_rfc3339((now + delay) / 1000));
+        } else {
+            self.attempt = 0;
+            self.retry_at_ms = None;
+            info.consecutive_failures = 0;
+            info.next_attempt_at = None;
+        }
+        result
+    }
+
+    fn flush(&mut self, cfg: &UsageConfig, retry_parked: bool) -> FlushResult {
+        let mut out = FlushResult::default();
+        match self.close(cfg) {
+            Ok(n) => out.closed_records = n,
+            Err(e) => out.not_sent_because = Some(format!("hours stay open: {e}")),
+        }
+        if retry_parked {
+            let sns: Vec<String> = self
+                .ledger
+                .state()
+                .records
+                .values()
+                .filter(|s| matches!(s.delivery, Delivery::Parked { .. }))
+                .map(|s| s.rec.sn.clone())
+                .collect();
+            if !sns.is_empty() {
+                out.requeued = sns.len();
+                if let Err(e) = self.ledger.mark(Entry::Requeued(sns)) {
+                    out.requeued = 0;
+                    out.not_sent_because = Some(e.to_string());
+                }
+            }
+        }
+        match self.deliver(cfg) {
+            Ok(round) => {
+                if let Some(t) = &round.transient {
+                    out.not_sent_because = Some(t.clone());
+                }
+                out.round = Some(round);
+            }
+            Err(e) => out.not_sent_because = Some(e),
+        }
+        out.pending = self.ledger.state().count().0;
+        out
+    }
+}
+
+/// The end of the hour containing `now - lateness`, plus the lateness: when the next hour
+/// becomes closable.
+fn next_close_ms(now_ms: i64, lateness_ms: i64) -> i64 {
+    let h = hours::hour_of((now_ms - lateness_ms).div_euclid(1000));
+    (h + HOUR) * 1000 + lateness_ms
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so many
+/// agents that lost the upstream together do not come back together.
+fn backoff_ms(cfg: &UsageConfig, attempt: u32) -> i64 {
+    let exp = cfg
+        .backoff_initial_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(cfg.backoff_max_ms);
+    let mut b = [0u8; 8];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u64::from_le_bytes(b)
+    } else {
+        0
+    };
+    let half = exp / 2;
+    (half + if half > 0 { r % (half + 1) } else { 0 }) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_close_is_the_hour_end_plus_lateness() {
+        let t0 = 1_700_000_000 / 3600 * 3600 * 1000;
+        assert_eq!(next_close_ms(t0 + 10, 300_000), t0 + 300_000);
+        assert_eq!(
+            next_close_ms(t0 + 300_000, 300_000),
+            t0 + 3_600_000 + 300_000
+        );
+        assert_eq!(next_close_ms(t0 + 1, 0), t0 + 3_600_000);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let cfg = UsageConfig {
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 10_000,
+            ..Default::default()
+        };
+        for attempt in 1..40 {
+            let d = backoff_ms(&cfg, attempt);
+            let cap = (1000u64 << (attempt - 1).min(20)).min(10_000) as i64;
+            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d}");
+        }
+    }
+
+    #[test]
+    fn resolver_chain_asks_in_order() {
+        struct Fixed;
+        impl MeterResolver for Fixed {
+            fn resolve(&self, _: &UsageConfig, m: &str) -> Result<Option<Key>, String> {
+                Ok(Some(Key {
+                    instance: "from-license".into(),
+                    meter: m.into(),
+                    pkg: None,
+                }))
+            }
+        }
+        let mut cfg = UsageConfig::default();
+        cfg.meters.insert(
+            "cpu".into(),
+            super::super::config::MeterConfig {
+                instance_id: "from-config".into(),
+                package_instance_id: None,
+            },
+        );
+        let c = Chain(vec![Box::new(ConfigMeters), Box::new(Fixed)]);
+        assert_eq!(
+            c.resolve(&cfg, "cpu").unwrap().unwrap().instance,
+            "from-config"
+        );
+        assert_eq!(
+            c.resolve(&cfg, "gpu").unwrap().unwrap().instance,
+            "from-license"
+        );
+        assert_eq!(ConfigMeters.resolve(&cfg, "gpu").unwrap(), None);
+    }
+}
