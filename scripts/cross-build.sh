@@ -157,7 +157,9 @@ group = "$(id -gn)"
 [identity]
 metadata = false
 EOF
-    run run --config "$tmp/agent.toml" --log-level debug >"$tmp/run.log" 2>&1 &
+    # Not through the run() function: a backgrounded function is a subshell, and SIGTERM
+    # would reach that shell instead of the agent.
+    "$qemu" -L "$prefix" "$bin" run --config "$tmp/agent.toml" --log-level debug >"$tmp/run.log" 2>&1 &
     pid=$!
     ok=0
     python3 - "$tmp/agent.sock" <<'EOF' && ok=1
