@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_service::DeviceService;
+use crate::license::LicenseService;
 
 pub struct Agent {
     config: RwLock<Arc<Config>>,
@@ -17,12 +18,20 @@ pub struct Agent {
     pub started: Instant,
     pub started_unix: i64,
     pub device: DeviceService,
+    pub license: Arc<LicenseService>,
 }
 
 impl Agent {
     pub fn new(config: Config, config_file: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Agent> {
         let device = DeviceService::new(&config);
+        let license = LicenseService::new(
+            &config.agent.state_dir,
+            &config.license,
+            clock.clone(),
+            device.subscribe(),
+        );
         Arc::new(Agent {
+            license,
             started_unix: clock.now_secs(),
             config: RwLock::new(Arc::new(config)),
             config_file,
@@ -46,5 +55,7 @@ impl Agent {
         if old.identity != new.identity || old.agent.product_id != new.agent.product_id {
             self.device.reconfigure(&new, self.clock.clone());
         }
+        // Always: the keys file may have changed under the same path.
+        self.license.reconfigure(&new.license);
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::device_code::IdentityConfig;
+use crate::license::LicenseConfig;
 
 /// Where the default paths point: FHS locations as root, the user's XDG directories otherwise.
 #[derive(Debug, Clone)]
@@ -111,6 +112,7 @@ pub struct Config {
     pub agent: AgentSection,
     pub socket: SocketSection,
     pub identity: IdentityConfig,
+    pub license: LicenseConfig,
 }
 
 /// Where an effective value came from.
@@ -293,6 +295,9 @@ impl Config {
         self.identity
             .validate()
             .map_err(|m| invalid("identity", m))?;
+        self.license
+            .validate()
+            .map_err(|(key, m)| invalid(&key, m))?;
         Ok(())
     }
 

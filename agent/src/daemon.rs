@@ -80,6 +80,7 @@ async fn serve_until_signal(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
     agent.device.start(&cfg, clock.clone());
+    agent.license.start().await;
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;
@@ -118,6 +119,7 @@ async fn serve_until_signal(
     notify_logged("STOPPING=1");
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    agent.license.shutdown();
     if opts.daemon {
         let _ = std::fs::remove_file(&cfg.agent.pidfile);
     }

@@ -84,3 +84,26 @@ impl Resolver {
         Ok(false)
     }
 }
+
+/// A typed code that is not a device identification code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a device identification code (expected XXXX-XXXX-XXXX-XXXX-XXXX)")]
+pub struct CodeError(pub String);
+
+/// Canonicalises a code as a person typed it: case, spaces and hyphens do not matter.
+/// MINIMAL VERSION for the license branch; the device branch's module replaces it.
+pub fn parse_code(s: &str) -> Result<String, CodeError> {
+    let chars: Vec<char> = s
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    if chars.len() != 20 || !chars.iter().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(CodeError(s.to_string()));
+    }
+    Ok(chars
+        .chunks(4)
+        .map(|g| g.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-"))
+}
