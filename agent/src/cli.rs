@@ -580,7 +580,11 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
                     println!(
                         "  feature {}: {}",
                         f["name"].as_str().unwrap_or("?"),
-                        if f["granted"] == json!(true) { "granted" } else { "NOT granted" }
+                        if f["granted"] == json!(true) {
+                            "granted"
+                        } else {
+                            "NOT granted"
+                        }
                     );
                 }
             }
@@ -624,9 +628,9 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             };
             let mut limits = std::collections::BTreeMap::new();
             for (k, v) in pairs("--limit", &a.limit)? {
-                let n: u64 = v
-                    .parse()
-                    .with_context(|| format!("--limit {k}={v}: the value must be a whole number"))?;
+                let n: u64 = v.parse().with_context(|| {
+                    format!("--limit {k}={v}: the value must be a whole number")
+                })?;
                 limits.insert(k, n);
             }
             let req = seller::IssueRequest {
@@ -639,7 +643,11 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                     Some(s) => utc("--issued-at", s)?,
                     None => crate::clock::Clock::now_secs(&crate::clock::SystemClock),
                 },
-                not_before: a.not_before.as_deref().map(|s| utc("--not-before", s)).transpose()?,
+                not_before: a
+                    .not_before
+                    .as_deref()
+                    .map(|s| utc("--not-before", s))
+                    .transpose()?,
                 term: match (a.days, &a.not_after) {
                     (Some(d), _) => seller::Term::Days(d),
                     (None, Some(t)) => seller::Term::Until(utc("--not-after", t)?),
@@ -672,7 +680,10 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                     let kid = format::key_id(&vk);
                     if parsed.license.key_id != kid {
                         let signer = &parsed.license.key_id;
-                        (format!("NOT VERIFIED: signed by key {signer}, not by key {kid}"), false)
+                        (
+                            format!("NOT VERIFIED: signed by key {signer}, not by key {kid}"),
+                            false,
+                        )
                     } else {
                         let t = keys::TrustedKeys::from_keys([vk], &[]);
                         integrity_text(&t.check(&parsed), &format!("key {kid}"))
@@ -682,7 +693,10 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                     Ok(Ok(t)) if !t.active_ids().is_empty() => {
                         integrity_text(&t.check(&parsed), "the agent's trusted keys")
                     }
-                    _ => ("not checked: no --key and no trusted key configured".to_string(), true),
+                    _ => (
+                        "not checked: no --key and no trusted key configured".to_string(),
+                        true,
+                    ),
                 },
             };
             let l = &parsed.license;
@@ -705,8 +719,15 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 } else {
                     println!("devices    {}", l.devices.join(", "));
                 }
-                println!("valid      {} .. {}", t(l.not_before), l.not_after.map(t).unwrap_or_else(|| "perpetual".into()));
-                println!("grace      {}", crate::license::verdict::human_secs(l.grace_secs as i64));
+                println!(
+                    "valid      {} .. {}",
+                    t(l.not_before),
+                    l.not_after.map(t).unwrap_or_else(|| "perpetual".into())
+                );
+                println!(
+                    "grace      {}",
+                    crate::license::verdict::human_secs(l.grace_secs as i64)
+                );
                 println!("features   {}", l.features.join(", "));
                 for (k, v) in &l.limits {
                     println!("limit      {k} = {v}");
@@ -718,7 +739,11 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 println!("key id     {}", l.key_id);
                 println!("signature  {verdict}");
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
     }
 }

@@ -4,4 +4,5 @@ mod harness;
 
 mod daemon;
 mod docs;
+mod license;
 mod socket;

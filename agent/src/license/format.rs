@@ -229,12 +229,10 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, FormatError> {
         more => return Err(FormatError::Parts(more.len() + 1)),
     };
     let decode = |part: &'static str, s: &str| {
-        URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|e| FormatError::Base64 {
-                part,
-                detail: e.to_string(),
-            })
+        URL_SAFE_NO_PAD.decode(s).map_err(|e| FormatError::Base64 {
+            part,
+            detail: e.to_string(),
+        })
     };
     let payload = decode("payload", payload_b64)?;
     let sig = decode("signature", sig_b64)?;
@@ -275,7 +273,11 @@ pub fn parse_payload(payload: &[u8]) -> Result<License, FormatError> {
         return Err(FormatError::MissingField(k));
     }
     let key_id: String = take(&mut map, "kid")?;
-    if key_id.len() != 16 || !key_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if key_id.len() != 16
+        || !key_id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(field_err("kid", "must be 16 lowercase hex digits"));
     }
     let id: String = take(&mut map, "id")?;
@@ -347,7 +349,10 @@ pub fn parse_payload(payload: &[u8]) -> Result<License, FormatError> {
     })
 }
 
-fn take<T: DeserializeOwned>(map: &mut Map<String, Value>, name: &'static str) -> Result<T, FormatError> {
+fn take<T: DeserializeOwned>(
+    map: &mut Map<String, Value>,
+    name: &'static str,
+) -> Result<T, FormatError> {
     let v = map.remove(name).ok_or(FormatError::MissingField(name))?;
     serde_json::from_value(v).map_err(|e| field_err(name, e.to_string()))
 }
@@ -427,7 +432,9 @@ fn check_devices(unbound: bool, devices: &[String]) -> Result<(), FormatError> {
         if d.is_empty() || d.len() > MAX_DEVICE_LEN || !d.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(field_err(
                 "devices",
-                format!("{d:?} is not a device code (1..{MAX_DEVICE_LEN} printable ASCII characters)"),
+                format!(
+                    "{d:?} is not a device code (1..{MAX_DEVICE_LEN} printable ASCII characters)"
+                ),
             ));
         }
         if !seen.insert(d.as_str()) {
@@ -447,8 +454,7 @@ fn check_names<'a>(
     for n in names {
         let ok = !n.is_empty()
             && n.len() <= 64
-            && n
-                .bytes()
+            && n.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
         if !ok {
             return Err(field_err(
@@ -563,7 +569,10 @@ pub fn payload_bytes(license: &License) -> Result<Vec<u8>, FormatError> {
     let back = parse_payload(&bytes)?;
     if back != *license {
         // Only possible for a time outside the years 0..9999, which does not round-trip.
-        return Err(field_err("not_after", "a time outside the years 0000..9999"));
+        return Err(field_err(
+            "not_after",
+            "a time outside the years 0000..9999",
+        ));
     }
     Ok(bytes)
 }
@@ -701,22 +710,60 @@ pub(crate) mod tests {
         let cases: Vec<(Vec<u8>, FormatError)> = vec![
             (b"".to_vec(), FormatError::Empty),
             (b" \n".to_vec(), FormatError::Empty),
-            (vec![b'k'; MAX_LICENSE_BYTES + 1], FormatError::TooLarge(MAX_LICENSE_BYTES + 1)),
+            (
+                vec![b'k'; MAX_LICENSE_BYTES + 1],
+                FormatError::TooLarge(MAX_LICENSE_BYTES + 1),
+            ),
             (b"kl1.\xff\xfe".to_vec(), FormatError::NotUtf8(4)),
-            (b"kl2.abc.def".to_vec(), FormatError::UnknownVersion("kl2".into())),
+            (
+                b"kl2.abc.def".to_vec(),
+                FormatError::UnknownVersion("kl2".into()),
+            ),
             (b"-----BEGIN".to_vec(), FormatError::NotALicense),
-            (good[..good.find('.').unwrap() + 10].as_bytes().to_vec(), FormatError::Truncated),
-            (format!("{}.x", good.trim()).into_bytes(), FormatError::Parts(4)),
-            (good[..good.len() - 3].as_bytes().to_vec(), FormatError::SignatureLength(63)),
+            (
+                good.as_bytes()[..good.find('.').unwrap() + 10].to_vec(),
+                FormatError::Truncated,
+            ),
+            (
+                format!("{}.x", good.trim()).into_bytes(),
+                FormatError::Parts(4),
+            ),
+            (
+                good.as_bytes()[..good.len() - 3].to_vec(),
+                FormatError::SignatureLength(63),
+            ),
         ];
         for (input, want) in cases {
-            assert_eq!(parse(&input).unwrap_err(), want, "{:?}", String::from_utf8_lossy(&input[..input.len().min(40)]));
+            assert_eq!(
+                parse(&input).unwrap_err(),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(&input[..input.len().min(40)])
+            );
         }
         let e = parse(b"kl1.@@@@.AAAA").unwrap_err();
-        assert!(matches!(e, FormatError::Base64 { part: "payload", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                FormatError::Base64 {
+                    part: "payload",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let padded = good.trim().to_string() + "==";
         let e = parse(padded.as_bytes()).unwrap_err();
-        assert!(matches!(e, FormatError::Base64 { part: "signature", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                FormatError::Base64 {
+                    part: "signature",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -731,10 +778,9 @@ pub(crate) mod tests {
         );
         // A duplicate deep inside is caught too.
         let mut dup = payload_with(|_| {});
-        let s = String::from_utf8(dup.clone()).unwrap().replace(
-            "\"cores\":8",
-            "\"cores\":8,\"cores\":9999",
-        );
+        let s = String::from_utf8(dup.clone())
+            .unwrap()
+            .replace("\"cores\":8", "\"cores\":8,\"cores\":9999");
         dup = s.into_bytes();
         assert_eq!(check(&dup), FormatError::DuplicateField("cores".into()));
         assert_eq!(
@@ -774,7 +820,11 @@ pub(crate) mod tests {
             ("features", serde_json::json!(["a b"]), "features"),
             ("features", serde_json::json!(["a", "a"]), "features"),
             ("limits", serde_json::json!({"cores": 1.5}), "limits"),
-            ("limits", serde_json::json!({"cores": 9007199254740992u64}), "limits"),
+            (
+                "limits",
+                serde_json::json!({"cores": 9007199254740992u64}),
+                "limits",
+            ),
             ("meta", serde_json::json!({"k": 1}), "meta"),
             ("issued_at", Value::Null, "issued_at"),
         ];

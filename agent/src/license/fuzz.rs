@@ -22,7 +22,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -33,15 +33,36 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
 
 const INTERESTING: &[&[u8]] = &[
-    b".", b"kl1.", b"kl2.", b"=", b"\"", b"{", b"}", b"[", b"]", b",", b":", b"null", b"\\u0000",
-    b"\xff", b"\xc3", b"1e999", b"-0", b"18446744073709551616", b"\"v\":1,", b"\"v\":1,\"v\":1",
-    b"\"devices\":[]", b"\"unbound\":true", b"\"not_after\":null", b"9999-12-31T23:59:59Z",
+    b".",
+    b"kl1.",
+    b"kl2.",
+    b"=",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"null",
+    b"\\u0000",
+    b"\xff",
+    b"\xc3",
+    b"1e999",
+    b"-0",
+    b"18446744073709551616",
+    b"\"v\":1,",
+    b"\"v\":1,\"v\":1",
+    b"\"devices\":[]",
+    b"\"unbound\":true",
+    b"\"not_after\":null",
+    b"9999-12-31T23:59:59Z",
 ];
 
 /// One random mutation of `input` (byte flips, inserts, deletes, splices with other corpus
@@ -81,7 +102,7 @@ fn mutate_bytes(rng: &mut Rng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
                 let t = INTERESTING[rng.below(INTERESTING.len())];
                 v.splice(pos..pos, t.iter().copied());
             }
-            3 => v.insert(pos, rng.next() as u8),
+            3 => v.insert(pos, rng.next_u64() as u8),
             4 if !corpus.is_empty() => {
                 let other = &corpus[rng.below(corpus.len())];
                 let a = rng.below(other.len() + 1);

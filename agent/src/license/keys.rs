@@ -39,12 +39,14 @@ pub fn parse_entry(entry: &str) -> Result<(String, VerifyingKey), String> {
     let raw = STANDARD
         .decode(b64)
         .map_err(|e| format!("{b64:?} is not base64: {e}"))?;
-    let raw: [u8; 32] = raw
-        .as_slice()
-        .try_into()
-        .map_err(|_| format!("an ed25519 public key is 32 bytes, this one is {}", raw.len()))?;
-    let key = VerifyingKey::from_bytes(&raw)
-        .map_err(|_| "not a valid ed25519 public key".to_string())?;
+    let raw: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+        format!(
+            "an ed25519 public key is 32 bytes, this one is {}",
+            raw.len()
+        )
+    })?;
+    let key =
+        VerifyingKey::from_bytes(&raw).map_err(|_| "not a valid ed25519 public key".to_string())?;
     if key.is_weak() {
         return Err("a weak (small-order) ed25519 key cannot be trusted".into());
     }
@@ -189,11 +191,15 @@ mod tests {
             [old.verifying_key(), new.verifying_key()],
             &[old_id.as_str()],
         );
-        assert!(matches!(revoked.check(&lic_old), Integrity::UntrustedKey(m) if m.contains("revoked")));
+        assert!(
+            matches!(revoked.check(&lic_old), Integrity::UntrustedKey(m) if m.contains("revoked"))
+        );
         assert_eq!(revoked.check(&lic_new), Integrity::Verified);
         assert_eq!(revoked.active_ids(), vec![key_id(&new.verifying_key())]);
         let only_new = TrustedKeys::from_keys([new.verifying_key()], &[]);
-        assert!(matches!(only_new.check(&lic_old), Integrity::UntrustedKey(m) if m.contains("not among")));
+        assert!(
+            matches!(only_new.check(&lic_old), Integrity::UntrustedKey(m) if m.contains("not among"))
+        );
     }
 
     #[test]
@@ -216,7 +222,10 @@ mod tests {
         let f = d.path().join("keys");
         std::fs::write(
             &f,
-            format!("# seller keys\n{}\n\nbad line\n", entry_for(&test_key(1).verifying_key())),
+            format!(
+                "# seller keys\n{}\n\nbad line\n",
+                entry_for(&test_key(1).verifying_key())
+            ),
         )
         .unwrap();
         let e = TrustedKeys::new(&[], Some(&f), &[]).unwrap_err();

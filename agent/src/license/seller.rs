@@ -56,13 +56,8 @@ pub fn generate() -> Result<SigningKey, SellerError> {
     let mut filled = 0;
     while filled < seed.len() {
         // SAFETY: writes at most the remaining length into our buffer.
-        let n = unsafe {
-            libc::getrandom(
-                seed[filled..].as_mut_ptr().cast(),
-                seed.len() - filled,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -242,7 +237,8 @@ pub fn build(req: &IssueRequest) -> Result<License, SellerError> {
     }
     if !req.unbound && devices.is_empty() {
         return Err(SellerError::Invalid(
-            "give at least one --device-code, or --unbound for a license valid on any device".into(),
+            "give at least one --device-code, or --unbound for a license valid on any device"
+                .into(),
         ));
     }
     let mut features = req.features.clone();
@@ -340,7 +336,13 @@ mod tests {
         assert_eq!(p.license.devices, vec!["ABCD-EFGH-JKMN-PQRS-TVWX"]);
         assert_eq!(p.license.not_after, Some(1_800_000_000 + 30 * 86_400));
         r.issued_at += 1;
-        assert_ne!(format::parse(issue(&r, &key).unwrap().as_bytes()).unwrap().license.id, p.license.id);
+        assert_ne!(
+            format::parse(issue(&r, &key).unwrap().as_bytes())
+                .unwrap()
+                .license
+                .id,
+            p.license.id
+        );
     }
 
     #[test]
@@ -376,6 +378,9 @@ mod tests {
         std::fs::write(&pem_pub, pem("PUBLIC KEY", &spki)).unwrap();
         assert_eq!(read_verifying_key(&pem_pub).unwrap(), sk.verifying_key());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(read_signing_key(&p).unwrap_err().to_string().contains("chmod 600"));
+        assert!(read_signing_key(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
     }
 }

@@ -175,12 +175,18 @@ pub fn build_verdicts<'a>(
         ));
     }
     list.sort_by(|(a, ra), (b, rb)| {
-        (a.product.as_str(), a.state.rank(), std::cmp::Reverse(*ra), a.id.as_str()).cmp(&(
-            b.product.as_str(),
-            b.state.rank(),
-            std::cmp::Reverse(*rb),
-            b.id.as_str(),
-        ))
+        (
+            a.product.as_str(),
+            a.state.rank(),
+            std::cmp::Reverse(*ra),
+            a.id.as_str(),
+        )
+            .cmp(&(
+                b.product.as_str(),
+                b.state.rank(),
+                std::cmp::Reverse(*rb),
+                b.id.as_str(),
+            ))
     });
     let licenses: Vec<Evaluated> = list.into_iter().map(|(e, _)| e).collect();
     let mut by_product = HashMap::new();
@@ -424,9 +430,12 @@ impl LicenseService {
                             .collect()
                     })
                     .unwrap_or_default();
-                all.extend(inner.store.entries().filter_map(|e| {
-                    e.file.file_name()?.to_str().map(str::to_owned)
-                }));
+                all.extend(
+                    inner
+                        .store
+                        .entries()
+                        .filter_map(|e| e.file.file_name()?.to_str().map(str::to_owned)),
+                );
                 all
             }
         };
@@ -443,7 +452,9 @@ impl LicenseService {
     /// Saves the trusted time at shutdown, so a restart starts from the latest mark.
     pub fn shutdown(&self) {
         let mut inner = self.lock();
-        inner.time.observe(self.clock.now_secs(), Source::SystemClock);
+        inner
+            .time
+            .observe(self.clock.now_secs(), Source::SystemClock);
         if let Err(e) = inner.time.persist() {
             log::warn!("could not save the trusted time: {e}");
         }
@@ -572,10 +583,7 @@ async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
 fn timerfd() -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned right away.
     let fd = cvt(unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_REALTIME,
-            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-        )
+        libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
     })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

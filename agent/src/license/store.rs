@@ -207,8 +207,7 @@ impl LicenseStore {
             });
         }
         if let Some(old) = self.entries.get(&lic.id) {
-            if old.integrity == Integrity::Verified
-                && old.parsed.license.issued_at > lic.issued_at
+            if old.integrity == Integrity::Verified && old.parsed.license.issued_at > lic.issued_at
             {
                 return Err(InstallError::Stale {
                     id: lic.id.clone(),
@@ -314,7 +313,10 @@ impl LicenseStore {
             .map(|e| e.parsed.license.id.clone());
         let (bytes, vetted) = match read_limited(&path) {
             Ok(Ok(b)) => {
-                if holder.as_ref().is_some_and(|id| self.entries[id].bytes == b) {
+                if holder
+                    .as_ref()
+                    .is_some_and(|id| self.entries[id].bytes == b)
+                {
                     return false;
                 }
                 let v = self.vet(&b, keys, None);
@@ -361,7 +363,10 @@ impl LicenseStore {
         // An installed file whose signer is no longer trusted (keys changed between runs)
         // stays installed, with that verdict: it is not bad input, and trusting the key
         // again brings it back.
-        if matches!(err, InstallError::BadSignature(_) | InstallError::UntrustedKey(_)) {
+        if matches!(
+            err,
+            InstallError::BadSignature(_) | InstallError::UntrustedKey(_)
+        ) {
             if let Some(parsed) = bytes.as_deref().and_then(|b| format::parse(b).ok()) {
                 if self.dir.join(parsed.license.file_name()) == path {
                     let id = parsed.license.id.clone();
@@ -464,28 +469,57 @@ mod tests {
         let mut s = LicenseStore::new(d.path().join("licenses"), vec![]);
         s.load_all(&keys(), 0).unwrap();
         let good = issue(|_| {});
-        assert_eq!(s.install(&good, &keys(), None).unwrap(), Installed::New("L-1".into()));
-        assert_eq!(std::fs::read(d.path().join("licenses/L-1.lic")).unwrap(), good);
-        assert_eq!(s.install(&good, &keys(), None).unwrap(), Installed::Unchanged("L-1".into()));
+        assert_eq!(
+            s.install(&good, &keys(), None).unwrap(),
+            Installed::New("L-1".into())
+        );
+        assert_eq!(
+            std::fs::read(d.path().join("licenses/L-1.lic")).unwrap(),
+            good
+        );
+        assert_eq!(
+            s.install(&good, &keys(), None).unwrap(),
+            Installed::Unchanged("L-1".into())
+        );
         // Bad ones: nothing changes.
         let mut tampered = good.clone();
         let mid = tampered.len() / 3;
         tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
         let e = s.install(&tampered, &keys(), None).unwrap_err();
-        assert!(matches!(e.code(), "bad_signature" | "malformed_license"), "{e}");
+        assert!(
+            matches!(e.code(), "bad_signature" | "malformed_license"),
+            "{e}"
+        );
         let other_key = sign(&sample(), &test_key(2)).unwrap();
-        assert_eq!(s.install(other_key.as_bytes(), &keys(), None).unwrap_err().code(), "untrusted_key");
-        assert_eq!(s.install(b"kl1.", &keys(), None).unwrap_err().code(), "malformed_license");
+        assert_eq!(
+            s.install(other_key.as_bytes(), &keys(), None)
+                .unwrap_err()
+                .code(),
+            "untrusted_key"
+        );
+        assert_eq!(
+            s.install(b"kl1.", &keys(), None).unwrap_err().code(),
+            "malformed_license"
+        );
         let e = s.install(&good, &keys(), Some("other")).unwrap_err();
         assert_eq!(e.code(), "wrong_product");
         assert!(e.to_string().contains("sku-pro"), "{e}");
         let older = issue(|l| l.issued_at -= 10);
-        assert_eq!(s.install(&older, &keys(), None).unwrap_err().code(), "stale_license");
-        assert_eq!(std::fs::read(d.path().join("licenses/L-1.lic")).unwrap(), good);
+        assert_eq!(
+            s.install(&older, &keys(), None).unwrap_err().code(),
+            "stale_license"
+        );
+        assert_eq!(
+            std::fs::read(d.path().join("licenses/L-1.lic")).unwrap(),
+            good
+        );
         assert_eq!(s.entries().count(), 1);
         // A newer issue of the same license replaces it.
         let newer = issue(|l| l.issued_at += 10);
-        assert_eq!(s.install(&newer, &keys(), None).unwrap(), Installed::Replaced("L-1".into()));
+        assert_eq!(
+            s.install(&newer, &keys(), None).unwrap(),
+            Installed::Replaced("L-1".into())
+        );
         // Products restricted by configuration.
         s.set_products(vec!["sku-basic".into()]);
         let other = issue(|l| l.id = "L-2".into());
@@ -528,7 +562,10 @@ mod tests {
         std::fs::write(dir.join("L-1.lic"), b"garbage").unwrap();
         assert!(!s.on_file("L-1.lic", &keys(), 0));
         assert_eq!(std::fs::read(dir.join("L-1.lic")).unwrap(), good);
-        assert_eq!(std::fs::read(dir.join("L-1.lic.rejected")).unwrap(), b"garbage");
+        assert_eq!(
+            std::fs::read(dir.join("L-1.lic.rejected")).unwrap(),
+            b"garbage"
+        );
         // Same for an older copy of the same license.
         std::fs::write(dir.join("L-1.lic"), issue(|l| l.issued_at -= 1)).unwrap();
         assert!(!s.on_file("L-1.lic", &keys(), 0));
@@ -543,20 +580,26 @@ mod tests {
         let mut s = LicenseStore::new(dir.clone(), vec![]);
         s.load_all(&keys(), 0).unwrap();
         s.install(&issue(|_| {}), &keys(), None).unwrap();
-        s.install(&issue(|l| l.id = "L-2".into()), &keys(), None).unwrap();
+        s.install(&issue(|l| l.id = "L-2".into()), &keys(), None)
+            .unwrap();
         // A dropped older copy of L-1 must not win at the next start.
         std::fs::write(dir.join("a-old.lic"), issue(|l| l.issued_at -= 5)).unwrap();
         let mut s2 = LicenseStore::new(dir.clone(), vec![]);
         s2.load_all(&keys(), 0).unwrap();
         assert_eq!(s2.entries().count(), 2);
-        assert_eq!(s2.get("L-1").unwrap().parsed.license.issued_at, sample().issued_at);
+        assert_eq!(
+            s2.get("L-1").unwrap().parsed.license.issued_at,
+            sample().issued_at
+        );
         assert!(names(&dir).contains(&"a-old.lic.rejected".to_string()));
         // Restarted with the key no longer trusted: still listed, as untrusted.
         let none = TrustedKeys::default();
         let mut s3 = LicenseStore::new(dir.clone(), vec![]);
         s3.load_all(&none, 0).unwrap();
         assert_eq!(s3.entries().count(), 2);
-        assert!(s3.entries().all(|e| matches!(e.integrity, Integrity::UntrustedKey(_))));
+        assert!(s3
+            .entries()
+            .all(|e| matches!(e.integrity, Integrity::UntrustedKey(_))));
         s3.reverify(&keys());
         assert!(s3.entries().all(|e| e.integrity == Integrity::Verified));
         assert!(s3.remove("L-2").unwrap());

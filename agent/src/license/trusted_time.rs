@@ -195,8 +195,10 @@ mod tests {
         let t = TrustedTime::load(&p, 5000);
         assert!(t.load_error.is_some());
         assert_eq!(t.mark(), 5000);
-        assert!(std::fs::read_dir(d.path())
+        assert!(std::fs::read_dir(d.path()).unwrap().any(|e| e
             .unwrap()
-            .any(|e| e.unwrap().file_name().to_string_lossy().contains("corrupt")));
+            .file_name()
+            .to_string_lossy()
+            .contains("corrupt")));
     }
 }

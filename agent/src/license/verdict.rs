@@ -216,7 +216,10 @@ pub fn evaluate(
             "expired {}{}",
             crate::clock::format_rfc3339(not_after),
             if lic.grace_secs > 0 {
-                format!("; grace period ended {}", crate::clock::format_rfc3339(grace_end))
+                format!(
+                    "; grace period ended {}",
+                    crate::clock::format_rfc3339(grace_end)
+                )
             } else {
                 String::new()
             }
@@ -262,7 +265,13 @@ mod tests {
 
     fn state(lic: &License, now: i64) -> (State, Option<i64>) {
         let codes = [HERE.to_string()];
-        let v = evaluate(lic, &Integrity::Verified, DeviceView::Known(&codes), at(now), None);
+        let v = evaluate(
+            lic,
+            &Integrity::Verified,
+            DeviceView::Known(&codes),
+            at(now),
+            None,
+        );
         (v.state, v.next_boundary)
     }
 
@@ -294,7 +303,10 @@ mod tests {
     fn perpetual_has_no_boundary_after_start() {
         let mut l = sample();
         l.not_after = None;
-        assert_eq!(state(&l, l.not_before + 100 * 365 * DAY), (State::Valid, None));
+        assert_eq!(
+            state(&l, l.not_before + 100 * 365 * DAY),
+            (State::Valid, None)
+        );
         assert_eq!(state(&l, l.not_before - 1).0, State::NotYetValid);
         assert_eq!(secs_left(&l, State::Valid, l.not_before), None);
     }
@@ -308,15 +320,30 @@ mod tests {
             evaluate(l, &Integrity::Verified, device, at(now), None).state
         };
         // Typed codes differ in case and spaces only.
-        assert_eq!(eval(&l, DeviceView::Known(&codes(&[" aaaa-bbbb-cccc-dddd-eeee"]))), State::Valid);
-        // A clone gets a new code and only that is accepted: the copied license is refused.
-        assert_eq!(eval(&l, DeviceView::Known(&codes(&["ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ"]))), State::WrongDevice);
-        // Drift within tolerance: the baseline code is still among the accepted ones.
         assert_eq!(
-            eval(&l, DeviceView::Known(&codes(&["NEWC-ODE0-0000-0000-0000", HERE]))),
+            eval(
+                &l,
+                DeviceView::Known(&codes(&[" aaaa-bbbb-cccc-dddd-eeee"]))
+            ),
             State::Valid
         );
-        assert_eq!(eval(&l, DeviceView::Unknown("settling")), State::WrongDevice);
+        // A clone gets a new code and only that is accepted: the copied license is refused.
+        assert_eq!(
+            eval(&l, DeviceView::Known(&codes(&["ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ"]))),
+            State::WrongDevice
+        );
+        // Drift within tolerance: the baseline code is still among the accepted ones.
+        assert_eq!(
+            eval(
+                &l,
+                DeviceView::Known(&codes(&["NEWC-ODE0-0000-0000-0000", HERE]))
+            ),
+            State::Valid
+        );
+        assert_eq!(
+            eval(&l, DeviceView::Unknown("settling")),
+            State::WrongDevice
+        );
         // Several codes on one license (a cluster): any of them matches.
         l.devices = codes(&["NODE-1111-1111-1111-1111", HERE]);
         assert_eq!(eval(&l, DeviceView::Known(&codes(&[HERE]))), State::Valid);
@@ -336,8 +363,14 @@ mod tests {
             evaluate(&l, &i, DeviceView::Known(&codes), at(now), frozen).state
         };
         assert_eq!(e(Integrity::BadSignature, None), State::BadSignature);
-        assert_eq!(e(Integrity::UntrustedKey("revoked".into()), None), State::UntrustedKey);
-        assert_eq!(e(Integrity::Verified, Some("frozen by the marketplace")), State::Frozen);
+        assert_eq!(
+            e(Integrity::UntrustedKey("revoked".into()), None),
+            State::UntrustedKey
+        );
+        assert_eq!(
+            e(Integrity::Verified, Some("frozen by the marketplace")),
+            State::Frozen
+        );
     }
 
     #[test]
@@ -350,7 +383,11 @@ mod tests {
                 &l,
                 &Integrity::Verified,
                 DeviceView::Known(&codes),
-                TimeView { now, trusted, tolerance: DAY },
+                TimeView {
+                    now,
+                    trusted,
+                    tolerance: DAY,
+                },
                 None,
             )
         };

@@ -136,6 +136,8 @@ fn remove(agent: Arc<Agent>, call: Call) -> OpFuture {
                 format!("no installed license has the id {:?}", p.license_id),
             ));
         }
-        Ok(Reply::Value(json!({"license_id": p.license_id, "removed": true})))
+        Ok(Reply::Value(
+            json!({"license_id": p.license_id, "removed": true}),
+        ))
     })
 }
