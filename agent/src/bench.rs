@@ -476,11 +476,7 @@ fn median_us(mut v: Vec<Duration>) -> f64 {
 }
 
 /// Median time of `license.install` for new licenses (each a new id) on one connection.
-fn install_over_socket(
-    socket: &Path,
-    key: &ed25519_dalek::SigningKey,
-    code: &str,
-) -> Result<f64> {
+fn install_over_socket(socket: &Path, key: &ed25519_dalek::SigningKey, code: &str) -> Result<f64> {
     let texts: Vec<String> = (0..200)
         .map(|i| bench_license(key, code, &format!("bench-install-{i}"), i))
         .collect::<Result<_>>()?;

@@ -586,3 +586,100 @@ fn a_license_from_an_independent_python_issuer_verifies() {
     assert_eq!(v["features"], json!(["python"]));
     assert_eq!(v["limits"], json!({"users": 25}));
 }
+
+fn format_doc() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/license-format.md"
+    ))
+    .unwrap()
+}
+
+fn doc_block(doc: &str, lang: &str, containing: &str) -> String {
+    let fence = format!("```{lang}\n");
+    doc.split(&fence)
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap().to_string())
+        .find(|b| b.contains(containing))
+        .unwrap_or_else(|| panic!("no ```{lang} block containing {containing:?}"))
+}
+
+/// The worked example of docs/license-format.md: the documented license verifies with the
+/// documented key, carries the documented payload, and the documented command reproduces
+/// it byte for byte from the documented seed.
+#[test]
+fn documented_example_is_exact() {
+    let doc = format_doc();
+    let license = doc_block(&doc, "text", "kl1.").trim().to_string();
+    let trust = doc_block(&doc, "text", "56475aa75463474c:")
+        .trim()
+        .to_string();
+    let payload = doc_block(&doc, "json", "\"kid\"").trim().to_string();
+    let dir = short_tempdir();
+    // The seed 00 01 .. 1f as a PKCS#8 key file.
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend(0u8..32);
+    use base64::Engine;
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&der)
+    );
+    let key = dir.path().join("example.key");
+    std::fs::write(&key, pem).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cmd = doc_block(&doc, "sh", "kooagent seller issue");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd.replace("kooagent ", &format!("{BIN} ")))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
+
+    let parsed = kooagent::license::format::parse(license.as_bytes()).unwrap();
+    assert_eq!(String::from_utf8(parsed.payload.clone()).unwrap(), payload);
+    assert_eq!(parsed.payload.len(), 388);
+    let (kid, pk) = kooagent::license::keys::parse_entry(&trust).unwrap();
+    assert_eq!(kid, parsed.license.key_id);
+    assert!(parsed.verify(&pk));
+    assert_eq!(
+        kooagent::license::seller::read_verifying_key(&key).unwrap(),
+        pk,
+        "the trust line belongs to the seed"
+    );
+}
+
+#[test]
+fn documented_python_issuer_reproduces_the_example() {
+    let has_crypto = Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_crypto {
+        eprintln!("skipped: python3 with the cryptography package is not installed (pip install cryptography)");
+        return;
+    }
+    let doc = format_doc();
+    let code = doc_block(&doc, "python", "def issue");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&code)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let license = doc_block(&doc, "text", "kl1.").trim().to_string();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
+}
