@@ -475,7 +475,8 @@ fn median_us(mut v: Vec<Duration>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Median time of `license.install` for new licenses (each a new id) on one connection.
+/// Median time of `license.install` of a new license (a new id each time, removed again
+/// untimed, so the agent keeps a realistic handful of licenses) on one connection.
 fn install_over_socket(socket: &Path, key: &ed25519_dalek::SigningKey, code: &str) -> Result<f64> {
     let texts: Vec<String> = (0..200)
         .map(|i| bench_license(key, code, &format!("bench-install-{i}"), i))
@@ -484,8 +485,12 @@ fn install_over_socket(socket: &Path, key: &ed25519_dalek::SigningKey, code: &st
     let mut times = Vec::with_capacity(texts.len());
     for t in texts {
         let t0 = Instant::now();
-        c.call("license.install", serde_json::json!({"text": t}))?;
+        let v = c.call("license.install", serde_json::json!({"text": t}))?;
         times.push(t0.elapsed());
+        c.call(
+            "license.remove",
+            serde_json::json!({"license_id": v["license_id"]}),
+        )?;
     }
     Ok(median_us(times))
 }
@@ -515,8 +520,9 @@ fn license_in_process(
     let mut install = Vec::with_capacity(texts.len());
     for t in texts {
         let t0 = Instant::now();
-        store.install(t.as_bytes(), &keys, None)?;
+        let id = store.install(t.as_bytes(), &keys, None)?.id().to_string();
         install.push(t0.elapsed());
+        store.remove(&id)?;
     }
     Ok((median_us(verify), median_us(install)))
 }
