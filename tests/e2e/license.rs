@@ -417,7 +417,7 @@ fn expiry_is_noticed_without_being_asked() {
     let seller = Seller::new();
     let a = TestAgent::start(&seller.config());
     let code = device_code(&a);
-    let soon = utc_in(3);
+    let soon = utc_in(4);
     let text = seller.issue(&[
         "--device-code",
         &code,
@@ -430,7 +430,7 @@ fn expiry_is_noticed_without_being_asked() {
         "--not-before",
         &utc_in(-60),
         "--grace-secs",
-        "2",
+        "3",
     ]);
     let r = install(&a, &text).unwrap();
     // On a very slow machine it may already be in grace; never expired this early.
@@ -440,6 +440,7 @@ fn expiry_is_noticed_without_being_asked() {
     );
     let v = wait_state(&a, "p", "grace");
     assert_eq!(v["allowed"], true);
+    assert!(v["secs_left"].as_i64().unwrap() <= 3, "{v}");
     let v = wait_state(&a, "p", "expired");
     assert_eq!(v["allowed"], false);
     assert!(v["reason"].as_str().unwrap().contains("expired"), "{v}");
