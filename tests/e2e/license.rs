@@ -684,3 +684,66 @@ fn documented_python_issuer_reproduces_the_example() {
     let license = doc_block(&doc, "text", "kl1.").trim().to_string();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
 }
+
+#[test]
+fn only_root_or_the_agent_user_removes_licenses() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let seller = Seller::new();
+    let a = TestAgent::start(&format!("{}[socket]\nmode = \"0666\"\n", seller.config()));
+    let code = device_code(&a);
+    let text = seller.issue(&[
+        "--device-code",
+        &code,
+        "--product",
+        "p",
+        "--instance",
+        "i",
+        "--days",
+        "3",
+        "--id",
+        "L-keep",
+    ]);
+    install(&a, &text).unwrap();
+    // The socket's directory must be reachable for the other user.
+    std::fs::set_permissions(
+        a.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(BIN)
+        .args(["--socket"])
+        .arg(&a.socket)
+        .args(["call", "license.remove", r#"{"license_id":"L-keep"}"#])
+        .env("HOME", "/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("permission_denied"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(check(&a, "p")["state"], "valid");
+    // A check from that user works.
+    let out = Command::new(BIN)
+        .args(["--socket"])
+        .arg(&a.socket)
+        .args(["license", "check", "p"])
+        .env("HOME", "/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
