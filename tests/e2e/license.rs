@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::docs::block;
 use crate::harness::{base_config, short_tempdir, TestAgent, BIN};
 
 /// A seller: a key pair made with `kooagent seller keygen`.
@@ -56,6 +57,19 @@ impl Seller {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A license bound to `code` for `product` (instance "i"), plus `extra` flags.
+    fn bound(&self, code: &str, product: &str, extra: &[&str]) -> String {
+        let base = [
+            "--device-code",
+            code,
+            "--product",
+            product,
+            "--instance",
+            "i",
+        ];
+        self.issue(&[&base[..], extra].concat())
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -374,18 +388,7 @@ fn dropped_file_is_picked_up_and_restart_keeps_licenses() {
     let mut a = TestAgent::start(&seller.config());
     let code = device_code(&a);
     for (product, id) in [("alpha", "A-1"), ("beta", "B-1")] {
-        let text = seller.issue(&[
-            "--device-code",
-            &code,
-            "--product",
-            product,
-            "--instance",
-            "i",
-            "--days",
-            "5",
-            "--id",
-            id,
-        ]);
+        let text = seller.bound(&code, product, &["--days", "5", "--id", id]);
         if product == "alpha" {
             install(&a, &text).unwrap();
         } else {
@@ -418,20 +421,18 @@ fn expiry_is_noticed_without_being_asked() {
     let a = TestAgent::start(&seller.config());
     let code = device_code(&a);
     let soon = utc_in(4);
-    let text = seller.issue(&[
-        "--device-code",
+    let text = seller.bound(
         &code,
-        "--product",
         "p",
-        "--instance",
-        "i",
-        "--not-after",
-        &soon,
-        "--not-before",
-        &utc_in(-60),
-        "--grace-secs",
-        "3",
-    ]);
+        &[
+            "--not-after",
+            &soon,
+            "--not-before",
+            &utc_in(-60),
+            "--grace-secs",
+            "3",
+        ],
+    );
     let r = install(&a, &text).unwrap();
     // On a very slow machine it may already be in grace; never expired this early.
     assert!(
@@ -451,35 +452,22 @@ fn future_issue_time_reveals_a_rolled_back_clock() {
     let seller = Seller::new();
     let mut a = TestAgent::start(&seller.config());
     let code = device_code(&a);
-    let good = seller.issue(&[
-        "--device-code",
-        &code,
-        "--product",
-        "p",
-        "--instance",
-        "i",
-        "--days",
-        "30",
-        "--not-before",
-        &utc_in(-60),
-    ]);
+    let good = seller.bound(&code, "p", &["--days", "30", "--not-before", &utc_in(-60)]);
     install(&a, &good).unwrap();
     assert_eq!(check(&a, "p")["state"], "valid");
     // The seller's clock says three days from now: this machine's clock must be behind.
-    let future = seller.issue(&[
-        "--device-code",
+    let future = seller.bound(
         &code,
-        "--product",
         "q",
-        "--instance",
-        "i",
-        "--days",
-        "30",
-        "--issued-at",
-        &utc_in(3 * 86_400),
-        "--not-before",
-        &utc_in(-60),
-    ]);
+        &[
+            "--days",
+            "30",
+            "--issued-at",
+            &utc_in(3 * 86_400),
+            "--not-before",
+            &utc_in(-60),
+        ],
+    );
     let r = install(&a, &future).unwrap();
     assert_eq!(r["state"], "clock_rollback");
     let v = check(&a, "p");
@@ -507,16 +495,7 @@ fn untrusted_and_revoked_keys_after_a_reload() {
     let seller = Seller::new();
     let mut a = TestAgent::start(&seller.config());
     let code = device_code(&a);
-    let text = seller.issue(&[
-        "--device-code",
-        &code,
-        "--product",
-        "p",
-        "--instance",
-        "i",
-        "--days",
-        "3",
-    ]);
+    let text = seller.bound(&code, "p", &["--days", "3"]);
     install(&a, &text).unwrap();
     // Revoke the key and reload: the installed license reports it, and stays installed.
     let kid = seller.trust.split(':').next().unwrap();
@@ -533,13 +512,7 @@ fn untrusted_and_revoked_keys_after_a_reload() {
 
 #[test]
 fn a_license_from_an_independent_python_issuer_verifies() {
-    let has_crypto = Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_crypto {
-        eprintln!("skipped: python3 with the cryptography package is not installed (pip install cryptography)");
+    if !has_python_cryptography() {
         return;
     }
     let probe = TestAgent::start("");
@@ -588,6 +561,19 @@ fn a_license_from_an_independent_python_issuer_verifies() {
     assert_eq!(v["limits"], json!({"users": 25}));
 }
 
+/// Whether the independent Python issuer can run; says why not when it cannot.
+fn has_python_cryptography() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: python3 with the cryptography package is not installed (pip install cryptography)");
+    }
+    ok
+}
+
 fn format_doc() -> String {
     std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -596,26 +582,15 @@ fn format_doc() -> String {
     .unwrap()
 }
 
-fn doc_block(doc: &str, lang: &str, containing: &str) -> String {
-    let fence = format!("```{lang}\n");
-    doc.split(&fence)
-        .skip(1)
-        .map(|rest| rest.split("```").next().unwrap().to_string())
-        .find(|b| b.contains(containing))
-        .unwrap_or_else(|| panic!("no ```{lang} block containing {containing:?}"))
-}
-
 /// The worked example of docs/license-format.md: the documented license verifies with the
 /// documented key, carries the documented payload, and the documented command reproduces
 /// it byte for byte from the documented seed.
 #[test]
 fn documented_example_is_exact() {
     let doc = format_doc();
-    let license = doc_block(&doc, "text", "kl1.").trim().to_string();
-    let trust = doc_block(&doc, "text", "56475aa75463474c:")
-        .trim()
-        .to_string();
-    let payload = doc_block(&doc, "json", "\"kid\"").trim().to_string();
+    let license = block(&doc, "text", "kl1.").trim().to_string();
+    let trust = block(&doc, "text", "56475aa75463474c:").trim().to_string();
+    let payload = block(&doc, "json", "\"kid\"").trim().to_string();
     let dir = short_tempdir();
     // The seed 00 01 .. 1f as a PKCS#8 key file.
     let mut der = vec![
@@ -631,7 +606,7 @@ fn documented_example_is_exact() {
     let key = dir.path().join("example.key");
     std::fs::write(&key, pem).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cmd = doc_block(&doc, "sh", "kooagent seller issue");
+    let cmd = block(&doc, "sh", "kooagent seller issue");
     let out = Command::new("sh")
         .arg("-c")
         .arg(cmd.replace("kooagent ", &format!("{BIN} ")))
@@ -660,17 +635,11 @@ fn documented_example_is_exact() {
 
 #[test]
 fn documented_python_issuer_reproduces_the_example() {
-    let has_crypto = Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_crypto {
-        eprintln!("skipped: python3 with the cryptography package is not installed (pip install cryptography)");
+    if !has_python_cryptography() {
         return;
     }
     let doc = format_doc();
-    let code = doc_block(&doc, "python", "def issue");
+    let code = block(&doc, "python", "def issue");
     let out = Command::new("python3")
         .arg("-c")
         .arg(&code)
@@ -681,7 +650,7 @@ fn documented_python_issuer_reproduces_the_example() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let license = doc_block(&doc, "text", "kl1.").trim().to_string();
+    let license = block(&doc, "text", "kl1.").trim().to_string();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
 }
 
@@ -695,18 +664,7 @@ fn only_root_or_the_agent_user_removes_licenses() {
     let seller = Seller::new();
     let a = TestAgent::start(&format!("{}[socket]\nmode = \"0666\"\n", seller.config()));
     let code = device_code(&a);
-    let text = seller.issue(&[
-        "--device-code",
-        &code,
-        "--product",
-        "p",
-        "--instance",
-        "i",
-        "--days",
-        "3",
-        "--id",
-        "L-keep",
-    ]);
+    let text = seller.bound(&code, "p", &["--days", "3", "--id", "L-keep"]);
     install(&a, &text).unwrap();
     // The socket's directory must be reachable for the other user.
     std::fs::set_permissions(

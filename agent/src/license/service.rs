@@ -540,14 +540,21 @@ fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
+/// Registers `fd` with the runtime's reactor; `what` names it in the error log.
+fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
-    let afd = match unsafe { AsyncFd::register(fd) } {
-        Ok(a) => a,
+    match unsafe { AsyncFd::register(fd) } {
+        Ok(a) => Some(a),
         Err(e) => {
-            log::error!("cannot watch the licenses directory: {e}");
-            return;
+            log::error!("{what}: {e}");
+            None
         }
+    }
+}
+
+async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
+    let Some(afd) = register(fd, "cannot watch the licenses directory") else {
+        return;
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -616,13 +623,8 @@ fn arm(fd: &OwnedFd, at: i64) -> std::io::Result<()> {
 }
 
 async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
-    // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
-    let afd = match unsafe { AsyncFd::register(fd) } {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("license timer: {e}");
-            return;
-        }
+    let Some(afd) = register(fd, "license timer") else {
+        return;
     };
     let mut buf = [0u8; 8];
     loop {
