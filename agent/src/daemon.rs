@@ -76,6 +76,11 @@ async fn serve_until_signal(
     opts: RunOptions,
     bound: &socket::Bound,
 ) -> Result<()> {
+    // Handlers first: the socket is already connectable, so a client may signal us at any
+    // moment, and SIGHUP's default action would kill the agent.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
@@ -87,9 +92,6 @@ async fn serve_until_signal(
         std_listener.set_nonblocking(true)?;
         tokio::net::UnixListener::from_std(std_listener)?
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(socket::serve(
         listener,
