@@ -28,6 +28,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
     let cfg = loaded.config.clone();
     logging::init(cfg.log_level(), None);
+    // The config check lets an unreadable keys file pass (for CLI users); the agent needs it.
+    if let Err(e) = cfg.license.trusted_keys() {
+        anyhow::bail!("config: {}: {}", e.key, e.message);
+    }
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
     let group_required = loaded.origin("socket.group") != Origin::Default;

@@ -85,6 +85,9 @@ pub fn parse_file_text(text: &str) -> Result<Vec<(String, VerifyingKey)>, String
 pub struct KeyConfigError {
     pub key: String,
     pub message: String,
+    /// The keys file exists but this process may not read it (a CLI user who is not the
+    /// agent's user): only the agent needs the keys.
+    pub unreadable: bool,
 }
 
 impl TrustedKeys {
@@ -98,6 +101,7 @@ impl TrustedKeys {
             let (kid, key) = parse_entry(e).map_err(|message| KeyConfigError {
                 key: format!("license.trusted_keys[{i}]"),
                 message,
+                unreadable: false,
             })?;
             keys.insert(kid, key);
         }
@@ -105,8 +109,12 @@ impl TrustedKeys {
             let err = |message: String| KeyConfigError {
                 key: "license.trusted_keys_file".into(),
                 message: format!("{}: {message}", path.display()),
+                unreadable: false,
             };
-            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| KeyConfigError {
+                unreadable: e.kind() == std::io::ErrorKind::PermissionDenied,
+                ..err(e.to_string())
+            })?;
             for (kid, key) in parse_file_text(&text).map_err(err)? {
                 keys.insert(kid, key);
             }
@@ -117,6 +125,7 @@ impl TrustedKeys {
                 return Err(KeyConfigError {
                     key: format!("license.revoked_key_ids[{i}]"),
                     message: format!("{r:?} is not a key id (16 lowercase hex digits)"),
+                    unreadable: false,
                 });
             }
             rev.insert(r.clone());
