@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_service::DeviceService;
+use crate::license::LicenseService;
 use crate::usage::service::{Chain, ConfigMeters};
 use crate::usage::UsageService;
 
@@ -20,6 +21,7 @@ pub struct Agent {
     pub started_unix: i64,
     pub device: DeviceService,
     pub usage: UsageService,
+    pub license: Arc<LicenseService>,
 }
 
 impl Agent {
@@ -28,7 +30,14 @@ impl Agent {
         // Where a meter's usage is billed: `[usage.meters]` first. The license module
         // adds its source (the installed license's instance id) as a second link here.
         let usage = UsageService::new(Box::new(Chain(vec![Box::new(ConfigMeters)])));
+        let license = LicenseService::new(
+            &config.agent.state_dir,
+            &config.license,
+            clock.clone(),
+            device.subscribe(),
+        );
         Arc::new(Agent {
+            license,
             started_unix: clock.now_secs(),
             config: RwLock::new(Arc::new(config)),
             config_file,
@@ -53,5 +62,7 @@ impl Agent {
         if old.identity != new.identity || old.agent.product_id != new.agent.product_id {
             self.device.reconfigure(&new, self.clock.clone());
         }
+        // Always: the keys file may have changed under the same path.
+        self.license.reconfigure(&new.license);
     }
 }

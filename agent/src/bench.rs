@@ -59,10 +59,23 @@ pub const SCENARIOS: &[Scenario] = &[
         op: "usage.record",
         params: r#"{"meter":"bench","value":"1.25"}"#,
     },
+    Scenario {
+        label: "license.check",
+        op: "license.check",
+        params: "{\"product\":\"bench\"}",
+    },
+    Scenario {
+        label: "license.check + feature",
+        op: "license.check",
+        params: "{\"product\":\"bench\",\"feature\":\"f1\"}",
+    },
 ];
 
 /// Records per `usage.record_batch` request in the batch measurement.
 pub const BATCH: usize = 1000;
+
+/// The product the bench's license is for.
+const BENCH_PRODUCT: &str = "bench";
 
 #[derive(Debug, Serialize)]
 pub struct Row {
@@ -90,6 +103,12 @@ pub struct Report {
     pub peak_rss_kib: u64,
     /// One append + fdatasync in the bench directory: the floor under a durable answer.
     pub fdatasync_us_median: f64,
+    /// Parse + ed25519 verification of one license, in-process (median).
+    pub license_verify_us: f64,
+    /// Verify + durable write (fsync) into a licenses directory, in-process (median).
+    pub license_install_inproc_us: f64,
+    /// `license.install` over the socket: verify, fsync, verdicts rebuilt (median).
+    pub license_install_socket_us: f64,
 }
 
 struct Agent {
@@ -105,11 +124,11 @@ impl Drop for Agent {
     }
 }
 
-fn write_config(dir: &Path) -> Result<PathBuf> {
+fn write_config(dir: &Path, trust: &str) -> Result<PathBuf> {
     let cfg = dir.join("agent.toml");
     let text = format!(
         "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n[identity]\nmetadata = false\n\
-         [usage.meters.bench]\ninstance_id = \"bench-instance\"\n",
+         [license]\ntrusted_keys = [\"{trust}\"]\n[usage.meters.bench]\ninstance_id = \"bench-instance\"\n",
         dir.join("state").display(),
         dir.join("agent.pid").display(),
         dir.join("agent.sock").display()
@@ -281,7 +300,11 @@ fn redis_rows(rt: &tokio::runtime::Runtime, dir: &Path, args: &BenchArgs) -> Res
 pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
     let exe = std::env::current_exe().context("locating the kooagent binary")?;
     let dir = tempdir()?;
-    let config = write_config(&dir)?;
+    let seller_key = crate::license::seller::generate()?;
+    let config = write_config(
+        &dir,
+        &crate::license::keys::entry_for(&seller_key.verifying_key()),
+    )?;
     let socket = dir.join("agent.sock");
 
     // exec → ready, several starts.
@@ -297,10 +320,15 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
     let pid = agent.child.id();
 
     // Idle: let start-up work (identity) finish, then watch CPU ticks over a quiet window.
-    {
+    let device_code = {
         let mut c = crate::client::Client::connect(&agent.socket)?;
-        c.call("device.code", serde_json::json!({}))?;
-    }
+        let v = c.call("device.code", serde_json::json!({}))?;
+        let code = v["code"].as_str().context("no device code")?.to_string();
+        // The license the license.check rows ask about.
+        let text = bench_license(&seller_key, &code, "bench-1", 0)?;
+        c.call("license.install", serde_json::json!({"text": text}))?;
+        code
+    };
     std::thread::sleep(Duration::from_millis(300));
     let idle_seconds = 3.0;
     let (rss, ticks0) = proc_stat(pid)?;
@@ -351,8 +379,11 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         }
     }
     let peak_rss_kib = peak_rss(pid).unwrap_or(0);
+    let license_install_socket_us = install_over_socket(&agent.socket, &seller_key, &device_code)?;
     drop(agent);
     let fdatasync_us_median = fdatasync_latency(&dir).unwrap_or(f64::NAN);
+    let (license_verify_us, license_install_inproc_us) =
+        license_in_process(&dir, &seller_key, &device_code)?;
     if !args.no_redis {
         match redis_rows(&rt, &dir, &args) {
             Ok(reference) => {
@@ -377,6 +408,9 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         batch_records_per_sec,
         peak_rss_kib,
         fdatasync_us_median,
+        license_verify_us,
+        license_install_inproc_us,
+        license_install_socket_us,
     };
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
@@ -447,6 +481,21 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "| fdatasync in the bench directory (median) | {:.0} µs |",
         r.fdatasync_us_median
     )?;
+    writeln!(
+        out,
+        "| license verify, in-process (median) | {:.1} µs |",
+        r.license_verify_us
+    )?;
+    writeln!(
+        out,
+        "| license verify + install (fsync), in-process (median) | {:.1} µs |",
+        r.license_install_inproc_us
+    )?;
+    writeln!(
+        out,
+        "| license.install over the socket (median) | {:.1} µs |",
+        r.license_install_socket_us
+    )?;
     Ok(())
 }
 
@@ -474,6 +523,92 @@ fn fdatasync_latency(dir: &Path) -> Result<f64> {
     let _ = std::fs::remove_file(&path);
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// A license for the bench product, bound to `code`; `age` seconds old (distinct ages
+/// make distinct licenses).
+fn bench_license(
+    key: &ed25519_dalek::SigningKey,
+    code: &str,
+    id: &str,
+    age: i64,
+) -> Result<String> {
+    use crate::license::seller::{issue, IssueRequest, Term};
+    let now = crate::clock::Clock::now_secs(&crate::clock::SystemClock);
+    let req = IssueRequest {
+        id: Some(id.to_string()),
+        product: BENCH_PRODUCT.into(),
+        instance: "bench-instance".into(),
+        devices: vec![code.to_string()],
+        unbound: false,
+        issued_at: now - 3600 - age,
+        not_before: None,
+        term: Term::Days(30),
+        grace_secs: 86_400,
+        features: vec!["f1".into(), "f2".into()],
+        limits: [("cores".to_string(), 8u64)].into_iter().collect(),
+        meta: Default::default(),
+    };
+    Ok(issue(&req, key)?)
+}
+
+fn median_us(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v.get(v.len() / 2)
+        .map(|d| d.as_secs_f64() * 1e6)
+        .unwrap_or(0.0)
+}
+
+/// Median time of `license.install` of a new license (a new id each time, removed again
+/// untimed, so the agent keeps a realistic handful of licenses) on one connection.
+fn install_over_socket(socket: &Path, key: &ed25519_dalek::SigningKey, code: &str) -> Result<f64> {
+    let texts: Vec<String> = (0..200)
+        .map(|i| bench_license(key, code, &format!("bench-install-{i}"), i))
+        .collect::<Result<_>>()?;
+    let mut c = crate::client::Client::connect(socket)?;
+    let mut times = Vec::with_capacity(texts.len());
+    for t in texts {
+        let t0 = Instant::now();
+        let v = c.call("license.install", serde_json::json!({"text": t}))?;
+        times.push(t0.elapsed());
+        c.call(
+            "license.remove",
+            serde_json::json!({"license_id": v["license_id"]}),
+        )?;
+    }
+    Ok(median_us(times))
+}
+
+/// In-process: (parse + verify, parse + verify + durable install), medians in µs.
+fn license_in_process(
+    dir: &Path,
+    key: &ed25519_dalek::SigningKey,
+    code: &str,
+) -> Result<(f64, f64)> {
+    use crate::license::{format, keys::TrustedKeys, store::LicenseStore};
+    let keys = TrustedKeys::from_keys([key.verifying_key()], &[]);
+    let text = bench_license(key, code, "bench-verify", 0)?;
+    let mut verify = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let t0 = Instant::now();
+        let p = format::parse(text.as_bytes())?;
+        let ok = keys.check(&p) == crate::license::keys::Integrity::Verified;
+        verify.push(t0.elapsed());
+        anyhow::ensure!(ok, "the bench license does not verify");
+    }
+    let texts: Vec<String> = (0..200)
+        .map(|i| bench_license(key, code, &format!("bench-store-{i}"), i))
+        .collect::<Result<_>>()?;
+    let mut store = LicenseStore::new(dir.join("inproc-licenses"), vec![]);
+    store.load_all(&keys, 0)?;
+    let mut install = Vec::with_capacity(texts.len());
+    for t in texts {
+        let t0 = Instant::now();
+        let id = store.install(t.as_bytes(), &keys, None)?.id().to_string();
+        install.push(t0.elapsed());
+        store.remove(&id)?;
+    }
+    Ok((median_us(verify), median_us(install)))
 }
 
 fn tempdir() -> Result<PathBuf> {

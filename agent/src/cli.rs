@@ -115,6 +115,16 @@ enum Command {
         #[command(subcommand)]
         command: UsageCommand,
     },
+    /// Installed licenses: install, status, check, remove
+    License {
+        #[command(subcommand)]
+        command: LicenseCommand,
+    },
+    /// The seller's tools: keys, issuing and inspecting licenses (no agent needed)
+    Seller {
+        #[command(subcommand)]
+        command: SellerCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +151,110 @@ enum UsageCommand {
         #[arg(long)]
         at: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum LicenseCommand {
+    /// Verify and install a license file (`-` reads standard input)
+    Install {
+        file: PathBuf,
+        /// Refuse the license unless it is for this product
+        #[arg(long)]
+        product: Option<String>,
+    },
+    /// Every installed license with its state and reason
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// May PRODUCT (and FEATURE) be used? Exit status 0: yes, 2: no
+    Check {
+        product: String,
+        #[arg(long)]
+        feature: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an installed license by id
+    Remove { license_id: String },
+}
+
+#[derive(Subcommand)]
+enum SellerCommand {
+    /// Write a new key pair: FILE (private, PKCS#8 PEM, mode 0600) and FILE.pub (trust line)
+    Keygen {
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Issue a signed license; the same inputs give the same bytes
+    Issue(Box<IssueArgs>),
+    /// Print a license's contents and whether it verifies
+    Inspect {
+        file: PathBuf,
+        /// Key to verify with: a .pub trust line, a PEM public key or the private key
+        /// (default: the agent configuration's trusted keys)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("term").required(true).args(["days", "not_after", "perpetual"])))]
+#[command(group(clap::ArgGroup::new("binding").required(true).args(["device_code", "unbound"])))]
+struct IssueArgs {
+    /// The seller's private key (PKCS#8 PEM)
+    #[arg(long)]
+    key: PathBuf,
+    /// Device identification code to bind to (repeatable)
+    #[arg(long = "device-code")]
+    device_code: Vec<String>,
+    /// Valid on any device (must be explicit)
+    #[arg(long)]
+    unbound: bool,
+    /// Product / SKU code
+    #[arg(long)]
+    product: String,
+    /// Marketplace instance id
+    #[arg(long)]
+    instance: String,
+    /// Valid for N days from --not-before
+    #[arg(long)]
+    days: Option<u64>,
+    /// Valid until this UTC time (YYYY-MM-DDTHH:MM:SSZ)
+    #[arg(long)]
+    not_after: Option<String>,
+    /// Never expires
+    #[arg(long)]
+    perpetual: bool,
+    /// Valid from this UTC time (default: the issue time)
+    #[arg(long)]
+    not_before: Option<String>,
+    /// Grace period after expiry, in days
+    #[arg(long, conflicts_with = "grace_secs")]
+    grace_days: Option<u64>,
+    /// Grace period after expiry, in seconds
+    #[arg(long)]
+    grace_secs: Option<u64>,
+    /// Entitled feature (repeatable)
+    #[arg(long)]
+    feature: Vec<String>,
+    /// Numeric limit, name=value (repeatable)
+    #[arg(long)]
+    limit: Vec<String>,
+    /// Seller metadata, key=value (repeatable)
+    #[arg(long)]
+    meta: Vec<String>,
+    /// License id (default: derived from the other inputs)
+    #[arg(long)]
+    id: Option<String>,
+    /// Issue time, UTC (default: now); give it to reproduce a license byte for byte
+    #[arg(long)]
+    issued_at: Option<String>,
+    /// Output file (default: standard output)
+    #[arg(long, short)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -239,6 +353,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             crate::bench::run(args, g.config.clone())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::License { command } => license_cmd(&g, command),
+        Command::Seller { command } => seller_cmd(&g, command),
     }
 }
 
@@ -512,5 +628,321 @@ fn print_status(v: &Value) {
     );
     if let Some(d) = id["detail"].as_str() {
         println!("            {d}");
+    }
+    let lic = &v["license"];
+    if lic.is_object() {
+        println!(
+            "licenses:   {} installed, {} usable{}",
+            lic["installed"],
+            lic["usable"],
+            lic["next_boundary"]
+                .as_str()
+                .map(|t| format!("; next change {t}"))
+                .unwrap_or_default()
+        );
+        let source = lic["trusted_time_source"].as_str().unwrap_or("?");
+        let clock = match lic["clock_behind_secs"].as_i64() {
+            Some(s) => format!(
+                "CLOCK ROLLBACK: the clock is {} behind it",
+                crate::license::verdict::human_secs(s)
+            ),
+            None => "clock OK".into(),
+        };
+        println!(
+            "trusted time: {} ({source}); {clock}",
+            lic["trusted_time"].as_str().unwrap_or("-")
+        );
+        if let Some(e) = lic["time_file_error"].as_str() {
+            println!("            time.json was unreadable: {e}");
+        }
+    }
+}
+
+fn read_input(file: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = crate::license::format::MAX_LICENSE_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin().take(limit).read_to_end(&mut bytes)?;
+    } else {
+        std::fs::File::open(file)
+            .with_context(|| format!("opening {}", file.display()))?
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", file.display()))?;
+    }
+    Ok(bytes)
+}
+
+fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
+    match command {
+        LicenseCommand::Install { file, product } => {
+            let bytes = read_input(&file)?;
+            // Fail here for what the agent would refuse anyway (and what JSON cannot carry).
+            crate::license::format::license_text(&bytes)
+                .with_context(|| format!("{}", file.display()))?;
+            let text = String::from_utf8(bytes).expect("checked above");
+            let mut params = json!({"text": text});
+            if let Some(p) = product {
+                params["product"] = json!(p);
+            }
+            let v = g.client()?.call("license.install", params)?;
+            println!(
+                "license {} {} for product {}: {} ({})",
+                v["license_id"].as_str().unwrap_or("?"),
+                v["action"].as_str().unwrap_or("?"),
+                v["product"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LicenseCommand::Status { json } => {
+            let v = g.client()?.call("license.status", json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = v["licenses"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no license installed");
+            }
+            for l in &list {
+                println!(
+                    "{:<24} {:<16} {:<14} {}",
+                    l["license_id"].as_str().unwrap_or("?"),
+                    l["product"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?"),
+                    l["reason"].as_str().unwrap_or("")
+                );
+            }
+            for r in v["rejected"].as_array().into_iter().flatten() {
+                println!(
+                    "rejected {} at {}: {}",
+                    r["file"].as_str().unwrap_or("?"),
+                    r["at"].as_str().unwrap_or("?"),
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "trusted time {}{}",
+                v["trusted_time"].as_str().unwrap_or("-"),
+                if v["clock_rollback"] == json!(true) {
+                    " — CLOCK ROLLBACK detected"
+                } else {
+                    ""
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LicenseCommand::Check {
+            product,
+            feature,
+            json,
+        } => {
+            let mut params = json!({"product": product});
+            if let Some(f) = &feature {
+                params["feature"] = json!(f);
+            }
+            let v = match g.client()?.call("license.check", params) {
+                Ok(v) => v,
+                Err(ClientError::Op { code, message, .. }) if code == "no_license" => {
+                    eprintln!("kooagent: {message}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}: {} (license {}){}",
+                    product,
+                    v["state"].as_str().unwrap_or("?"),
+                    v["license_id"].as_str().unwrap_or("?"),
+                    v["days_left"]
+                        .as_i64()
+                        .map(|d| format!(", {d} days left"))
+                        .unwrap_or_default()
+                );
+                println!("  {}", v["reason"].as_str().unwrap_or(""));
+                if let Some(f) = v.get("feature") {
+                    println!(
+                        "  feature {}: {}",
+                        f["name"].as_str().unwrap_or("?"),
+                        if f["granted"] == json!(true) {
+                            "granted"
+                        } else {
+                            "NOT granted"
+                        }
+                    );
+                }
+            }
+            Ok(if v["allowed"] == json!(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        LicenseCommand::Remove { license_id } => {
+            g.client()?
+                .call("license.remove", json!({"license_id": license_id}))?;
+            println!("license {license_id} removed");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn utc(flag: &str, s: &str) -> Result<i64> {
+    crate::clock::parse_rfc3339(s)
+        .filter(|_| s.ends_with('Z'))
+        .with_context(|| format!("{flag}: {s:?} is not a UTC time written YYYY-MM-DDTHH:MM:SSZ"))
+}
+
+fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
+    use crate::license::{format, keys, seller};
+    match command {
+        SellerCommand::Keygen { out } => {
+            let (pub_path, line) = seller::write_keypair(&out)?;
+            println!("private key: {} (mode 0600; keep it secret)", out.display());
+            println!("public key:  {}", pub_path.display());
+            println!("trust it in the agent config:\n[license]\ntrusted_keys = [\"{line}\"]");
+            Ok(ExitCode::SUCCESS)
+        }
+        SellerCommand::Issue(a) => {
+            let key = seller::read_signing_key(&a.key)?;
+            let pairs = |flag: &str, list: &[String]| -> Result<Vec<(String, String)>> {
+                list.iter()
+                    .map(|s| seller::parse_pair(s).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+                    .collect()
+            };
+            let mut limits = std::collections::BTreeMap::new();
+            for (k, v) in pairs("--limit", &a.limit)? {
+                let n: u64 = v.parse().with_context(|| {
+                    format!("--limit {k}={v}: the value must be a whole number")
+                })?;
+                limits.insert(k, n);
+            }
+            let req = seller::IssueRequest {
+                id: a.id.clone(),
+                product: a.product.clone(),
+                instance: a.instance.clone(),
+                devices: a.device_code.clone(),
+                unbound: a.unbound,
+                issued_at: match &a.issued_at {
+                    Some(s) => utc("--issued-at", s)?,
+                    None => crate::clock::Clock::now_secs(&crate::clock::SystemClock),
+                },
+                not_before: a
+                    .not_before
+                    .as_deref()
+                    .map(|s| utc("--not-before", s))
+                    .transpose()?,
+                term: match (a.days, &a.not_after) {
+                    (Some(d), _) => seller::Term::Days(d),
+                    (None, Some(t)) => seller::Term::Until(utc("--not-after", t)?),
+                    (None, None) => seller::Term::Perpetual,
+                },
+                grace_secs: a
+                    .grace_secs
+                    .unwrap_or(a.grace_days.unwrap_or(0).saturating_mul(86_400)),
+                features: a.feature.clone(),
+                limits,
+                meta: pairs("--meta", &a.meta)?.into_iter().collect(),
+            };
+            let text = seller::issue(&req, &key)?;
+            match &a.out {
+                Some(p) => {
+                    std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+                    let id = format::parse(text.as_bytes())?.license.id;
+                    eprintln!("license {id} written to {}", p.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SellerCommand::Inspect { file, key, json } => {
+            let bytes = read_input(&file)?;
+            let parsed = format::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+            let (verdict, ok) = match &key {
+                Some(k) => {
+                    let vk = seller::read_verifying_key(k)?;
+                    let kid = format::key_id(&vk);
+                    if parsed.license.key_id != kid {
+                        let signer = &parsed.license.key_id;
+                        (
+                            format!("NOT VERIFIED: signed by key {signer}, not by key {kid}"),
+                            false,
+                        )
+                    } else {
+                        let t = keys::TrustedKeys::from_keys([vk], &[]);
+                        integrity_text(&t.check(&parsed), &format!("key {kid}"))
+                    }
+                }
+                None => match g.load().map(|l| l.config.license.trusted_keys()) {
+                    Ok(Ok(t)) if !t.active_ids().is_empty() => {
+                        integrity_text(&t.check(&parsed), "the agent's trusted keys")
+                    }
+                    _ => (
+                        "not checked: no --key and no trusted key configured".to_string(),
+                        true,
+                    ),
+                },
+            };
+            let l = &parsed.license;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "license": serde_json::from_slice::<Value>(&parsed.payload)?,
+                        "signature": verdict,
+                        "verified": ok,
+                    }))?
+                );
+            } else {
+                let t = crate::clock::format_rfc3339;
+                println!("license    {}", l.id);
+                println!("product    {}", l.product);
+                println!("instance   {}", l.instance);
+                if l.unbound {
+                    println!("devices    any (unbound)");
+                } else {
+                    println!("devices    {}", l.devices.join(", "));
+                }
+                println!(
+                    "valid      {} .. {}",
+                    t(l.not_before),
+                    l.not_after.map(t).unwrap_or_else(|| "perpetual".into())
+                );
+                println!(
+                    "grace      {}",
+                    crate::license::verdict::human_secs(l.grace_secs as i64)
+                );
+                println!("features   {}", l.features.join(", "));
+                for (k, v) in &l.limits {
+                    println!("limit      {k} = {v}");
+                }
+                println!("issued     {}", t(l.issued_at));
+                for (k, v) in &l.meta {
+                    println!("meta       {k} = {v}");
+                }
+                println!("key id     {}", l.key_id);
+                println!("signature  {verdict}");
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}
+
+fn integrity_text(i: &crate::license::keys::Integrity, against: &str) -> (String, bool) {
+    use crate::license::keys::Integrity;
+    match i {
+        Integrity::Verified => (format!("valid ({against})"), true),
+        Integrity::BadSignature => (format!("INVALID: does not verify with {against}"), false),
+        Integrity::UntrustedKey(why) => (format!("NOT VERIFIED: {why}"), false),
     }
 }

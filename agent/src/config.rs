@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::device_code::IdentityConfig;
+use crate::license::LicenseConfig;
 use crate::usage::UsageConfig;
 
 /// Where the default paths point: FHS locations as root, the user's XDG directories otherwise.
@@ -113,6 +114,7 @@ pub struct Config {
     pub socket: SocketSection,
     pub identity: IdentityConfig,
     pub usage: UsageConfig,
+    pub license: LicenseConfig,
 }
 
 /// Where an effective value came from.
@@ -298,6 +300,9 @@ impl Config {
         self.usage
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.license
+            .validate()
+            .map_err(|(key, m)| invalid(&key, m))?;
         Ok(())
     }
 

@@ -32,6 +32,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     // its signal handlers; hold SIGTERM/SIGINT/SIGHUP pending until then, so an early
     // SIGHUP reloads instead of killing the agent with the default action.
     set_signal_mask(libc::SIG_BLOCK);
+    // The config check lets an unreadable keys file pass (for CLI users); the agent needs it.
+    if let Err(e) = cfg.license.trusted_keys() {
+        anyhow::bail!("config: {}: {}", e.key, e.message);
+    }
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
     let group_required = loaded.origin("socket.group") != Origin::Default;
@@ -103,21 +107,24 @@ async fn serve_until_signal(
     bound: &socket::Bound,
     ready_pipe: Option<std::os::unix::net::UnixStream>,
 ) -> Result<()> {
+    // Handlers first (the signals were held pending since before the bind), then let
+    // them through.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    set_signal_mask(libc::SIG_UNBLOCK);
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
     agent.device.start(&cfg, clock.clone());
     agent.usage.start(&agent);
+    agent.license.start().await;
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;
         std_listener.set_nonblocking(true)?;
         tokio::net::UnixListener::from_std(std_listener)?
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    set_signal_mask(libc::SIG_UNBLOCK);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(socket::serve(
         listener,
@@ -153,6 +160,7 @@ async fn serve_until_signal(
     // Queued ledger writes finish; nothing acknowledged is pending in memory.
     let a = agent.clone();
     let _ = tokio::task::spawn_blocking(move || a.usage.stop()).await;
+    agent.license.shutdown();
     if opts.daemon {
         let _ = std::fs::remove_file(&cfg.agent.pidfile);
     }

@@ -44,6 +44,11 @@ impl DeviceService {
         self.state.borrow().clone()
     }
 
+    /// Follows the state as it changes (the license service re-checks bindings).
+    pub fn subscribe(&self) -> watch::Receiver<DeviceState> {
+        self.state.subscribe()
+    }
+
     /// Waits until the first computation is done (or `timeout` passes).
     pub async fn wait_ready(&self, timeout: Duration) -> DeviceState {
         let mut rx = self.state.subscribe();

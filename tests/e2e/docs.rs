@@ -9,7 +9,9 @@ fn doc() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap()
 }
 
-fn block(doc: &str, lang: &str, containing: &str) -> String {
+/// The first ```lang block of `doc` that contains `containing` (also used for
+/// docs/license-format.md in license.rs).
+pub fn block(doc: &str, lang: &str, containing: &str) -> String {
     let fence = format!("```{lang}\n");
     doc.split(&fence)
         .skip(1)

@@ -5,6 +5,7 @@ mod harness;
 mod daemon;
 mod device;
 mod docs;
+mod license;
 mod socket;
 mod upstream;
 mod usage;

@@ -14,6 +14,7 @@ use crate::agent::Agent;
 use crate::protocol::{codes, OpError};
 
 pub mod device;
+pub mod license;
 pub mod ping;
 pub mod status;
 pub mod usage;
@@ -74,7 +75,13 @@ impl Default for Dispatcher {
 
 impl Dispatcher {
     pub fn new() -> Dispatcher {
-        let tables: &[&[OpSpec]] = &[ping::OPS, status::OPS, device::OPS, usage::OPS];
+        let tables: &[&[OpSpec]] = &[
+            ping::OPS,
+            status::OPS,
+            device::OPS,
+            license::OPS,
+            usage::OPS,
+        ];
         let mut ops = HashMap::new();
         for spec in tables.iter().flat_map(|t| t.iter()) {
             let clash = ops.insert(spec.name, spec.handler);

@@ -42,6 +42,7 @@ fn status(agent: Arc<Agent>, _call: Call) -> OpFuture {
                 "metadata": cfg.identity.metadata,
             },
             "identity": identity,
+            "license": agent.license.summary(),
         })))
     })
 }

@@ -1,0 +1,658 @@
+//! The running agent's license service: the installed licenses, the trusted keys and time,
+//! and a table of verdicts computed ahead of time so `license.check` is a map lookup.
+//!
+//! The table is rebuilt (never patched) when something it depends on changes: a license
+//! installed or removed (socket or the licenses directory, watched with inotify), the
+//! device identity, the configuration, and time itself — one `timerfd` armed at the next
+//! boundary (a license starting, expiring or leaving grace, a rolled-back clock catching
+//! up, the hourly trusted-time save). The timer is on CLOCK_REALTIME with
+//! TFD_TIMER_CANCEL_ON_SET, so setting the clock (back or forward) wakes the agent at
+//! once. Idle, nothing runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde_json::{json, Map, Value};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{watch, Notify};
+
+use super::format::License;
+use super::keys::{Integrity, TrustedKeys};
+use super::store::{InstallError, Installed, LicenseStore, Rejected};
+use super::trusted_time::{Source, TrustedTime};
+use super::verdict::{self, DeviceView, State, TimeView};
+use super::LicenseConfig;
+use crate::clock::{format_rfc3339, Clock};
+use crate::device_service::DeviceState;
+
+/// One license's verdict, with its answers prepared.
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    pub id: String,
+    pub product: String,
+    pub state: State,
+    pub reason: String,
+    not_after: Option<i64>,
+    grace_end: Option<i64>,
+    /// Sorted, for binary search.
+    features: Vec<String>,
+    /// The `license.check` answer without the time-dependent fields.
+    answer: Map<String, Value>,
+    /// The `license.status` entry.
+    pub status: Value,
+}
+
+impl Evaluated {
+    fn grants(&self, feature: &str) -> bool {
+        self.features
+            .binary_search_by(|f| f.as_str().cmp(feature))
+            .is_ok()
+    }
+}
+
+/// The verdict table: immutable, replaced as a whole.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    pub computed_at: i64,
+    pub time: Option<TimeView>,
+    pub time_source: Option<Source>,
+    pub time_error: Option<String>,
+    /// The device identity was still being computed: bound licenses wait for it.
+    pub device_pending: bool,
+    /// Next time a verdict changes by itself (licenses only).
+    pub next_boundary: Option<i64>,
+    /// When the timer must fire (boundaries and the trusted-time save).
+    pub wake_at: Option<i64>,
+    /// Every license, grouped by product, best first within a product.
+    pub licenses: Vec<Evaluated>,
+    by_product: HashMap<String, std::ops::Range<usize>>,
+    pub rejected: Vec<Rejected>,
+}
+
+fn opt_time(t: Option<i64>) -> Value {
+    t.map(|t| Value::String(format_rfc3339(t)))
+        .unwrap_or(Value::Null)
+}
+
+impl Verdicts {
+    /// The `license.check` answer for `product` (and `feature`), or `None` when no
+    /// license for it is installed. Picks the best license: one that allows use (and
+    /// grants the feature, when asked) first, then by state, then the longest running.
+    pub fn check(&self, product: &str, feature: Option<&str>, now: i64) -> Option<Value> {
+        let range = self.by_product.get(product)?.clone();
+        let candidates = &self.licenses[range];
+        let pick = match feature {
+            Some(f) => candidates
+                .iter()
+                .find(|e| e.state.allows_use() && e.grants(f))
+                .unwrap_or(&candidates[0]),
+            None => &candidates[0],
+        };
+        let mut ans = pick.answer.clone();
+        let left = match pick.state {
+            State::Valid => pick.not_after,
+            State::Grace => pick.grace_end,
+            _ => None,
+        }
+        .map(|t| (t - now).max(0));
+        ans.insert("secs_left".into(), json!(left));
+        ans.insert("days_left".into(), json!(left.map(|s| s / 86_400)));
+        if let Some(f) = feature {
+            let granted = pick.grants(f);
+            ans.insert("feature".into(), json!({"name": f, "granted": granted}));
+            ans.insert("allowed".into(), json!(pick.state.allows_use() && granted));
+        }
+        Some(Value::Object(ans))
+    }
+
+    pub fn rollback(&self) -> Option<i64> {
+        self.time.and_then(|t| t.rollback())
+    }
+}
+
+/// Builds the verdict table. Pure.
+pub fn build_verdicts<'a>(
+    entries: impl Iterator<Item = &'a super::store::Entry>,
+    device: DeviceView<'_>,
+    time: TimeView,
+    frozen: &dyn Fn(&License) -> Option<String>,
+) -> Verdicts {
+    let mut list: Vec<(Evaluated, i64)> = Vec::new();
+    let mut next_boundary: Option<i64> = None;
+    for e in entries {
+        let lic = &e.parsed.license;
+        let why_frozen = frozen(lic);
+        let v = verdict::evaluate(lic, &e.integrity, device, time, why_frozen.as_deref());
+        if let Some(b) = v.next_boundary {
+            next_boundary = Some(next_boundary.map_or(b, |n| n.min(b)));
+        }
+        let mut features = lic.features.clone();
+        features.sort();
+        let common = json!({
+            "product": lic.product,
+            "license_id": lic.id,
+            "state": v.state,
+            "allowed": v.state.allows_use(),
+            "reason": v.reason,
+            "instance": lic.instance,
+            "not_before": format_rfc3339(lic.not_before),
+            "not_after": opt_time(lic.not_after),
+            "grace_end": opt_time(lic.grace_end()),
+            "features": lic.features,
+            "limits": lic.limits,
+        });
+        let Value::Object(answer) = common else {
+            unreachable!("json! object")
+        };
+        let mut status = answer.clone();
+        status.remove("allowed");
+        status.insert("key_id".into(), json!(lic.key_id));
+        status.insert("devices".into(), json!(lic.devices));
+        status.insert("unbound".into(), json!(lic.unbound));
+        status.insert("grace_secs".into(), json!(lic.grace_secs));
+        status.insert("issued_at".into(), json!(format_rfc3339(lic.issued_at)));
+        status.insert("meta".into(), json!(lic.meta));
+        status.insert("file".into(), json!(e.file));
+        // Longest-running first among equal states; perpetual counts as forever.
+        let runs_until = lic.grace_end().unwrap_or(i64::MAX);
+        list.push((
+            Evaluated {
+                id: lic.id.clone(),
+                product: lic.product.clone(),
+                state: v.state,
+                reason: v.reason,
+                not_after: lic.not_after,
+                grace_end: lic.grace_end(),
+                features,
+                answer,
+                status: Value::Object(status),
+            },
+            runs_until,
+        ));
+    }
+    list.sort_by(|(a, ra), (b, rb)| {
+        (
+            a.product.as_str(),
+            a.state.rank(),
+            std::cmp::Reverse(*ra),
+            a.id.as_str(),
+        )
+            .cmp(&(
+                b.product.as_str(),
+                b.state.rank(),
+                std::cmp::Reverse(*rb),
+                b.id.as_str(),
+            ))
+    });
+    let licenses: Vec<Evaluated> = list.into_iter().map(|(e, _)| e).collect();
+    let mut by_product = HashMap::new();
+    let mut start = 0;
+    for i in 1..=licenses.len() {
+        if i == licenses.len() || licenses[i].product != licenses[start].product {
+            by_product.insert(licenses[start].product.clone(), start..i);
+            start = i;
+        }
+    }
+    Verdicts {
+        computed_at: time.now,
+        time: Some(time),
+        next_boundary,
+        licenses,
+        by_product,
+        ..Verdicts::default()
+    }
+}
+
+struct Inner {
+    store: LicenseStore,
+    keys: TrustedKeys,
+    time: TrustedTime,
+    tolerance: i64,
+}
+
+pub struct LicenseService {
+    clock: Arc<dyn Clock>,
+    device: watch::Receiver<DeviceState>,
+    verdicts: RwLock<Arc<Verdicts>>,
+    inner: Mutex<Inner>,
+    /// Tells the timer task the wake-up time may have changed.
+    rearm: Notify,
+}
+
+fn device_view<R>(state: &DeviceState, f: impl FnOnce(DeviceView<'_>) -> R) -> R {
+    match state {
+        DeviceState::Pending => f(DeviceView::Unknown("it is still being computed")),
+        DeviceState::Failed(e) => f(DeviceView::Unknown(e)),
+        DeviceState::Ready(r) if !r.settled => f(DeviceView::Unknown(&r.detail)),
+        DeviceState::Ready(r) => {
+            let mut codes = vec![r.code.clone()];
+            codes.extend(r.accepted_codes.iter().filter(|c| **c != r.code).cloned());
+            f(DeviceView::Known(&codes))
+        }
+    }
+}
+
+impl LicenseService {
+    /// Builds the service with nothing loaded yet (see [`LicenseService::start`]). Reads
+    /// the trusted-time file. Keys that fail to load (the file vanished since the config
+    /// check) leave the agent trusting none, loudly.
+    pub fn new(
+        state_dir: &Path,
+        cfg: &LicenseConfig,
+        clock: Arc<dyn Clock>,
+        device: watch::Receiver<DeviceState>,
+    ) -> Arc<LicenseService> {
+        let keys = cfg.trusted_keys().unwrap_or_else(|e| {
+            log::error!("{}: {}; no license key is trusted", e.key, e.message);
+            TrustedKeys::default()
+        });
+        let time = TrustedTime::load(&super::time_file(state_dir), clock.now_secs());
+        Arc::new(LicenseService {
+            device,
+            verdicts: RwLock::new(Arc::new(Verdicts::default())),
+            inner: Mutex::new(Inner {
+                store: LicenseStore::new(super::licenses_dir(state_dir), cfg.products.clone()),
+                keys,
+                time,
+                tolerance: cfg.tolerance(),
+            }),
+            rearm: Notify::new(),
+            clock,
+        })
+    }
+
+    /// The current verdict table (cheap: an `Arc` clone).
+    pub fn verdicts(&self) -> Arc<Verdicts> {
+        self.verdicts.read().expect("verdicts lock").clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The freeze capability's hook: why `lic` is frozen, if it is. The freeze issue
+    /// answers this from its lifecycle state; until then nothing is ever frozen.
+    fn frozen(&self, _lic: &License) -> Option<String> {
+        None
+    }
+
+    /// Rebuilds the verdict table from `inner` and publishes it. Blocking (may save the
+    /// trusted time): call off the runtime's workers.
+    fn recompute(&self, inner: &mut Inner) {
+        let now = self.clock.now_secs();
+        inner.time.observe(now, Source::SystemClock);
+        // Issue times are signed by the seller: a license from the future moves the mark.
+        for e in inner.store.entries() {
+            if e.integrity == Integrity::Verified {
+                inner
+                    .time
+                    .observe(e.parsed.license.issued_at, Source::LicenseIssueTime);
+            }
+        }
+        inner.time.persist_if_due();
+        let time = TimeView {
+            now,
+            trusted: inner.time.mark(),
+            tolerance: inner.tolerance,
+        };
+        let device = self.device.borrow().clone();
+        let mut v = device_view(&device, |d| {
+            build_verdicts(inner.store.entries(), d, time, &|l| self.frozen(l))
+        });
+        v.device_pending = matches!(device, DeviceState::Pending);
+        v.time_source = Some(inner.time.source());
+        v.time_error = inner.time.load_error.clone();
+        v.rejected = inner.store.rejected().cloned().collect();
+        let persist = inner.time.next_persist();
+        v.wake_at = Some(v.next_boundary.map_or(persist, |b| b.min(persist)));
+        *self.verdicts.write().expect("verdicts lock") = Arc::new(v);
+        self.rearm.notify_one();
+    }
+
+    /// Recomputes now (blocking).
+    pub fn refresh_blocking(&self) {
+        let mut inner = self.lock();
+        self.recompute(&mut inner);
+    }
+
+    /// Recomputes off the workers and returns the new table.
+    pub async fn refresh(self: &Arc<Self>) -> Arc<Verdicts> {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.refresh_blocking()).await;
+        self.verdicts()
+    }
+
+    /// Loads the installed licenses and starts watching the directory, the clock and the
+    /// device identity. Call from inside the runtime, before serving.
+    pub async fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        let dir = tokio::task::spawn_blocking(move || {
+            let mut inner = me.lock();
+            let now = me.clock.now_secs();
+            let keys = inner.keys.clone();
+            if let Err(e) = inner.store.load_all(&keys, now) {
+                log::error!("licenses: {e}");
+            }
+            me.recompute(&mut inner);
+            let n = inner.store.entries().count();
+            log::info!(
+                "{n} license(s) loaded from {}; {} trusted key(s)",
+                inner.store.dir().display(),
+                keys.active_ids().len()
+            );
+            inner.store.dir().to_path_buf()
+        })
+        .await
+        .expect("license load task");
+        match inotify_watch(&dir) {
+            Ok(fd) => {
+                tokio::spawn(watch_dir(self.clone(), fd));
+            }
+            Err(e) => log::error!(
+                "cannot watch {} ({e}): dropped licenses are picked up at the next start only",
+                dir.display()
+            ),
+        }
+        match timerfd() {
+            Ok(fd) => {
+                tokio::spawn(run_timer(self.clone(), fd));
+            }
+            Err(e) => log::error!("cannot create the license timer: {e}"),
+        }
+        let me = self.clone();
+        let mut rx = self.device.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                me.refresh().await;
+            }
+        });
+    }
+
+    /// Applies a reloaded `[license]` section.
+    pub fn reconfigure(&self, cfg: &LicenseConfig) {
+        let mut inner = self.lock();
+        match cfg.trusted_keys() {
+            Ok(k) => inner.keys = k,
+            Err(e) => log::error!(
+                "{}: {}; keeping the previously trusted keys",
+                e.key,
+                e.message
+            ),
+        }
+        inner.tolerance = cfg.tolerance();
+        inner.store.set_products(cfg.products.clone());
+        let keys = inner.keys.clone();
+        inner.store.reverify(&keys);
+        self.recompute(&mut inner);
+    }
+
+    /// Installs license bytes (blocking). Returns what happened and the license's verdict.
+    pub fn install(
+        &self,
+        bytes: &[u8],
+        product: Option<&str>,
+    ) -> Result<(Installed, Option<Evaluated>), InstallError> {
+        let mut inner = self.lock();
+        let keys = inner.keys.clone();
+        let outcome = inner.store.install(bytes, &keys, product)?;
+        self.recompute(&mut inner);
+        let v = self.verdicts();
+        let e = v.licenses.iter().find(|e| e.id == outcome.id()).cloned();
+        Ok((outcome, e))
+    }
+
+    /// Removes an installed license (blocking).
+    pub fn remove(&self, id: &str) -> Result<bool, crate::store::StoreError> {
+        let mut inner = self.lock();
+        let removed = inner.store.remove(id)?;
+        if removed {
+            log::info!("license {id} removed");
+            self.recompute(&mut inner);
+        }
+        Ok(removed)
+    }
+
+    /// Files in the licenses directory changed (`None`: events were lost, rescan all).
+    fn files_changed(&self, names: Option<BTreeSet<String>>) {
+        let mut inner = self.lock();
+        let now = self.clock.now_secs();
+        let keys = inner.keys.clone();
+        let names = match names {
+            Some(n) => n,
+            None => {
+                let mut all: BTreeSet<String> = std::fs::read_dir(inner.store.dir())
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                all.extend(
+                    inner
+                        .store
+                        .entries()
+                        .filter_map(|e| e.file.file_name()?.to_str().map(str::to_owned)),
+                );
+                all
+            }
+        };
+        let mut changed = false;
+        let rejected_before = inner.store.rejected().count();
+        for n in &names {
+            changed |= inner.store.on_file(n, &keys, now);
+        }
+        if changed || inner.store.rejected().count() != rejected_before {
+            self.recompute(&mut inner);
+        }
+    }
+
+    /// Saves the trusted time at shutdown, so a restart starts from the latest mark.
+    pub fn shutdown(&self) {
+        let mut inner = self.lock();
+        inner
+            .time
+            .observe(self.clock.now_secs(), Source::SystemClock);
+        if let Err(e) = inner.time.persist() {
+            log::warn!("could not save the trusted time: {e}");
+        }
+    }
+
+    /// For `agent.status`.
+    pub fn summary(&self) -> Value {
+        let v = self.verdicts();
+        let t = v.time;
+        json!({
+            "installed": v.licenses.len(),
+            "usable": v.licenses.iter().filter(|e| e.state.allows_use()).count(),
+            "trusted_time": t.map(|t| format_rfc3339(t.trusted)),
+            "trusted_time_source": v.time_source,
+            "clock_rollback": v.rollback().is_some(),
+            "clock_behind_secs": v.rollback(),
+            "rollback_tolerance_secs": t.map(|t| t.tolerance),
+            "time_file_error": v.time_error,
+            "next_boundary": opt_time(v.next_boundary),
+        })
+    }
+
+    /// Feeds a trustworthy time seen elsewhere (the `Date` of an upstream HTTPS answer).
+    pub fn observe_time(&self, t: i64, source: Source) {
+        let mut inner = self.lock();
+        if inner.time.observe(t, source) {
+            self.recompute(&mut inner);
+        }
+    }
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; the fd is owned right away.
+    let fd = unsafe {
+        OwnedFd::from_raw_fd(cvt(libc::inotify_init1(
+            libc::IN_NONBLOCK | libc::IN_CLOEXEC,
+        ))?)
+    };
+    let path = CString::new(dir.as_os_str().as_bytes())?;
+    let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE;
+    // SAFETY: valid fd and NUL-terminated path.
+    cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) })?;
+    Ok(fd)
+}
+
+/// File names in a buffer of inotify events; `None` when the queue overflowed.
+fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
+    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+    let mut off = 0;
+    while off + HEADER <= buf.len() {
+        let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().expect("4 bytes"));
+        let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().expect("4 bytes")) as usize;
+        let name = &buf[(off + HEADER).min(buf.len())..(off + HEADER + len).min(buf.len())];
+        if mask & libc::IN_Q_OVERFLOW != 0 {
+            *names = None;
+        } else if let Some(set) = names.as_mut() {
+            let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
+            if let Ok(s) = std::str::from_utf8(name) {
+                if !s.is_empty() {
+                    set.insert(s.to_string());
+                }
+            }
+        }
+        off += HEADER + len;
+    }
+}
+
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: reads into our buffer within its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Registers `fd` with the runtime's reactor; `what` names it in the error log.
+fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
+    match unsafe { AsyncFd::register(fd) } {
+        Ok(a) => Some(a),
+        Err(e) => {
+            log::error!("{what}: {e}");
+            None
+        }
+    }
+}
+
+async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
+    let Some(afd) = register(fd, "cannot watch the licenses directory") else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut guard = match afd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                log::error!("licenses directory watch failed: {e}");
+                return;
+            }
+        };
+        let mut names = Some(BTreeSet::new());
+        let mut got = false;
+        loop {
+            match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
+                Ok(Ok(n)) => {
+                    parse_inotify(&buf[..n], &mut names);
+                    got = true;
+                }
+                Ok(Err(e)) => {
+                    log::error!("reading licenses directory events: {e}");
+                    return;
+                }
+                Err(_would_block) => break,
+            }
+        }
+        if got {
+            let me = svc.clone();
+            let _ = tokio::task::spawn_blocking(move || me.files_changed(names)).await;
+        }
+    }
+}
+
+fn timerfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = cvt(unsafe {
+        libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms the timer at `at` (Unix seconds, wall clock), cancelled by any clock change.
+fn arm(fd: &OwnedFd, at: i64) -> std::io::Result<()> {
+    // Far-off boundaries are clamped (the kernel refuses times past 2262); the timer then
+    // fires early, finds nothing to change, and is armed again.
+    let at = at.clamp(1, 1 << 33);
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: at as libc::time_t,
+            tv_nsec: 0,
+        },
+    };
+    // SAFETY: valid fd and itimerspec; the old value is not wanted.
+    cvt(unsafe {
+        libc::timerfd_settime(
+            fd.as_raw_fd(),
+            libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET,
+            &spec,
+            std::ptr::null_mut(),
+        )
+    })
+    .map(|_| ())
+}
+
+async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
+    let Some(afd) = register(fd, "license timer") else {
+        return;
+    };
+    let mut buf = [0u8; 8];
+    loop {
+        let wake_at = svc.verdicts().wake_at;
+        if let Some(at) = wake_at {
+            if let Err(e) = arm(afd.get_ref(), at) {
+                log::error!("license timer: cannot arm it: {e}");
+                return;
+            }
+        }
+        tokio::select! {
+            r = afd.readable() => {
+                let Ok(mut guard) = r else { return };
+                match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
+                    // Fired, or the clock was set (ECANCELED): either way, recompute.
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        log::info!("the system clock was set; re-checking licenses");
+                    }
+                    Ok(Err(e)) => {
+                        log::error!("license timer: {e}");
+                        return;
+                    }
+                    Err(_would_block) => continue,
+                }
+                svc.refresh().await;
+            }
+            _ = svc.rearm.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The latest trustworthy time the agent has seen: a high-water mark fed by the system
+//! clock while running, license issue times (signed by the seller) and the `Date` of
+//! upstream responses. It only moves forward and survives restarts
+//! (`<state_dir>/time.json`), so turning the clock back — even with the agent stopped —
+//! is noticed: a clock more than the tolerance behind the mark is a rollback.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::format_rfc3339;
+use crate::store;
+
+/// Where a mark came from (shown in `kooagent status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    SystemClock,
+    LicenseIssueTime,
+    UpstreamDate,
+}
+
+/// How far the in-memory mark may run ahead of the file before it is written again: the
+/// clock advancing is not worth an fsync per second, and losing up to this much at a
+/// crash only makes a rollback that much easier to miss.
+pub const PERSIST_STEP: i64 = 3600;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    v: u32,
+    mark: i64,
+    /// For people reading the file; `mark` is authoritative.
+    mark_utc: String,
+    source: Source,
+}
+
+#[derive(Debug)]
+pub struct TrustedTime {
+    path: PathBuf,
+    mark: i64,
+    source: Source,
+    persisted: i64,
+    /// A problem with the file found at load time (kept for `status`).
+    pub load_error: Option<String>,
+}
+
+impl TrustedTime {
+    /// Loads the mark from `path`. A missing file starts at `now`; a corrupt one is moved
+    /// aside (evidence kept) and reported, and the mark restarts from `now`: nothing
+    /// better is known, and license issue times raise it again as licenses load.
+    pub fn load(path: &Path, now: i64) -> TrustedTime {
+        let mut t = TrustedTime {
+            path: path.to_path_buf(),
+            mark: i64::MIN,
+            source: Source::SystemClock,
+            persisted: i64::MIN,
+            load_error: None,
+        };
+        match store::read_optional(path) {
+            Ok(None) => {}
+            Ok(Some(bytes)) => match serde_json::from_slice::<File>(&bytes) {
+                Ok(f) if f.v == 1 => {
+                    t.mark = f.mark;
+                    t.source = f.source;
+                    t.persisted = f.mark;
+                }
+                Ok(f) => t.load_error = Some(format!("unknown version {}", f.v)),
+                Err(e) => t.load_error = Some(e.to_string()),
+            },
+            Err(e) => t.load_error = Some(e.to_string()),
+        }
+        if let Some(e) = &t.load_error {
+            let kept = store::quarantine(path, now)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|q| format!("(could not move it aside: {q})"));
+            log::error!(
+                "trusted time file {} is unreadable ({e}); kept as {kept}; restarting the mark from the clock",
+                path.display()
+            );
+        }
+        t.observe(now, Source::SystemClock);
+        t
+    }
+
+    pub fn mark(&self) -> i64 {
+        self.mark
+    }
+
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// Raises the mark to `t` when it is later. Returns whether it moved.
+    pub fn observe(&mut self, t: i64, source: Source) -> bool {
+        if t > self.mark {
+            self.mark = t;
+            self.source = source;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the file is behind the mark by enough to be written.
+    pub fn needs_persist(&self) -> bool {
+        self.mark.saturating_sub(self.persisted) >= PERSIST_STEP
+            || (self.source != Source::SystemClock && self.mark > self.persisted)
+    }
+
+    /// When the mark (driven by a running clock) will next need writing.
+    pub fn next_persist(&self) -> i64 {
+        self.persisted.max(self.mark).saturating_add(PERSIST_STEP)
+    }
+
+    /// Writes the mark durably.
+    pub fn persist(&mut self) -> Result<(), store::StoreError> {
+        let f = File {
+            v: 1,
+            mark: self.mark,
+            mark_utc: format_rfc3339(self.mark),
+            source: self.source,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&f).expect("time file serialises");
+        bytes.push(b'\n');
+        store::atomic_write(&self.path, &bytes, 0o600)?;
+        self.persisted = self.mark;
+        Ok(())
+    }
+
+    /// Persists when due, logging a failure (the in-memory mark still protects this run).
+    pub fn persist_if_due(&mut self) {
+        if self.needs_persist() {
+            if let Err(e) = self.persist() {
+                log::warn!("could not save the trusted time: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::license::verdict::TimeView;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn mark_only_moves_forward_and_survives_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("time.json");
+        let mut t = TrustedTime::load(&p, 1_000_000);
+        assert_eq!(t.mark(), 1_000_000);
+        assert!(t.needs_persist());
+        t.persist().unwrap();
+        assert!(!t.observe(999_000, Source::SystemClock));
+        assert!(t.observe(1_000_000 + 10 * DAY, Source::LicenseIssueTime));
+        assert!(t.needs_persist(), "a license issue time is written at once");
+        t.persist_if_due();
+        // Restart with the clock turned back 9 days: the mark is still 10 days ahead.
+        let t2 = TrustedTime::load(&p, 1_000_000 + DAY);
+        assert_eq!(t2.mark(), 1_000_000 + 10 * DAY);
+        assert_eq!(t2.source(), Source::LicenseIssueTime);
+        let view = TimeView {
+            now: 1_000_000 + DAY,
+            trusted: t2.mark(),
+            tolerance: DAY,
+        };
+        assert_eq!(view.rollback(), Some(9 * DAY));
+        // The clock set right again: no rollback.
+        let view = TimeView {
+            now: 1_000_000 + 9 * DAY,
+            ..view
+        };
+        assert_eq!(view.rollback(), None);
+    }
+
+    #[test]
+    fn running_clock_is_written_hourly_not_every_second() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = TrustedTime::load(&d.path().join("time.json"), 0);
+        t.persist().unwrap();
+        t.observe(PERSIST_STEP - 1, Source::SystemClock);
+        assert!(!t.needs_persist());
+        assert_eq!(t.next_persist(), 2 * PERSIST_STEP - 1);
+        t.observe(PERSIST_STEP, Source::SystemClock);
+        assert!(t.needs_persist());
+    }
+
+    #[test]
+    fn corrupt_file_is_kept_aside_and_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("time.json");
+        std::fs::write(&p, b"{garbage").unwrap();
+        let t = TrustedTime::load(&p, 5000);
+        assert!(t.load_error.is_some());
+        assert_eq!(t.mark(), 5000);
+        assert!(std::fs::read_dir(d.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("corrupt")));
+    }
+}
