@@ -10,6 +10,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_service::DeviceService;
 use crate::license::LicenseService;
+use crate::usage::license_meters::LicenseMeters;
 use crate::usage::service::{Chain, ConfigMeters};
 use crate::usage::UsageService;
 
@@ -27,15 +28,18 @@ pub struct Agent {
 impl Agent {
     pub fn new(config: Config, config_file: Option<PathBuf>, clock: Arc<dyn Clock>) -> Arc<Agent> {
         let device = DeviceService::new(&config);
-        // Where a meter's usage is billed: `[usage.meters]` first. The license module
-        // adds its source (the installed license's instance id) as a second link here.
-        let usage = UsageService::new(Box::new(Chain(vec![Box::new(ConfigMeters)])));
         let license = LicenseService::new(
             &config.agent.state_dir,
             &config.license,
             clock.clone(),
             device.subscribe(),
         );
+        // Where a meter's usage is billed: `[usage.meters]` first, then the installed
+        // license's instance id.
+        let usage = UsageService::new(Box::new(Chain(vec![
+            Box::new(ConfigMeters),
+            Box::new(LicenseMeters(license.clone())),
+        ])));
         Arc::new(Agent {
             license,
             started_unix: clock.now_secs(),

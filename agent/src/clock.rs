@@ -195,6 +195,39 @@ pub fn parse_digits14(s: &str) -> Option<i64> {
     c.valid().then(|| c.to_unix())
 }
 
+/// Parses an HTTP `Date` (IMF-fixdate, RFC 9110): `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let mut f = s.split_ascii_whitespace();
+    let (_weekday, day, month, year, time, zone) = (
+        f.next()?,
+        f.next()?,
+        f.next()?,
+        f.next()?,
+        f.next()?,
+        f.next()?,
+    );
+    if zone != "GMT" || f.next().is_some() {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
+    let t: Vec<&str> = time.split(':').collect();
+    if t.len() != 3 || day.len() != 2 || year.len() != 4 {
+        return None;
+    }
+    let c = Civil {
+        year: digits(year)? as i64,
+        month,
+        day: digits(day)?,
+        hour: digits(t[0])?,
+        minute: digits(t[1])?,
+        second: digits(t[2])?,
+    };
+    c.valid().then(|| c.to_unix())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +249,17 @@ mod tests {
         // 2022-08-09 09:10:00 UTC, the spec's record_time example.
         assert_eq!(format_compact(1_660_036_200), "20220809T091000Z");
         assert_eq!(parse_digits14("20230726121646"), Some(1_690_373_806));
+    }
+
+    #[test]
+    fn parses_http_dates() {
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 UTC"), None);
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Sun, 31 Feb 1994 08:49:37 GMT"), None);
     }
 
     #[test]

@@ -705,3 +705,46 @@ fn only_root_or_the_agent_user_removes_licenses() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn usage_is_billed_to_the_installed_licenses_instance() {
+    let seller = Seller::new();
+    let a = TestAgent::start(&seller.config());
+    let now = kooagent::clock::parse_rfc3339(&utc_in(0)).unwrap();
+    let at = now - 7200;
+    let e = a
+        .call(
+            "usage.record",
+            json!({"meter": "api_calls", "value": "2", "at": at}),
+        )
+        .unwrap_err();
+    assert_eq!(e["code"], json!("unknown_meter"), "{e}");
+    let text = seller.issue(&[
+        "--device-code",
+        &device_code(&a),
+        "--product",
+        "sku-m",
+        "--instance",
+        "inst-from-license",
+        "--days",
+        "30",
+    ]);
+    install(&a, &text).unwrap();
+    // One product installed: any meter name bills to its instance; PRODUCT/NAME too.
+    a.call(
+        "usage.record",
+        json!({"meter": "api_calls", "value": "2", "at": at}),
+    )
+    .unwrap();
+    a.call(
+        "usage.record",
+        json!({"meter": "sku-m/cpu", "value": "1.5", "at": at}),
+    )
+    .unwrap();
+    let flushed = a.call("usage.flush", json!({})).unwrap();
+    assert_eq!(flushed["closed_records"], json!(2), "{flushed}");
+    let status = a.call("usage.status", json!({"records": true})).unwrap();
+    let text = status.to_string();
+    assert!(text.contains("inst-from-license"), "{status}");
+    assert!(!text.contains("\"instance_id\":\"i\""), "{status}");
+}

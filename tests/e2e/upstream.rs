@@ -81,6 +81,8 @@ pub struct Faults {
     pub reset_after: usize,
     /// Refuse (HTTP 400 with an error_code) requests holding this instance id.
     pub reject_instance: Option<String>,
+    /// A `Date` header to send with every answer.
+    pub date: Option<String>,
 }
 
 /// One request as the upstream saw it.
@@ -263,8 +265,15 @@ fn serve(
             }
             Action::Answer => {}
         }
+        let date = faults
+            .lock()
+            .unwrap()
+            .date
+            .as_ref()
+            .map(|d| format!("date: {d}\r\n"))
+            .unwrap_or_default();
         let resp = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{date}content-length: {}\r\n\r\n{body}",
             body.len()
         );
         if tls.get_mut().write_all(resp.as_bytes()).is_err() || tls.get_mut().flush().is_err() {

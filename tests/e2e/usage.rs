@@ -748,3 +748,41 @@ fn a_full_disk_refuses_records_and_corrupts_nothing() {
     a.stop();
     drop(fs);
 }
+
+#[test]
+fn an_upstream_date_ahead_of_the_clock_reveals_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let up = Upstream::start(&ca, KEY);
+    // The upstream's certificate-checked clock says it is three days later than ours.
+    let later = now() + 3 * 86_400;
+    let c = kooagent::clock::Civil::from_unix(later);
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let date = format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[(later.div_euclid(86_400).rem_euclid(7)) as usize],
+        c.day,
+        MONTHS[c.month as usize - 1],
+        c.year,
+        c.hour,
+        c.minute,
+        c.second
+    );
+    up.set(|f| f.date = Some(date));
+    let a = agent_with(&[up.url()], &ca, 0o600, "");
+    record(&a, "cpu", "1", now() - 7200);
+    a.call("usage.flush", json!({})).unwrap();
+    wait_for("the upstream Date to reach the trusted-time mark", || {
+        let s = a.call("agent.status", json!({})).unwrap();
+        s["license"]["clock_rollback"] == json!(true)
+    });
+    let s = a.call("agent.status", json!({})).unwrap();
+    assert_eq!(
+        s["license"]["trusted_time_source"],
+        json!("upstream_date"),
+        "{s}"
+    );
+}

@@ -112,6 +112,25 @@ impl Verdicts {
     pub fn rollback(&self) -> Option<i64> {
         self.time.and_then(|t| t.rollback())
     }
+
+    /// The marketplace instance id usage of `product` is billed to: that of its best
+    /// license (the one `license.check` answers with).
+    pub fn instance_for(&self, product: &str) -> Option<String> {
+        let range = self.by_product.get(product)?.clone();
+        self.licenses[range]
+            .first()?
+            .answer
+            .get("instance")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// The products with at least one installed license.
+    pub fn products(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.by_product.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
 }
 
 /// Builds the verdict table. Pure.

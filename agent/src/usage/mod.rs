@@ -15,6 +15,7 @@ pub mod config;
 pub mod decimal;
 pub mod hours;
 pub mod ledger;
+pub mod license_meters;
 pub mod secret;
 pub mod service;
 pub mod sign;

@@ -467,11 +467,18 @@ impl Uploader {
             timeout: cfg.upload_timeout_secs,
         };
         if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
+            let agent = self.agent.clone();
             let c = Client::new(
                 cfg.upstreams.clone(),
                 cfg.extra_ca_file(),
                 Duration::from_secs(cfg.upload_timeout_secs),
-            )?;
+            )?
+            .with_date_observer(move |t| {
+                if let Some(a) = agent.upgrade() {
+                    a.license
+                        .observe_time(t, crate::license::trusted_time::Source::UpstreamDate);
+                }
+            });
             self.client = Some((key, c));
         }
         Ok(&self.client.as_ref().expect("just set").1)

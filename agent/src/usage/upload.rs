@@ -25,6 +25,9 @@ const REASON_CHARS: usize = 300;
 pub struct Client {
     agent: ureq::Agent,
     upstreams: Vec<String>,
+    /// Told the `Date` of every answer: a certificate-checked upstream's clock is a
+    /// trustworthy time for the clock-rollback guard.
+    on_date: Option<Box<dyn Fn(i64) + Send + Sync>>,
 }
 
 /// How one request ended.
@@ -99,7 +102,14 @@ impl Client {
         Ok(Client {
             agent: ureq::Agent::new_with_config(config),
             upstreams,
+            on_date: None,
         })
+    }
+
+    /// Calls `f` with the time in each answer's `Date` header.
+    pub fn with_date_observer(mut self, f: impl Fn(i64) + Send + Sync + 'static) -> Client {
+        self.on_date = Some(Box::new(f));
+        self
     }
 
     pub fn upstreams(&self) -> &[String] {
@@ -158,6 +168,12 @@ impl Client {
             .send(body)
             .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        if let Some(on_date) = &self.on_date {
+            let date = resp.headers().get("date").and_then(|d| d.to_str().ok());
+            if let Some(t) = date.and_then(crate::clock::parse_http_date) {
+                on_date(t);
+            }
+        }
         let text = resp
             .body_mut()
             .with_config()
