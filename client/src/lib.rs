@@ -253,13 +253,27 @@ impl Client {
         typed(self.call("device.code", json!({}))?)
     }
 
-    /// `license.check`: may the software run, and with which entitlements.
+    /// `license.check`: may the software run, and with which entitlements. No license
+    /// installed for `product` is an answer (state `no_license`, not allowed), not an error.
     pub fn check(&mut self, product: &str, feature: Option<&str>) -> Result<Check, ClientError> {
         let mut params = json!({ "product": product });
         if let Some(f) = feature {
             params["feature"] = json!(f);
         }
-        typed(self.call("license.check", params)?)
+        match self.call("license.check", params) {
+            Ok(v) => typed(v),
+            Err(ClientError::Op { code, message, .. }) if code == "no_license" => Ok(Check {
+                state: code,
+                allowed: false,
+                days_left: None,
+                license_id: None,
+                reason: Some(message),
+                features: vec![],
+                limits: Default::default(),
+                extra: Default::default(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// `usage.record`: durable once this returns Ok. `value` is a decimal string ("1.5").

@@ -14,6 +14,7 @@ fi
 ANSWER=$(printf '{"v":1,"id":1,"op":"license.check","params":%s}\n' "$PARAMS" \
     | socat -t 5 - UNIX-CONNECT:"$SOCK") || { echo "agent unreachable at $SOCK" >&2; exit 2; }
 case $ANSWER in
+    *'"code":"no_license"'*) echo "refused: no license installed for $PRODUCT"; exit 1 ;;
     *'"ok":false'*) echo "agent error: $ANSWER" >&2; exit 2 ;;
     *'"allowed":true'*) echo "allowed: $ANSWER"; exit 0 ;;
     *) echo "refused: $ANSWER"; exit 1 ;;

@@ -1,0 +1,151 @@
+//! The seller SDK against a real agent with a license installed: the C example linked
+//! against libkooagent_ffi, the Python and shell examples, and the Rust client surviving
+//! an agent restart.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::json;
+
+use crate::harness::{short_tempdir, TestAgent, BIN};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// An agent trusting a fresh seller key, with a license for `sku-sdk` (feature `export`)
+/// bound to its own device code, and a meter `api`.
+fn licensed_agent() -> (TestAgent, tempfile::TempDir) {
+    let keys = short_tempdir();
+    let key = keys.path().join("seller.key");
+    let out = Command::new(BIN).args(["seller", "keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let trust = std::fs::read_to_string(keys.path().join("seller.key.pub")).unwrap();
+    let a = TestAgent::start(&format!(
+        "[license]\ntrusted_keys = [\"{}\"]\n[usage.meters.api]\ninstance_id = \"inst-sdk\"\n",
+        trust.trim()
+    ));
+    let code = a.call("device.code", json!({})).unwrap()["code"].as_str().unwrap().to_string();
+    let lic = keys.path().join("sku.lic");
+    let out = Command::new(BIN)
+        .args(["seller", "issue", "--key"])
+        .arg(&key)
+        .args(["--device-code", &code, "--product", "sku-sdk", "--instance", "inst-sdk"])
+        .args(["--days", "30", "--feature", "export", "--out"])
+        .arg(&lic)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = a.cli(&["license", "install", lic.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (a, keys)
+}
+
+fn target_dir() -> PathBuf {
+    Path::new(BIN).parent().unwrap().to_path_buf()
+}
+
+/// The static library, brought up to date first (a no-op after a workspace build; this
+/// package's tests alone would not rebuild it).
+fn static_lib() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-q", "-p", "kooagent-ffi"])
+        .current_dir(ROOT)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    target_dir().join("libkooagent_ffi.a")
+}
+
+fn run(cmd: &mut Command, a: &TestAgent) -> Output {
+    cmd.env("KOOAGENT_SOCKET", &a.socket).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn c_example_checks_and_records_through_the_c_abi() {
+    let (a, dir) = licensed_agent();
+    let exe = dir.path().join("check");
+    let out = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(format!("{ROOT}/examples/c/check.c"))
+        .arg(format!("-I{ROOT}/client-ffi/include"))
+        .arg(static_lib())
+        .args(["-lpthread", "-ldl", "-lm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", text(&out));
+
+    let out = run(Command::new(&exe).args(["sku-sdk", "export", "api", "1.5"]), &a);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("state: 1 allowed: 1 days_left: 29") || t.contains("state: 1 allowed: 1 days_left: 30"), "{t}");
+    assert!(t.contains("recorded api 1.5"), "{t}");
+    assert!(t.contains("device code: "), "{t}");
+
+    // A feature the license does not grant, and a product with no license: refused.
+    let out = run(Command::new(&exe).args(["sku-sdk", "sso"]), &a);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(Command::new(&exe).arg("other-product"), &a);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("state: 10 allowed: 0"), "{}", text(&out));
+
+    // The recorded usage is in the ledger.
+    let st = a.call("usage.status", json!({})).unwrap();
+    assert!(st.to_string().contains("1.5"), "{st}");
+
+    // No agent: a clear error, exit 2.
+    let out = Command::new(&exe).arg("sku-sdk").env("KOOAGENT_SOCKET", dir.path().join("none.sock")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("cannot reach the agent"), "{}", text(&out));
+}
+
+#[test]
+fn python_example_uses_only_the_standard_library() {
+    let (a, _dir) = licensed_agent();
+    let script = format!("{ROOT}/examples/python/check.py");
+    let out = run(Command::new("python3").args(["-I", &script, "sku-sdk", "export", "api", "2"]), &a);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("state: valid allowed: True"), "{}", text(&out));
+    assert!(text(&out).contains("recorded api 2"), "{}", text(&out));
+    let out = run(Command::new("python3").args(["-I", &script, "nothing-here"]), &a);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn shell_example_with_socat() {
+    if Command::new("socat").arg("-V").output().is_err() {
+        eprintln!("skipped: socat is not installed (scripts/deps.sh installs it)");
+        return;
+    }
+    let (a, _dir) = licensed_agent();
+    let script = format!("{ROOT}/examples/shell/check.sh");
+    let out = run(Command::new("sh").args([&script, "sku-sdk", "export"]), &a);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = run(Command::new("sh").args([&script, "sku-sdk", "sso"]), &a);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(Command::new("sh").args([&script, "none"]), &a);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn rust_client_survives_an_agent_restart() {
+    let (mut a, _dir) = licensed_agent();
+    let mut c = kooagent_client::Client::new(&a.socket);
+    let check = c.check("sku-sdk", Some("export")).unwrap();
+    assert_eq!((check.state.as_str(), check.allowed), ("valid", true));
+    assert_eq!(check.features, vec!["export".to_string()]);
+    a.stop();
+    a.spawn(&[]);
+    // Same client object: it reconnects by itself; a read-only check is simply sent again.
+    let check = c.check("sku-sdk", None).unwrap();
+    assert!(check.allowed, "{check:?}");
+    let none = c.check("other", None).unwrap();
+    assert_eq!((none.state.as_str(), none.allowed), ("no_license", false));
+    c.record_usage("api", "0.25").unwrap();
+    let e = c.record_usage("api", "-1").unwrap_err();
+    assert_eq!(e.code(), Some("invalid_value"), "{e}");
+}
