@@ -110,6 +110,17 @@ enum Command {
     },
     /// Start an agent and measure it; prints a table
     Bench(crate::bench::BenchArgs),
+    /// Before capturing an image: remove everything per-instance (agent stopped)
+    ImagePrep {
+        /// Drop usage that was not delivered yet
+        #[arg(long)]
+        force: bool,
+        /// Only print what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Usage metering: what is recorded, pending, delivered, parked
     Usage {
         #[command(subcommand)]
@@ -349,6 +360,32 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Usage { command } => usage(&g, command),
+        Command::ImagePrep {
+            force,
+            dry_run,
+            json,
+        } => {
+            let cfg = g.load()?.config;
+            let report = crate::image_prep::run(&cfg, force, dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for p in &report.removed {
+                    println!("{verb} {}", p.display());
+                }
+                if report.removed.is_empty() {
+                    println!("nothing per-instance to remove");
+                }
+                for k in &report.kept {
+                    println!("kept {k}");
+                }
+                for n in &report.notes {
+                    println!("note: {n}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             crate::bench::run(args, g.config.clone())?;
             Ok(ExitCode::SUCCESS)

@@ -16,26 +16,52 @@ const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 fn licensed_agent() -> (TestAgent, tempfile::TempDir) {
     let keys = short_tempdir();
     let key = keys.path().join("seller.key");
-    let out = Command::new(BIN).args(["seller", "keygen", "--out"]).arg(&key).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["seller", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let trust = std::fs::read_to_string(keys.path().join("seller.key.pub")).unwrap();
     let a = TestAgent::start(&format!(
         "[license]\ntrusted_keys = [\"{}\"]\n[usage.meters.api]\ninstance_id = \"inst-sdk\"\n",
         trust.trim()
     ));
-    let code = a.call("device.code", json!({})).unwrap()["code"].as_str().unwrap().to_string();
+    let code = a.call("device.code", json!({})).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let lic = keys.path().join("sku.lic");
     let out = Command::new(BIN)
         .args(["seller", "issue", "--key"])
         .arg(&key)
-        .args(["--device-code", &code, "--product", "sku-sdk", "--instance", "inst-sdk"])
+        .args([
+            "--device-code",
+            &code,
+            "--product",
+            "sku-sdk",
+            "--instance",
+            "inst-sdk",
+        ])
         .args(["--days", "30", "--feature", "export", "--out"])
         .arg(&lic)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = a.cli(&["license", "install", lic.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (a, keys)
 }
 
@@ -61,7 +87,11 @@ fn run(cmd: &mut Command, a: &TestAgent) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -79,10 +109,17 @@ fn c_example_checks_and_records_through_the_c_abi() {
         .unwrap();
     assert!(out.status.success(), "cc: {}", text(&out));
 
-    let out = run(Command::new(&exe).args(["sku-sdk", "export", "api", "1.5"]), &a);
+    let out = run(
+        Command::new(&exe).args(["sku-sdk", "export", "api", "1.5"]),
+        &a,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("state: 1 allowed: 1 days_left: 29") || t.contains("state: 1 allowed: 1 days_left: 30"), "{t}");
+    assert!(
+        t.contains("state: 1 allowed: 1 days_left: 29")
+            || t.contains("state: 1 allowed: 1 days_left: 30"),
+        "{t}"
+    );
     assert!(t.contains("recorded api 1.5"), "{t}");
     assert!(t.contains("device code: "), "{t}");
 
@@ -91,27 +128,49 @@ fn c_example_checks_and_records_through_the_c_abi() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let out = run(Command::new(&exe).arg("other-product"), &a);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("state: 10 allowed: 0"), "{}", text(&out));
+    assert!(
+        text(&out).contains("state: 10 allowed: 0"),
+        "{}",
+        text(&out)
+    );
 
     // The recorded usage is in the ledger.
     let st = a.call("usage.status", json!({})).unwrap();
     assert!(st.to_string().contains("1.5"), "{st}");
 
     // No agent: a clear error, exit 2.
-    let out = Command::new(&exe).arg("sku-sdk").env("KOOAGENT_SOCKET", dir.path().join("none.sock")).output().unwrap();
+    let out = Command::new(&exe)
+        .arg("sku-sdk")
+        .env("KOOAGENT_SOCKET", dir.path().join("none.sock"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("cannot reach the agent"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach the agent"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn python_example_uses_only_the_standard_library() {
     let (a, _dir) = licensed_agent();
     let script = format!("{ROOT}/examples/python/check.py");
-    let out = run(Command::new("python3").args(["-I", &script, "sku-sdk", "export", "api", "2"]), &a);
+    let out = run(
+        Command::new("python3").args(["-I", &script, "sku-sdk", "export", "api", "2"]),
+        &a,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(text(&out).contains("state: valid allowed: True"), "{}", text(&out));
+    assert!(
+        text(&out).contains("state: valid allowed: True"),
+        "{}",
+        text(&out)
+    );
     assert!(text(&out).contains("recorded api 2"), "{}", text(&out));
-    let out = run(Command::new("python3").args(["-I", &script, "nothing-here"]), &a);
+    let out = run(
+        Command::new("python3").args(["-I", &script, "nothing-here"]),
+        &a,
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 

@@ -1,0 +1,69 @@
+//! `kooagent image-prep`: per-instance state goes, undelivered usage stops it, a running
+//! agent stops it, and the next start computes a fresh identity.
+
+use std::process::Output;
+
+use serde_json::json;
+
+use crate::harness::TestAgent;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn image_prep_clears_per_instance_state() {
+    let mut a = TestAgent::start("[usage.meters.m]\ninstance_id = \"inst-1\"\n");
+    let code = a.call("device.code", json!({})).unwrap();
+    assert!(a.state.join("identity.json").exists());
+    let now = kooagent::clock::Clock::now_secs(&kooagent::clock::SystemClock);
+    a.call(
+        "usage.record",
+        json!({"meter": "m", "value": "3", "at": now - 7200}),
+    )
+    .unwrap();
+
+    let out = a.cli(&["image-prep"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("agent is running"), "{}", text(&out));
+
+    a.stop();
+    let out = a.cli(&["image-prep"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not delivered"), "{}", text(&out));
+    assert!(
+        a.state.join("usage").exists(),
+        "a refused prep removes nothing"
+    );
+
+    let out = a.cli(&["image-prep", "--force", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("would remove"), "{}", text(&out));
+    assert!(
+        a.state.join("identity.json").exists(),
+        "a dry run removes nothing"
+    );
+
+    let out = a.cli(&["image-prep", "--force", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let removed = report["removed"].to_string();
+    assert!(
+        removed.contains("identity.json") && removed.contains("usage"),
+        "{report}"
+    );
+    assert!(!a.state.join("identity.json").exists());
+    assert!(!a.state.join("usage").exists());
+
+    // The first start after the prep is a first sighting, with the same machine.
+    a.spawn(&[]);
+    let again = a.call("device.code", json!({})).unwrap();
+    assert_eq!(again["status"], json!("first_seen"));
+    assert_eq!(again["code"], code["code"]);
+    let st = a.call("usage.status", json!({})).unwrap();
+    assert_eq!(st["pending"]["records"], json!(0), "{st}");
+}
