@@ -13,6 +13,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1
 
+# Fuzzing, bounded: the license parser's target body under a seeded mutational driver on
+# stable, and the real cargo-fuzz (libFuzzer) target when a nightly toolchain is present.
+echo "== fuzz: license parser (stable driver, 20 s)"
+KOOAGENT_FUZZ_SECS=20 cargo test -q -p kooagent --lib license::fuzz 2>&1 | tail -n 3
+if [ "${FUZZ:-1}" != 0 ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
+    echo "== cargo fuzz run license_parse (libFuzzer, 20 s)"
+    mkdir -p fuzz/corpus/license_parse
+    cargo +nightly fuzz run license_parse fuzz/corpus/license_parse fuzz/seeds -- -max_total_time=20 2>&1 | tail -n 3
+fi
+
 # The aarch64 build with Debian's toolchain, smoke-tested under qemu (root: it installs the
 # cross toolchain with apt). CROSS=0 skips it on a workstation.
 if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
