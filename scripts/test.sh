@@ -24,6 +24,17 @@ if [ "${FUZZ:-1}" != 0 ] && rustup toolchain list 2>/dev/null | grep -q '^nightl
     cargo +nightly fuzz run license_parse fuzz/corpus/license_parse fuzz/seeds -- -max_total_time=20 2>&1 | tail -n 3
 fi
 
+# The systemd unit: `systemd-analyze verify` and the offline security exposure (≤ 2.0).
+echo "== systemd unit checks"
+bash scripts/check-units.sh
+
+# Packages: build the .deb and .rpm and check their contents (installs cargo-deb and
+# cargo-generate-rpm on first use). PACKAGES=0 skips it on a workstation.
+if [ "${PACKAGES:-1}" != 0 ]; then
+    echo "== packages (.deb, .rpm)"
+    cargo test -q -p kooagent-install -- --ignored 2>&1 | tail -n 3
+fi
+
 # The aarch64 build with Debian's toolchain, smoke-tested under qemu (root: it installs the
 # cross toolchain with apt). CROSS=0 skips it on a workstation.
 if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then

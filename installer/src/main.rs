@@ -210,9 +210,21 @@ fn run(args: &Args) -> io::Result<ExitCode> {
     Ok(code)
 }
 
-/// systemd if it runs (/run/systemd/system) or is the target's init; OpenRC if installed;
-/// otherwise SysV init.
+/// What an earlier install set up wins (so `status`, `upgrade` and `uninstall` of an image
+/// tree need no `--init`); otherwise systemd if it runs (/run/systemd/system) or is the
+/// target's init; OpenRC if installed; otherwise SysV init.
 fn detect_init(cx: &Ctx) -> Init {
+    if cx.p("/usr/lib/systemd/system/kooagent.service").exists() {
+        return Init::Systemd;
+    }
+    if let Ok(script) = std::fs::read_to_string(cx.p("/etc/init.d/kooagent")) {
+        let first = script.lines().next().unwrap_or("");
+        return if first.contains("openrc-run") {
+            Init::Openrc
+        } else {
+            Init::Sysv
+        };
+    }
     if cx.p("/run/systemd/system").is_dir() {
         return Init::Systemd;
     }
