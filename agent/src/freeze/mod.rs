@@ -2,4 +2,5 @@
 //! lifecycle (active, grace, frozen, released), its tamper-evident state file, the
 //! actions run on transitions, and the service that ties them to the license verdicts.
 
+pub mod lifecycle;
 pub mod token;
