@@ -186,6 +186,14 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// A machine whose state was lost to tampering detected at `at`.
+    pub fn tampered(at: i64) -> Machine {
+        Machine {
+            tampered_at: Some(at),
+            ..Machine::default()
+        }
+    }
+
     /// `now`: the trusted time (never behind the clock-rollback mark); `tolerance`: how far
     /// in the future a token may be issued.
     pub fn apply(&mut self, input: Input, now: i64, tolerance: i64) -> Result<Outcome, Refusal> {
