@@ -712,3 +712,49 @@ fn only_root_or_the_agent_user_removes_licenses() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// docs/license-format.md §10: the documented token payload is what our issuer writes, and
+/// the documented Python issuer produces exactly the token our library does.
+#[test]
+fn documented_status_token_matches_the_python_issuer() {
+    use kooagent::freeze::token::{issue, parse, Action, TokenRequest};
+    let doc = format_doc();
+    let req = TokenRequest {
+        license_id: "L-2026-0001".into(),
+        action: Action::Freeze,
+        seq: 7,
+        issued_at: kooagent::clock::parse_rfc3339("2027-12-09T00:00:00Z").unwrap(),
+        devices: vec!["7K2M-Q9XD-4HPA-V3NE-R8T5".into()],
+        reason: Some("grace period over".into()),
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&std::array::from_fn(|i| i as u8));
+    let token = issue(&req, &key).unwrap();
+    let payload = block(&doc, "json", "\"license\":").trim().to_string();
+    assert_eq!(
+        String::from_utf8(parse(token.as_bytes()).unwrap().payload).unwrap(),
+        payload
+    );
+    if !has_python_cryptography() {
+        return;
+    }
+    let issuer = block(&doc, "python", "def issue(");
+    let token_fn = block(&doc, "python", "def issue_token");
+    // The §9 script's imports and key, then §10's function on the same request.
+    let script = format!(
+        "{}\n{token_fn}\nprint(issue_token(key, {{\"license\": \"L-2026-0001\", \"action\": \"freeze\", \"seq\": 7, \
+         \"issued_at\": \"2027-12-09T00:00:00Z\", \"devices\": [\"7K2M-Q9XD-4HPA-V3NE-R8T5\"], \
+         \"reason\": \"grace period over\"}}))\n",
+        issuer.split("print(issue(").next().unwrap()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), token);
+}
