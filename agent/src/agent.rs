@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_service::DeviceService;
+use crate::freeze::FreezeService;
 use crate::license::LicenseService;
 use crate::usage::license_meters::LicenseMeters;
 use crate::usage::service::{Chain, ConfigMeters};
@@ -23,6 +24,7 @@ pub struct Agent {
     pub device: DeviceService,
     pub usage: UsageService,
     pub license: Arc<LicenseService>,
+    pub freeze: Arc<FreezeService>,
 }
 
 impl Agent {
@@ -34,6 +36,13 @@ impl Agent {
             clock.clone(),
             device.subscribe(),
         );
+        let freeze = FreezeService::new(
+            &config.agent.state_dir,
+            &config.freeze,
+            clock.now_secs(),
+            device.subscribe(),
+        );
+        license.set_freeze_hook(freeze.clone());
         // Where a meter's usage is billed: `[usage.meters]` first, then the installed
         // license's instance id.
         let usage = UsageService::new(Box::new(Chain(vec![
@@ -42,6 +51,7 @@ impl Agent {
         ])));
         Arc::new(Agent {
             license,
+            freeze,
             started_unix: clock.now_secs(),
             config: RwLock::new(Arc::new(config)),
             config_file,
@@ -68,5 +78,6 @@ impl Agent {
         }
         // Always: the keys file may have changed under the same path.
         self.license.reconfigure(&new.license);
+        self.freeze.reconfigure(&new.freeze);
     }
 }

@@ -131,6 +131,18 @@ enum Command {
         #[command(subcommand)]
         command: LicenseCommand,
     },
+    /// Freeze state of each license: state, why, since when
+    Freeze {
+        #[command(subcommand)]
+        command: FreezeCommand,
+    },
+    /// The seller's status tokens (freeze / unfreeze / release)
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Stream freeze-state changes as JSON lines (the current state first)
+    Watch,
     /// The seller's tools: keys, issuing and inspecting licenses (no agent needed)
     Seller {
         #[command(subcommand)]
@@ -191,7 +203,52 @@ enum LicenseCommand {
 }
 
 #[derive(Subcommand)]
+enum FreezeCommand {
+    /// Each license's lifecycle state, why, since when, and its actions' results
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Apply a status token file (`-` reads standard input)
+    Apply { file: PathBuf },
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The seller's private key (PKCS#8 PEM)
+    #[arg(long)]
+    key: PathBuf,
+    /// The license id the token is about
+    #[arg(long)]
+    license: String,
+    /// freeze, unfreeze or release
+    #[arg(long)]
+    action: crate::freeze::token::Action,
+    /// Sequence number, strictly increasing per license
+    #[arg(long)]
+    seq: u64,
+    /// Device code the token is bound to (repeatable; none: any device holding the license)
+    #[arg(long = "device-code")]
+    device_code: Vec<String>,
+    /// Reason shown to the buyer
+    #[arg(long)]
+    reason: Option<String>,
+    /// Issue time, UTC (default: now)
+    #[arg(long)]
+    issued_at: Option<String>,
+    /// Output file (default: standard output)
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
 enum SellerCommand {
+    /// Issue a signed status token (freeze / unfreeze / release a license)
+    Token(TokenArgs),
     /// Write a new key pair: FILE (private, PKCS#8 PEM, mode 0600) and FILE.pub (trust line)
     Keygen {
         #[arg(long, short)]
@@ -392,6 +449,44 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::License { command } => license_cmd(&g, command),
         Command::Seller { command } => seller_cmd(&g, command),
+        Command::Freeze {
+            command: FreezeCommand::Status { json },
+        } => freeze_status(&g, json),
+        Command::Token {
+            command: TokenCommand::Apply { file },
+        } => {
+            let bytes = read_input(&file)?;
+            crate::freeze::token::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+            let text = String::from_utf8(bytes).expect("checked by the parser");
+            let v = g
+                .client()?
+                .call("token.apply", json!({"token": text.trim()}))?;
+            println!(
+                "token {} seq {} for license {}: {}; now {} ({})",
+                v["action"].as_str().unwrap_or("?"),
+                v["seq"],
+                v["license_id"].as_str().unwrap_or("?"),
+                if v["replayed"] == json!(true) {
+                    "already applied, nothing changed"
+                } else {
+                    "applied"
+                },
+                v["state"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch => {
+            let c = g.client()?;
+            let w = c.watch(json!({}))?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for ev in w {
+                writeln!(out, "{}", serde_json::to_string(&ev?)?)?;
+                out.flush()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -836,9 +931,72 @@ fn utc(flag: &str, s: &str) -> Result<i64> {
         .with_context(|| format!("{flag}: {s:?} is not a UTC time written YYYY-MM-DDTHH:MM:SSZ"))
 }
 
+fn freeze_status(g: &Global, json: bool) -> Result<ExitCode> {
+    let v = g.client()?.call("freeze.status", json!({}))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if v["tampered"] == json!(true) {
+        println!(
+            "STATE TAMPERED (detected {}): {}",
+            v["tampered_at"].as_str().unwrap_or("-"),
+            v["tamper"]
+                .as_str()
+                .unwrap_or("the freeze state was edited or removed")
+        );
+    }
+    let list = v["licenses"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no license known");
+    }
+    for l in &list {
+        println!(
+            "{:<24} {:<10} since {}  {}",
+            l["license_id"].as_str().unwrap_or("?"),
+            l["state"].as_str().unwrap_or("?"),
+            l["since"].as_str().unwrap_or("?"),
+            l["reason"].as_str().unwrap_or("")
+        );
+        if let Some(errs) = l["actions"]["errors"].as_array().filter(|e| !e.is_empty()) {
+            for e in errs {
+                println!("    action failed: {}", e.as_str().unwrap_or("?"));
+            }
+        }
+    }
+    if let Some(e) = v["save_error"].as_str() {
+        println!("cannot save the freeze state: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
     use crate::license::{format, keys, seller};
     match command {
+        SellerCommand::Token(a) => {
+            let key = seller::read_signing_key(&a.key)?;
+            let req = crate::freeze::token::TokenRequest {
+                license_id: a.license.clone(),
+                action: a.action,
+                seq: a.seq,
+                issued_at: match &a.issued_at {
+                    Some(s) => utc("--issued-at", s)?,
+                    None => crate::clock::Clock::now_secs(&crate::clock::SystemClock),
+                },
+                devices: a.device_code.clone(),
+                reason: a.reason.clone(),
+            };
+            let text = crate::freeze::token::issue(&req, &key)?;
+            match &a.out {
+                Some(p) => {
+                    std::fs::write(p, format!("{text}\n"))
+                        .with_context(|| format!("writing {}", p.display()))?;
+                    eprintln!("token written to {}", p.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::device_code::IdentityConfig;
+use crate::freeze::FreezeConfig;
 use crate::license::LicenseConfig;
 use crate::usage::UsageConfig;
 
@@ -115,6 +116,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub usage: UsageConfig,
     pub license: LicenseConfig,
+    pub freeze: FreezeConfig,
 }
 
 /// Where an effective value came from.
@@ -301,6 +303,9 @@ impl Config {
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.license
+            .validate()
+            .map_err(|(key, m)| invalid(&key, m))?;
+        self.freeze
             .validate()
             .map_err(|(key, m)| invalid(&key, m))?;
         Ok(())

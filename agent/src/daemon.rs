@@ -119,6 +119,7 @@ async fn serve_until_signal(
     agent.device.start(&cfg, clock.clone());
     agent.usage.start(&agent);
     agent.license.start().await;
+    agent.freeze.start(agent.license.clone());
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod device_code;
 pub mod device_service;
+pub mod freeze;
 pub mod image_prep;
 pub mod license;
 pub mod logging;

@@ -12,14 +12,14 @@ use crate::docs::block;
 use crate::harness::{base_config, short_tempdir, TestAgent, BIN};
 
 /// A seller: a key pair made with `kooagent seller keygen`.
-struct Seller {
-    dir: tempfile::TempDir,
-    key: PathBuf,
+pub(crate) struct Seller {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) key: PathBuf,
     trust: String,
 }
 
 impl Seller {
-    fn new() -> Seller {
+    pub(crate) fn new() -> Seller {
         let dir = short_tempdir();
         let key = dir.path().join("seller.key");
         let out = Command::new(BIN)
@@ -39,12 +39,12 @@ impl Seller {
         Seller { dir, key, trust }
     }
 
-    fn config(&self) -> String {
+    pub(crate) fn config(&self) -> String {
         format!("[license]\ntrusted_keys = [\"{}\"]\n", self.trust)
     }
 
     /// `kooagent seller issue --key K <args>`: the license text.
-    fn issue(&self, args: &[&str]) -> String {
+    pub(crate) fn issue(&self, args: &[&str]) -> String {
         let out = Command::new(BIN)
             .args(["seller", "issue", "--key"])
             .arg(&self.key)
@@ -60,7 +60,7 @@ impl Seller {
     }
 
     /// A license bound to `code` for `product` (instance "i"), plus `extra` flags.
-    fn bound(&self, code: &str, product: &str, extra: &[&str]) -> String {
+    pub(crate) fn bound(&self, code: &str, product: &str, extra: &[&str]) -> String {
         let base = [
             "--device-code",
             code,
@@ -72,21 +72,21 @@ impl Seller {
         self.issue(&[&base[..], extra].concat())
     }
 
-    fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p
     }
 }
 
-fn device_code(a: &TestAgent) -> String {
+pub(crate) fn device_code(a: &TestAgent) -> String {
     a.call("device.code", json!({})).unwrap()["code"]
         .as_str()
         .unwrap()
         .to_string()
 }
 
-fn utc_in(secs: i64) -> String {
+pub(crate) fn utc_in(secs: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -94,13 +94,13 @@ fn utc_in(secs: i64) -> String {
     kooagent::clock::format_rfc3339(now + secs)
 }
 
-fn check(a: &TestAgent, product: &str) -> Value {
+pub(crate) fn check(a: &TestAgent, product: &str) -> Value {
     a.call("license.check", json!({"product": product}))
         .unwrap_or_else(|e| panic!("license.check {product}: {e}"))
 }
 
 /// Waits (generously; the machine is shared) until `product`'s state is `want`.
-fn wait_state(a: &TestAgent, product: &str, want: &str) -> Value {
+pub(crate) fn wait_state(a: &TestAgent, product: &str, want: &str) -> Value {
     let t0 = Instant::now();
     loop {
         if let Ok(v) = a.call("license.check", json!({"product": product})) {
@@ -115,7 +115,7 @@ fn wait_state(a: &TestAgent, product: &str, want: &str) -> Value {
     }
 }
 
-fn install(a: &TestAgent, text: &str) -> Result<Value, Value> {
+pub(crate) fn install(a: &TestAgent, text: &str) -> Result<Value, Value> {
     a.call("license.install", json!({"text": text}))
 }
 
@@ -123,6 +123,8 @@ fn installed_files(state: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(state.join("licenses"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        // Hidden files are the agent's own (the freeze state's second copy).
+        .filter(|n| !n.starts_with('.'))
         .collect();
     v.sort();
     v
@@ -442,9 +444,14 @@ fn expiry_is_noticed_without_being_asked() {
     let v = wait_state(&a, "p", "grace");
     assert_eq!(v["allowed"], true);
     assert!(v["secs_left"].as_i64().unwrap() <= 3, "{v}");
-    let v = wait_state(&a, "p", "expired");
+    // Grace over: the lifecycle freezes it (docs/freeze.md), saying why and since when.
+    let v = wait_state(&a, "p", "frozen");
     assert_eq!(v["allowed"], false);
-    assert!(v["reason"].as_str().unwrap().contains("expired"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("grace period ended"),
+        "{v}"
+    );
+    assert!(v["since"].is_string(), "{v}");
 }
 
 #[test]
@@ -747,4 +754,50 @@ fn usage_is_billed_to_the_installed_licenses_instance() {
     let text = status.to_string();
     assert!(text.contains("inst-from-license"), "{status}");
     assert!(!text.contains("\"instance_id\":\"i\""), "{status}");
+}
+
+/// docs/license-format.md §10: the documented token payload is what our issuer writes, and
+/// the documented Python issuer produces exactly the token our library does.
+#[test]
+fn documented_status_token_matches_the_python_issuer() {
+    use kooagent::freeze::token::{issue, parse, Action, TokenRequest};
+    let doc = format_doc();
+    let req = TokenRequest {
+        license_id: "L-2026-0001".into(),
+        action: Action::Freeze,
+        seq: 7,
+        issued_at: kooagent::clock::parse_rfc3339("2027-12-09T00:00:00Z").unwrap(),
+        devices: vec!["7K2M-Q9XD-4HPA-V3NE-R8T5".into()],
+        reason: Some("grace period over".into()),
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&std::array::from_fn(|i| i as u8));
+    let token = issue(&req, &key).unwrap();
+    let payload = block(&doc, "json", "\"license\":").trim().to_string();
+    assert_eq!(
+        String::from_utf8(parse(token.as_bytes()).unwrap().payload).unwrap(),
+        payload
+    );
+    if !has_python_cryptography() {
+        return;
+    }
+    let issuer = block(&doc, "python", "def issue(");
+    let token_fn = block(&doc, "python", "def issue_token");
+    // The §9 script's imports and key, then §10's function on the same request.
+    let script = format!(
+        "{}\n{token_fn}\nprint(issue_token(key, {{\"license\": \"L-2026-0001\", \"action\": \"freeze\", \"seq\": 7, \
+         \"issued_at\": \"2027-12-09T00:00:00Z\", \"devices\": [\"7K2M-Q9XD-4HPA-V3NE-R8T5\"], \
+         \"reason\": \"grace period over\"}}))\n",
+        issuer.split("print(issue(").next().unwrap()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), token);
 }

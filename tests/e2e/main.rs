@@ -5,6 +5,7 @@ mod harness;
 mod daemon;
 mod device;
 mod docs;
+mod freeze;
 mod image_prep;
 mod license;
 mod sdk;

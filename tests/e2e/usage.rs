@@ -69,6 +69,9 @@ fn agent_with(upstreams: &[String], ca: &TestCa, key_mode: u32, extra: &str) -> 
     );
     std::fs::write(&a.config, cfg).unwrap();
     a.spawn(&[]);
+    // Hours close only once the device identity (part of every metering_sn) is known: on
+    // a loaded machine that can take a moment after start.
+    a.call("device.code", json!({})).unwrap();
     a
 }
 

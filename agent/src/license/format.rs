@@ -368,7 +368,7 @@ fn take_or_default<T: DeserializeOwned + Default>(
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, UTC, exactly 20 characters.
-fn time(s: &str, field: &'static str) -> Result<i64, FormatError> {
+pub(crate) fn time(s: &str, field: &'static str) -> Result<i64, FormatError> {
     match parse_rfc3339(s) {
         Some(t) if s.ends_with('Z') => Ok(t),
         _ => Err(field_err(
@@ -379,7 +379,7 @@ fn time(s: &str, field: &'static str) -> Result<i64, FormatError> {
 }
 
 /// License ids become file names: a conservative alphabet, never starting with a dot.
-fn check_id(id: &str) -> Result<(), FormatError> {
+pub(crate) fn check_id(id: &str) -> Result<(), FormatError> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
@@ -468,7 +468,7 @@ fn check_names<'a>(
 
 /// JSON parsing that refuses duplicate object keys at any depth (serde_json silently keeps
 /// the last one, which would let two readers of the same bytes disagree).
-fn strict_json(bytes: &[u8]) -> Result<Value, FormatError> {
+pub(crate) fn strict_json(bytes: &[u8]) -> Result<Value, FormatError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = StrictValue::deserialize(&mut de)
         .and_then(|v| de.end().map(|_| v))

@@ -149,16 +149,21 @@ impl TrustedKeys {
             .collect()
     }
 
+    /// The trusted, unrevoked key with id `kid`, or why there is none.
+    pub fn lookup(&self, kid: &str) -> Result<&VerifyingKey, String> {
+        if self.revoked.contains(kid) {
+            return Err(format!("signing key {kid} is revoked"));
+        }
+        self.keys.get(kid).ok_or_else(|| {
+            format!("signing key {kid} is not among the trusted keys ([license] trusted_keys)")
+        })
+    }
+
     /// Checks a parsed license's signer and signature.
     pub fn check(&self, parsed: &Parsed) -> Integrity {
-        let kid = &parsed.license.key_id;
-        if self.revoked.contains(kid) {
-            return Integrity::UntrustedKey(format!("signing key {kid} is revoked"));
-        }
-        let Some(key) = self.keys.get(kid) else {
-            return Integrity::UntrustedKey(format!(
-                "signing key {kid} is not among the trusted keys ([license] trusted_keys)"
-            ));
+        let key = match self.lookup(&parsed.license.key_id) {
+            Ok(k) => k,
+            Err(why) => return Integrity::UntrustedKey(why),
         };
         if parsed.verify(key) {
             Integrity::Verified

@@ -14,7 +14,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde_json::{json, Map, Value};
 use tokio::io::unix::AsyncFd;
@@ -28,6 +28,24 @@ use super::verdict::{self, DeviceView, State, TimeView};
 use super::LicenseConfig;
 use crate::clock::{format_rfc3339, Clock};
 use crate::device_service::DeviceState;
+
+/// The freeze capability's say about one license: why it may not run, since when, and its
+/// lifecycle phase (`frozen` or `released`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeVerdict {
+    pub reason: String,
+    pub since: i64,
+    pub lifecycle: &'static str,
+}
+
+/// Frozen licenses by id, and the next time the freeze state may change by itself.
+pub type FreezeView = (HashMap<String, FreezeVerdict>, Option<i64>);
+
+/// What the license service asks at each rebuild of the verdict table: given each
+/// installed license and its verdict before any freeze, which are frozen.
+pub trait FreezeHook: Send + Sync {
+    fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView;
+}
 
 /// One license's verdict, with its answers prepared.
 #[derive(Debug, Clone)]
@@ -138,14 +156,20 @@ pub fn build_verdicts<'a>(
     entries: impl Iterator<Item = &'a super::store::Entry>,
     device: DeviceView<'_>,
     time: TimeView,
-    frozen: &dyn Fn(&License) -> Option<String>,
+    frozen: &dyn Fn(&License) -> Option<FreezeVerdict>,
 ) -> Verdicts {
     let mut list: Vec<(Evaluated, i64)> = Vec::new();
     let mut next_boundary: Option<i64> = None;
     for e in entries {
         let lic = &e.parsed.license;
         let why_frozen = frozen(lic);
-        let v = verdict::evaluate(lic, &e.integrity, device, time, why_frozen.as_deref());
+        let v = verdict::evaluate(
+            lic,
+            &e.integrity,
+            device,
+            time,
+            why_frozen.as_ref().map(|f| f.reason.as_str()),
+        );
         if let Some(b) = v.next_boundary {
             next_boundary = Some(next_boundary.map_or(b, |n| n.min(b)));
         }
@@ -164,9 +188,13 @@ pub fn build_verdicts<'a>(
             "features": lic.features,
             "limits": lic.limits,
         });
-        let Value::Object(answer) = common else {
+        let Value::Object(mut answer) = common else {
             unreachable!("json! object")
         };
+        if let (State::Frozen, Some(f)) = (v.state, &why_frozen) {
+            answer.insert("since".into(), json!(format_rfc3339(f.since)));
+            answer.insert("lifecycle".into(), json!(f.lifecycle));
+        }
         let mut status = answer.clone();
         status.remove("allowed");
         status.insert("key_id".into(), json!(lic.key_id));
@@ -240,6 +268,7 @@ pub struct LicenseService {
     inner: Mutex<Inner>,
     /// Tells the timer task the wake-up time may have changed.
     rearm: Notify,
+    freeze: OnceLock<Arc<dyn FreezeHook>>,
 }
 
 fn device_view<R>(state: &DeviceState, f: impl FnOnce(DeviceView<'_>) -> R) -> R {
@@ -280,6 +309,7 @@ impl LicenseService {
                 tolerance: cfg.tolerance(),
             }),
             rearm: Notify::new(),
+            freeze: OnceLock::new(),
             clock,
         })
     }
@@ -293,10 +323,25 @@ impl LicenseService {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The freeze capability's hook: why `lic` is frozen, if it is. The freeze issue
-    /// answers this from its lifecycle state; until then nothing is ever frozen.
-    fn frozen(&self, _lic: &License) -> Option<String> {
-        None
+    /// Lets the freeze capability decide which licenses are frozen (set once, before
+    /// [`LicenseService::start`]).
+    pub fn set_freeze_hook(&self, hook: Arc<dyn FreezeHook>) {
+        let _ = self.freeze.set(hook);
+    }
+
+    /// The trusted keys in force (status tokens are signed by the same keys).
+    pub fn trusted_keys(&self) -> TrustedKeys {
+        self.lock().keys.clone()
+    }
+
+    /// The clock and the trusted-time mark now.
+    pub fn time_view(&self) -> TimeView {
+        let inner = self.lock();
+        TimeView {
+            now: self.clock.now_secs(),
+            trusted: inner.time.mark(),
+            tolerance: inner.tolerance,
+        }
     }
 
     /// Rebuilds the verdict table from `inner` and publishes it. Blocking (may save the
@@ -319,9 +364,36 @@ impl LicenseService {
             tolerance: inner.tolerance,
         };
         let device = self.device.borrow().clone();
+        let (frozen, freeze_boundary) = match self.freeze.get() {
+            Some(hook) => {
+                let raw = device_view(&device, |d| {
+                    build_verdicts(inner.store.entries(), d, time, &|_| None)
+                });
+                let states: HashMap<&str, State> = raw
+                    .licenses
+                    .iter()
+                    .map(|e| (e.id.as_str(), e.state))
+                    .collect();
+                let list: Vec<(&License, State)> = inner
+                    .store
+                    .entries()
+                    .filter_map(|e| {
+                        let l = &e.parsed.license;
+                        states.get(l.id.as_str()).map(|s| (l, *s))
+                    })
+                    .collect();
+                hook.observe(&list, time)
+            }
+            None => (HashMap::new(), None),
+        };
         let mut v = device_view(&device, |d| {
-            build_verdicts(inner.store.entries(), d, time, &|l| self.frozen(l))
+            build_verdicts(inner.store.entries(), d, time, &|l| {
+                frozen.get(&l.id).cloned()
+            })
         });
+        if let Some(b) = freeze_boundary {
+            v.next_boundary = Some(v.next_boundary.map_or(b, |n| n.min(b)));
+        }
         v.device_pending = matches!(device, DeviceState::Pending);
         v.time_source = Some(inner.time.source());
         v.time_error = inner.time.load_error.clone();
@@ -513,7 +585,7 @@ fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
     }
 }
 
-fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscalls; the fd is owned right away.
     let fd = unsafe {
         OwnedFd::from_raw_fd(cvt(libc::inotify_init1(
@@ -528,7 +600,7 @@ fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
 }
 
 /// File names in a buffer of inotify events; `None` when the queue overflowed.
-fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
+pub(crate) fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
     const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
     let mut off = 0;
     while off + HEADER <= buf.len() {
@@ -549,7 +621,7 @@ fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
     }
 }
 
-fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: reads into our buffer within its length.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
@@ -560,7 +632,7 @@ fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Registers `fd` with the runtime's reactor; `what` names it in the error log.
-fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
+pub(crate) fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
     match unsafe { AsyncFd::register(fd) } {
         Ok(a) => Some(a),

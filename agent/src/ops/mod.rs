@@ -14,6 +14,7 @@ use crate::agent::Agent;
 use crate::protocol::{codes, OpError};
 
 pub mod device;
+pub mod freeze;
 pub mod license;
 pub mod ping;
 pub mod status;
@@ -81,6 +82,7 @@ impl Dispatcher {
             device::OPS,
             license::OPS,
             usage::OPS,
+            freeze::OPS,
         ];
         let mut ops = HashMap::new();
         for spec in tables.iter().flat_map(|t| t.iter()) {

@@ -1,0 +1,546 @@
+//! The running agent's freeze service: holds the lifecycle, saves it (MAC'd, two copies),
+//! answers the license service's freeze hook at every verdict rebuild, applies status
+//! tokens (socket and drop directory), streams transitions to `watch` subscribers and hands
+//! transitions to the action thread.
+//!
+//! Lock order: the license service's lock, then this one; this service never calls the
+//! license service while holding its own lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::actions::{self, ActionConfig, Journal, Side, Want};
+use super::lifecycle::{Input, Lease, LicenseFacts, Machine, Outcome, Phase, Refusal};
+use super::state_file::{self, Paths};
+use super::token::{self, TokenError};
+use super::FreezeConfig;
+use crate::clock::format_rfc3339;
+use crate::device_service::DeviceState;
+use crate::license::format::License;
+use crate::license::service::{FreezeHook, FreezeVerdict, FreezeView};
+use crate::license::verdict::{State, TimeView};
+use crate::license::LicenseService;
+
+/// Error codes of token application (stable, snake_case).
+pub mod codes {
+    pub const MALFORMED_TOKEN: &str = "malformed_token";
+    pub const UNTRUSTED_KEY: &str = "untrusted_key";
+    pub const BAD_SIGNATURE: &str = "bad_signature";
+    pub const WRONG_DEVICE: &str = "wrong_device";
+    pub const DEVICE_PENDING: &str = "device_pending";
+    pub const UNKNOWN_LICENSE: &str = "unknown_license";
+    pub const STALE_TOKEN: &str = "stale_token";
+    pub const TOKEN_FROM_FUTURE: &str = "token_from_future";
+    pub const LICENSE_RELEASED: &str = "license_released";
+}
+
+/// Why a token was refused: a stable code and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRefused {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Events a subscriber may fall behind by before it is dropped (it reconnects and gets
+/// the current state first).
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// Meta keys of a license that ask for a lease (decimal seconds).
+pub const LEASE_SECS: &str = "lease_secs";
+pub const LEASE_GRACE_SECS: &str = "lease_grace_secs";
+
+struct Inner {
+    machine: Machine,
+    generation: u64,
+    products: HashMap<String, String>,
+    tamper: Option<String>,
+    save_error: Option<String>,
+    event_seq: u64,
+    subscribers: Vec<mpsc::Sender<Value>>,
+    /// The last trusted time seen (tokens are judged against it).
+    now: i64,
+    tolerance: i64,
+}
+
+pub struct FreezeService {
+    paths: Paths,
+    key: [u8; 32],
+    tokens_dir: PathBuf,
+    inner: Mutex<Inner>,
+    journal: Arc<Mutex<Journal>>,
+    actions_tx: Mutex<std_mpsc::Sender<Vec<Want>>>,
+    action_cfg: Arc<Mutex<ActionConfig>>,
+    device: watch::Receiver<DeviceState>,
+}
+
+fn lease_of(lic: &License) -> Option<Lease> {
+    let every = lic.meta.get(LEASE_SECS)?.parse::<i64>().ok()?;
+    let grace = lic
+        .meta
+        .get(LEASE_GRACE_SECS)
+        .and_then(|g| g.parse::<i64>().ok())
+        .unwrap_or(0);
+    (every > 0 && grace >= 0).then_some(Lease {
+        every_secs: every,
+        grace_secs: grace,
+    })
+}
+
+fn refusal(r: Refusal) -> TokenRefused {
+    let code = match r {
+        Refusal::UnknownLicense(_) => codes::UNKNOWN_LICENSE,
+        Refusal::Stale { .. } => codes::STALE_TOKEN,
+        Refusal::FromFuture { .. } => codes::TOKEN_FROM_FUTURE,
+        Refusal::Released(_) => codes::LICENSE_RELEASED,
+    };
+    TokenRefused {
+        code,
+        message: r.to_string(),
+    }
+}
+
+impl FreezeService {
+    /// Loads (or creates) the device key and the state. Blocking; call before serving.
+    pub fn new(
+        state_dir: &Path,
+        cfg: &FreezeConfig,
+        now: i64,
+        device: watch::Receiver<DeviceState>,
+    ) -> Arc<FreezeService> {
+        let paths = Paths::new(state_dir);
+        let _ = crate::store::ensure_dir(state_dir, 0o750);
+        let (key, created) = match state_file::device_key(&paths.key) {
+            Ok(k) => k,
+            Err(e) => {
+                // Without a key nothing can be verified: run with a throw-away one, and the
+                // next start finds the state unverifiable (frozen), which is the safe side.
+                log::error!("freeze: {e}; using a temporary device key");
+                let mut k = [0u8; 32];
+                let _ = getrandom::getrandom(&mut k);
+                (k, false)
+            }
+        };
+        let loaded = state_file::load(&paths, &key, created, now);
+        if let Some(t) = &loaded.tamper {
+            log::warn!("freeze state tampered with: {t}; affected licenses stay frozen until a status token or a license issued from now on arrives");
+        }
+        let journal_path = actions::journal_path(state_dir);
+        let journal = Arc::new(Mutex::new(actions::load_journal(&journal_path)));
+        let action_cfg = Arc::new(Mutex::new(cfg.actions()));
+        let (tx, rx) = std_mpsc::channel::<Vec<Want>>();
+        {
+            let journal = journal.clone();
+            let cfg = action_cfg.clone();
+            std::thread::Builder::new()
+                .name("freeze-actions".into())
+                .spawn(move || action_thread(rx, journal, journal_path, cfg))
+                .expect("spawn the freeze action thread");
+        }
+        let svc = Arc::new(FreezeService {
+            tokens_dir: super::tokens_dir(state_dir),
+            paths,
+            key,
+            inner: Mutex::new(Inner {
+                machine: loaded.machine,
+                generation: loaded.generation,
+                products: HashMap::new(),
+                tamper: loaded.tamper,
+                save_error: None,
+                event_seq: 0,
+                subscribers: vec![],
+                now,
+                tolerance: 86_400,
+            }),
+            journal,
+            actions_tx: Mutex::new(tx),
+            action_cfg,
+            device,
+        });
+        // Written at once: the next start expects the files (missing means deleted).
+        let mut inner = svc.lock();
+        svc.save(&mut inner);
+        drop(inner);
+        svc
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, inner: &mut Inner) {
+        inner.generation += 1;
+        match state_file::save(&self.paths, &self.key, inner.generation, &inner.machine) {
+            Ok(()) => inner.save_error = None,
+            Err(e) => {
+                log::error!("freeze: cannot save the state: {e}");
+                inner.save_error = Some(e.to_string());
+            }
+        }
+    }
+
+    pub fn reconfigure(&self, cfg: &FreezeConfig) {
+        *self.action_cfg.lock().unwrap_or_else(|p| p.into_inner()) = cfg.actions();
+    }
+
+    /// Saves, publishes and acts on what an input did.
+    fn after(&self, inner: &mut Inner, out: &Outcome) {
+        if out.changed {
+            self.save(inner);
+        }
+        for t in &out.transitions {
+            log::info!(
+                "license {}: {} -> {} ({})",
+                t.license_id,
+                t.from.map_or("new", Phase::as_str),
+                t.to.as_str(),
+                t.reason
+            );
+            inner.event_seq += 1;
+            let ev = json!({
+                "seq": inner.event_seq,
+                "type": "transition",
+                "license_id": t.license_id,
+                "product": inner.products.get(&t.license_id),
+                "from": t.from,
+                "state": t.to,
+                "reason": t.reason,
+                "since": format_rfc3339(t.since),
+                "causes": t.causes,
+            });
+            inner.subscribers.retain(|s| s.try_send(ev.clone()).is_ok());
+        }
+        // The action thread compares with its journal: only what is not done yet runs.
+        let wants: Vec<Want> = inner
+            .machine
+            .present()
+            .filter_map(|id| inner.machine.records.get(id).map(|r| (id, r)))
+            .map(|(id, r)| Want {
+                license_id: id.clone(),
+                side: if r.phase.running() {
+                    Side::Running
+                } else {
+                    Side::Stopped
+                },
+                state: r.phase.as_str().to_string(),
+                since: r.since,
+            })
+            .collect();
+        let _ = self
+            .actions_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(wants);
+    }
+
+    /// Applies a status token (blocking). The caller refreshes the license verdicts after.
+    pub fn apply_token(
+        &self,
+        bytes: &[u8],
+        keys: &crate::license::keys::TrustedKeys,
+        time: TimeView,
+    ) -> Result<Value, TokenRefused> {
+        let tok = token::parse(bytes).map_err(|e| TokenRefused {
+            code: codes::MALFORMED_TOKEN,
+            message: e.to_string(),
+        })?;
+        tok.verify(keys).map_err(|e| TokenRefused {
+            code: match e {
+                TokenError::UntrustedKey(_) => codes::UNTRUSTED_KEY,
+                _ => codes::BAD_SIGNATURE,
+            },
+            message: e.to_string(),
+        })?;
+        if !tok.req.devices.is_empty() {
+            let codes_here = match &*self.device.borrow() {
+                DeviceState::Ready(r) => {
+                    let mut c = vec![r.code.clone()];
+                    c.extend(r.accepted_codes.iter().cloned());
+                    c
+                }
+                _ => {
+                    return Err(TokenRefused {
+                        code: codes::DEVICE_PENDING,
+                        message: "the device code is not known yet; try again in a moment".into(),
+                    })
+                }
+            };
+            if !tok.binds(&codes_here) {
+                return Err(TokenRefused {
+                    code: codes::WRONG_DEVICE,
+                    message: format!(
+                        "the token is for device(s) {} and this device is {}",
+                        tok.req.devices.join(", "),
+                        codes_here[0]
+                    ),
+                });
+            }
+        }
+        let mut inner = self.lock();
+        let now = time.now.max(time.trusted);
+        inner.now = now;
+        inner.tolerance = time.tolerance;
+        let req = tok.req.clone();
+        let out = inner
+            .machine
+            .apply(Input::Token(req.clone()), now, time.tolerance)
+            .map_err(refusal)?;
+        self.after(&mut inner, &out);
+        let rec = inner.machine.records.get(&req.license_id);
+        Ok(json!({
+            "license_id": req.license_id,
+            "action": req.action,
+            "seq": req.seq,
+            "issued_at": format_rfc3339(req.issued_at),
+            "applied": !out.replayed,
+            "replayed": out.replayed,
+            "state": rec.map(|r| r.phase),
+            "reason": rec.map(|r| r.reason.clone()),
+        }))
+    }
+
+    /// Subscribes to transitions: the current state of every license first, then each
+    /// transition in order, every event with an increasing `seq`.
+    pub fn subscribe(&self) -> mpsc::Receiver<Value> {
+        let mut inner = self.lock();
+        let present: Vec<String> = inner.machine.present().cloned().collect();
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + present.len());
+        for id in present {
+            let Some(r) = inner.machine.records.get(&id).cloned() else {
+                continue;
+            };
+            inner.event_seq += 1;
+            let _ = tx.try_send(json!({
+                "seq": inner.event_seq,
+                "type": "state",
+                "license_id": id,
+                "product": inner.products.get(&id),
+                "state": r.phase,
+                "reason": r.reason,
+                "since": format_rfc3339(r.since),
+                "causes": r.causes,
+            }));
+        }
+        inner.subscribers.push(tx);
+        rx
+    }
+
+    /// For `freeze.status`.
+    pub fn status(&self) -> Value {
+        let inner = self.lock();
+        let journal = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let licenses: Vec<Value> = inner
+            .machine
+            .records
+            .iter()
+            .map(|(id, r)| {
+                json!({
+                    "license_id": id,
+                    "product": inner.products.get(id),
+                    "installed": inner.machine.is_present(id),
+                    "state": r.phase,
+                    "reason": r.reason,
+                    "since": format_rfc3339(r.since),
+                    "causes": r.causes,
+                    "last_token": r.token.as_ref().map(|t| json!({
+                        "action": t.action, "seq": t.seq,
+                        "issued_at": format_rfc3339(t.issued_at), "reason": t.reason,
+                    })),
+                    "lease_deadline": r.lease_deadline.map(format_rfc3339),
+                    "actions": journal.get(id).map(|d| json!({
+                        "side": d.side, "state": d.state, "at": format_rfc3339(d.at),
+                        "ok": d.errors.is_empty(), "errors": d.errors,
+                    })),
+                })
+            })
+            .collect();
+        json!({
+            "licenses": licenses,
+            "tampered": inner.tamper.is_some() || inner.machine.tampered_at.is_some(),
+            "tamper": inner.tamper,
+            "tampered_at": inner.machine.tampered_at.map(format_rfc3339),
+            "state_file": self.paths.primary,
+            "save_error": inner.save_error,
+            "tokens_dir": self.tokens_dir,
+        })
+    }
+
+    /// Starts watching the drop directory. Call inside the runtime, after the license
+    /// service started.
+    pub fn start(self: &Arc<Self>, license: Arc<LicenseService>) {
+        if let Err(e) = crate::store::ensure_dir(&self.tokens_dir, 0o770) {
+            log::error!("freeze: {e}; dropped tokens are not picked up");
+            return;
+        }
+        let fd = match crate::license::service::inotify_watch(&self.tokens_dir) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::error!("cannot watch {}: {e}", self.tokens_dir.display());
+                return;
+            }
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let scan = {
+                let (me, lic) = (me.clone(), license.clone());
+                move || me.scan_drop_dir(&lic)
+            };
+            let _ = tokio::task::spawn_blocking(scan.clone()).await;
+            let Some(afd) = crate::license::service::register(fd, "tokens directory watch") else {
+                return;
+            };
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    return;
+                };
+                let mut got = false;
+                while let Ok(r) =
+                    guard.try_io(|fd| crate::license::service::read_fd(fd.get_ref(), &mut buf))
+                {
+                    if r.is_err() {
+                        return;
+                    }
+                    got = true;
+                }
+                if got {
+                    let _ = tokio::task::spawn_blocking(scan.clone()).await;
+                }
+            }
+        });
+    }
+
+    /// Applies every `*.tok` file in the drop directory: applied (or replayed) ones are
+    /// removed, refused ones renamed `*.rejected` with the reason logged.
+    fn scan_drop_dir(&self, license: &LicenseService) {
+        let Ok(rd) = std::fs::read_dir(&self.tokens_dir) else {
+            return;
+        };
+        let names: BTreeSet<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "tok"))
+            .collect();
+        for path in names {
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            match self.apply_token(&bytes, &license.trusted_keys(), license.time_view()) {
+                Ok(v) => {
+                    log::info!("token {} applied: {v}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                    license.refresh_blocking();
+                }
+                Err(e) => {
+                    log::warn!(
+                        "token {} refused: {} ({})",
+                        path.display(),
+                        e.message,
+                        e.code
+                    );
+                    let mut rejected = path.clone().into_os_string();
+                    rejected.push(".rejected");
+                    let _ = std::fs::rename(&path, rejected);
+                }
+            }
+        }
+    }
+}
+
+impl FreezeHook for FreezeService {
+    fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView {
+        let now = time.now.max(time.trusted);
+        let facts: Vec<LicenseFacts> = licenses
+            .iter()
+            .filter(|(_, s)| {
+                matches!(
+                    s,
+                    State::Valid | State::Grace | State::Expired | State::NotYetValid
+                )
+            })
+            .map(|(l, _)| LicenseFacts {
+                id: l.id.clone(),
+                issued_at: l.issued_at,
+                not_after: l.not_after,
+                grace_end: l.grace_end(),
+                lease: lease_of(l),
+            })
+            .collect();
+        let mut inner = self.lock();
+        inner.now = now;
+        inner.tolerance = time.tolerance;
+        for (l, _) in licenses {
+            inner.products.insert(l.id.clone(), l.product.clone());
+        }
+        let out = inner
+            .machine
+            .apply(Input::Licenses(facts), now, time.tolerance)
+            .unwrap_or_default();
+        self.after(&mut inner, &out);
+        let frozen: HashMap<String, FreezeVerdict> = inner
+            .machine
+            .present()
+            .filter_map(|id| inner.machine.frozen(id).map(|(r, p)| (id, r, p)))
+            .map(|(id, r, p)| {
+                (
+                    id.clone(),
+                    FreezeVerdict {
+                        reason: r.reason.clone(),
+                        since: r.since,
+                        lifecycle: p.as_str(),
+                    },
+                )
+            })
+            .collect();
+        (frozen, inner.machine.next_boundary(now))
+    }
+}
+
+fn action_thread(
+    rx: std_mpsc::Receiver<Vec<Want>>,
+    journal: Arc<Mutex<Journal>>,
+    path: PathBuf,
+    cfg: Arc<Mutex<ActionConfig>>,
+) {
+    let boot = actions::boot_id();
+    // Every wish in order: a freeze quickly followed by an unfreeze runs both.
+    while let Ok(wants) = rx.recv() {
+        let todo = {
+            let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+            actions::plan(&j, &wants, &boot)
+        };
+        if todo.is_empty() {
+            continue;
+        }
+        let cfg = cfg.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut done: BTreeMap<String, actions::Done> = BTreeMap::new();
+        for w in todo {
+            let errors = actions::execute(&cfg, &w);
+            for e in &errors {
+                log::error!("freeze action for license {}: {e}", w.license_id);
+            }
+            done.insert(
+                w.license_id.clone(),
+                actions::Done {
+                    side: w.side,
+                    state: w.state.clone(),
+                    since: w.since,
+                    boot_id: boot.clone(),
+                    at: crate::clock::Clock::now_secs(&crate::clock::SystemClock),
+                    errors,
+                },
+            );
+        }
+        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        j.extend(done);
+        if let Err(e) = actions::save_journal(&path, &j) {
+            log::error!("freeze: cannot save the action journal: {e}");
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Freeze state end to end: seller tokens freeze and unfreeze, `watch` streams every
+//! transition in order, actions run once per transition, and the state survives restarts
+//! and resists casual tampering.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{TestAgent, BIN};
+use crate::license::{check, device_code, install, utc_in, wait_state, Seller};
+
+/// A fake systemctl and hook that append their arguments / environment to `log`.
+fn fakes(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let log = dir.join("actions.log");
+    let systemctl = dir.join("systemctl");
+    let hook = dir.join("hook");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"systemctl $*\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"hook $KOOAGENT_LICENSE_ID $KOOAGENT_STATE\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&systemctl, &hook] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (log, systemctl, hook)
+}
+
+fn config(seller: &Seller, systemctl: &Path, hook: &Path) -> String {
+    format!(
+        "{}[freeze]\nunits = [\"app.service\"]\nsystemctl = \"{}\"\ncommand = [\"{}\"]\n",
+        seller.config(),
+        systemctl.display(),
+        hook.display()
+    )
+}
+
+fn token(seller: &Seller, license: &str, action: &str, seq: u64, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["seller", "token", "--key"])
+        .arg(&seller.key)
+        .args([
+            "--license",
+            license,
+            "--action",
+            action,
+            "--seq",
+            &seq.to_string(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn apply(a: &TestAgent, text: &str) -> Result<Value, Value> {
+    a.call("token.apply", json!({"token": text}))
+}
+
+/// Waits until the action log has `n` lines.
+fn wait_log(log: &Path, n: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= n || t0.elapsed() > Duration::from_secs(20) {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read_event(c: &mut crate::harness::Conn) -> Value {
+    let v = c.read_json();
+    assert_eq!(v["ok"], true, "{v}");
+    v["event"].clone()
+}
+
+#[test]
+fn tokens_freeze_and_unfreeze_in_order_with_watch_and_actions() {
+    let seller = Seller::new();
+    let (log, systemctl, hook) = fakes(seller.dir.path());
+    let a = TestAgent::start(&config(&seller, &systemctl, &hook));
+    let code = device_code(&a);
+    let lic = seller.bound(
+        &code,
+        "p",
+        &["--days", "30", "--id", "L-F", "--not-before", &utc_in(-60)],
+    );
+    install(&a, &lic).unwrap();
+    assert_eq!(check(&a, "p")["state"], "valid");
+
+    let mut w = a.connect();
+    w.send_raw(b"{\"v\":1,\"id\":\"w\",\"op\":\"watch\",\"params\":{}}\n");
+    let first = read_event(&mut w);
+    assert_eq!(
+        (first["type"].as_str(), first["state"].as_str()),
+        (Some("state"), Some("active")),
+        "{first}"
+    );
+    assert_eq!(first["license_id"], "L-F");
+
+    // Freeze, through the CLI from a file.
+    let f1 = seller.write(
+        "f1.tok",
+        &token(
+            &seller,
+            "L-F",
+            "freeze",
+            1,
+            &["--device-code", &code, "--reason", "overdue"],
+        ),
+    );
+    let out = a.cli(&["token", "apply", f1.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = check(&a, "p");
+    assert_eq!(
+        (v["state"].as_str(), v["allowed"].as_bool()),
+        (Some("frozen"), Some(false)),
+        "{v}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("overdue"), "{v}");
+    assert!(v["since"].is_string(), "{v}");
+    // The same token again changes nothing; an older one is refused.
+    let text1 = std::fs::read_to_string(&f1).unwrap();
+    let r = apply(&a, &text1).unwrap();
+    assert_eq!(
+        (r["replayed"].as_bool(), r["state"].as_str()),
+        (Some(true), Some("frozen"))
+    );
+    let e = apply(&a, &token(&seller, "L-F", "unfreeze", 0, &[])).unwrap_err();
+    assert_eq!(e["code"], "stale_token", "{e}");
+    // Another device, another license: refused with the reason.
+    let e = apply(
+        &a,
+        &token(
+            &seller,
+            "L-F",
+            "unfreeze",
+            5,
+            &["--device-code", "7K2M-Q9XD-4HPA-V3NE-R8T5"],
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e["code"], "wrong_device", "{e}");
+    let e = apply(&a, &token(&seller, "L-NONE", "unfreeze", 5, &[])).unwrap_err();
+    assert_eq!(e["code"], "unknown_license", "{e}");
+    assert_eq!(check(&a, "p")["state"], "frozen");
+    // Unfreeze.
+    let r = apply(&a, &token(&seller, "L-F", "unfreeze", 2, &[])).unwrap();
+    assert_eq!(r["state"], "active", "{r}");
+    assert_eq!(check(&a, "p")["state"], "valid");
+
+    // Watch saw every transition in order, with increasing sequence numbers.
+    let e1 = read_event(&mut w);
+    let e2 = read_event(&mut w);
+    assert_eq!(
+        (e1["from"].as_str(), e1["state"].as_str()),
+        (Some("active"), Some("frozen")),
+        "{e1}"
+    );
+    assert_eq!(
+        (e2["from"].as_str(), e2["state"].as_str()),
+        (Some("frozen"), Some("active")),
+        "{e2}"
+    );
+    let seqs: Vec<u64> = [&first, &e1, &e2]
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
+
+    // Each action ran once per transition.
+    let lines = wait_log(&log, 4);
+    assert_eq!(
+        lines,
+        vec![
+            "systemctl stop app.service",
+            "hook L-F frozen",
+            "systemctl start app.service",
+            "hook L-F active"
+        ],
+        "{}",
+        a.log()
+    );
+    let s = a.call("freeze.status", json!({})).unwrap();
+    assert_eq!(s["licenses"][0]["actions"]["ok"], true, "{s}");
+    assert_eq!(s["tampered"], false, "{s}");
+}
+
+#[test]
+fn restart_keeps_frozen_and_tampering_does_not_unfreeze() {
+    let seller = Seller::new();
+    let (log, systemctl, hook) = fakes(seller.dir.path());
+    let mut a = TestAgent::start(&config(&seller, &systemctl, &hook));
+    let code = device_code(&a);
+    let lic = seller.bound(
+        &code,
+        "p",
+        &[
+            "--days",
+            "30",
+            "--id",
+            "L-T",
+            "--not-before",
+            &utc_in(-60),
+            "--issued-at",
+            &utc_in(-3600),
+        ],
+    );
+    install(&a, &lic).unwrap();
+    apply(
+        &a,
+        &token(
+            &seller,
+            "L-T",
+            "freeze",
+            1,
+            &["--issued-at", &utc_in(-1800)],
+        ),
+    )
+    .unwrap();
+    assert_eq!(wait_log(&log, 2).len(), 2);
+
+    // A restart (same boot): still frozen, and the actions do not run again.
+    a.stop();
+    a.spawn(&[]);
+    assert_eq!(wait_state(&a, "p", "frozen")["allowed"], false);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_log(&log, 2).len(), 2);
+
+    // Edit the state file to say active and delete the second copy.
+    a.stop();
+    let primary = a.state.join("lifecycle.json");
+    let text = std::fs::read_to_string(&primary).unwrap();
+    assert!(text.contains("\"frozen\""));
+    std::fs::write(&primary, text.replace("\"frozen\"", "\"active\"")).unwrap();
+    std::fs::remove_file(a.state.join("licenses/.lifecycle.json")).unwrap();
+    a.spawn(&[]);
+    let v = wait_state(&a, "p", "frozen");
+    assert!(
+        v["reason"].as_str().unwrap().contains("edited or removed"),
+        "{v}"
+    );
+    let s = a.call("freeze.status", json!({})).unwrap();
+    assert_eq!(s["tampered"], true, "{s}");
+    let out = a.cli(&["freeze", "status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("STATE TAMPERED"));
+
+    // Deleting everything again (both copies) keeps it frozen too.
+    a.stop();
+    std::fs::remove_file(&primary).unwrap();
+    let _ = std::fs::remove_file(a.state.join("licenses/.lifecycle.json"));
+    a.spawn(&[]);
+    wait_state(&a, "p", "frozen");
+    // An old token (issued before the tampering) does not lift it; a fresh one does.
+    apply(
+        &a,
+        &token(
+            &seller,
+            "L-T",
+            "unfreeze",
+            2,
+            &["--issued-at", &utc_in(-1700)],
+        ),
+    )
+    .unwrap();
+    assert_eq!(check(&a, "p")["state"], "frozen");
+    let r = apply(&a, &token(&seller, "L-T", "unfreeze", 3, &[])).unwrap();
+    assert_eq!(r["state"], "active", "{r}");
+    assert_eq!(check(&a, "p")["state"], "valid");
+}
+
+#[test]
+fn dropped_token_is_applied_and_a_bad_one_rejected() {
+    let seller = Seller::new();
+    let a = TestAgent::start(&seller.config());
+    let code = device_code(&a);
+    install(
+        &a,
+        &seller.bound(
+            &code,
+            "p",
+            &["--days", "30", "--id", "L-D", "--not-before", &utc_in(-60)],
+        ),
+    )
+    .unwrap();
+    let dir = a.state.join("tokens");
+    let mut f = std::fs::File::create(dir.join("x.tok.part")).unwrap();
+    f.write_all(token(&seller, "L-D", "freeze", 1, &[]).as_bytes())
+        .unwrap();
+    drop(f);
+    std::fs::rename(dir.join("x.tok.part"), dir.join("x.tok")).unwrap();
+    wait_state(&a, "p", "frozen");
+    std::fs::write(dir.join("bad.tok"), "kst1.nope").unwrap();
+    let t0 = Instant::now();
+    while !dir.join("bad.tok.rejected").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!dir.join("x.tok").exists());
+}
