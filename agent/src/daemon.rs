@@ -120,6 +120,12 @@ async fn serve_until_signal(
     agent.usage.start(&agent);
     agent.license.start().await;
     agent.freeze.start(agent.license.clone());
+    {
+        let weak = Arc::downgrade(&agent);
+        crate::freeze::online::start(agent.freeze.clone(), agent.license.clone(), move || {
+            weak.upgrade().map(|a| a.config().freeze.clone())
+        });
+    }
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;

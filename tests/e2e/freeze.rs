@@ -46,7 +46,7 @@ fn config(seller: &Seller, systemctl: &Path, hook: &Path) -> String {
     )
 }
 
-fn token(seller: &Seller, license: &str, action: &str, seq: u64, extra: &[&str]) -> String {
+pub fn token(seller: &Seller, license: &str, action: &str, seq: u64, extra: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(["seller", "token", "--key"])
         .arg(&seller.key)

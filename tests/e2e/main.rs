@@ -8,6 +8,7 @@ mod docs;
 mod freeze;
 mod image_prep;
 mod license;
+mod online;
 mod sdk;
 mod socket;
 mod upstream;

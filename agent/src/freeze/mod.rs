@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod actions;
 pub mod lifecycle;
+pub mod online;
 pub mod service;
 pub mod state_file;
 pub mod token;
@@ -28,6 +29,18 @@ pub struct FreezeConfig {
     pub systemctl: PathBuf,
     /// How long one action may run before it is killed and reported as failed.
     pub action_timeout_secs: u64,
+    /// The seller's status-token endpoint, polled for each license held: an `https://`
+    /// URL with `{license_id}` in it; empty: no online source.
+    pub token_url: String,
+    /// Where a renewed license is fetched from, same form; empty: not fetched.
+    pub license_url: String,
+    /// Time between polls, with up to `poll_jitter_secs` added at random.
+    pub poll_interval_secs: u64,
+    pub poll_jitter_secs: u64,
+    /// One poll request's time limit.
+    pub poll_timeout_secs: u64,
+    /// A CA (PEM) trusted for the seller's endpoint besides the web PKI roots.
+    pub poll_extra_ca_file: PathBuf,
 }
 
 impl Default for FreezeConfig {
@@ -37,6 +50,12 @@ impl Default for FreezeConfig {
             command: vec![],
             systemctl: "/usr/bin/systemctl".into(),
             action_timeout_secs: 60,
+            token_url: String::new(),
+            license_url: String::new(),
+            poll_interval_secs: 6 * 3600,
+            poll_jitter_secs: 1800,
+            poll_timeout_secs: 10,
+            poll_extra_ca_file: PathBuf::new(),
         }
     }
 }
@@ -72,6 +91,29 @@ impl FreezeConfig {
             return Err((
                 "freeze.action_timeout_secs".into(),
                 "must be between 1 and 3600".into(),
+            ));
+        }
+        for (key, url) in [
+            ("freeze.token_url", &self.token_url),
+            ("freeze.license_url", &self.license_url),
+        ] {
+            if !url.is_empty() && (!url.starts_with("https://") || !url.contains("{license_id}")) {
+                return Err((
+                    key.into(),
+                    format!("{url:?} must be an https:// URL containing {{license_id}}"),
+                ));
+            }
+        }
+        if !(1..=7 * 86_400).contains(&self.poll_interval_secs) {
+            return Err((
+                "freeze.poll_interval_secs".into(),
+                "must be between 1 and 604800".into(),
+            ));
+        }
+        if !(1..=300).contains(&self.poll_timeout_secs) {
+            return Err((
+                "freeze.poll_timeout_secs".into(),
+                "must be between 1 and 300".into(),
             ));
         }
         Ok(())

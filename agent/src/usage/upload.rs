@@ -48,7 +48,9 @@ pub enum Outcome {
 }
 
 /// Loads the trust roots: Mozilla's set plus the certificates of `extra_ca` (PEM).
-fn roots(extra_ca: Option<&Path>) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+pub(crate) fn roots(
+    extra_ca: Option<&Path>,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
     let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))

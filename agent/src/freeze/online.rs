@@ -1,0 +1,206 @@
+//! The optional online source: the seller's HTTPS endpoint, polled for the newest status
+//! token (and, optionally, a renewed license) of every license this device holds.
+//!
+//! Offline first: an unreachable endpoint, an error or "nothing new" changes nothing; only
+//! a token or license that verifies against the trusted keys does, through the same paths
+//! as `token.apply` and `license.install` (so an older token or license is refused there).
+//! Polls are spread with random jitter so a fleet does not hit the seller at once, and the
+//! poller sleeps between them (no wake-ups otherwise).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{FreezeConfig, FreezeService};
+use crate::license::LicenseService;
+
+/// What one poll did, for the log and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Poll {
+    pub asked: usize,
+    pub tokens_applied: usize,
+    pub licenses_installed: usize,
+    pub failures: usize,
+}
+
+/// `{license_id}` filled in, percent-encoded so any license id is one path segment.
+pub fn url_for(template: &str, license_id: &str) -> String {
+    let mut enc = String::new();
+    for b in license_id.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            enc.push(b as char);
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    template.replace("{license_id}", &enc)
+}
+
+fn agent(cfg: &FreezeConfig) -> Result<ureq::Agent, String> {
+    let extra = (!cfg.poll_extra_ca_file.as_os_str().is_empty())
+        .then_some(cfg.poll_extra_ca_file.as_path());
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(
+            crate::usage::upload::roots(extra)?,
+        )))
+        .build();
+    let config = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .timeout_global(Some(Duration::from_secs(cfg.poll_timeout_secs)))
+        .http_status_as_error(false)
+        .user_agent(format!("kooagent/{}", env!("CARGO_PKG_VERSION")))
+        .build();
+    Ok(ureq::Agent::new_with_config(config))
+}
+
+/// GET `url`: `Ok(Some(body))` on 200, `Ok(None)` on 204/404 (nothing for this license).
+fn fetch(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
+    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+    match resp.status().as_u16() {
+        200 => resp
+            .body_mut()
+            .with_config()
+            .limit(1024 * 1024)
+            .read_to_vec()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        204 | 404 => Ok(None),
+        s => Err(format!("HTTP {s}")),
+    }
+}
+
+/// One round over every license held (blocking).
+pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseService) -> Poll {
+    let mut out = Poll::default();
+    let agent = match agent(cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!("freeze online source: {e}");
+            out.failures += 1;
+            return out;
+        }
+    };
+    let ids: BTreeSet<String> = license
+        .verdicts()
+        .licenses
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+    for id in ids {
+        out.asked += 1;
+        if !cfg.token_url.is_empty() {
+            match fetch(&agent, &url_for(&cfg.token_url, &id)) {
+                Ok(Some(body)) => {
+                    match freeze.apply_token(&body, &license.trusted_keys(), license.time_view()) {
+                        Ok(v) => {
+                            if v["replayed"] != serde_json::json!(true) {
+                                log::info!(
+                                    "freeze: token for {id} from the online source applied: {v}"
+                                );
+                                out.tokens_applied += 1;
+                            }
+                            license.refresh_blocking();
+                        }
+                        Err(e) => log::debug!(
+                            "freeze: online token for {id} not applied: {} ({})",
+                            e.message,
+                            e.code
+                        ),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    out.failures += 1;
+                    log::debug!("freeze: online source unreachable for {id}: {e}");
+                }
+            }
+        }
+        if !cfg.license_url.is_empty() {
+            match fetch(&agent, &url_for(&cfg.license_url, &id)) {
+                Ok(Some(body)) => match license.install(&body, None) {
+                    Ok((installed, _)) => {
+                        log::info!("license {} fetched from the online source", installed.id());
+                        out.licenses_installed += 1;
+                    }
+                    // The same license again, or an older one: nothing to do.
+                    Err(e) => {
+                        log::debug!("license for {id} from the online source not installed: {e}")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    out.failures += 1;
+                    log::debug!("license source unreachable for {id}: {e}");
+                }
+            }
+        }
+    }
+    out
+}
+
+fn jitter(max: u64) -> u64 {
+    let mut b = [0u8; 8];
+    if max == 0 || getrandom::getrandom(&mut b).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(b) % (max + 1)
+}
+
+/// Starts the poller thread when an endpoint is configured. The configuration is read
+/// again before every round (SIGHUP changes take effect at the next one).
+pub fn start(
+    freeze: Arc<FreezeService>,
+    license: Arc<LicenseService>,
+    config: impl Fn() -> Option<FreezeConfig> + Send + 'static,
+) {
+    let Some(first) = config() else { return };
+    if first.token_url.is_empty() && first.license_url.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("kooagent-poll".into())
+        .spawn(move || {
+            // A first round soon after start, spread a little so a rebooted fleet does not
+            // arrive together.
+            std::thread::sleep(Duration::from_millis(
+                200 + jitter(first.poll_jitter_secs.min(30) * 1000),
+            ));
+            while let Some(cfg) = config() {
+                if cfg.token_url.is_empty() && cfg.license_url.is_empty() {
+                    return;
+                }
+                let p = poll_once(&cfg, &freeze, &license);
+                log::debug!("freeze online source: {p:?}");
+                std::thread::sleep(Duration::from_secs(
+                    cfg.poll_interval_secs + jitter(cfg.poll_jitter_secs),
+                ));
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("freeze: cannot start the online source poller: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn license_ids_are_one_path_segment() {
+        assert_eq!(
+            url_for("https://s/t/{license_id}", "L-2026-0001"),
+            "https://s/t/L-2026-0001"
+        );
+        assert_eq!(
+            url_for("https://s/t/{license_id}", "a/b c"),
+            "https://s/t/a%2Fb%20c"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_bounds() {
+        assert_eq!(jitter(0), 0);
+        assert!((0..100).all(|_| jitter(5) <= 5));
+    }
+}
