@@ -198,6 +198,9 @@ enum SellerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run the seller license server (the marketplace's production interface) with the
+    /// `[seller_server]` configuration given by --config (docs/seller-server.md)
+    Serve,
 }
 
 #[derive(Args)]
@@ -802,6 +805,21 @@ fn utc(flag: &str, s: &str) -> Result<i64> {
 fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
     use crate::license::{format, keys, seller};
     match command {
+        SellerCommand::Serve => {
+            let path = g
+                .config
+                .as_deref()
+                .context("seller serve: give the server's configuration file with --config FILE")?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let level = g.log_level.as_deref().unwrap_or("info");
+            let level = crate::logging::parse_level(level).with_context(|| {
+                format!("--log-level {level:?}: use error, warn, info, debug or trace")
+            })?;
+            crate::logging::init(level, None);
+            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
+                .map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());

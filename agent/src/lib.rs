@@ -16,6 +16,7 @@ pub mod logging;
 pub mod notify;
 pub mod ops;
 pub mod protocol;
+pub mod seller_server;
 pub mod socket;
 pub mod store;
 pub mod usage;

@@ -1,0 +1,77 @@
+//! Status tokens (FREEZE / UNFREEZE / release) come from the freeze module, which owns
+//! their format; this server only decides when one is due and allocates its sequence
+//! number (in the same database transaction that records it and changes the state).
+//!
+//! Until the freeze module is wired in, [`NotConfigured`] refuses, and every activity
+//! that needs a token answers `000005` with that message instead of pretending.
+//!
+//! Wiring (at merge time): in `seller_server::serve` replace `Arc::new(NotConfigured)`
+//! with `Arc::new(FreezeTokens { key: signing_key.clone() })`, where
+//!
+//! ```ignore
+//! pub struct FreezeTokens { pub key: ed25519_dalek::SigningKey }
+//! impl StatusTokens for FreezeTokens {
+//!     fn issue(&self, license_id: &str, action: TokenAction, seq: u64, devices: &[String],
+//!              issued_at: i64) -> Result<String, String> {
+//!         use crate::freeze::token::{issue, Action, TokenRequest};
+//!         let action = match action {
+//!             TokenAction::Freeze => Action::Freeze,
+//!             TokenAction::Unfreeze => Action::Unfreeze,
+//!             TokenAction::Release => Action::Release,
+//!         };
+//!         let req = TokenRequest { license_id: license_id.to_string(), action, seq, issued_at,
+//!                                  devices: devices.to_vec(), reason: None };
+//!         issue(&req, &self.key).map_err(|e| e.to_string())
+//!     }
+//! }
+//! ```
+
+/// What a status token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAction {
+    Freeze,
+    Unfreeze,
+    Release,
+}
+
+impl TokenAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenAction::Freeze => "freeze",
+            TokenAction::Unfreeze => "unfreeze",
+            TokenAction::Release => "release",
+        }
+    }
+}
+
+/// Makes a signed status token. `seq` is strictly increasing per license id.
+pub trait StatusTokens: Send + Sync {
+    fn issue(
+        &self,
+        license_id: &str,
+        action: TokenAction,
+        seq: u64,
+        devices: &[String],
+        issued_at: i64,
+    ) -> Result<String, String>;
+}
+
+/// No token issuer built in: every token request fails, with a message saying so.
+pub struct NotConfigured;
+
+pub const NOT_CONFIGURED: &str =
+    "status tokens are not configured on this server (the freeze module is not built in); \
+     freeze, unfreeze and release cannot be delivered to devices";
+
+impl StatusTokens for NotConfigured {
+    fn issue(
+        &self,
+        _: &str,
+        _: TokenAction,
+        _: u64,
+        _: &[String],
+        _: i64,
+    ) -> Result<String, String> {
+        Err(NOT_CONFIGURED.into())
+    }
+}
