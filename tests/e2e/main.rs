@@ -6,6 +6,7 @@ mod daemon;
 mod device;
 mod docs;
 mod license;
+mod seller_server;
 mod socket;
 mod upstream;
 mod usage;

@@ -71,6 +71,17 @@ fn success() -> String {
     answer(ResultCode::Success, "success", &[])
 }
 
+/// The answer for a request whose work was rolled back.
+pub fn failure_answer(e: &DbError) -> String {
+    match e {
+        DbError::Abort(msg) => answer(ResultCode::Internal, msg, &[]),
+        e => {
+            log::error!("marketplace request failed: {e}");
+            answer(ResultCode::Internal, "internal error; please retry", &[])
+        }
+    }
+}
+
 /// What one request may use besides the database.
 pub struct Ctx<'a> {
     /// Unix seconds.

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
-use super::db::{Db, DbError};
+use super::db::Db;
 use super::tokens::StatusTokens;
 use super::{ProductConfig, SellerServerConfig};
 use crate::clock::Clock;
@@ -269,11 +269,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
     };
     let out = match tokio::time::timeout(ANSWER_WITHIN, state.db.run(job)).await {
         Ok(Ok(body)) => body,
-        Ok(Err(DbError::Abort(msg))) => answer(ResultCode::Internal, &msg, &[]),
-        Ok(Err(e)) => {
-            log::error!("marketplace request failed: {e}");
-            answer(ResultCode::Internal, "internal error; please retry", &[])
-        }
+        Ok(Err(e)) => activities::failure_answer(&e),
         Err(_) => {
             log::error!(
                 "marketplace request: no answer from the database within {ANSWER_WITHIN:?}"
