@@ -107,7 +107,13 @@ struct Round {
     bodies: Vec<String>,
 }
 
-async fn round(n: usize, port: u16, connector: TlsConnector, name: &'static str, warm: bool) -> Round {
+async fn round(
+    n: usize,
+    port: u16,
+    connector: TlsConnector,
+    name: &'static str,
+    warm: bool,
+) -> Round {
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -175,10 +181,16 @@ fn main() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
     }
-    let dir = tempfile::Builder::new().prefix("kb").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("kb")
+        .tempdir_in("/tmp")
+        .unwrap();
     let d = dir.path();
     let key = kooagent::license::seller::generate().unwrap();
-    private(&d.join("seller.key"), &kooagent::license::seller::private_pem(&key));
+    private(
+        &d.join("seller.key"),
+        &kooagent::license::seller::private_pem(&key),
+    );
     private(&d.join("ik"), KEY);
     let tls_key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["localhost".to_string()])
@@ -281,5 +293,8 @@ fn main() {
     println!(
         "database: {rows} licenses, {ids} distinct license ids, {events} events; answered {total_ok}"
     );
-    assert_eq!((rows, ids, events), (total_ok as i64, total_ok as i64, total_ok as i64));
+    assert_eq!(
+        (rows, ids, events),
+        (total_ok as i64, total_ok as i64, total_ok as i64)
+    );
 }

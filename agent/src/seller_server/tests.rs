@@ -542,3 +542,90 @@ fn config_is_checked_naming_the_key() {
         assert!(e.contains(want), "{e:?} lacks {want:?}");
     }
 }
+
+#[test]
+fn the_documented_configuration_is_valid() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/seller-server.md"
+    ))
+    .unwrap();
+    let block = doc
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let f: super::SellerFile = toml::from_str(block).unwrap();
+    f.seller_server.validate().unwrap();
+    assert_eq!(f.seller_server.products[0].limits["cores"], 8);
+}
+
+/// Two servers (replicas) on one database get the same order at the same time: one
+/// license, and both answer the same bytes.
+#[test]
+fn replicas_sharing_a_database_answer_one_license_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    type Pair = (&'static str, Box<dyn db::Backend>, Box<dyn db::Backend>);
+    let mut pairs: Vec<Pair> = vec![(
+        "sqlite",
+        Box::new(db::sqlite::Sqlite::open(&dir.path().join("s.db")).unwrap()),
+        Box::new(db::sqlite::Sqlite::open(&dir.path().join("s.db")).unwrap()),
+    )];
+    if let Some(url) = db::tests::pg_url() {
+        let schema = db::postgres::tests::fresh_schema(&url);
+        pairs.push((
+            "postgres",
+            Box::new(db::postgres::Postgres::connect(&url, &schema).unwrap()),
+            Box::new(db::postgres::Postgres::connect(&url, &schema).unwrap()),
+        ));
+    }
+    let dev = code("ABCD");
+    for (name, a, b) in pairs {
+        let mk = |backend| Harness {
+            db: Db::start(backend),
+            key: SigningKey::from_bytes(&[7; 32]),
+            tokens: Arc::new(TestTokens),
+            product: product(),
+            now: NOW,
+        };
+        let (ha, hb) = (Arc::new(mk(a)), Arc::new(mk(b)));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let h = if t % 2 == 0 { ha.clone() } else { hb.clone() };
+                let dev = dev.clone();
+                std::thread::spawn(move || {
+                    (0..10)
+                        .map(|i| h.call(order(&format!("i{i}"), &format!("e{i}"), &dev)).2)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let answers: Vec<Vec<String>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for i in 0..10 {
+            for a in &answers {
+                assert_eq!(a[i], answers[0][i], "{name}: order {i}");
+                assert!(a[i].contains("000000"), "{name}: {}", a[i]);
+            }
+        }
+        assert_eq!(
+            ha.db.run_blocking(|tx| tx.count_licenses()).unwrap(),
+            10,
+            "{name}"
+        );
+        // Freeze from both replicas at once: one token, sequence 1.
+        let t: Vec<_> = [ha.clone(), hb.clone()]
+            .into_iter()
+            .map(|h| std::thread::spawn(move || h.call(status("i0", "FREEZE")).1))
+            .collect();
+        for t in t {
+            let v = t.join().unwrap();
+            assert_eq!(v["resultCode"], "000000", "{name}: {v}");
+        }
+        let tok = hb
+            .db
+            .run_blocking(|tx| tx.latest_token("kg-i0"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(tok.seq, 1, "{name}");
+    }
+}

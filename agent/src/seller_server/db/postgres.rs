@@ -15,15 +15,23 @@ pub struct Postgres {
     client: Client,
 }
 
+/// Conflicts with another replica's transaction are retried. A unique violation counts:
+/// two replicas both read "no token #1 yet" and both insert it; PostgreSQL reports that as
+/// a unique violation rather than a serialization failure when the key itself was not
+/// read first. A real duplicate (a bug) still fails once the retries run out.
 fn err(e: postgres::Error) -> DbError {
     match e.code() {
         Some(c)
             if *c == SqlState::T_R_SERIALIZATION_FAILURE
-                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::UNIQUE_VIOLATION =>
         {
             DbError::Retry
         }
-        _ => DbError::Backend(e.to_string()),
+        _ => DbError::Backend(match e.as_db_error() {
+            Some(d) => format!("PostgreSQL {}: {}", d.code().code(), d.message()),
+            None => e.to_string(),
+        }),
     }
 }
 
