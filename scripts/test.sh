@@ -8,10 +8,18 @@ bash scripts/deps.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
-echo "== cargo clippy"
+echo "== cargo clippy (the shipped agent, then with the seller server)"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --workspace 2>&1
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+# The seller server's storage tests also run on PostgreSQL: a throw-away local cluster
+# (root: it installs Debian's postgresql and starts it on a Unix socket).
+if [ "$(id -u)" = 0 ]; then
+    . scripts/pg-test.sh
+    set -euo pipefail   # the sourced script leaves errexit off for interactive shells
+fi
+echo "== cargo test (all features)"
+cargo test --workspace --all-features 2>&1
 
 # Fuzzing, bounded: the license parser's target body under a seeded mutational driver on
 # stable, and the real cargo-fuzz (libFuzzer) target when a nightly toolchain is present.

@@ -266,6 +266,9 @@ enum SellerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run the seller license server (the marketplace's production interface) with the
+    /// `[seller_server]` configuration given by --config (docs/seller-server.md)
+    Serve,
 }
 
 #[derive(Args)]
@@ -995,6 +998,30 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 }
                 None => println!("{text}"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Serve => {
+            let _ = g;
+            anyhow::bail!(
+                "this kooagent was built without the seller server; build it with \
+                 `cargo build --release -p kooagent --features seller-server`"
+            )
+        }
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Serve => {
+            let path = g
+                .config
+                .as_deref()
+                .context("seller serve: give the server's configuration file with --config FILE")?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let level = g.log_level.as_deref().unwrap_or("info");
+            let level = crate::logging::parse_level(level).with_context(|| {
+                format!("--log-level {level:?}: use error, warn, info, debug or trace")
+            })?;
+            crate::logging::init(level, None);
+            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
+                .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
         SellerCommand::Keygen { out } => {

@@ -18,6 +18,8 @@ pub mod logging;
 pub mod notify;
 pub mod ops;
 pub mod protocol;
+#[cfg(feature = "seller-server")]
+pub mod seller_server;
 pub mod socket;
 pub mod store;
 pub mod usage;

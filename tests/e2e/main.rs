@@ -10,6 +10,8 @@ mod image_prep;
 mod license;
 mod online;
 mod sdk;
+#[cfg(feature = "seller-server")]
+mod seller_server;
 mod socket;
 mod upstream;
 mod usage;

@@ -16,15 +16,20 @@ impl Secret {
     /// by another user, an empty file. Surrounding whitespace (a trailing newline) is not
     /// part of the key.
     pub fn load(path: &Path) -> Result<Secret, String> {
+        Secret::load_as(path, "usage.key_file")
+    }
+
+    /// The same, with errors naming the configuration key `key`.
+    pub fn load_as(path: &Path, key: &str) -> Result<Secret, String> {
         let name = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("usage.key_file {name}: {e}"))?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{key} {name}: {e}"))?;
         if !meta.is_file() {
-            return Err(format!("usage.key_file {name}: not a regular file"));
+            return Err(format!("{key} {name}: not a regular file"));
         }
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(format!(
-                "usage.key_file {name}: readable or writable by group or others (mode {mode:04o}); \
+                "{key} {name}: readable or writable by group or others (mode {mode:04o}); \
                  run chmod 600 on it"
             ));
         }
@@ -32,17 +37,17 @@ impl Secret {
         let me = unsafe { libc::geteuid() };
         if meta.uid() != me && meta.uid() != 0 {
             return Err(format!(
-                "usage.key_file {name}: owned by uid {}, not by root or the agent (uid {me})",
+                "{key} {name}: owned by uid {}, not by root or the agent (uid {me})",
                 meta.uid()
             ));
         }
-        let mut raw = std::fs::read(path).map_err(|e| format!("usage.key_file {name}: {e}"))?;
-        let key = raw.trim_ascii().to_vec();
+        let mut raw = std::fs::read(path).map_err(|e| format!("{key} {name}: {e}"))?;
+        let secret = raw.trim_ascii().to_vec();
         raw.iter_mut().for_each(|b| *b = 0);
-        if key.is_empty() {
-            return Err(format!("usage.key_file {name}: is empty"));
+        if secret.is_empty() {
+            return Err(format!("{key} {name}: is empty"));
         }
-        Ok(Secret(key))
+        Ok(Secret(secret))
     }
 }
 

@@ -1,0 +1,300 @@
+//! Load measurement of `kooagent seller serve` (the release binary, SQLite, TLS on
+//! loopback): 1,000 concurrent `getLicense` orders, each for its own instance and device.
+//! Prints a table: duplicates (must be 0), and latency percentiles.
+//!
+//! `cargo bench -p kooagent --bench seller_serve` (optionally `-- N` for N orders).
+//!
+//! Two rounds: "warm" opens and handshakes every connection first, then sends all
+//! requests at once (the request latency the marketplace sees on a kept-alive
+//! connection); "cold" opens N fresh TLS connections at once and includes the handshake.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rcgen::{CertificateParams, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const KEY: &str = "bench-interconnection-key";
+const PATH: &str = "/kg/bench";
+
+fn private(p: &Path, text: &str) {
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn device_code(n: usize) -> String {
+    let a = "0123456789ABCDEFGHJKMNPQRSTVWXYZ".as_bytes();
+    let p = format!(
+        "{}{}{}{}",
+        a[n % 32] as char,
+        a[(n / 32) % 32] as char,
+        a[(n / 1024) % 32] as char,
+        'Q'
+    );
+    a.iter()
+        .map(|c| format!("{p}-EFGH-JKMN-PQRS-TVW{}", *c as char))
+        .find(|c| kooagent::device_code::parse_code(c).is_ok())
+        .expect("one check symbol fits")
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn request(n: usize, round: &str) -> Vec<u8> {
+    let now = now_ms() / 1000;
+    let body = serde_json::json!({
+        "activity": "getLicense", "instanceId": format!("{round}-inst-{n}"),
+        "eventId": format!("{round}-event-{n}"),
+        "effectiveTime": kooagent::clock::format_rfc3339(now),
+        "expireTime": kooagent::clock::format_rfc3339(now + 365 * 86_400),
+        "deviceFingerprint": device_code(n),
+    })
+    .to_string();
+    let ts = now_ms().to_string();
+    let nonce = format!("{round}-nonce-{n}");
+    let sig = kooagent::seller_server::auth::request_signature(
+        KEY.as_bytes(),
+        &nonce,
+        &ts,
+        body.as_bytes(),
+    );
+    format!(
+        "POST {PATH}?signature={sig}&timestamp={ts}&nonce={nonce} HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads one HTTP/1.1 response with Content-Length; returns the body.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return buf[end + 4..end + 4 + len].to_vec();
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+struct Round {
+    latencies: Vec<Duration>,
+    wall: Duration,
+    bodies: Vec<String>,
+}
+
+async fn round(
+    n: usize,
+    port: u16,
+    connector: TlsConnector,
+    name: &'static str,
+    warm: bool,
+) -> Round {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (connector, barrier) = (connector.clone(), barrier.clone());
+        let req = request(i, name);
+        tasks.push(tokio::spawn(async move {
+            let connect = || async {
+                let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                connector.connect(name, tcp).await.unwrap()
+            };
+            let (t0, mut s) = if warm {
+                let s = connect().await;
+                barrier.wait().await;
+                (Instant::now(), s)
+            } else {
+                barrier.wait().await;
+                let t0 = Instant::now();
+                (t0, connect().await)
+            };
+            s.write_all(&req).await.unwrap();
+            let body = read_response(&mut s).await;
+            (t0.elapsed(), String::from_utf8(body).unwrap())
+        }));
+    }
+    barrier.wait().await;
+    let t0 = Instant::now();
+    let mut latencies = Vec::new();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let (l, b) = t.await.unwrap();
+        latencies.push(l);
+        bodies.push(b);
+    }
+    let wall = t0.elapsed();
+    latencies.sort();
+    Round {
+        latencies,
+        wall,
+        bodies,
+    }
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i].as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1000);
+    // A thousand connections on each side: lift the soft descriptor limit to the hard one
+    // (the server inherits it).
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("kb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let key = kooagent::license::seller::generate().unwrap();
+    private(
+        &d.join("seller.key"),
+        &kooagent::license::seller::private_pem(&key),
+    );
+    private(&d.join("ik"), KEY);
+    let tls_key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&tls_key)
+        .unwrap();
+    std::fs::write(d.join("tls.crt"), cert.pem()).unwrap();
+    private(&d.join("tls.key"), &tls_key.serialize_pem());
+    std::fs::write(
+        d.join("s.toml"),
+        format!(
+            "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\n\
+             signing_key_file = \"{d}/seller.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
+             state_dir = \"{d}/state\"\n[[seller_server.products]]\npath = \"{PATH}\"\nproduct = \"bench\"\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kooagent"))
+        .args(["--log-level", "warn", "seller", "serve", "--config"])
+        .arg(d.join("s.toml"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("listening line");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = TlsConnector::from(Arc::new(cfg));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("seller serve: {n} concurrent getLicense orders, SQLite (WAL, synchronous=FULL), TLS on loopback, {cpus} CPUs shared by client and server");
+    println!(
+        "{:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "round", "ok", "dups", "p50 ms", "p99 ms", "max ms", "wall ms", "orders/s"
+    );
+    let mut all_texts = std::collections::HashSet::new();
+    let mut total_ok = 0;
+    for (name, warm) in [("warm", true), ("cold", false)] {
+        let r = rt.block_on(round(n, port, connector.clone(), name, warm));
+        let mut ok = 0;
+        let mut dups = 0;
+        for b in &r.bodies {
+            let v: serde_json::Value = serde_json::from_str(b).unwrap();
+            if v["resultCode"] == "000000" {
+                ok += 1;
+                if !all_texts.insert(v["license"].as_str().unwrap().to_string()) {
+                    dups += 1;
+                }
+            } else {
+                eprintln!("refused: {b}");
+            }
+        }
+        total_ok += ok;
+        println!(
+            "{:<8} {:>6} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>10.0}",
+            name,
+            ok,
+            dups,
+            pct(&r.latencies, 0.50),
+            pct(&r.latencies, 0.99),
+            pct(&r.latencies, 1.0),
+            r.wall.as_secs_f64() * 1000.0,
+            n as f64 / r.wall.as_secs_f64()
+        );
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    // What the database holds: one license per order, no more.
+    let db = rusqlite::Connection::open(d.join("state/seller.db")).unwrap();
+    let (rows, ids, events): (i64, i64, i64) = db
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM licenses), (SELECT COUNT(DISTINCT license_id) FROM licenses), \
+             (SELECT COUNT(*) FROM events)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    println!(
+        "database: {rows} licenses, {ids} distinct license ids, {events} events; answered {total_ok}"
+    );
+    assert_eq!(
+        (rows, ids, events),
+        (total_ok as i64, total_ok as i64, total_ok as i64)
+    );
+}

@@ -1,0 +1,483 @@
+//! Storage of the seller server: every issued license, status token, marketplace request
+//! (by `eventId`) and nonce. Two backends behind one transaction interface ([`Tx`]):
+//! SQLite (embedded default, one file under the state directory) and PostgreSQL (for
+//! several replicas behind a load balancer).
+//!
+//! All database work runs on one dedicated thread per server process ([`Db`]), never on
+//! the async workers. The thread commits in groups: it takes every request waiting,
+//! runs each inside its own savepoint of one transaction (a request that fails is rolled
+//! back alone) and commits once, so a burst of orders costs one durable commit, not one
+//! each. A batch the database refuses to serialise (PostgreSQL, concurrent replicas) is
+//! run again from the start.
+
+use std::any::Any;
+use std::sync::mpsc;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// The schema, the same for both backends (types both accept). Times are Unix seconds.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    event_id   TEXT PRIMARY KEY,
+    activity   TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    response   TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    product     TEXT NOT NULL,
+    license_id  TEXT NOT NULL UNIQUE,
+    devices     TEXT NOT NULL,
+    not_before  BIGINT NOT NULL,
+    not_after   BIGINT,
+    status      TEXT NOT NULL,
+    frozen      BIGINT NOT NULL,
+    license     TEXT NOT NULL,
+    seq         BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS licenses (
+    sha256     TEXT PRIMARY KEY,
+    license_id TEXT NOT NULL,
+    event_id   TEXT,
+    issued_at  BIGINT NOT NULL,
+    text       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS licenses_by_id ON licenses (license_id);
+CREATE TABLE IF NOT EXISTS tokens (
+    license_id TEXT NOT NULL,
+    seq        BIGINT NOT NULL,
+    action     TEXT NOT NULL,
+    token      TEXT NOT NULL,
+    issued_at  BIGINT NOT NULL,
+    PRIMARY KEY (license_id, seq)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce   TEXT PRIMARY KEY,
+    seen_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (seen_at);
+CREATE TABLE IF NOT EXISTS codes (
+    code       TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    frozen     BIGINT NOT NULL,
+    expire_at  BIGINT,
+    seq        BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+";
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DbError {
+    /// The database failed; the message is for the log, not for responses.
+    #[error("database: {0}")]
+    Backend(String),
+    /// The request's work is given up and rolled back (e.g. a status token could not be
+    /// made); the message may be shown.
+    #[error("{0}")]
+    Abort(String),
+    /// A conflict with a concurrent transaction: the batch runs again.
+    #[error("serialization conflict")]
+    Retry,
+    #[error("the database thread has stopped")]
+    Stopped,
+}
+
+/// A marketplace request already answered, by `eventId`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub event_id: String,
+    pub activity: String,
+    /// SHA-256 (hex) of the canonical request: a resend has the same.
+    pub digest: String,
+    /// The exact response body sent.
+    pub response: String,
+    pub created_at: i64,
+}
+
+/// One marketplace instance and its current license.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    pub instance_id: String,
+    pub product: String,
+    pub license_id: String,
+    pub devices: Vec<String>,
+    pub not_before: i64,
+    pub not_after: Option<i64>,
+    pub status: InstanceStatus,
+    pub frozen: bool,
+    /// The current license text.
+    pub license: String,
+    /// The last status-token sequence number used for this license (0: none yet).
+    pub seq: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceStatus {
+    Active,
+    Expired,
+    Released,
+}
+
+impl InstanceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Active => "active",
+            InstanceStatus::Expired => "expired",
+            InstanceStatus::Released => "released",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DbError> {
+        match s {
+            "active" => Ok(InstanceStatus::Active),
+            "expired" => Ok(InstanceStatus::Expired),
+            "released" => Ok(InstanceStatus::Released),
+            other => Err(DbError::Backend(format!(
+                "unknown instance status {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A signed status token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub license_id: String,
+    pub seq: i64,
+    pub action: String,
+    pub token: String,
+    pub issued_at: i64,
+}
+
+/// An authorization code (Part B) the marketplace has told us about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeRow {
+    pub code: String,
+    /// `active` or `released`.
+    pub status: String,
+    pub frozen: bool,
+    pub expire_at: Option<i64>,
+    pub seq: i64,
+    pub updated_at: i64,
+}
+
+/// The queries, inside a transaction.
+pub trait Tx {
+    /// Remembers `nonce`; false if it was already seen.
+    fn nonce_fresh(&mut self, nonce: &str, now: i64) -> Result<bool, DbError>;
+    /// Forgets nonces seen before `before` (they are outside the timestamp window).
+    fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError>;
+    fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError>;
+    fn put_event(&mut self, row: &EventRow) -> Result<(), DbError>;
+    fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError>;
+    fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_instance(&mut self, row: &InstanceRow) -> Result<(), DbError>;
+    /// Keeps a copy of every license issued (the same bytes twice are stored once).
+    fn record_license(
+        &mut self,
+        license_id: &str,
+        event_id: Option<&str>,
+        text: &str,
+        issued_at: i64,
+    ) -> Result<(), DbError>;
+    fn put_token(&mut self, row: &TokenRow) -> Result<(), DbError>;
+    fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError>;
+    fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
+    /// Distinct licenses issued so far (checks and the bench).
+    fn count_licenses(&mut self) -> Result<i64, DbError>;
+}
+
+/// A database connection with transaction control.
+pub trait Backend: Send {
+    fn begin(&mut self) -> Result<(), DbError>;
+    fn savepoint(&mut self) -> Result<(), DbError>;
+    fn release_savepoint(&mut self) -> Result<(), DbError>;
+    fn rollback_savepoint(&mut self) -> Result<(), DbError>;
+    fn commit(&mut self) -> Result<(), DbError>;
+    fn rollback(&mut self);
+    fn tx(&mut self) -> &mut dyn Tx;
+}
+
+type Work = Box<dyn FnMut(&mut dyn Tx) -> Result<Box<dyn Any + Send>, DbError> + Send>;
+type Reply = tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, DbError>>;
+
+struct Job {
+    work: Work,
+    reply: Reply,
+}
+
+/// Most requests one transaction takes.
+const MAX_BATCH: usize = 512;
+/// Times a batch is run again after serialization conflicts before giving up.
+const MAX_RETRIES: usize = 20;
+
+/// The handle to the database thread; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Db {
+    /// Starts the database thread on `backend`.
+    pub fn start(backend: Box<dyn Backend>) -> Db {
+        let (jobs, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("seller-db".into())
+            .spawn(move || db_thread(backend, rx))
+            .expect("spawn the database thread");
+        Db { jobs }
+    }
+
+    fn submit<R: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<Box<dyn Any + Send>, DbError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
+        // A send error drops the reply, which the receiver sees as Stopped.
+        let _ = self.jobs.send(Job { work, reply });
+        rx
+    }
+
+    fn unpack<R: 'static>(
+        r: Result<Result<Box<dyn Any + Send>, DbError>, tokio::sync::oneshot::error::RecvError>,
+    ) -> Result<R, DbError> {
+        let any = r.map_err(|_| DbError::Stopped)??;
+        Ok(*any.downcast::<R>().expect("the job's own result type"))
+    }
+
+    /// Runs `f` in a transaction (with others); `f` may run more than once when the
+    /// database asks for a retry, so it must only read and write through `tx`.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> Result<R, DbError> {
+        Self::unpack(self.submit(f).await)
+    }
+
+    /// The same, for callers outside the async runtime (CLI, tests).
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> Result<R, DbError> {
+        Self::unpack(self.submit(f).blocking_recv())
+    }
+}
+
+fn db_thread(mut backend: Box<dyn Backend>, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = run_batch(backend.as_mut(), &mut batch);
+        for (job, r) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(r);
+        }
+    }
+}
+
+type JobResult = Result<Box<dyn Any + Send>, DbError>;
+
+fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Vec<JobResult> {
+    let fail_all = |e: DbError, n: usize| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
+    for _ in 0..MAX_RETRIES {
+        match try_batch(b, batch) {
+            Ok(results) => return results,
+            Err(DbError::Retry) => {
+                b.rollback();
+                continue;
+            }
+            Err(e) => {
+                log::error!("{e}");
+                b.rollback();
+                return fail_all(e, batch.len());
+            }
+        }
+    }
+    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+    fail_all(
+        DbError::Backend("too many serialization conflicts".into()),
+        batch.len(),
+    )
+}
+
+/// One attempt: Err only for what fails the whole batch (begin/commit, a conflict).
+fn try_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>, DbError> {
+    b.begin()?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        b.savepoint()?;
+        match (job.work)(b.tx()) {
+            Ok(v) => {
+                b.release_savepoint()?;
+                results.push(Ok(v));
+            }
+            Err(DbError::Retry) => return Err(DbError::Retry),
+            Err(e) => {
+                b.rollback_savepoint()?;
+                results.push(Err(e));
+            }
+        }
+    }
+    b.commit()?;
+    Ok(results)
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// The backends every storage test runs on: SQLite always, PostgreSQL when
+    /// `KOOAGENT_TEST_PG_URL` is set (scripts/pg-test.sh starts one). Each PostgreSQL
+    /// backend gets a schema of its own, so tests do not see each other's rows.
+    pub fn backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn Backend>)> {
+        let mut v: Vec<(&'static str, Box<dyn Backend>)> = vec![(
+            "sqlite",
+            Box::new(sqlite::Sqlite::open(&dir.join("seller.db")).unwrap()),
+        )];
+        if let Some(url) = pg_url() {
+            let schema = postgres::tests::fresh_schema(&url);
+            v.push((
+                "postgres",
+                Box::new(postgres::Postgres::connect(&url, &schema).unwrap()),
+            ));
+        }
+        v
+    }
+
+    pub fn pg_url() -> Option<String> {
+        std::env::var("KOOAGENT_TEST_PG_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+
+    fn instance(id: &str) -> InstanceRow {
+        InstanceRow {
+            instance_id: id.into(),
+            product: "sku".into(),
+            license_id: format!("kg-{id}"),
+            devices: vec!["A".into(), "B".into()],
+            not_before: 10,
+            not_after: Some(20),
+            status: InstanceStatus::Active,
+            frozen: false,
+            license: "kl1.x.y".into(),
+            seq: 0,
+            updated_at: 5,
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_and_failed_jobs_roll_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in backends(dir.path()) {
+            let db = Db::start(b);
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("n1", 100)).unwrap());
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("n1", 101)).unwrap());
+            let row = instance("i1");
+            let r2 = row.clone();
+            db.run_blocking(move |tx| tx.put_instance(&r2)).unwrap();
+            let got = db.run_blocking(|tx| tx.instance("i1")).unwrap();
+            assert_eq!(got.as_ref(), Some(&row), "{name}");
+            let got = db
+                .run_blocking(|tx| tx.instance_by_license("kg-i1"))
+                .unwrap();
+            assert_eq!(got, Some(row.clone()), "{name}");
+            let mut changed = row.clone();
+            changed.not_after = None;
+            changed.frozen = true;
+            changed.status = InstanceStatus::Released;
+            let c2 = changed.clone();
+            db.run_blocking(move |tx| tx.put_instance(&c2)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.instance("i1")).unwrap(),
+                Some(changed),
+                "{name}"
+            );
+            // A job that writes and then fails leaves nothing behind; its neighbours commit.
+            let failing = db.submit(|tx| {
+                tx.nonce_fresh("gone", 1)?;
+                Err::<(), _>(DbError::Abort("no".into()))
+            });
+            let ok = db.submit(|tx| tx.nonce_fresh("kept", 1));
+            assert_eq!(
+                Db::unpack::<()>(failing.blocking_recv()),
+                Err(DbError::Abort("no".into()))
+            );
+            assert!(Db::unpack::<bool>(ok.blocking_recv()).unwrap());
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("gone", 2)).unwrap());
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("kept", 2)).unwrap());
+            assert_eq!(db.run_blocking(|tx| tx.prune_nonces(50)).unwrap(), 2);
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("n1", 102)).unwrap());
+
+            let ev = EventRow {
+                event_id: "e1".into(),
+                activity: "getLicense".into(),
+                digest: "d".into(),
+                response: " {\"a\":1}\t".into(),
+                created_at: 7,
+            };
+            let e2 = ev.clone();
+            db.run_blocking(move |tx| tx.put_event(&e2)).unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.event("e1")).unwrap(), Some(ev));
+            assert_eq!(db.run_blocking(|tx| tx.event("e2")).unwrap(), None);
+
+            for seq in [1, 2] {
+                db.run_blocking(move |tx| {
+                    tx.put_token(&TokenRow {
+                        license_id: "kg-i1".into(),
+                        seq,
+                        action: "freeze".into(),
+                        token: format!("t{seq}"),
+                        issued_at: 9,
+                    })
+                })
+                .unwrap();
+            }
+            let t = db.run_blocking(|tx| tx.latest_token("kg-i1")).unwrap();
+            assert_eq!(t.unwrap().token, "t2", "{name}");
+            // A sequence number is never used twice.
+            let dup = db.run_blocking(|tx| {
+                tx.put_token(&TokenRow {
+                    license_id: "kg-i1".into(),
+                    seq: 2,
+                    action: "unfreeze".into(),
+                    token: "x".into(),
+                    issued_at: 9,
+                })
+            });
+            assert!(dup.is_err(), "{name}");
+
+            db.run_blocking(|tx| {
+                tx.record_license("kg-i1", Some("e1"), "kl1.a", 3)?;
+                tx.record_license("kg-i1", Some("e1"), "kl1.a", 3)?;
+                tx.record_license("kg-i1", None, "kl1.b", 4)
+            })
+            .unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.count_licenses()).unwrap(), 2);
+
+            let code = CodeRow {
+                code: "PL1".into(),
+                status: "active".into(),
+                frozen: true,
+                expire_at: Some(44),
+                seq: 3,
+                updated_at: 1,
+            };
+            let c2 = code.clone();
+            db.run_blocking(move |tx| tx.put_code(&c2)).unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.code("PL1")).unwrap(), Some(code));
+        }
+    }
+}

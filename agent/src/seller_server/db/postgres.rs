@@ -1,0 +1,336 @@
+//! The PostgreSQL backend, for sellers running several server replicas behind a load
+//! balancer: every batch runs SERIALIZABLE, and a batch PostgreSQL refuses to serialise
+//! against another replica's is run again (the database thread does that), so sequence
+//! numbers and `eventId` answers stay single across replicas.
+//!
+//! The connection is plain TCP or a Unix socket (`host=/run/postgresql`): put the
+//! database on the same host or a private network, or in front of it a TLS tunnel.
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Row};
+
+use super::{Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx};
+
+pub struct Postgres {
+    client: Client,
+}
+
+/// Conflicts with another replica's transaction are retried. A unique violation counts:
+/// two replicas both read "no token #1 yet" and both insert it; PostgreSQL reports that as
+/// a unique violation rather than a serialization failure when the key itself was not
+/// read first. A real duplicate (a bug) still fails once the retries run out.
+fn err(e: postgres::Error) -> DbError {
+    match e.code() {
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::UNIQUE_VIOLATION =>
+        {
+            DbError::Retry
+        }
+        _ => DbError::Backend(match e.as_db_error() {
+            Some(d) => format!("PostgreSQL {}: {}", d.code().code(), d.message()),
+            None => e.to_string(),
+        }),
+    }
+}
+
+/// A schema name we put in SQL unquoted-safe: lower-case letters, digits, `_`.
+pub fn valid_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+impl Postgres {
+    /// Connects (a libpq-style URL or key=value string) and creates the tables in
+    /// `schema` if missing.
+    pub fn connect(url: &str, schema: &str) -> Result<Postgres, DbError> {
+        if !valid_schema(schema) {
+            return Err(DbError::Backend(format!(
+                "schema {schema:?}: use lower-case letters, digits and _"
+            )));
+        }
+        let mut client = Client::connect(url, NoTls)
+            .map_err(|e| DbError::Backend(format!("connecting to PostgreSQL: {e}")))?;
+        // Replicas starting together: one creates the tables, the others wait for it.
+        client
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock(7265001); \
+                 CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {}; \
+                 SELECT pg_advisory_unlock(7265001);",
+                super::SCHEMA.trim().trim_end_matches(';')
+            ))
+            .map_err(err)?;
+        Ok(Postgres { client })
+    }
+
+    fn opt(
+        &mut self,
+        sql: &str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        self.client.query_opt(sql, p).map_err(err)
+    }
+
+    fn exec(
+        &mut self,
+        sql: &str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, DbError> {
+        self.client.execute(sql, p).map_err(err)
+    }
+}
+
+impl Backend for Postgres {
+    fn begin(&mut self) -> Result<(), DbError> {
+        self.client
+            .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .map_err(err)
+    }
+    fn savepoint(&mut self) -> Result<(), DbError> {
+        self.client.batch_execute("SAVEPOINT job").map_err(err)
+    }
+    fn release_savepoint(&mut self) -> Result<(), DbError> {
+        self.client
+            .batch_execute("RELEASE SAVEPOINT job")
+            .map_err(err)
+    }
+    fn rollback_savepoint(&mut self) -> Result<(), DbError> {
+        self.client
+            .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+            .map_err(err)
+    }
+    fn commit(&mut self) -> Result<(), DbError> {
+        self.client.batch_execute("COMMIT").map_err(err)
+    }
+    fn rollback(&mut self) {
+        if let Err(e) = self.client.batch_execute("ROLLBACK") {
+            log::error!("database: rollback: {e}");
+        }
+    }
+    fn tx(&mut self) -> &mut dyn Tx {
+        self
+    }
+}
+
+const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, not_after, \
+                             status, frozen, license, seq, updated_at";
+
+fn instance_row(r: Option<Row>) -> Result<Option<InstanceRow>, DbError> {
+    let Some(r) = r else { return Ok(None) };
+    let devices: String = r.get(3);
+    let status: String = r.get(6);
+    Ok(Some(InstanceRow {
+        instance_id: r.get(0),
+        product: r.get(1),
+        license_id: r.get(2),
+        devices: serde_json::from_str(&devices)
+            .map_err(|e| DbError::Backend(format!("instances.devices: {e}")))?,
+        not_before: r.get(4),
+        not_after: r.get(5),
+        status: InstanceStatus::parse(&status)?,
+        frozen: r.get::<_, i64>(7) != 0,
+        license: r.get(8),
+        seq: r.get(9),
+        updated_at: r.get(10),
+    }))
+}
+
+impl Tx for Postgres {
+    fn nonce_fresh(&mut self, nonce: &str, now: i64) -> Result<bool, DbError> {
+        let n = self.exec(
+            "INSERT INTO nonces (nonce, seen_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&nonce, &now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError> {
+        self.exec("DELETE FROM nonces WHERE seen_at < $1", &[&before])
+    }
+
+    fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT event_id, activity, digest, response, created_at FROM events WHERE event_id = $1",
+                &[&event_id],
+            )?
+            .map(|r| EventRow {
+                event_id: r.get(0),
+                activity: r.get(1),
+                digest: r.get(2),
+                response: r.get(3),
+                created_at: r.get(4),
+            }))
+    }
+
+    fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO events (event_id, activity, digest, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+            &[&e.event_id, &e.activity, &e.digest, &e.response, &e.created_at],
+        )
+        .map(drop)
+    }
+
+    fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let r = self.opt(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE instance_id = $1"),
+            &[&instance_id],
+        )?;
+        instance_row(r)
+    }
+
+    fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let r = self.opt(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE license_id = $1"),
+            &[&license_id],
+        )?;
+        instance_row(r)
+    }
+
+    fn put_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+        let devices = serde_json::to_string(&r.devices).expect("strings serialise");
+        self.exec(
+            &format!(
+                "INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 ON CONFLICT (instance_id) DO UPDATE SET product = excluded.product, \
+                 license_id = excluded.license_id, devices = excluded.devices, \
+                 not_before = excluded.not_before, not_after = excluded.not_after, \
+                 status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
+                 seq = excluded.seq, updated_at = excluded.updated_at"
+            ),
+            &[
+                &r.instance_id,
+                &r.product,
+                &r.license_id,
+                &devices,
+                &r.not_before,
+                &r.not_after,
+                &r.status.as_str(),
+                &(r.frozen as i64),
+                &r.license,
+                &r.seq,
+                &r.updated_at,
+            ],
+        )
+        .map(drop)
+    }
+
+    fn record_license(
+        &mut self,
+        license_id: &str,
+        event_id: Option<&str>,
+        text: &str,
+        issued_at: i64,
+    ) -> Result<(), DbError> {
+        let sha = crate::license::format::hex(&<sha2::Sha256 as sha2::Digest>::digest(text));
+        self.exec(
+            "INSERT INTO licenses (sha256, license_id, event_id, issued_at, text) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&sha, &license_id, &event_id, &issued_at, &text],
+        )
+        .map(drop)
+    }
+
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO tokens (license_id, seq, action, token, issued_at) VALUES ($1, $2, $3, $4, $5)",
+            &[&t.license_id, &t.seq, &t.action, &t.token, &t.issued_at],
+        )
+        .map(drop)
+    }
+
+    fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT license_id, seq, action, token, issued_at FROM tokens \
+                 WHERE license_id = $1 ORDER BY seq DESC LIMIT 1",
+                &[&license_id],
+            )?
+            .map(|r| TokenRow {
+                license_id: r.get(0),
+                seq: r.get(1),
+                action: r.get(2),
+                token: r.get(3),
+                issued_at: r.get(4),
+            }))
+    }
+
+    fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT code, status, frozen, expire_at, seq, updated_at FROM codes WHERE code = $1",
+                &[&code],
+            )?
+            .map(|r| CodeRow {
+                code: r.get(0),
+                status: r.get(1),
+                frozen: r.get::<_, i64>(2) != 0,
+                expire_at: r.get(3),
+                seq: r.get(4),
+                updated_at: r.get(5),
+            }))
+    }
+
+    fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO UPDATE SET \
+             status = excluded.status, frozen = excluded.frozen, expire_at = excluded.expire_at, \
+             seq = excluded.seq, updated_at = excluded.updated_at",
+            &[
+                &c.code,
+                &c.status,
+                &(c.frozen as i64),
+                &c.expire_at,
+                &c.seq,
+                &c.updated_at,
+            ],
+        )
+        .map(drop)
+    }
+
+    fn count_licenses(&mut self) -> Result<i64, DbError> {
+        Ok(self
+            .opt("SELECT COUNT(*) FROM licenses", &[])?
+            .map(|r| r.get(0))
+            .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// A new, empty schema for one test.
+    pub fn fresh_schema(url: &str) -> String {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        );
+        let mut c = Client::connect(url, NoTls).expect("KOOAGENT_TEST_PG_URL connects");
+        c.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+            .unwrap();
+        name
+    }
+
+    #[test]
+    fn schema_names_are_checked() {
+        assert!(valid_schema("public"));
+        assert!(valid_schema("t1_x"));
+        assert!(!valid_schema("1x"));
+        assert!(!valid_schema("a;drop"));
+        assert!(!valid_schema("A"));
+        assert!(!valid_schema(""));
+    }
+}

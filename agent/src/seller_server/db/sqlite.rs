@@ -1,0 +1,313 @@
+//! The embedded backend: one SQLite file, write-ahead log, `synchronous = FULL` (a
+//! commit is on disk before the marketplace hears success; group commit keeps that cheap).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx};
+
+pub struct Sqlite {
+    conn: Connection,
+}
+
+fn err(e: rusqlite::Error) -> DbError {
+    DbError::Backend(e.to_string())
+}
+
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Sqlite, DbError> {
+        let conn = Connection::open(path)
+            .map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .map_err(err)?;
+        conn.execute_batch(super::SCHEMA).map_err(err)?;
+        Ok(Sqlite { conn })
+    }
+}
+
+impl Backend for Sqlite {
+    fn begin(&mut self) -> Result<(), DbError> {
+        // IMMEDIATE: take the write lock now, so a second process on the same file waits
+        // (busy timeout) instead of failing half-way.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(err)
+    }
+    fn savepoint(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("SAVEPOINT job").map_err(err)
+    }
+    fn release_savepoint(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("RELEASE job").map_err(err)
+    }
+    fn rollback_savepoint(&mut self) -> Result<(), DbError> {
+        self.conn
+            .execute_batch("ROLLBACK TO job; RELEASE job")
+            .map_err(err)
+    }
+    fn commit(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("COMMIT").map_err(err)
+    }
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                log::error!("database: rollback: {e}");
+            }
+        }
+    }
+    fn tx(&mut self) -> &mut dyn Tx {
+        self
+    }
+}
+
+fn devices_json(d: &[String]) -> String {
+    serde_json::to_string(d).expect("strings serialise")
+}
+
+fn devices_parse(s: &str) -> Result<Vec<String>, DbError> {
+    serde_json::from_str(s).map_err(|e| DbError::Backend(format!("instances.devices: {e}")))
+}
+
+const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, not_after, \
+                             status, frozen, license, seq, updated_at";
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InstanceRow, String, String)> {
+    Ok((
+        InstanceRow {
+            instance_id: r.get(0)?,
+            product: r.get(1)?,
+            license_id: r.get(2)?,
+            devices: vec![],
+            not_before: r.get(4)?,
+            not_after: r.get(5)?,
+            status: InstanceStatus::Active,
+            frozen: r.get::<_, i64>(7)? != 0,
+            license: r.get(8)?,
+            seq: r.get(9)?,
+            updated_at: r.get(10)?,
+        },
+        r.get(3)?,
+        r.get(6)?,
+    ))
+}
+
+fn finish_instance(
+    x: Option<(InstanceRow, String, String)>,
+) -> Result<Option<InstanceRow>, DbError> {
+    let Some((mut row, devices, status)) = x else {
+        return Ok(None);
+    };
+    row.devices = devices_parse(&devices)?;
+    row.status = InstanceStatus::parse(&status)?;
+    Ok(Some(row))
+}
+
+impl Tx for Sqlite {
+    fn nonce_fresh(&mut self, nonce: &str, now: i64) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO nonces (nonce, seen_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![nonce, now]))
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
+    fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
+            .and_then(|mut s| s.execute(params![before]))
+            .map_err(err)?;
+        Ok(n as u64)
+    }
+
+    fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT event_id, activity, digest, response, created_at FROM events WHERE event_id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![event_id], |r| {
+                    Ok(EventRow {
+                        event_id: r.get(0)?,
+                        activity: r.get(1)?,
+                        digest: r.get(2)?,
+                        response: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO events (event_id, activity, digest, response, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    e.event_id,
+                    e.activity,
+                    e.digest,
+                    e.response,
+                    e.created_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let x = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![instance_id], instance_row).optional())
+            .map_err(err)?;
+        finish_instance(x)
+    }
+
+    fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let x = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE license_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![license_id], instance_row).optional())
+            .map_err(err)?;
+        finish_instance(x)
+    }
+
+    fn put_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (instance_id) DO UPDATE SET product = excluded.product, \
+                 license_id = excluded.license_id, devices = excluded.devices, \
+                 not_before = excluded.not_before, not_after = excluded.not_after, \
+                 status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
+                 seq = excluded.seq, updated_at = excluded.updated_at"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.instance_id,
+                    r.product,
+                    r.license_id,
+                    devices_json(&r.devices),
+                    r.not_before,
+                    r.not_after,
+                    r.status.as_str(),
+                    r.frozen as i64,
+                    r.license,
+                    r.seq,
+                    r.updated_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn record_license(
+        &mut self,
+        license_id: &str,
+        event_id: Option<&str>,
+        text: &str,
+        issued_at: i64,
+    ) -> Result<(), DbError> {
+        let sha = crate::license::format::hex(&<sha2::Sha256 as sha2::Digest>::digest(text));
+        self.conn
+            .prepare_cached(
+                "INSERT INTO licenses (sha256, license_id, event_id, issued_at, text) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![sha, license_id, event_id, issued_at, text]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens (license_id, seq, action, token, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| s.execute(params![t.license_id, t.seq, t.action, t.token, t.issued_at]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT license_id, seq, action, token, issued_at FROM tokens \
+                 WHERE license_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![license_id], |r| {
+                    Ok(TokenRow {
+                        license_id: r.get(0)?,
+                        seq: r.get(1)?,
+                        action: r.get(2)?,
+                        token: r.get(3)?,
+                        issued_at: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT code, status, frozen, expire_at, seq, updated_at FROM codes WHERE code = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![code], |r| {
+                    Ok(CodeRow {
+                        code: r.get(0)?,
+                        status: r.get(1)?,
+                        frozen: r.get::<_, i64>(2)? != 0,
+                        expire_at: r.get(3)?,
+                        seq: r.get(4)?,
+                        updated_at: r.get(5)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (code) DO UPDATE SET \
+                 status = excluded.status, frozen = excluded.frozen, expire_at = excluded.expire_at, \
+                 seq = excluded.seq, updated_at = excluded.updated_at",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.code,
+                    c.status,
+                    c.frozen as i64,
+                    c.expire_at,
+                    c.seq,
+                    c.updated_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn count_licenses(&mut self) -> Result<i64, DbError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM licenses", [], |r| r.get(0))
+            .map_err(err)
+    }
+}

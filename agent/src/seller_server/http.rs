@@ -1,0 +1,379 @@
+//! HTTPS: rustls (TLS 1.2 and 1.3, ring), HTTP/1.1 by hyper, one tokio task per
+//! connection. Routes:
+//!
+//! - `POST <product path>`: the marketplace's production interface (always HTTP 200 with
+//!   a `resultCode`, and a `Body-Sign` header on every answer);
+//! - `GET /v1/licenses/<license id>`: the current license text, for agents to fetch a
+//!   renewed license without the buyer copying files;
+//! - `GET /v1/licenses/<license id>/status`: the newest status token.
+//!
+//! Database work runs on the database thread; signatures and JSON on the workers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::activities::{self, answer, Ctx, ResultCode};
+use super::auth;
+use super::db::Db;
+use super::tokens::StatusTokens;
+use super::{ProductConfig, SellerServerConfig};
+use crate::clock::Clock;
+use crate::usage::secret::Secret;
+
+/// Largest request body accepted (the marketplace's are well under 4 KiB).
+const MAX_BODY: usize = 64 * 1024;
+/// The marketplace gives up after 5 s; answer before that even when the database is slow.
+const ANSWER_WITHIN: Duration = Duration::from_millis(4500);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often forgotten nonces are pruned (they only matter within the window).
+const PRUNE_EVERY_SECS: i64 = 60;
+
+/// Everything a request needs.
+pub struct State {
+    pub products: Vec<ProductConfig>,
+    pub signing_key: SigningKey,
+    pub interconnection_key: Secret,
+    pub tokens: Arc<dyn StatusTokens>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    pub window_secs: i64,
+    last_prune: AtomicI64,
+}
+
+impl State {
+    pub fn new(
+        cfg: &SellerServerConfig,
+        signing_key: SigningKey,
+        interconnection_key: Secret,
+        tokens: Arc<dyn StatusTokens>,
+        db: Db,
+        clock: Arc<dyn Clock>,
+    ) -> State {
+        State {
+            products: cfg.products.clone(),
+            signing_key,
+            interconnection_key,
+            tokens,
+            db,
+            clock,
+            window_secs: cfg.timestamp_window_secs as i64,
+            last_prune: AtomicI64::new(0),
+        }
+    }
+}
+
+/// The TLS configuration from PEM files. The private key must not be readable by others.
+pub fn tls_config(cert_file: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("seller_server.cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "seller_server.cert_file {}: no CERTIFICATE in the file",
+            cert_file.display()
+        ));
+    }
+    private_file_mode("seller_server.key_file", key_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("seller_server.key_file {}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("seller_server.cert_file/key_file: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Refuses a secret file others may read.
+pub fn private_file_mode(key: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{key} {}: readable or writable by group or others (mode {mode:04o}); run chmod 600 on it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let (acceptor, state) = (acceptor.clone(), state.clone());
+                    tokio::spawn(async move { connection(tcp, peer, acceptor, state).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log::debug!("{peer}: TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            log::debug!("{peer}: TLS handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req| route(state.clone(), req));
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = r {
+        log::debug!("{peer}: {e}");
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn plain(status: StatusCode, text: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        "text/plain; charset=utf-8".parse().expect("valid"),
+    );
+    r
+}
+
+async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix("/v1/licenses/") {
+        if req.method() != Method::GET {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
+        }
+        return Ok(agent_get(&state, rest).await);
+    }
+    let Some(i) = state.products.iter().position(|p| p.path == path) else {
+        return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
+    };
+    if req.method() != Method::POST {
+        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+    }
+    Ok(marketplace(state, i, req).await)
+}
+
+/// A marketplace answer: always 200, signed.
+fn signed(state: &State, body: String) -> Resp {
+    let sign = auth::body_sign(state.interconnection_key.expose(), body.as_bytes());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        "application/json;charset=UTF-8".parse().expect("valid"),
+    );
+    h.insert("Body-Sign", sign.parse().expect("ASCII"));
+    r
+}
+
+async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) -> Resp {
+    let params = auth::Params::from_query(req.uri().query());
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let msg = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
+            return signed(&state, answer(ResultCode::BadParams, &msg, &[]));
+        }
+    };
+    let now_ms = state.clock.now_ms();
+    let nonce = match auth::verify(
+        state.interconnection_key.expose(),
+        &params,
+        &body,
+        now_ms,
+        state.window_secs,
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("marketplace request refused: {e}");
+            return signed(&state, answer(ResultCode::AuthFailed, &e.to_string(), &[]));
+        }
+    };
+    let now = now_ms.div_euclid(1000);
+    let prune = {
+        let last = state.last_prune.load(Ordering::Relaxed);
+        now - last >= PRUNE_EVERY_SECS
+            && state
+                .last_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    };
+    let st = state.clone();
+    let job = move |tx: &mut dyn super::db::Tx| {
+        if prune {
+            tx.prune_nonces(now - 2 * st.window_secs - 1)?;
+        }
+        if !tx.nonce_fresh(&nonce, now)? {
+            log::warn!("marketplace request refused: nonce {nonce:?} replayed");
+            return Ok(answer(
+                ResultCode::AuthFailed,
+                &auth::AuthError::Replay.to_string(),
+                &[],
+            ));
+        }
+        let ctx = Ctx {
+            now,
+            product: &st.products[product],
+            key: &st.signing_key,
+            tokens: st.tokens.as_ref(),
+        };
+        activities::handle(tx, &ctx, &body)
+    };
+    let out = match tokio::time::timeout(ANSWER_WITHIN, state.db.run(job)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => activities::failure_answer(&e),
+        Err(_) => {
+            log::error!(
+                "marketplace request: no answer from the database within {ANSWER_WITHIN:?}"
+            );
+            answer(
+                ResultCode::Internal,
+                "internal error (timeout); please retry",
+                &[],
+            )
+        }
+    };
+    signed(&state, out)
+}
+
+async fn agent_get(state: &State, rest: &str) -> Resp {
+    let (id, status) = match rest.strip_suffix("/status") {
+        Some(id) => (id.to_string(), true),
+        None => (rest.to_string(), false),
+    };
+    if id.is_empty() || id.len() > 128 || id.contains('/') {
+        return plain(StatusCode::NOT_FOUND, "no such license\n");
+    }
+    let r = if status {
+        state
+            .db
+            .run(move |tx| Ok(tx.latest_token(&id)?.map(|t| t.token)))
+            .await
+    } else {
+        state
+            .db
+            .run(move |tx| Ok(tx.instance_by_license(&id)?.map(|i| i.license)))
+            .await
+    };
+    match r {
+        Ok(Some(text)) => plain(StatusCode::OK, &text),
+        Ok(None) if status => plain(StatusCode::NOT_FOUND, "no status token for this license\n"),
+        Ok(None) => plain(StatusCode::NOT_FOUND, "no such license\n"),
+        Err(e) => {
+            log::error!("agent request failed: {e}");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
+        }
+    }
+}
+
+/// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
+/// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
+pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String> {
+    private_file_mode("seller_server.signing_key_file", &cfg.signing_key_file)?;
+    let signing_key = crate::license::seller::read_signing_key(&cfg.signing_key_file)
+        .map_err(|e| format!("seller_server.signing_key_file: {e}"))?;
+    let interconnection_key = Secret::load_as(
+        &cfg.interconnection_key_file,
+        "seller_server.interconnection_key_file",
+    )?;
+    let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
+    let db = cfg.open_db().map_err(|e| e.to_string())?;
+    let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
+        key: signing_key.clone(),
+    });
+    let state = Arc::new(State::new(
+        cfg,
+        signing_key,
+        interconnection_key,
+        tokens,
+        db,
+        clock,
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| format!("seller_server.listen {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        log::info!(
+            "seller server listening on {addr}: products {}",
+            cfg.products
+                .iter()
+                .map(|p| format!("{} at {}", p.product, p.path))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "listening on {addr}");
+            let _ = out.flush();
+        }
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                std::future::pending::<()>().await;
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            log::info!("seller server stopping");
+        };
+        serve(listener, tls, state, shutdown).await;
+        Ok(())
+    })
+}

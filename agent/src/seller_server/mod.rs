@@ -1,0 +1,230 @@
+//! The seller license server, `kooagent seller serve`: the HTTPS endpoint KooGallery
+//! calls when a buyer orders, renews, lets expire, releases or is frozen (koogallery.md
+//! §2, §3.3, §4, §5, Part B §B3), producing the licenses (docs/license-format.md) and
+//! status tokens the agent verifies, and serving them to agents. See
+//! docs/seller-server.md.
+//!
+//! - [`auth`]: the marketplace's request signature and our `Body-Sign` (the
+//!   [UNCONFIRMED] choices live there);
+//! - [`activities`]: request → decision, on a database transaction;
+//! - [`db`]: the storage interface, SQLite and PostgreSQL, one thread with group commit;
+//! - [`tokens`]: where status tokens come from (the freeze module);
+//! - [`http`]: TLS, HTTP, routing, timeouts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod activities;
+pub mod auth;
+pub mod db;
+pub mod http;
+pub mod tokens;
+
+/// The configuration file of `kooagent seller serve`: one `[seller_server]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SellerFile {
+    pub seller_server: SellerServerConfig,
+}
+
+/// `[seller_server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SellerServerConfig {
+    /// Address and port to listen on (HTTPS only).
+    pub listen: String,
+    /// TLS certificate chain (PEM, leaf first) and its private key (PEM, mode 0600).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The seller's Ed25519 license key (PKCS#8 PEM, mode 0600; `kooagent seller keygen`).
+    pub signing_key_file: PathBuf,
+    /// The marketplace interconnection key for this production interface (mode 0600):
+    /// verifies the marketplace's requests and signs our answers.
+    pub interconnection_key_file: PathBuf,
+    /// SQLite database directory (`seller.db` inside), used when `database_url` is empty.
+    pub state_dir: PathBuf,
+    /// PostgreSQL connection (`postgresql://user@host/db` or `host=/run/postgresql
+    /// dbname=...`); empty: SQLite.
+    pub database_url: String,
+    /// PostgreSQL schema holding the tables.
+    pub database_schema: String,
+    /// How far the marketplace's `timestamp` may be from our clock.
+    pub timestamp_window_secs: u64,
+    /// One entry per marketplace product: the URL path its production interface calls.
+    pub products: Vec<ProductConfig>,
+}
+
+impl Default for SellerServerConfig {
+    fn default() -> Self {
+        SellerServerConfig {
+            listen: "0.0.0.0:8443".into(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            signing_key_file: PathBuf::new(),
+            interconnection_key_file: PathBuf::new(),
+            state_dir: "/var/lib/kooagent-seller".into(),
+            database_url: String::new(),
+            database_schema: "public".into(),
+            timestamp_window_secs: 60,
+            products: vec![],
+        }
+    }
+}
+
+/// How a marketplace product maps to licenses. The marketplace's License calls carry no
+/// product field, and each product has its own production URL in the seller console:
+/// the path tells the product, and this entry what its licenses hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    /// The URL path configured as this product's production interface, e.g. `/koogallery/sku-pro`.
+    pub path: String,
+    /// The license `product` field (what `license.check` asks by).
+    pub product: String,
+    #[serde(default)]
+    pub grace_secs: u64,
+    #[serde(default)]
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
+    /// Refuse (`000002`) an order without `deviceFingerprint` (default); false: such an
+    /// order gets a license valid on any device.
+    #[serde(default = "yes")]
+    pub require_device: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A configuration error naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl SellerServerConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<SellerServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(path.display().to_string(), e.to_string()))?;
+        let file: SellerFile = toml::from_str(&text)
+            .map_err(|e| invalid(path.display().to_string(), e.to_string()))?;
+        file.seller_server.validate()?;
+        Ok(file.seller_server)
+    }
+
+    /// Checks every value without touching files (those are read at start).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| invalid("seller_server.listen", format!("{:?}: {e}", self.listen)))?;
+        for (key, p) in [
+            ("seller_server.cert_file", &self.cert_file),
+            ("seller_server.key_file", &self.key_file),
+            ("seller_server.signing_key_file", &self.signing_key_file),
+            (
+                "seller_server.interconnection_key_file",
+                &self.interconnection_key_file,
+            ),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(key, "required"));
+            }
+        }
+        if self.database_url.is_empty() && !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "seller_server.state_dir",
+                "must be an absolute path (or set database_url)",
+            ));
+        }
+        if !db::postgres::valid_schema(&self.database_schema) {
+            return Err(invalid(
+                "seller_server.database_schema",
+                "lower-case letters, digits and _, not starting with a digit",
+            ));
+        }
+        if !(1..=3600).contains(&self.timestamp_window_secs) {
+            return Err(invalid(
+                "seller_server.timestamp_window_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if self.products.is_empty() {
+            return Err(invalid(
+                "seller_server.products",
+                "configure at least one product (path and product)",
+            ));
+        }
+        let mut paths = std::collections::HashSet::new();
+        for (i, p) in self.products.iter().enumerate() {
+            let key = |k: &str| format!("seller_server.products[{i}].{k}");
+            if !p.path.starts_with('/') || p.path.contains(['?', '#', ' ']) {
+                return Err(invalid(key("path"), "must be a URL path starting with /"));
+            }
+            if p.path.starts_with("/v1/") {
+                return Err(invalid(
+                    key("path"),
+                    "/v1/ is reserved for the agents' endpoints",
+                ));
+            }
+            if !paths.insert(p.path.as_str()) {
+                return Err(invalid(
+                    key("path"),
+                    format!("{} is configured twice", p.path),
+                ));
+            }
+            // The product's license fields, checked by the license format's own rules.
+            let probe = crate::license::seller::IssueRequest {
+                id: Some("probe".into()),
+                product: p.product.clone(),
+                instance: "probe".into(),
+                devices: vec![],
+                unbound: true,
+                issued_at: 1_700_000_000,
+                not_before: None,
+                term: crate::license::seller::Term::Perpetual,
+                grace_secs: p.grace_secs,
+                features: p.features.clone(),
+                limits: p.limits.clone(),
+                meta: BTreeMap::new(),
+            };
+            crate::license::seller::build(&probe)
+                .map_err(|e| invalid(key("product"), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.state_dir.join("seller.db")
+    }
+
+    /// Opens the configured database.
+    pub fn open_db(&self) -> Result<db::Db, db::DbError> {
+        let backend: Box<dyn db::Backend> = if self.database_url.is_empty() {
+            crate::store::ensure_dir(&self.state_dir, 0o700)
+                .map_err(|e| db::DbError::Backend(format!("{}: {e}", self.state_dir.display())))?;
+            Box::new(db::sqlite::Sqlite::open(&self.sqlite_path())?)
+        } else {
+            Box::new(db::postgres::Postgres::connect(
+                &self.database_url,
+                &self.database_schema,
+            )?)
+        };
+        Ok(db::Db::start(backend))
+    }
+}
+
+#[cfg(test)]
+mod tests;

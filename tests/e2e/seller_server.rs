@@ -1,0 +1,486 @@
+//! The seller license server end to end: a test plays the marketplace (signing its calls
+//! as koogallery.md §4.1 says, checking `Body-Sign` on every answer as §4.3 says), orders
+//! a license for a real agent's device code, and the agent installs it and reports
+//! `valid`; renewal reaches the agent through the download endpoint; replays and bad
+//! signatures are refused; a resent order gets the same bytes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::harness::{short_tempdir, TestAgent, BIN};
+
+const KEY: &str = "test-interconnection-key-0123456789";
+const PATH: &str = "/koogallery/sku-pro";
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    m.update(data);
+    m.finalize().into_bytes().to_vec()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn write_private(p: &Path, text: &str) {
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A running `kooagent seller serve` with its own CA, keys and SQLite database.
+pub struct SellerServer {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    pub port: u16,
+    pub trust: String,
+    /// The CA of the server's certificate, for agents that poll it.
+    pub ca_pem: PathBuf,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl SellerServer {
+    pub fn start(extra: &str) -> SellerServer {
+        let dir = short_tempdir();
+        let d = dir.path();
+        // The seller's license key, made with the seller's own tool.
+        let out = Command::new(BIN)
+            .args(["seller", "keygen", "--out"])
+            .arg(d.join("seller.key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trust = std::fs::read_to_string(d.join("seller.key.pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // A CA and a certificate for localhost.
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        std::fs::write(
+            d.join("tls.crt"),
+            format!("{}{}", leaf.pem(), ca_cert.pem()),
+        )
+        .unwrap();
+        write_private(&d.join("tls.key"), &leaf_key.serialize_pem());
+        std::fs::write(d.join("ca.pem"), ca_cert.pem()).unwrap();
+        write_private(&d.join("interconnection.key"), &format!("{KEY}\n"));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let config = format!(
+            "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\n\
+             key_file = \"{d}/tls.key\"\nsigning_key_file = \"{d}/seller.key\"\n\
+             interconnection_key_file = \"{d}/interconnection.key\"\nstate_dir = \"{d}/state\"\n\
+             {extra}\n[[seller_server.products]]\npath = \"{PATH}\"\nproduct = \"sku-pro\"\n\
+             grace_secs = 86400\nfeatures = [\"export\"]\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("seller.toml"), config).unwrap();
+        let log = std::fs::File::create(d.join("server.log")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["seller", "serve", "--config"])
+            .arg(d.join("seller.toml"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no listening line ({line:?}); log:\n{}",
+                    std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+                )
+            })
+            .parse()
+            .unwrap();
+        SellerServer {
+            ca_pem: dir.path().join("ca.pem"),
+            dir,
+            child,
+            port,
+            trust,
+            roots: Arc::new(roots),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// One HTTPS request; (status, headers lower-cased, body).
+    pub fn request(
+        &self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(
+            Arc::new(cfg),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json;charset=utf8\r\n\
+             Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).unwrap();
+        tls.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        // The server closes after answering (Connection: close); a TLS close_notify-less
+        // EOF is fine here.
+        let _ = tls.read_to_end(&mut raw);
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no response: {:?}", String::from_utf8_lossy(&raw)));
+        let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap();
+                (k.trim().to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
+        (status, headers, raw[split + 4..].to_vec())
+    }
+
+    /// The marketplace's call: signed as §4.1 says, with a fresh nonce. Checks Body-Sign
+    /// and returns (raw body, parsed).
+    pub fn market(&self, body: &Value) -> (String, Value) {
+        let body = body.to_string();
+        let ts = now_ms().to_string();
+        let nonce = format!("N{}", now_ms() as u128 * 1000 + rand_u16() as u128);
+        self.market_signed(&body, &ts, &nonce, &sign(KEY, &nonce, &ts, &body))
+    }
+
+    pub fn market_signed(&self, body: &str, ts: &str, nonce: &str, sig: &str) -> (String, Value) {
+        let target = format!("{PATH}?signature={sig}&timestamp={ts}&nonce={nonce}");
+        let (status, headers, raw) = self.request("POST", &target, body.as_bytes());
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+        let sign = headers
+            .iter()
+            .find(|(k, _)| k == "body-sign")
+            .map(|(_, v)| v.clone())
+            .expect("every answer carries Body-Sign");
+        let want = base64::engine::general_purpose::STANDARD.encode(hmac(KEY.as_bytes(), &raw));
+        assert_eq!(
+            sign,
+            format!("sign_type=\"HMAC-SHA256\", signature=\"{want}\"")
+        );
+        let text = String::from_utf8(raw).unwrap();
+        let v = serde_json::from_str(&text).unwrap();
+        (text, v)
+    }
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u16::from_le_bytes(b)
+}
+
+/// §4.1 as documented, written independently of the server's code.
+fn sign(key: &str, nonce: &str, ts: &str, body: &str) -> String {
+    let inner = hex(&hmac(key.as_bytes(), body.as_bytes())).to_lowercase();
+    let canonical = format!("{key}{nonce}{ts}{inner}");
+    hex(&hmac(key.as_bytes(), canonical.as_bytes())).to_uppercase()
+}
+
+impl Drop for SellerServer {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn market_time(secs: i64) -> String {
+    // The getLicense example's form: "2023-10-27 10:30:15 z".
+    kooagent::clock::format_rfc3339(secs)
+        .replace('T', " ")
+        .replace('Z', " z")
+}
+
+fn digits14(secs: i64) -> String {
+    kooagent::clock::format_rfc3339(secs)
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect()
+}
+
+fn wait_agent_state(a: &TestAgent, want: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let c = check(a);
+        if c["state"] == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the agent never reported {want}: {c}\n{}",
+            a.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn check(a: &TestAgent) -> Value {
+    a.call("license.check", json!({"product": "sku-pro"}))
+        .unwrap()
+}
+
+/// The storage configurations the end-to-end tests run on: SQLite, and PostgreSQL when
+/// KOOAGENT_TEST_PG_URL is set (scripts/pg-test.sh), each in a schema of its own.
+pub fn storages() -> Vec<String> {
+    let mut v = vec![String::new()];
+    if let Ok(url) = std::env::var("KOOAGENT_TEST_PG_URL") {
+        if !url.is_empty() {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let schema = format!("e2e_{}_{}_{n}", std::process::id(), now_ms());
+            v.push(format!(
+                "database_url = \"{url}\"\ndatabase_schema = \"{schema}\"\n"
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn marketplace_orders_renews_and_the_agent_runs_the_license() {
+    for storage in storages() {
+        orders_renews_and_runs(&storage);
+    }
+}
+
+fn orders_renews_and_runs(storage: &str) {
+    let server = SellerServer::start(storage);
+    // The agent also polls the server's agent endpoints (the freeze online source).
+    let base = format!("https://localhost:{}/v1/licenses", server.port);
+    let agent = TestAgent::start(&format!(
+        "[license]\ntrusted_keys = [\"{}\"]\n[freeze]\ntoken_url = \"{base}/{{license_id}}/status\"\n\
+         poll_interval_secs = 1\npoll_jitter_secs = 0\npoll_extra_ca_file = \"{}\"\n",
+        server.trust,
+        server.ca_pem.display()
+    ));
+    let code = agent.call("device.code", json!({})).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let now = now_ms() / 1000;
+    let order = json!({
+        "activity": "getLicense", "instanceId": "RA2-4LVS-0001", "eventId": "8e5694c8-0001",
+        "effectiveTime": market_time(now - 60), "expireTime": digits14(now + 30 * 86_400),
+        "deviceFingerprint": code, "testFlag": "1"
+    });
+    let (raw, v) = server.market(&order);
+    assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
+    let license = v["license"].as_str().unwrap().to_string();
+    assert_eq!(v["licenseId"], "kg-RA2-4LVS-0001");
+
+    agent
+        .call("license.install", json!({"text": license}))
+        .unwrap_or_else(|e| panic!("install: {e}"));
+    let c = check(&agent);
+    assert_eq!(c["state"], "valid", "{c}");
+    assert_eq!(c["license_id"], "kg-RA2-4LVS-0001");
+
+    // The marketplace resends (new nonce, new timestamp): the same bytes.
+    let (raw2, _) = server.market(&order);
+    assert_eq!(raw2, raw);
+    // A changed request under the same eventId is refused.
+    let mut changed = order.clone();
+    changed["expireTime"] = json!(digits14(now + 40 * 86_400));
+    assert_eq!(server.market(&changed).1["resultCode"], "000002");
+
+    // Renewal: a new license with the new expiry, fetched by license id the way an agent
+    // would, installed over the old one.
+    let new_expiry = now + 400 * 86_400;
+    let (_, v) = server.market(&json!({
+        "activity": "refreshLicense", "instanceId": "RA2-4LVS-0001",
+        "expireTime": digits14(new_expiry), "orderId": "CS-renew-1"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    let (status, _, body) = server.request("GET", "/v1/licenses/kg-RA2-4LVS-0001", b"");
+    assert_eq!(status, 200);
+    let renewed = String::from_utf8(body).unwrap();
+    assert_eq!(renewed, v["license"].as_str().unwrap());
+    assert_ne!(renewed, license);
+    agent
+        .call("license.install", json!({"text": renewed}))
+        .unwrap_or_else(|e| panic!("install renewed: {e}"));
+    let c = check(&agent);
+    assert_eq!(c["state"], "valid", "{c}");
+    let status = agent.call("license.status", json!({})).unwrap();
+    assert!(
+        status
+            .to_string()
+            .contains(&kooagent::clock::format_rfc3339(new_expiry)),
+        "the agent runs the renewed license: {status}"
+    );
+
+    // The marketplace freezes the instance: the server signs a status token, the agent
+    // hears it from the online source and reports `frozen`; UNFREEZE lifts it.
+    let (_, v) = server.market(&json!({
+        "activity": "updateInstanceStatus", "instanceId": "RA2-4LVS-0001", "status": "FREEZE"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    let (status, _, _) = server.request("GET", "/v1/licenses/kg-RA2-4LVS-0001/status", b"");
+    assert_eq!(status, 200);
+    wait_agent_state(&agent, "frozen");
+    let (_, v) = server.market(&json!({
+        "activity": "updateInstanceStatus", "instanceId": "RA2-4LVS-0001", "status": "UNFREEZE"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    wait_agent_state(&agent, "valid");
+    let (_, v) = server.market(&json!({"activity": "expireLicense", "instanceId": "nope"}));
+    assert_eq!(v["resultCode"], "000003");
+}
+
+#[test]
+fn replays_bad_signatures_and_stale_timestamps_are_refused() {
+    for storage in storages() {
+        refusals(&storage);
+    }
+}
+
+fn refusals(storage: &str) {
+    let server = SellerServer::start(storage);
+    let body = json!({"activity": "expireLicense", "instanceId": "nope"}).to_string();
+    let ts = now_ms().to_string();
+    let sig = sign(KEY, "nonce-1", &ts, &body);
+    // First use: authenticated (the instance is unknown: 000003, not 000001).
+    let (_, v) = server.market_signed(&body, &ts, "nonce-1", &sig);
+    assert_eq!(v["resultCode"], "000003", "{v}");
+    // The very same request again: a replay.
+    let (_, v) = server.market_signed(&body, &ts, "nonce-1", &sig);
+    assert_eq!(v["resultCode"], "000001", "{v}");
+    assert!(v["resultMsg"].as_str().unwrap().contains("replay"));
+    // Lower-case hex is as good as upper-case.
+    let sig2 = sign(KEY, "nonce-2", &ts, &body).to_lowercase();
+    assert_eq!(
+        server.market_signed(&body, &ts, "nonce-2", &sig2).1["resultCode"],
+        "000003"
+    );
+    // Signed with another key, or over another body.
+    let bad = sign("another-key", "nonce-3", &ts, &body);
+    let (_, v) = server.market_signed(&body, &ts, "nonce-3", &bad);
+    assert_eq!(v["resultCode"], "000001");
+    assert!(v["resultMsg"].as_str().unwrap().contains("signature"));
+    let tampered = body.replace("nope", "nopf");
+    let (_, v) = server.market_signed(&tampered, &ts, "nonce-4", &sign(KEY, "nonce-4", &ts, &body));
+    assert_eq!(v["resultCode"], "000001");
+    // Two minutes old.
+    let old = (now_ms() - 120_000).to_string();
+    let (_, v) = server.market_signed(&body, &old, "nonce-5", &sign(KEY, "nonce-5", &old, &body));
+    assert_eq!(v["resultCode"], "000001");
+    assert!(
+        v["resultMsg"].as_str().unwrap().contains("timestamp"),
+        "{v}"
+    );
+    // No signature at all.
+    let (status, headers, raw) = server.request("POST", PATH, body.as_bytes());
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(k, _)| k == "body-sign"));
+    let v: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(v["resultCode"], "000001");
+    // Not the marketplace's endpoint.
+    assert_eq!(server.request("POST", "/other", b"{}").0, 404);
+    assert_eq!(server.request("GET", PATH, b"").0, 405);
+    assert_eq!(server.request("GET", "/v1/licenses/none", b"").0, 404);
+    // The key never reaches the log.
+    assert!(!server.log().contains(KEY));
+}
+
+#[test]
+fn serve_refuses_a_readable_key_file_naming_it() {
+    let dir = short_tempdir();
+    let d = dir.path();
+    std::fs::write(d.join("ik"), "k").unwrap();
+    std::fs::set_permissions(d.join("ik"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN)
+        .args(["seller", "keygen", "--out"])
+        .arg(d.join("s.key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cfg: PathBuf = d.join("s.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/c\"\nkey_file = \"{d}/k\"\n\
+             signing_key_file = \"{d}/s.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
+             state_dir = \"{d}/state\"\n[[seller_server.products]]\npath = \"/p\"\nproduct = \"x\"\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["seller", "serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("seller_server.interconnection_key_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
