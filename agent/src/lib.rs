@@ -3,6 +3,7 @@
 //! Layers (imports point down): `cli`/`bench` → `daemon`/`socket`/`client` → `ops` →
 //! `agent` + services → core logic (`device_code`, `clock`, `config`, `protocol`) → `store`.
 pub mod agent;
+pub mod authcode;
 pub mod bench;
 pub mod cli;
 pub mod client;
