@@ -5,5 +5,5 @@
 //! - `apig_sign`: the `SDK-HMAC-SHA256` signer and the server-side verifier (§1.3).
 //! - `api`: request/answer types, validation and pure parsing, typed errors (B1, B2, B4, B5).
 //! - `client`: the blocking HTTPS client with host fallback.
-
+pub mod api;
 pub mod apig_sign;
