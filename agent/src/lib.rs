@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod device_code;
 pub mod device_service;
 pub mod freeze;
+pub mod https;
 pub mod image_prep;
 pub mod license;
 pub mod logging;

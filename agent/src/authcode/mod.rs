@@ -7,3 +7,4 @@
 //! - `client`: the blocking HTTPS client with host fallback.
 pub mod api;
 pub mod apig_sign;
+pub mod client;
