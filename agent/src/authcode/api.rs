@@ -580,6 +580,21 @@ mod tests {
     }
 
     #[test]
+    fn error_table_is_documented() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/authorization-codes.md"
+        ));
+        for (code, kind, meaning) in TABLE {
+            let row = format!("| {code} | `{kind:?}` | {meaning}");
+            assert!(
+                doc.contains(&row),
+                "docs/authorization-codes.md lacks {row:?}"
+            );
+        }
+    }
+
+    #[test]
     fn gateway_and_http_errors() {
         let g = parse_envelope(
             401,
