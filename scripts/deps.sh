@@ -17,7 +17,10 @@ if ((${#need_apt[@]})); then
     fi
 fi
 
-if ! python3 -c 'import cryptography' 2>/dev/null; then
-    echo "== installing python cryptography"
-    python3 -m pip install -q cryptography
-fi
+# cryptography: the independent license/token issuers; huaweicloudsdkcore: Huawei's own
+# APIG signer, the second test vector for ours.
+for mod in cryptography huaweicloudsdkcore; do
+    python3 -c "import $mod" 2>/dev/null && continue
+    echo "== installing python $mod"
+    python3 -m pip install -q "$mod"
+done

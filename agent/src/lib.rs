@@ -3,6 +3,7 @@
 //! Layers (imports point down): `cli`/`bench` → `daemon`/`socket`/`client` → `ops` →
 //! `agent` + services → core logic (`device_code`, `clock`, `config`, `protocol`) → `store`.
 pub mod agent;
+pub mod authcode;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod device_code;
 pub mod device_service;
 pub mod freeze;
+pub mod https;
 pub mod image_prep;
 pub mod license;
 pub mod logging;

@@ -2,6 +2,7 @@
 //! would. Modules by capability.
 mod harness;
 
+mod authcode;
 mod daemon;
 mod device;
 mod docs;

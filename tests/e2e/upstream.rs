@@ -189,14 +189,14 @@ impl Drop for Upstream {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
 }
 
-fn read_request(r: &mut impl BufRead) -> Option<Request> {
+pub fn read_request(r: &mut impl BufRead) -> Option<Request> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
@@ -226,7 +226,7 @@ fn read_request(r: &mut impl BufRead) -> Option<Request> {
     })
 }
 
-fn reset(tcp: &TcpStream) {
+pub fn reset(tcp: &TcpStream) {
     use std::os::unix::io::AsRawFd;
     let linger = libc::linger {
         l_onoff: 1,

@@ -39,19 +39,11 @@ pub fn url_for(template: &str, license_id: &str) -> String {
 fn agent(cfg: &FreezeConfig) -> Result<ureq::Agent, String> {
     let extra = (!cfg.poll_extra_ca_file.as_os_str().is_empty())
         .then_some(cfg.poll_extra_ca_file.as_path());
-    let tls = ureq::tls::TlsConfig::builder()
-        .provider(ureq::tls::TlsProvider::Rustls)
-        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(
-            crate::usage::upload::roots(extra)?,
-        )))
-        .build();
-    let config = ureq::Agent::config_builder()
-        .tls_config(tls)
-        .timeout_global(Some(Duration::from_secs(cfg.poll_timeout_secs)))
-        .http_status_as_error(false)
-        .user_agent(format!("kooagent/{}", env!("CARGO_PKG_VERSION")))
-        .build();
-    Ok(ureq::Agent::new_with_config(config))
+    crate::https::agent(
+        extra,
+        "freeze.poll_extra_ca_file",
+        Duration::from_secs(cfg.poll_timeout_secs),
+    )
 }
 
 /// GET `url`: `Ok(Some(body))` on 200, `Ok(None)` on 204/404 (nothing for this license).

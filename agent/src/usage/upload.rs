@@ -5,7 +5,6 @@
 //! other refusals parked with the upstream's reason.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::hours::HourRecord;
@@ -47,62 +46,14 @@ pub enum Outcome {
     Rejected(String),
 }
 
-/// Loads the trust roots: Mozilla's set plus the certificates of `extra_ca` (PEM).
-pub(crate) fn roots(
-    extra_ca: Option<&Path>,
-) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
-    let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
-        .iter()
-        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))
-        .collect();
-    if let Some(path) = extra_ca {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("usage.extra_ca_file {}: {e}", path.display()))?;
-        let mut n = 0;
-        for item in ureq::tls::parse_pem(&pem) {
-            match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => {
-                    certs.push(c);
-                    n += 1;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(format!(
-                        "usage.extra_ca_file {}: not valid PEM: {e}",
-                        path.display()
-                    ))
-                }
-            }
-        }
-        if n == 0 {
-            return Err(format!(
-                "usage.extra_ca_file {}: holds no certificate",
-                path.display()
-            ));
-        }
-    }
-    Ok(certs)
-}
-
 impl Client {
     pub fn new(
         upstreams: Vec<String>,
         extra_ca: Option<&Path>,
         timeout: Duration,
     ) -> Result<Client, String> {
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots(extra_ca)?)))
-            .build();
-        // The default configuration reads HTTPS_PROXY / ALL_PROXY / NO_PROXY.
-        let config = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .user_agent(format!("kooagent/{}", env!("CARGO_PKG_VERSION")))
-            .build();
         Ok(Client {
-            agent: ureq::Agent::new_with_config(config),
+            agent: crate::https::agent(extra_ca, "usage.extra_ca_file", timeout)?,
             upstreams,
             on_date: None,
         })
@@ -381,20 +332,5 @@ mod tests {
             Outcome::Rejected(r) => assert!(r.len() < 400 && r.starts_with("HTTP 400")),
             o => panic!("{o:?}"),
         }
-    }
-
-    #[test]
-    fn extra_ca_problems_are_named() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("ca.pem");
-        std::fs::write(&p, "nothing here").unwrap();
-        let e = roots(Some(&p)).unwrap_err();
-        assert!(
-            e.contains("usage.extra_ca_file") && e.contains("no certificate"),
-            "{e}"
-        );
-        let e = roots(Some(&d.path().join("missing.pem"))).unwrap_err();
-        assert!(e.contains("missing.pem"), "{e}");
-        assert!(roots(None).unwrap().len() > 50);
     }
 }
