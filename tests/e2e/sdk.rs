@@ -97,17 +97,7 @@ fn text(o: &Output) -> String {
 #[test]
 fn c_example_checks_and_records_through_the_c_abi() {
     let (a, dir) = licensed_agent();
-    let exe = dir.path().join("check");
-    let out = Command::new("cc")
-        .args(["-Wall", "-Wextra", "-Werror", "-o"])
-        .arg(&exe)
-        .arg(format!("{ROOT}/examples/c/check.c"))
-        .arg(format!("-I{ROOT}/client-ffi/include"))
-        .arg(static_lib())
-        .args(["-lpthread", "-ldl", "-lm"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cc: {}", text(&out));
+    let exe = compile("check", dir.path());
 
     let out = run(
         Command::new(&exe).args(["sku-sdk", "export", "api", "1.5"]),
@@ -150,6 +140,83 @@ fn c_example_checks_and_records_through_the_c_abi() {
         "{}",
         text(&out)
     );
+}
+
+fn compile(example: &str, dir: &Path) -> PathBuf {
+    let exe = dir.join(example);
+    let out = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(format!("{ROOT}/examples/c/{example}.c"))
+        .arg(format!("-I{ROOT}/client-ffi/include"))
+        .arg(static_lib())
+        .args(["-lpthread", "-ldl", "-lm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", text(&out));
+    exe
+}
+
+#[test]
+fn watch_streams_freeze_and_unfreeze_to_rust_and_c() {
+    let (a, dir) = licensed_agent();
+    let key = dir.path().join("seller.key");
+    let lic_id = a
+        .call("license.check", json!({"product": "sku-sdk"}))
+        .unwrap()["license_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = |action: &str, seq: &str| {
+        let out = Command::new(BIN)
+            .args(["seller", "token", "--key"])
+            .arg(&key)
+            .args(["--license", &lic_id, "--action", action, "--seq", seq])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // C: the current state, then the freeze and the unfreeze, in order.
+    let exe = compile("watch", dir.path());
+    let mut child = Command::new(&exe)
+        .arg("3")
+        .env("KOOAGENT_SOCKET", &a.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first line (the current state) means it is subscribed before anything changes.
+    let mut c_out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut c_lines = vec![String::new()];
+    std::io::BufRead::read_line(&mut c_out, &mut c_lines[0]).unwrap();
+    // Rust: the same stream through kooagent-client.
+    let mut w = kooagent_client::Client::new(&a.socket)
+        .watch(json!({}))
+        .unwrap();
+    let first = w.next_event().unwrap();
+    assert_eq!(first["state"], json!("active"), "{first}");
+    a.call("token.apply", json!({"token": token("freeze", "1")}))
+        .unwrap();
+    let ev = w.next_event().unwrap();
+    assert_eq!(ev["state"], json!("frozen"), "{ev}");
+    a.call("token.apply", json!({"token": token("unfreeze", "2")}))
+        .unwrap();
+    let ev = w.next_event().unwrap();
+    assert_eq!(ev["state"], json!("active"), "{ev}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut c_out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    c_lines.extend(rest.lines().map(str::to_owned));
+    let states: Vec<String> = c_lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(states, ["active", "frozen", "active"]);
 }
 
 #[test]
