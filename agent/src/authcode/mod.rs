@@ -9,4 +9,6 @@
 pub mod api;
 pub mod apig_sign;
 pub mod client;
+pub mod config;
+pub mod logic;
 pub mod relay_auth;
