@@ -12,3 +12,4 @@ pub mod client;
 pub mod config;
 pub mod logic;
 pub mod relay_auth;
+pub mod transport;
