@@ -12,4 +12,5 @@ pub mod client;
 pub mod config;
 pub mod logic;
 pub mod relay_auth;
+pub mod service;
 pub mod transport;
