@@ -55,6 +55,7 @@ impl Agent {
             &config.authcode,
             clock.clone(),
         );
+        authcode.set_freeze(freeze.clone());
         Arc::new(Agent {
             authcode,
             license,

@@ -51,6 +51,18 @@ fn refusal(a: &TestAgent, code: &str) -> Value {
     e
 }
 
+/// The code's phase in the freeze lifecycle (`freeze.status`).
+fn phase(a: &TestAgent, code: &str) -> Value {
+    let st = a.call("freeze.status", json!({})).unwrap();
+    st["licenses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["license_id"] == format!("code:{code}"))
+        .map(|l| l["state"].clone())
+        .unwrap_or(Value::Null)
+}
+
 fn set_status(m: &Market, code: &str, status: &'static str) {
     m.with(|s| s.codes.get_mut(code).unwrap().status = status);
 }
@@ -91,6 +103,7 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         .call("license.activate", json!({"code": "CODE-OK"}))
         .unwrap();
     assert_eq!(again["already_activated"], true);
+    assert_eq!(phase(&a, "CODE-OK"), "active");
 
     // Each documented refusal, named.
     let e = refusal(&a, "CODE-NR");
@@ -202,6 +215,7 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         (Some("frozen"), Some(false)),
         "{c}"
     );
+    assert_eq!(phase(&a, "CODE-OK"), "frozen");
     // ALIVE again (renewed): valid.
     set_status(&m, "CODE-OK", "ALIVE");
     a.call("authcode.sync", json!({})).unwrap();
@@ -209,6 +223,7 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         .call("license.check", json!({"product": "myapp"}))
         .unwrap();
     assert_eq!(c["state"], "valid", "{c}");
+    assert_eq!(phase(&a, "CODE-OK"), "active");
     // RELEASED.
     set_status(&m, "CODE-OK", "RELEASED");
     a.call("authcode.sync", json!({})).unwrap();
@@ -220,6 +235,7 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         (Some("released"), Some(false)),
         "{c}"
     );
+    assert_eq!(phase(&a, "CODE-OK"), "released");
     let out = a.cli(&["authcode", "status"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("RELEASED"),
@@ -235,6 +251,9 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         .call("license.check", json!({"product": "myapp"}))
         .unwrap();
     assert_eq!(c["state"], "released");
+    eventually("the code back in the lifecycle", || {
+        phase(&a, "CODE-OK") == "released"
+    });
 }
 
 #[test]
@@ -272,4 +291,8 @@ fn offline_policy_freezes_after_the_allowed_days() {
             .contains("no successful daily query"),
         "{c}"
     );
+    // The freeze lifecycle is told on the authcode thread.
+    eventually("frozen in the lifecycle", || {
+        phase(&a, "CODE-OFF") == "frozen"
+    });
 }

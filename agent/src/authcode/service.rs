@@ -50,6 +50,9 @@ enum Job {
     Activate(String, Reply<Result<Value, OpError>>),
     /// The daily query and usage report for these codes; `force`: also today's usage.
     Daily(Vec<String>, bool, Option<Reply<()>>),
+    /// The code's state changed with time (grace ended, offline too long): tell the
+    /// freeze lifecycle.
+    Feed(String),
 }
 
 pub struct AuthcodeService {
@@ -66,6 +69,9 @@ pub struct AuthcodeService {
     pub heartbeats: AtomicU64,
     pub usage_reports: AtomicU64,
     load_error: Option<String>,
+    freeze: std::sync::OnceLock<Arc<crate::freeze::FreezeService>>,
+    /// Code → the state last given to the freeze lifecycle.
+    fed: Mutex<HashMap<String, &'static str>>,
 }
 
 fn op_error(e: &ClientError) -> OpError {
@@ -133,7 +139,57 @@ impl AuthcodeService {
             heartbeats: AtomicU64::new(0),
             usage_reports: AtomicU64::new(0),
             load_error,
+            freeze: std::sync::OnceLock::new(),
+            fed: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Codes join the freeze lifecycle as licenses `code:<CODE>`.
+    pub fn set_freeze(&self, freeze: Arc<crate::freeze::FreezeService>) {
+        let _ = self.freeze.set(freeze);
+    }
+
+    /// Gives the code's current state to the freeze lifecycle: valid → ALIVE, grace →
+    /// ALIVE with the grace period as the license's end, frozen → EXPIRED, released →
+    /// RELEASED. On the authcode thread (the freeze state is saved to disk).
+    fn feed(&self, code: &str) {
+        let Some(freeze) = self.freeze.get() else {
+            return;
+        };
+        let Some(r) = self.records.read().expect("records").get(code).cloned() else {
+            return;
+        };
+        let now = self.clock.now_secs();
+        let cfg = self.cfg();
+        let d = logic::derive(
+            &r,
+            now,
+            cfg.grace_days,
+            cfg.offline_days,
+            cfg.offline_policy,
+        );
+        let (not_after, grace_end, status) = match d.state {
+            "grace" => (
+                r.expired_seen_at.or(r.expire_time),
+                d.until,
+                crate::freeze::lifecycle::External::Alive,
+            ),
+            "released" => (None, None, crate::freeze::lifecycle::External::Released),
+            "frozen" => (None, None, crate::freeze::lifecycle::External::Expired),
+            _ => (None, None, crate::freeze::lifecycle::External::Alive),
+        };
+        let facts = crate::freeze::lifecycle::LicenseFacts {
+            id: format!("code:{code}"),
+            issued_at: r.activated_at,
+            not_after,
+            grace_end,
+            lease: None,
+        };
+        self.fed
+            .lock()
+            .expect("fed")
+            .insert(code.to_string(), d.state);
+        freeze.external(facts, &r.product, status, now);
     }
 
     pub fn reconfigure(&self, cfg: &AuthcodeConfig) {
@@ -154,6 +210,9 @@ impl AuthcodeService {
             .name("authcode".into())
             .spawn(move || me.run(rx))
             .expect("spawn the authcode thread");
+        for code in self.records.read().expect("records").keys() {
+            self.send(Job::Feed(code.clone()));
+        }
         let now = self.clock.now_secs();
         let due: Vec<String> = self
             .records
@@ -190,10 +249,18 @@ impl AuthcodeService {
         while let Ok(job) = rx.recv() {
             match job {
                 Job::Activate(code, reply) => {
-                    let _ = reply.send(self.activate_blocking(&code));
+                    let r = self.activate_blocking(&code);
+                    if r.is_ok() {
+                        self.feed(&code);
+                    }
+                    let _ = reply.send(r);
                 }
+                Job::Feed(code) => self.feed(&code),
                 Job::Daily(codes, force, reply) => {
                     self.daily_blocking(&codes, force);
+                    for c in &codes {
+                        self.feed(c);
+                    }
                     if let Some(r) = reply {
                         let _ = r.send(());
                     }
@@ -472,6 +539,17 @@ impl AuthcodeService {
         if due {
             let codes = self.codes_of(product);
             self.send(Job::Daily(codes, false, None));
+        }
+        let changed = {
+            let mut fed = self.fed.lock().expect("fed");
+            let changed = fed.get(&rec.code).is_some_and(|s| *s != d.state);
+            if changed {
+                fed.insert(rec.code.clone(), d.state);
+            }
+            changed
+        };
+        if changed {
+            self.send(Job::Feed(rec.code.clone()));
         }
         let left = d.until.map(|t| (t - now).max(0));
         Some(json!({
