@@ -74,8 +74,21 @@ pub struct AuthcodeService {
     fed: Mutex<HashMap<String, &'static str>>,
 }
 
+/// The relay's own answers (relay protocol): the code belongs to another device's key,
+/// or the seller's server could not reach KooGallery.
+pub const RELAY_FORBIDDEN: &str = "KOOAGENT.RELAY.0403";
+pub const RELAY_UNREACHABLE: &str = "KOOAGENT.RELAY.0502";
+
 fn op_error(e: &ClientError) -> OpError {
     match e {
+        ClientError::Api(ApiError::Refused { code, msg, .. })
+            if code.code() == RELAY_UNREACHABLE =>
+        {
+            OpError::new(
+                UNREACHABLE,
+                format!("the seller's server could not reach KooGallery: {msg}"),
+            )
+        }
         ClientError::Config(m) => OpError::new(AUTHCODE_CONFIG, m.clone()),
         ClientError::Unreachable(m) => OpError::new(UNREACHABLE, m.clone()),
         ClientError::Api(ApiError::Invalid(m)) => OpError::new(INVALID_CODE, m.clone()),
@@ -103,6 +116,9 @@ pub fn activation_message(code: &ErrorCode) -> String {
         ErrorCode::Internal => "KooGallery had an internal error; try again later",
         ErrorCode::InvalidParam | ErrorCode::BadRequestParam => {
             "KooGallery rejected the request's parameters (is the code complete?)"
+        }
+        ErrorCode::Other(c) if c == RELAY_FORBIDDEN => {
+            "the seller's server refused this device: the authorization code is bound to another device"
         }
         _ => code.meaning(),
     };
@@ -651,4 +667,49 @@ fn load(path: &Path) -> Result<BTreeMap<String, CodeRecord>, String> {
     let s: Stored = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{} is not readable: {e}", path.display()))?;
     Ok(s.codes.into_iter().map(|r| (r.code.clone(), r)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(http: u16, code: &str) -> ClientError {
+        ClientError::Api(ApiError::Refused {
+            http,
+            code: ErrorCode::from_code(code),
+            msg: "m".into(),
+        })
+    }
+
+    #[test]
+    fn each_refusal_gets_a_message_and_its_code() {
+        for (code, words) in [
+            ("92020001", "try again later"),
+            ("92020002", "parameters"),
+            ("92020003", "already activated"),
+            ("92020004", "not received"),
+            ("92020005", "does not exist"),
+            ("92020011", "not been activated"),
+            ("92020020", "not valid"),
+            ("95000001", "parameters"),
+            ("95000003", "Content-Type"),
+            (RELAY_FORBIDDEN, "another device"),
+            ("99999999", "undocumented"),
+        ] {
+            let e = op_error(&refused(200, code));
+            assert_eq!(e.code, ACTIVATION_REFUSED);
+            assert!(e.message.contains(words), "{code}: {}", e.message);
+            assert!(e.message.contains(code), "{}", e.message);
+            assert_eq!(e.details.as_ref().unwrap()["error_code"], code);
+        }
+        assert_eq!(op_error(&refused(502, RELAY_UNREACHABLE)).code, UNREACHABLE);
+        assert_eq!(
+            op_error(&ClientError::Unreachable("x".into())).code,
+            UNREACHABLE
+        );
+        assert_eq!(
+            op_error(&ClientError::Config("x".into())).code,
+            AUTHCODE_CONFIG
+        );
+    }
 }
