@@ -209,6 +209,10 @@ enum LicenseCommand {
     /// seller's relay, and keeps the code)
     Activate {
         code: String,
+        /// Relay mode: adopt a code this device activated before (its record was lost)
+        /// for this product
+        #[arg(long)]
+        product: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -876,10 +880,16 @@ fn authcode_cmd(g: &Global, command: AuthcodeCommand) -> Result<ExitCode> {
 
 fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
     match command {
-        LicenseCommand::Activate { code, json } => {
-            let v = g
-                .client()?
-                .call("license.activate", json!({"code": code}))?;
+        LicenseCommand::Activate {
+            code,
+            product,
+            json,
+        } => {
+            let mut p = json!({"code": code});
+            if let Some(product) = product {
+                p["product"] = json!(product);
+            }
+            let v = g.client()?.call("license.activate", p)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

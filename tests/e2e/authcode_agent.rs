@@ -3,15 +3,25 @@
 //! `license.check` answers, one daily query after many checks, EXPIRED → frozen, RELEASED,
 //! the fallback host, counting distinct clients, and the offline policy.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufReader, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use kooagent::authcode::api;
+use kooagent::authcode::apig_sign::AkSk;
+use kooagent::authcode::client::Client;
+use kooagent::authcode::relay_auth::{self, RelayHeaders};
+use kooagent::clock::{Clock, SystemClock};
 use serde_json::{json, Value};
 
 use crate::authcode::{Market, AK, SK};
 use crate::harness::TestAgent;
+use crate::upstream::{read_request, Request};
 
 fn config(m: &Market, dir: &std::path::Path, extra: &str) -> String {
     let aksk = dir.join("aksk");
@@ -295,4 +305,210 @@ fn offline_policy_freezes_after_the_allowed_days() {
     eventually("frozen in the lifecycle", || {
         phase(&a, "CODE-OFF") == "frozen"
     });
+}
+
+/// A stand-in of the seller's relay (relay protocol): checks the device signature with
+/// `relay_auth`, binds each code to the first key that activates it, forwards to the
+/// marketplace stand-in with the AK/SK, and answers its body unchanged.
+struct Relay {
+    port: u16,
+    /// Requests refused for their authentication (must stay 0 for the agent's requests).
+    bad_auth: Arc<Mutex<Vec<String>>>,
+}
+
+fn start_relay(m: &Market) -> Relay {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let cfg = m.ca.server_config();
+    let client = Arc::new(
+        Client::new(
+            &m.bases(),
+            Some(&m.ca.pem_path),
+            "test",
+            Duration::from_secs(60),
+            AkSk::new(AK, SK),
+            Arc::new(SystemClock),
+        )
+        .unwrap(),
+    );
+    let bound: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let nonces: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let bad_auth: Arc<Mutex<Vec<String>>> = Arc::default();
+    let bad = bad_auth.clone();
+    std::thread::spawn(move || {
+        for tcp in l.incoming().flatten() {
+            let (cfg, client, bound, nonces, bad) = (
+                cfg.clone(),
+                client.clone(),
+                bound.clone(),
+                nonces.clone(),
+                bad.clone(),
+            );
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+                while let Some(req) = read_request(&mut tls) {
+                    let (status, body) = relay_handle(&req, &client, &bound, &nonces, &bad);
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tls.get_mut().write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                    let _ = tls.get_mut().flush();
+                }
+            });
+        }
+    });
+    Relay {
+        port,
+        bad_auth: bad_auth.clone(),
+    }
+}
+
+fn relay_handle(
+    req: &Request,
+    client: &Client,
+    bound: &Mutex<HashMap<String, String>>,
+    nonces: &Mutex<HashSet<String>>,
+    bad: &Mutex<Vec<String>>,
+) -> (u16, String) {
+    let forbidden = |why: &str| {
+        (
+            403,
+            json!({"error_code": "KOOAGENT.RELAY.0403", "error_msg": why}).to_string(),
+        )
+    };
+    let now_ms = SystemClock.now_ms();
+    let verified =
+        RelayHeaders::from_lookup(|h| req.headers.get(h).map(String::as_str)).and_then(|h| {
+            relay_auth::verify(&h, &req.method, &req.path, &req.body, now_ms, |n| {
+                nonces.lock().unwrap().insert(n.to_string())
+            })
+        });
+    let key = match verified {
+        Ok(k) => STANDARD.encode(k.as_bytes()),
+        Err(e) => {
+            bad.lock()
+                .unwrap()
+                .push(format!("{} {}: {e}", req.method, req.path));
+            return forbidden(&e.to_string());
+        }
+    };
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let codes: Vec<String> = match req.path.as_str() {
+        "/v1/authcode/usage" => body["usage_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["license"].as_str().map(str::to_string))
+            .collect(),
+        _ => body["license"]
+            .as_str()
+            .map(str::to_string)
+            .into_iter()
+            .collect(),
+    };
+    let path = match req.path.as_str() {
+        "/v1/authcode/activate" => api::PATH_ACTIVATE,
+        "/v1/authcode/heartbeat" => api::PATH_HEARTBEAT,
+        "/v1/authcode/usage" => api::PATH_USAGE,
+        _ => return (404, json!({"error_msg": "not found"}).to_string()),
+    };
+    {
+        let b = bound.lock().unwrap();
+        if codes.iter().any(|c| b.get(c).is_some_and(|k| *k != key)) {
+            return forbidden("the authorization code is bound to another device");
+        }
+    }
+    match client.post(path, &req.body) {
+        Ok((_, http, text)) => {
+            if path == api::PATH_ACTIVATE && text.contains("\"92020000\"") {
+                let mut b = bound.lock().unwrap();
+                for c in codes {
+                    b.insert(c, key.clone());
+                }
+            }
+            (http, text)
+        }
+        Err(e) => (
+            502,
+            json!({"error_code": "KOOAGENT.RELAY.0502", "error_msg": format!("marketplace unreachable: {e}")})
+                .to_string(),
+        ),
+    }
+}
+
+fn relay_config(m: &Market, r: &Relay) -> String {
+    format!(
+        "[authcode]\nmode = \"relay\"\nrelay_url = \"https://localhost:{}\"\nextra_ca_file = \"{}\"\n\
+         [authcode.products]\n\"12345\" = \"myapp\"\n",
+        r.port,
+        m.ca.pem_path.display()
+    )
+}
+
+#[test]
+fn relay_mode_signs_with_the_device_key_and_adopts_its_own_code() {
+    let m = Market::start();
+    m.add("CODE-R", true);
+    let r = start_relay(&m);
+    let mut a = TestAgent::start(&relay_config(&m, &r));
+    let v = a
+        .call("license.activate", json!({"code": "CODE-R"}))
+        .unwrap();
+    assert_eq!(
+        (v["product"].as_str(), v["state"].as_str()),
+        (Some("myapp"), Some("valid")),
+        "{v}"
+    );
+    let key = a.state.join("relay.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    a.call(
+        "authcode.client_seen",
+        json!({"product": "myapp", "client": "c1"}),
+    )
+    .unwrap();
+    a.call("authcode.sync", json!({})).unwrap();
+    let st = a.call("authcode.status", json!({})).unwrap();
+    assert!(st["codes"][0]["last_error"].is_null(), "{st}");
+    assert_eq!(st["mode"], "relay");
+    assert!(m.with(|s| s.ids["CODE-R"].contains("c1")));
+
+    // Another device (another key) cannot take the code.
+    let b = TestAgent::start(&relay_config(&m, &r));
+    let e = b
+        .call("license.activate", json!({"code": "CODE-R"}))
+        .unwrap_err();
+    assert!(
+        e["message"].as_str().unwrap().contains("another device"),
+        "{e}"
+    );
+
+    // The first device loses its record (not its key): KooGallery says 92020003, the
+    // relay vouches it is this device's, and the code is adopted for the product named.
+    a.stop();
+    std::fs::remove_file(a.state.join("authcodes.json")).unwrap();
+    a.spawn(&[]);
+    let e = a
+        .call("license.activate", json!({"code": "CODE-R"}))
+        .unwrap_err();
+    assert!(e["message"].as_str().unwrap().contains("--product"), "{e}");
+    let v = a
+        .call(
+            "license.activate",
+            json!({"code": "CODE-R", "product": "myapp"}),
+        )
+        .unwrap();
+    assert_eq!(v["adopted"], true);
+    let c = a
+        .call("license.check", json!({"product": "myapp"}))
+        .unwrap();
+    assert_eq!(c["state"], "valid", "{c}");
+    assert!(r.bad_auth.lock().unwrap().is_empty());
+    m.assert_no_violations();
 }

@@ -47,7 +47,7 @@ struct Stored {
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
 enum Job {
-    Activate(String, Reply<Result<Value, OpError>>),
+    Activate(String, Option<String>, Reply<Result<Value, OpError>>),
     /// The daily query and usage report for these codes; `force`: also today's usage.
     Daily(Vec<String>, bool, Option<Reply<()>>),
     /// The code's state changed with time (grace ended, offline too long): tell the
@@ -264,8 +264,8 @@ impl AuthcodeService {
     fn run(&self, rx: mpsc::Receiver<Job>) {
         while let Ok(job) = rx.recv() {
             match job {
-                Job::Activate(code, reply) => {
-                    let r = self.activate_blocking(&code);
+                Job::Activate(code, product, reply) => {
+                    let r = self.activate_blocking(&code, product.as_deref());
                     if r.is_ok() {
                         self.feed(&code);
                     }
@@ -289,11 +289,13 @@ impl AuthcodeService {
         Transport::from_config(&self.cfg(), &self.state_dir, self.clock.clone())
     }
 
-    /// Activates `code` (on the network thread; the caller awaits the answer).
-    pub async fn activate(&self, code: &str) -> Result<Value, OpError> {
+    /// Activates `code` (on the network thread; the caller awaits the answer). `product`
+    /// is used only to adopt a code the relay reports as already activated by this device
+    /// (its state was lost): KooGallery does not repeat the product id then.
+    pub async fn activate(&self, code: &str, product: Option<&str>) -> Result<Value, OpError> {
         let code = api::check_code(code).map_err(|e| OpError::new(INVALID_CODE, e.to_string()))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.send(Job::Activate(code, tx)) {
+        if !self.send(Job::Activate(code, product.map(str::to_string), tx)) {
             return Err(OpError::internal(
                 "the authorization-code thread is not running",
             ));
@@ -302,7 +304,7 @@ impl AuthcodeService {
             .map_err(|_| OpError::internal("the authorization-code thread stopped"))?
     }
 
-    fn activate_blocking(&self, code: &str) -> Result<Value, OpError> {
+    fn activate_blocking(&self, code: &str, product: Option<&str>) -> Result<Value, OpError> {
         let req = ActivateRequest::new(code, None).map_err(|e| op_error(&e.into()))?;
         let transport = self.transport().map_err(|e| op_error(&e))?;
         let now = self.clock.now_secs();
@@ -317,6 +319,14 @@ impl AuthcodeService {
                 let mut v = self.describe(&r, now);
                 v["already_activated"] = json!(true);
                 return Ok(v);
+            }
+            Err(ClientError::Api(ApiError::Refused {
+                code: ErrorCode::AlreadyActivated,
+                ..
+            })) if self.cfg().mode == super::config::Mode::Relay => {
+                // The relay forwards a second activation only from the key that made the
+                // first: this device activated it before and lost its state.
+                return self.adopt(&transport, code, product, now);
             }
             Err(e) => {
                 log::warn!("authcode: activation of {code} failed: {e}");
@@ -356,6 +366,58 @@ impl AuthcodeService {
         );
         let mut v = self.describe(&rec, now);
         v["already_activated"] = json!(false);
+        Ok(v)
+    }
+
+    fn adopt(
+        &self,
+        transport: &Transport,
+        code: &str,
+        product: Option<&str>,
+        now: i64,
+    ) -> Result<Value, OpError> {
+        let Some(product) = product.filter(|p| !p.is_empty()) else {
+            return Err(OpError::new(
+                ACTIVATION_REFUSED,
+                "this device activated the authorization code before but no longer has its \
+                 record; say which product it is for: kooagent license activate CODE --product NAME",
+            )
+            .with_details(json!({"error_code": ErrorCode::AlreadyActivated.code()})));
+        };
+        let req = HeartbeatRequest::new(code).map_err(|e| op_error(&e.into()))?;
+        let info = transport.heartbeat(&req).map_err(|e| op_error(&e))?.value;
+        let status = match &info.status {
+            CodeStatus::Alive => "ALIVE".to_string(),
+            CodeStatus::Expired => "EXPIRED".into(),
+            CodeStatus::Released => "RELEASED".into(),
+            CodeStatus::Other(s) => s.clone(),
+        };
+        let rec = CodeRecord {
+            code: code.to_string(),
+            product: product.to_string(),
+            product_id: None,
+            order_id: None,
+            amount: None,
+            activated_at: info.activate_time_unix.unwrap_or(now),
+            expired_seen_at: (status == "EXPIRED").then_some(now),
+            status,
+            expire_time: info.expire_time,
+            last_ok_at: now,
+            last_query_at: Some(now),
+            last_error: None,
+        };
+        self.records
+            .write()
+            .expect("records")
+            .insert(code.to_string(), rec.clone());
+        self.persist()
+            .map_err(|e| OpError::new(STORE_FAILED, format!("adopted, but not saved: {e}")))?;
+        log::info!(
+            "authcode: {code} adopted for product {product} (activated by this device before)"
+        );
+        let mut v = self.describe(&rec, now);
+        v["already_activated"] = json!(true);
+        v["adopted"] = json!(true);
         Ok(v)
     }
 

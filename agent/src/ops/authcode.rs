@@ -32,12 +32,20 @@ pub const OPS: &[OpSpec] = &[
 #[serde(deny_unknown_fields)]
 struct ActivateParams {
     code: String,
+    /// Relay mode: the product of a code this device activated before (state lost).
+    #[serde(default)]
+    product: Option<String>,
 }
 
 fn activate(agent: Arc<Agent>, call: Call) -> OpFuture {
     Box::pin(async move {
         let p: ActivateParams = params(&call.params)?;
-        Ok(Reply::Value(agent.authcode.activate(&p.code).await?))
+        Ok(Reply::Value(
+            agent
+                .authcode
+                .activate(&p.code, p.product.as_deref())
+                .await?,
+        ))
     })
 }
 
