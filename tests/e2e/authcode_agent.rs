@@ -512,3 +512,34 @@ fn relay_mode_signs_with_the_device_key_and_adopts_its_own_code() {
     assert!(r.bad_auth.lock().unwrap().is_empty());
     m.assert_no_violations();
 }
+
+#[test]
+fn a_day_passed_since_the_last_query_queries_at_start_without_a_check() {
+    let m = Market::start();
+    m.add("CODE-Y", true);
+    m.with(|s| s.codes.get_mut("CODE-Y").unwrap().activated = true);
+    let keydir = tempfile::tempdir().unwrap();
+    let mut a = TestAgent::prepare(&config(&m, keydir.path(), ""));
+    let yesterday = SystemClock.now_secs() - 86_400;
+    std::fs::create_dir_all(&a.state).unwrap();
+    let rec = json!({"version": 1, "codes": [{
+        "code": "CODE-Y", "product": "myapp", "product_id": "12345", "order_id": null,
+        "amount": null, "activated_at": yesterday - 86_400, "status": "ALIVE",
+        "expire_time": null, "last_ok_at": yesterday, "expired_seen_at": null,
+        "last_query_at": yesterday, "last_error": null}]});
+    std::fs::write(a.state.join("authcodes.json"), rec.to_string()).unwrap();
+    a.spawn(&[]);
+    eventually("the query at start", || {
+        a.call("authcode.status", json!({})).unwrap()["heartbeats"] == 1
+    });
+    // Today's query is done: the checks that follow do not start another.
+    for _ in 0..3 {
+        let c = a
+            .call("license.check", json!({"product": "myapp"}))
+            .unwrap();
+        assert_eq!(c["state"], "valid");
+    }
+    let st = a.call("authcode.status", json!({})).unwrap();
+    assert_eq!(st["heartbeats"], 1, "{st}");
+    assert_eq!(count(&m, api::PATH_HEARTBEAT), 1);
+}
