@@ -30,7 +30,7 @@ fn config(m: &Market, dir: &std::path::Path, extra: &str) -> String {
     let bases: Vec<String> = m.bases().iter().map(|b| format!("{b:?}")).collect();
     format!(
         "[authcode]\nmode = \"direct\"\nbases = [{}]\naksk_file = \"{}\"\nextra_ca_file = \"{}\"\n\
-         grace_days = 0\n{extra}\n[authcode.products]\n\"12345\" = \"myapp\"\n",
+         {extra}\n[authcode.products]\n\"12345\" = \"myapp\"\n",
         bases.join(", "),
         aksk.display(),
         m.ca.pem_path.display()
@@ -83,7 +83,7 @@ fn activation_check_daily_query_usage_and_lifecycle() {
     m.add("CODE-OK", true);
     m.add("CODE-NR", false);
     let keydir = tempfile::tempdir().unwrap();
-    let a = TestAgent::start(&config(&m, keydir.path(), ""));
+    let a = TestAgent::start(&config(&m, keydir.path(), "grace_days = 0"));
 
     // Unknown product before activation: still no license.
     assert_eq!(
@@ -275,7 +275,7 @@ fn offline_policy_freezes_after_the_allowed_days() {
     let a = TestAgent::start(&config(
         &m,
         keydir.path(),
-        "offline_days = 0\noffline_policy = \"freeze\"",
+        "grace_days = 0\noffline_days = 0\noffline_policy = \"freeze\"",
     ));
     a.call("license.activate", json!({"code": "CODE-OFF"}))
         .unwrap();
@@ -519,7 +519,7 @@ fn a_day_passed_since_the_last_query_queries_at_start_without_a_check() {
     m.add("CODE-Y", true);
     m.with(|s| s.codes.get_mut("CODE-Y").unwrap().activated = true);
     let keydir = tempfile::tempdir().unwrap();
-    let mut a = TestAgent::prepare(&config(&m, keydir.path(), ""));
+    let mut a = TestAgent::prepare(&config(&m, keydir.path(), "grace_days = 0"));
     let yesterday = SystemClock.now_secs() - 86_400;
     std::fs::create_dir_all(&a.state).unwrap();
     let rec = json!({"version": 1, "codes": [{
@@ -542,4 +542,28 @@ fn a_day_passed_since_the_last_query_queries_at_start_without_a_check() {
     let st = a.call("authcode.status", json!({})).unwrap();
     assert_eq!(st["heartbeats"], 1, "{st}");
     assert_eq!(count(&m, api::PATH_HEARTBEAT), 1);
+}
+
+#[test]
+fn expired_gives_grace_days_before_freezing() {
+    let m = Market::start();
+    m.add("CODE-G", true);
+    let keydir = tempfile::tempdir().unwrap();
+    let a = TestAgent::start(&config(&m, keydir.path(), "grace_days = 3"));
+    a.call("license.activate", json!({"code": "CODE-G"}))
+        .unwrap();
+    set_status(&m, "CODE-G", "EXPIRED");
+    a.call("authcode.sync", json!({})).unwrap();
+    let c = a
+        .call("license.check", json!({"product": "myapp"}))
+        .unwrap();
+    assert_eq!(
+        (c["state"].as_str(), c["allowed"].as_bool()),
+        (Some("grace"), Some(true)),
+        "{c}"
+    );
+    // Three days from the first EXPIRED, less the seconds the test took.
+    let secs = c["secs_left"].as_i64().unwrap();
+    assert!(secs <= 3 * 86_400 && secs > 2 * 86_400, "{c}");
+    assert_eq!(phase(&a, "CODE-G"), "grace");
 }
