@@ -253,7 +253,12 @@ fn activation_check_daily_query_usage_and_lifecycle() {
     );
     m.assert_no_violations();
 
-    // Kept across a restart.
+    // Kept across a restart: the code, and the clients not reported yet.
+    a.call(
+        "authcode.client_seen",
+        json!({"product": "myapp", "client": "carol"}),
+    )
+    .unwrap();
     let mut a = a;
     a.stop();
     a.spawn(&[]);
@@ -261,6 +266,8 @@ fn activation_check_daily_query_usage_and_lifecycle() {
         .call("license.check", json!({"product": "myapp"}))
         .unwrap();
     assert_eq!(c["state"], "released");
+    a.call("authcode.sync", json!({})).unwrap();
+    assert!(m.with(|s| s.ids["CODE-OK"].contains("carol")));
     eventually("the code back in the lifecycle", || {
         phase(&a, "CODE-OK") == "released"
     });

@@ -42,7 +42,15 @@ const FILE: &str = "authcodes.json";
 struct Stored {
     version: u32,
     codes: Vec<CodeRecord>,
+    /// Clients not reported yet: code → UTC day → ids.
+    #[serde(default)]
+    clients: Clients,
 }
+
+type Clients = BTreeMap<String, BTreeMap<i64, BTreeSet<String>>>;
+
+/// How often the thread saves newly seen clients (a restart loses at most this much).
+const CLIENTS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
@@ -64,7 +72,9 @@ pub struct AuthcodeService {
     /// Product → UTC day of the last daily query signalled (memory only).
     queried: Mutex<HashMap<String, i64>>,
     /// Code → UTC day → distinct client ids not reported yet.
-    clients: Mutex<BTreeMap<String, BTreeMap<i64, BTreeSet<String>>>>,
+    clients: Mutex<Clients>,
+    /// A client was seen since the last save.
+    clients_dirty: std::sync::atomic::AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     pub heartbeats: AtomicU64,
     pub usage_reports: AtomicU64,
@@ -128,12 +138,12 @@ pub fn activation_message(code: &ErrorCode) -> String {
 impl AuthcodeService {
     pub fn new(state_dir: &Path, cfg: &AuthcodeConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
         let path = state_dir.join(FILE);
-        let (codes, load_error) = match load(&path) {
+        let ((codes, clients), load_error) = match load(&path) {
             Ok(c) => (c, None),
             Err(e) => {
                 log::error!("authcode: {e}; the file is set aside and no code is known");
                 let _ = crate::store::quarantine(&path, clock.now_secs());
-                (BTreeMap::new(), Some(e))
+                ((BTreeMap::new(), BTreeMap::new()), Some(e))
             }
         };
         let mut queried = HashMap::new();
@@ -150,7 +160,8 @@ impl AuthcodeService {
             cfg: RwLock::new(Arc::new(cfg.clone())),
             records: RwLock::new(codes),
             queried: Mutex::new(queried),
-            clients: Mutex::new(BTreeMap::new()),
+            clients: Mutex::new(clients),
+            clients_dirty: std::sync::atomic::AtomicBool::new(false),
             tx: Mutex::new(None),
             heartbeats: AtomicU64::new(0),
             usage_reports: AtomicU64::new(0),
@@ -250,8 +261,18 @@ impl AuthcodeService {
         }
     }
 
+    /// Stops the thread and saves the clients seen since the last save.
     pub fn shutdown(&self) {
         self.tx.lock().expect("tx").take();
+        self.save_clients();
+    }
+
+    fn save_clients(&self) {
+        if self.clients_dirty.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.persist() {
+                log::error!("authcode: could not save {}: {e}", self.path.display());
+            }
+        }
     }
 
     fn send(&self, job: Job) -> bool {
@@ -262,7 +283,15 @@ impl AuthcodeService {
     }
 
     fn run(&self, rx: mpsc::Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
+        loop {
+            let job = match rx.recv_timeout(CLIENTS_SAVE_EVERY) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.save_clients();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             match job {
                 Job::Activate(code, product, reply) => {
                     let r = self.activate_blocking(&code, product.as_deref());
@@ -544,6 +573,7 @@ impl AuthcodeService {
 
     fn persist(&self) -> Result<(), crate::store::StoreError> {
         let stored = Stored {
+            clients: self.clients.lock().expect("clients").clone(),
             version: 1,
             codes: self
                 .records
@@ -598,6 +628,7 @@ impl AuthcodeService {
             .or_default();
         if !set.contains(client) {
             set.insert(client.to_string());
+            self.clients_dirty.store(true, Ordering::Relaxed);
         }
     }
 
@@ -722,13 +753,18 @@ impl AuthcodeService {
     }
 }
 
-fn load(path: &Path) -> Result<BTreeMap<String, CodeRecord>, String> {
+type Loaded = (BTreeMap<String, CodeRecord>, Clients);
+
+fn load(path: &Path) -> Result<Loaded, String> {
     let Some(bytes) = crate::store::read_optional(path).map_err(|e| e.to_string())? else {
-        return Ok(BTreeMap::new());
+        return Ok(Default::default());
     };
     let s: Stored = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{} is not readable: {e}", path.display()))?;
-    Ok(s.codes.into_iter().map(|r| (r.code.clone(), r)).collect())
+    Ok((
+        s.codes.into_iter().map(|r| (r.code.clone(), r)).collect(),
+        s.clients,
+    ))
 }
 
 #[cfg(test)]
