@@ -572,8 +572,10 @@ impl AuthcodeService {
     }
 
     fn persist(&self) -> Result<(), crate::store::StoreError> {
+        // One lock at a time (status() holds the records while it reads the clients).
+        let clients = self.clients.lock().expect("clients").clone();
         let stored = Stored {
-            clients: self.clients.lock().expect("clients").clone(),
+            clients,
             version: 1,
             codes: self
                 .records
