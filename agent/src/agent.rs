@@ -25,6 +25,7 @@ pub struct Agent {
     pub usage: UsageService,
     pub license: Arc<LicenseService>,
     pub freeze: Arc<FreezeService>,
+    pub authcode: Arc<crate::authcode::service::AuthcodeService>,
 }
 
 impl Agent {
@@ -49,7 +50,14 @@ impl Agent {
             Box::new(ConfigMeters),
             Box::new(LicenseMeters(license.clone())),
         ])));
+        let authcode = crate::authcode::service::AuthcodeService::new(
+            &config.agent.state_dir,
+            &config.authcode,
+            clock.clone(),
+        );
+        authcode.set_freeze(freeze.clone());
         Arc::new(Agent {
+            authcode,
             license,
             freeze,
             started_unix: clock.now_secs(),
@@ -79,5 +87,6 @@ impl Agent {
         // Always: the keys file may have changed under the same path.
         self.license.reconfigure(&new.license);
         self.freeze.reconfigure(&new.freeze);
+        self.authcode.reconfigure(&new.authcode);
     }
 }

@@ -64,6 +64,13 @@ pub const SCENARIOS: &[Scenario] = &[
         op: "license.check",
         params: "{\"product\":\"bench\"}",
     },
+    // A product sold by authorization code: answered by the authcode service (queried
+    // today already, so the rows measure the lookup, not the network).
+    Scenario {
+        label: "license.check (authorization code)",
+        op: "license.check",
+        params: "{\"product\":\"bench-code\"}",
+    },
     Scenario {
         label: "license.check + feature",
         op: "license.check",
@@ -134,7 +141,36 @@ fn write_config(dir: &Path, trust: &str) -> Result<PathBuf> {
         dir.join("agent.sock").display()
     );
     std::fs::write(&cfg, text)?;
+    seed_authcode(&dir.join("state"))?;
     Ok(cfg)
+}
+
+/// An activated code for product `bench-code`, queried today (no network during the bench).
+fn seed_authcode(state: &Path) -> Result<()> {
+    use crate::clock::Clock;
+    let now = crate::clock::SystemClock.now_secs();
+    let rec = crate::authcode::logic::CodeRecord {
+        code: "BENCH-CODE".into(),
+        product: "bench-code".into(),
+        product_id: None,
+        order_id: None,
+        amount: None,
+        activated_at: now,
+        status: "ALIVE".into(),
+        expire_time: Some(now + 365 * 86_400),
+        last_ok_at: now,
+        expired_seen_at: None,
+        last_query_at: Some(now),
+        last_error: None,
+    };
+    crate::store::ensure_dir(state, 0o700)?;
+    let body = serde_json::json!({"version": 1, "codes": [rec]});
+    crate::store::atomic_write(
+        &state.join("authcodes.json"),
+        body.to_string().as_bytes(),
+        0o600,
+    )?;
+    Ok(())
 }
 
 /// Starts the agent and returns it with the time from exec to a successful connect.

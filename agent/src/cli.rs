@@ -131,6 +131,11 @@ enum Command {
         #[command(subcommand)]
         command: LicenseCommand,
     },
+    /// Authorization codes (KooGallery License guide 2.0)
+    Authcode {
+        #[command(subcommand)]
+        command: AuthcodeCommand,
+    },
     /// Freeze state of each license: state, why, since when
     Freeze {
         #[command(subcommand)]
@@ -200,6 +205,28 @@ enum LicenseCommand {
     },
     /// Remove an installed license by id
     Remove { license_id: String },
+    /// Activate a KooGallery authorization code (the agent calls the marketplace, or the
+    /// seller's relay, and keeps the code)
+    Activate {
+        code: String,
+        /// Relay mode: adopt a code this device activated before (its record was lost)
+        /// for this product
+        #[arg(long)]
+        product: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthcodeCommand {
+    /// Each activated authorization code: product, marketplace status, state, last query
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daily query and usage report now (today's clients included)
+    Sync,
 }
 
 #[derive(Subcommand)]
@@ -451,6 +478,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::License { command } => license_cmd(&g, command),
+        Command::Authcode { command } => authcode_cmd(&g, command),
         Command::Seller { command } => seller_cmd(&g, command),
         Command::Freeze {
             command: FreezeCommand::Status { json },
@@ -809,8 +837,77 @@ fn read_input(file: &std::path::Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+fn print_codes(v: &Value) {
+    let list = v["codes"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no authorization code activated");
+    }
+    for c in &list {
+        println!(
+            "{:<24} {:<16} {:<9} {:<9} last query {} {}",
+            c["code"].as_str().unwrap_or("?"),
+            c["product"].as_str().unwrap_or("?"),
+            c["status"].as_str().unwrap_or("?"),
+            c["state"].as_str().unwrap_or("?"),
+            c["last_query_at"].as_str().unwrap_or("never"),
+            c["last_error"]
+                .as_str()
+                .map(|e| format!("(failed: {e})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn authcode_cmd(g: &Global, command: AuthcodeCommand) -> Result<ExitCode> {
+    match command {
+        AuthcodeCommand::Status { json } => {
+            let v = g.client()?.call("authcode.status", json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("mode: {}", v["mode"].as_str().unwrap_or("?"));
+                print_codes(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuthcodeCommand::Sync => {
+            let v = g.client()?.call("authcode.sync", json!({}))?;
+            print_codes(&v);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
     match command {
+        LicenseCommand::Activate {
+            code,
+            product,
+            json,
+        } => {
+            let mut p = json!({"code": code});
+            if let Some(product) = product {
+                p["product"] = json!(product);
+            }
+            let v = g.client()?.call("license.activate", p)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "authorization code {} {} for product {}: {} (expires {})",
+                    v["code"].as_str().unwrap_or("?"),
+                    if v["already_activated"] == json!(true) {
+                        "was already activated"
+                    } else {
+                        "activated"
+                    },
+                    v["product"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?"),
+                    v["expire_time"].as_str().unwrap_or("unknown")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         LicenseCommand::Install { file, product } => {
             let bytes = read_input(&file)?;
             // Fail here for what the agent would refuse anyway (and what JSON cannot carry).

@@ -117,6 +117,7 @@ pub struct Config {
     pub usage: UsageConfig,
     pub license: LicenseConfig,
     pub freeze: FreezeConfig,
+    pub authcode: crate::authcode::config::AuthcodeConfig,
 }
 
 /// Where an effective value came from.
@@ -306,6 +307,9 @@ impl Config {
             .validate()
             .map_err(|(key, m)| invalid(&key, m))?;
         self.freeze
+            .validate()
+            .map_err(|(key, m)| invalid(&key, m))?;
+        self.authcode
             .validate()
             .map_err(|(key, m)| invalid(&key, m))?;
         Ok(())

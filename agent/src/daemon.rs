@@ -120,6 +120,7 @@ async fn serve_until_signal(
     agent.usage.start(&agent);
     agent.license.start().await;
     agent.freeze.start(agent.license.clone());
+    agent.authcode.start();
     {
         let weak = Arc::downgrade(&agent);
         crate::freeze::online::start(agent.freeze.clone(), agent.license.clone(), move || {
@@ -168,6 +169,7 @@ async fn serve_until_signal(
     let a = agent.clone();
     let _ = tokio::task::spawn_blocking(move || a.usage.stop()).await;
     agent.license.shutdown();
+    agent.authcode.shutdown();
     if opts.daemon {
         let _ = std::fs::remove_file(&cfg.agent.pidfile);
     }

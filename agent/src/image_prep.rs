@@ -42,6 +42,8 @@ const PER_INSTANCE: &[&str] = &[
     "identity.json",
     "identity.lock",
     "device.key",
+    "relay.key",
+    "authcodes.json",
     "lifecycle.json",
     "lifecycle.json.bak",
     "tokens",

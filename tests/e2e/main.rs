@@ -3,6 +3,7 @@
 mod harness;
 
 mod authcode;
+mod authcode_agent;
 mod daemon;
 mod device;
 mod docs;

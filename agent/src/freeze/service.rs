@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::actions::{self, ActionConfig, Journal, Side, Want};
-use super::lifecycle::{Input, Lease, LicenseFacts, Machine, Outcome, Phase, Refusal};
+use super::lifecycle::{External, Input, Lease, LicenseFacts, Machine, Outcome, Phase, Refusal};
 use super::state_file::{self, Paths};
 use super::token::{self, TokenError};
 use super::FreezeConfig;
@@ -55,6 +55,10 @@ pub const LEASE_GRACE_SECS: &str = "lease_grace_secs";
 
 struct Inner {
     machine: Machine,
+    /// The installed licenses' facts at the last rebuild of the verdict table.
+    real: Vec<LicenseFacts>,
+    /// Authorization codes (`code:<CODE>`), fed by the authcode service.
+    extra: BTreeMap<String, LicenseFacts>,
     generation: u64,
     products: HashMap<String, String>,
     tamper: Option<String>,
@@ -146,6 +150,8 @@ impl FreezeService {
             key,
             inner: Mutex::new(Inner {
                 machine: loaded.machine,
+                real: vec![],
+                extra: BTreeMap::new(),
                 generation: loaded.generation,
                 products: HashMap::new(),
                 tamper: loaded.tamper,
@@ -180,6 +186,39 @@ impl FreezeService {
                 inner.save_error = Some(e.to_string());
             }
         }
+    }
+
+    /// A marketplace status for an authorization code (`facts.id` = `code:<CODE>`), which
+    /// joins the lifecycle like an installed license: transitions, events and actions.
+    pub fn external(&self, facts: LicenseFacts, product: &str, status: External, at: i64) {
+        let mut inner = self.lock();
+        let now = inner.now.max(at);
+        let tol = inner.tolerance;
+        let id = facts.id.clone();
+        inner.products.insert(id.clone(), product.to_string());
+        inner.extra.insert(id.clone(), facts);
+        let mut all = inner.real.clone();
+        all.extend(inner.extra.values().cloned());
+        let mut out = inner
+            .machine
+            .apply(Input::Licenses(all), now, tol)
+            .unwrap_or_default();
+        match inner.machine.apply(
+            Input::External {
+                license_id: id.clone(),
+                status,
+                at,
+            },
+            now,
+            tol,
+        ) {
+            Ok(o) => {
+                out.changed |= o.changed;
+                out.transitions.extend(o.transitions);
+            }
+            Err(e) => log::warn!("freeze: marketplace status for {id} not applied: {e}"),
+        }
+        self.after(&mut inner, &out);
     }
 
     pub fn reconfigure(&self, cfg: &FreezeConfig) {
@@ -478,6 +517,9 @@ impl FreezeHook for FreezeService {
         for (l, _) in licenses {
             inner.products.insert(l.id.clone(), l.product.clone());
         }
+        inner.real = facts.clone();
+        let mut facts = facts;
+        facts.extend(inner.extra.values().cloned());
         let out = inner
             .machine
             .apply(Input::Licenses(facts), now, time.tolerance)

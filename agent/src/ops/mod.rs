@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::agent::Agent;
 use crate::protocol::{codes, OpError};
 
+pub mod authcode;
 pub mod device;
 pub mod freeze;
 pub mod license;
@@ -78,6 +79,7 @@ impl Dispatcher {
     pub fn new() -> Dispatcher {
         let tables: &[&[OpSpec]] = &[
             ping::OPS,
+            authcode::OPS,
             status::OPS,
             device::OPS,
             license::OPS,
