@@ -550,6 +550,7 @@ fn code_row(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<CodeRow, R
         expire_at: None,
         seq: 0,
         updated_at: ctx.now,
+        device_key: None,
     }))
 }
 
