@@ -23,47 +23,47 @@ use sha2::{Digest, Sha256};
 
 use crate::upstream::{read_request, reset, Request, TestCa};
 
-const AK: &str = "TESTAK0001";
-const SK: &str = "test-sk/with+odd=chars";
+pub(crate) const AK: &str = "TESTAK0001";
+pub(crate) const SK: &str = "test-sk/with+odd=chars";
 
 #[derive(Clone)]
-struct Code {
-    received: bool,
-    activated: bool,
-    status: &'static str,
+pub(crate) struct Code {
+    pub(crate) received: bool,
+    pub(crate) activated: bool,
+    pub(crate) status: &'static str,
 }
 
 #[derive(Debug, Clone)]
-struct Seen {
-    listener: &'static str,
-    path: String,
-    answer: String,
+pub(crate) struct Seen {
+    pub(crate) listener: &'static str,
+    pub(crate) path: String,
+    pub(crate) answer: String,
 }
 
 #[derive(Default)]
-struct State {
-    codes: HashMap<String, Code>,
-    primary_down: bool,
+pub(crate) struct State {
+    pub(crate) codes: HashMap<String, Code>,
+    pub(crate) primary_down: bool,
     /// Answer the next request with (HTTP status, error_code).
-    inject: Option<(u16, String)>,
-    seen: Vec<Seen>,
-    violations: Vec<String>,
+    pub(crate) inject: Option<(u16, String)>,
+    pub(crate) seen: Vec<Seen>,
+    pub(crate) violations: Vec<String>,
     /// code → distinct ids, and the reported active_num totals.
-    ids: HashMap<String, HashSet<String>>,
-    active: HashMap<String, u64>,
+    pub(crate) ids: HashMap<String, HashSet<String>>,
+    pub(crate) active: HashMap<String, u64>,
 }
 
-struct Market {
-    primary: u16,
-    fallback: u16,
-    state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    _dir: tempfile::TempDir,
-    ca: TestCa,
+pub(crate) struct Market {
+    pub(crate) primary: u16,
+    pub(crate) fallback: u16,
+    pub(crate) state: Arc<Mutex<State>>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) ca: TestCa,
 }
 
 impl Market {
-    fn start() -> Market {
+    pub(crate) fn start() -> Market {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new(dir.path());
         let state = Arc::new(Mutex::new(State::default()));
@@ -98,14 +98,14 @@ impl Market {
         }
     }
 
-    fn bases(&self) -> Vec<String> {
+    pub(crate) fn bases(&self) -> Vec<String> {
         vec![
             format!("https://localhost:{}", self.primary),
             format!("https://localhost:{}", self.fallback),
         ]
     }
 
-    fn client_with(&self, key: AkSk, clock: Arc<dyn Clock>) -> Client {
+    pub(crate) fn client_with(&self, key: AkSk, clock: Arc<dyn Clock>) -> Client {
         Client::new(
             &self.bases(),
             Some(&self.ca.pem_path),
@@ -117,11 +117,11 @@ impl Market {
         .unwrap()
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         self.client_with(AkSk::new(AK, SK), Arc::new(SystemClock))
     }
 
-    fn add(&self, code: &str, received: bool) {
+    pub(crate) fn add(&self, code: &str, received: bool) {
         self.state.lock().unwrap().codes.insert(
             code.into(),
             Code {
@@ -132,15 +132,15 @@ impl Market {
         );
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         f(&mut self.state.lock().unwrap())
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.with(|s| s.seen.clone())
     }
 
-    fn assert_no_violations(&self) {
+    pub(crate) fn assert_no_violations(&self) {
         let v = self.with(|s| s.violations.clone());
         assert!(v.is_empty(), "stand-in saw violations: {v:?}");
     }
@@ -165,6 +165,10 @@ fn serve(
     let conn = rustls::ServerConnection::new(cfg).unwrap();
     let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
     while let Some(req) = read_request(&mut tls) {
+        // Down means down for kept-alive connections too: hang up without an answer.
+        if name == "primary" && st.lock().unwrap().primary_down {
+            return;
+        }
         let (status, body) = {
             let mut s = st.lock().unwrap();
             let (status, body) = handle(&req, &mut s);

@@ -464,7 +464,6 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         &cfg.interconnection_key_file,
         "seller_server.interconnection_key_file",
     )?;
-    let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
     let relay = if cfg.aksk_file.as_os_str().is_empty() {
         None
     } else {
@@ -477,6 +476,7 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
             clock.clone(),
         )?))
     };
+    let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
     let db = cfg.open_db().map_err(|e| e.to_string())?;
     let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
         key: signing_key.clone(),
