@@ -267,6 +267,18 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
     };
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
+    // The new license is signed here, on the workers, in parallel; the database thread
+    // only decides (replay, released instance) and stores.
+    let presigned = activities::presign(
+        &Ctx {
+            now,
+            product: &state.products[product],
+            key: &state.signing_key,
+            tokens: state.tokens.as_ref(),
+            presigned: None,
+        },
+        &body,
+    );
     let st = state.clone();
     let job = move |tx: &mut dyn super::db::Tx| {
         if let Some(before) = prune {
@@ -285,6 +297,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             product: &st.products[product],
             key: &st.signing_key,
             tokens: st.tokens.as_ref(),
+            presigned: presigned.as_deref(),
         };
         activities::handle(tx, &ctx, &body)
     };
