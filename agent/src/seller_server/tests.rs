@@ -556,6 +556,16 @@ fn config_is_checked_naming_the_key() {
             "database_schema",
         ),
         (base(&format!("colour = 1\n{prod}")), "colour"),
+        (
+            base(&format!("marketplace_bases = []\n{prod}")),
+            "seller_server.marketplace_bases",
+        ),
+        (
+            base(&format!(
+                "marketplace_bases = [\"https://a\", \"http://b\"]\n{prod}"
+            )),
+            "seller_server.marketplace_bases[1]",
+        ),
     ];
     for (text, want) in cases {
         let e = parse(&text).unwrap_err();
@@ -578,6 +588,11 @@ fn the_documented_configuration_is_valid() {
     let f: super::SellerFile = toml::from_str(block).unwrap();
     f.seller_server.validate().unwrap();
     assert_eq!(f.seller_server.products[0].limits["cores"], 8);
+    // The relay's hosts default to the documented marketplace hosts.
+    assert_eq!(
+        f.seller_server.marketplace_bases,
+        crate::authcode::client::DEFAULT_BASES
+    );
 }
 
 /// Two servers (replicas) on one database get the same order at the same time: one
