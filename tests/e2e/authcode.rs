@@ -114,7 +114,7 @@ impl Market {
         ]
     }
 
-    fn client_with(&self, key: AkSk, clock: Arc<dyn Clock>) -> Client {
+    pub(crate) fn client_with(&self, key: AkSk, clock: Arc<dyn Clock>) -> Client {
         Client::new(
             &self.bases(),
             Some(&self.ca.pem_path),
@@ -126,7 +126,7 @@ impl Market {
         .unwrap()
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         self.client_with(AkSk::new(AK, SK), Arc::new(SystemClock))
     }
 
@@ -174,6 +174,18 @@ fn serve(
     let conn = rustls::ServerConnection::new(cfg).unwrap();
     let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
     while let Some(req) = read_request(&mut tls) {
+        // Down means down for kept-alive connections too: hang up without an answer.
+        let down = {
+            let s = st.lock().unwrap();
+            if name == "primary" {
+                s.primary_down
+            } else {
+                s.fallback_down
+            }
+        };
+        if down {
+            return;
+        }
         let (status, body) = {
             let mut s = st.lock().unwrap();
             let (status, body) = handle(&req, &mut s);

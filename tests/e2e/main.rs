@@ -11,6 +11,8 @@ mod freeze;
 mod image_prep;
 mod license;
 mod online;
+#[cfg(feature = "seller-server")]
+mod relay;
 mod sdk;
 #[cfg(feature = "seller-server")]
 mod seller_server;

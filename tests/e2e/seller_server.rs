@@ -41,7 +41,7 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn write_private(p: &Path, text: &str) {
+pub fn write_private(p: &Path, text: &str) {
     std::fs::write(p, text).unwrap();
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
@@ -150,6 +150,17 @@ impl SellerServer {
         target: &str,
         body: &[u8],
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        self.request_with(method, target, &[], body)
+    }
+
+    /// The same with extra request headers.
+    pub fn request_with(
+        &self,
+        method: &str,
+        target: &str,
+        extra: &[(String, String)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -164,9 +175,10 @@ impl SellerServer {
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let head = format!(
             "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json;charset=utf8\r\n\
-             Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+             Accept: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         tls.write_all(head.as_bytes()).unwrap();

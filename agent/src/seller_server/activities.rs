@@ -89,6 +89,28 @@ pub struct Ctx<'a> {
     pub product: &'a ProductConfig,
     pub key: &'a SigningKey,
     pub tokens: &'a dyn StatusTokens,
+    /// The license [`presign`] made for this very request, if any: `getLicense` then
+    /// does no signing on the database thread.
+    pub presigned: Option<&'a str>,
+}
+
+/// Signs, off the database thread, the license a `getLicense` body would issue: its
+/// content depends on the request, the product and the time only, never on stored state
+/// (the checks that do, replay and released instance, stay in the transaction, which
+/// discards this text when they decide otherwise). Ed25519 is deterministic, so the
+/// text is the one [`handle`] would sign itself. None: not a well-formed `getLicense`
+/// (then [`handle`] answers it as usual).
+pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let f = Fields(&obj);
+    let activity = f.req("activity", 32).ok()?;
+    if !matches!(activity, "getLicense" | "getLicenseAsync") {
+        return None;
+    }
+    let order = license_order(ctx, activity, &f).ok()?;
+    seller::issue(&order.request, ctx.key).ok()
 }
 
 /// Handles one authenticated request body; `Ok` is the response body (refusals
@@ -269,12 +291,15 @@ fn license_answer(row: &InstanceRow) -> String {
     )
 }
 
-fn get_license(
-    tx: &mut dyn Tx,
-    ctx: &Ctx<'_>,
-    activity: &str,
-    f: &Fields<'_>,
-) -> Result<String, Refusal> {
+/// A `getLicense` request, checked, and the license it asks for.
+struct LicenseOrder {
+    instance_id: String,
+    event_id: String,
+    digest: String,
+    request: seller::IssueRequest,
+}
+
+fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<LicenseOrder, Refusal> {
     let instance_id = f.req("instanceId", 64)?;
     let event_id = f.req("eventId", 64)?;
     let effective = f.req("effectiveTime", 32)?;
@@ -304,6 +329,43 @@ fn get_license(
         devices.first().map(String::as_str),
         test_flag,
     ]);
+    let mut meta = BTreeMap::new();
+    meta.insert("kg_event".to_string(), event_id.to_string());
+    let request = seller::IssueRequest {
+        id: Some(license_id_for(instance_id)),
+        product: ctx.product.product.clone(),
+        instance: instance_id.to_string(),
+        unbound: devices.is_empty(),
+        devices,
+        issued_at: ctx.now,
+        not_before: Some(not_before),
+        term: not_after.map_or(seller::Term::Perpetual, seller::Term::Until),
+        grace_secs: ctx.product.grace_secs,
+        features: ctx.product.features.clone(),
+        limits: ctx.product.limits.clone(),
+        meta,
+    };
+    Ok(LicenseOrder {
+        instance_id: instance_id.to_string(),
+        event_id: event_id.to_string(),
+        digest,
+        request,
+    })
+}
+
+fn get_license(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    activity: &str,
+    f: &Fields<'_>,
+) -> Result<String, Refusal> {
+    let LicenseOrder {
+        instance_id,
+        event_id,
+        digest,
+        request: req,
+    } = license_order(ctx, activity, f)?;
+    let (instance_id, event_id) = (instance_id.as_str(), event_id.as_str());
     if let Some(stored) = replay(tx, event_id, &digest)? {
         return Ok(stored);
     }
@@ -322,23 +384,16 @@ fn get_license(
         }
     }
     let license_id = license_id_for(instance_id);
-    let mut meta = BTreeMap::new();
-    meta.insert("kg_event".to_string(), event_id.to_string());
-    let req = seller::IssueRequest {
-        id: Some(license_id.clone()),
-        product: ctx.product.product.clone(),
-        instance: instance_id.to_string(),
-        unbound: devices.is_empty(),
-        devices: devices.clone(),
-        issued_at: ctx.now,
-        not_before: Some(not_before),
-        term: not_after.map_or(seller::Term::Perpetual, seller::Term::Until),
-        grace_secs: ctx.product.grace_secs,
-        features: ctx.product.features.clone(),
-        limits: ctx.product.limits.clone(),
-        meta,
+    let text = match ctx.presigned {
+        Some(t) => t.to_string(),
+        None => seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?,
     };
-    let text = seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?;
+    let not_before = req.not_before.unwrap_or(ctx.now);
+    let not_after = match req.term {
+        seller::Term::Until(t) => Some(t),
+        _ => None,
+    };
+    let devices = req.devices;
     let row = InstanceRow {
         instance_id: instance_id.to_string(),
         product: ctx.product.product.clone(),
@@ -550,6 +605,7 @@ fn code_row(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<CodeRow, R
         expire_at: None,
         seq: 0,
         updated_at: ctx.now,
+        device_key: None,
     }))
 }
 

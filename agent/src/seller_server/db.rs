@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS codes (
     frozen     BIGINT NOT NULL,
     expire_at  BIGINT,
     seq        BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+    updated_at BIGINT NOT NULL,
+    device_key TEXT
 );
 ";
 
@@ -163,6 +164,9 @@ pub struct CodeRow {
     pub expire_at: Option<i64>,
     pub seq: i64,
     pub updated_at: i64,
+    /// The relay's trust on first use: the device key (base64) that activated the code
+    /// through the relay; None: not activated through the relay yet.
+    pub device_key: Option<String>,
 }
 
 /// The queries, inside a transaction.
@@ -474,6 +478,7 @@ pub mod tests {
                 expire_at: Some(44),
                 seq: 3,
                 updated_at: 1,
+                device_key: Some("a2V5".into()),
             };
             let c2 = code.clone();
             db.run_blocking(move |tx| tx.put_code(&c2)).unwrap();

@@ -5,7 +5,9 @@
 //!   a `resultCode`, and a `Body-Sign` header on every answer);
 //! - `GET /v1/licenses/<license id>`: the current license text, for agents to fetch a
 //!   renewed license without the buyer copying files;
-//! - `GET /v1/licenses/<license id>/status`: the newest status token.
+//! - `GET /v1/licenses/<license id>/status`: the newest status token;
+//! - `POST /v1/authcode/{activate,heartbeat,usage}`: the authorization-code relay
+//!   ([`super::relay`]), when `aksk_file` is configured.
 //!
 //! Database work runs on the database thread; signatures and JSON on the workers.
 
@@ -29,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
 use super::db::Db;
+use super::relay::{self, Endpoint, Gate, Relay};
 use super::tokens::StatusTokens;
 use super::{ProductConfig, SellerServerConfig};
 use crate::clock::Clock;
@@ -52,6 +55,8 @@ pub struct State {
     pub db: Db,
     pub clock: Arc<dyn Clock>,
     pub window_secs: i64,
+    /// None: no `aksk_file`, no relay.
+    pub relay: Option<Arc<Relay>>,
     last_prune: AtomicI64,
 }
 
@@ -63,6 +68,7 @@ impl State {
         tokens: Arc<dyn StatusTokens>,
         db: Db,
         clock: Arc<dyn Clock>,
+        relay: Option<Arc<Relay>>,
     ) -> State {
         State {
             products: cfg.products.clone(),
@@ -72,8 +78,21 @@ impl State {
             db,
             clock,
             window_secs: cfg.timestamp_window_secs as i64,
+            relay,
             last_prune: AtomicI64::new(0),
         }
+    }
+
+    /// Once a minute (to one caller): the time before which nonces can be forgotten,
+    /// outside both the marketplace's window and the relay's.
+    fn prune_before(&self, now: i64) -> Option<i64> {
+        let last = self.last_prune.load(Ordering::Relaxed);
+        let due = now - last >= PRUNE_EVERY_SECS
+            && self
+                .last_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        due.then(|| now - 2 * self.window_secs.max(relay::WINDOW_SECS) - 1)
     }
 }
 
@@ -192,6 +211,15 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infall
         }
         return Ok(agent_get(&state, rest).await);
     }
+    if let Some(name) = path.strip_prefix(relay::PREFIX) {
+        let Some(ep) = Endpoint::from_name(name) else {
+            return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
+        };
+        if req.method() != Method::POST {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+        }
+        return Ok(relay_call(state, ep, req).await);
+    }
     let Some(i) = state.products.iter().position(|p| p.path == path) else {
         return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
     };
@@ -238,18 +266,23 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
         }
     };
     let now = now_ms.div_euclid(1000);
-    let prune = {
-        let last = state.last_prune.load(Ordering::Relaxed);
-        now - last >= PRUNE_EVERY_SECS
-            && state
-                .last_prune
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    };
+    let prune = state.prune_before(now);
+    // The new license is signed here, on the workers, in parallel; the database thread
+    // only decides (replay, released instance) and stores.
+    let presigned = activities::presign(
+        &Ctx {
+            now,
+            product: &state.products[product],
+            key: &state.signing_key,
+            tokens: state.tokens.as_ref(),
+            presigned: None,
+        },
+        &body,
+    );
     let st = state.clone();
     let job = move |tx: &mut dyn super::db::Tx| {
-        if prune {
-            tx.prune_nonces(now - 2 * st.window_secs - 1)?;
+        if let Some(before) = prune {
+            tx.prune_nonces(before)?;
         }
         if !tx.nonce_fresh(&nonce, now)? {
             log::warn!("marketplace request refused: nonce {nonce:?} replayed");
@@ -264,6 +297,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             product: &st.products[product],
             key: &st.signing_key,
             tokens: st.tokens.as_ref(),
+            presigned: presigned.as_deref(),
         };
         activities::handle(tx, &ctx, &body)
     };
@@ -282,6 +316,125 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
         }
     };
     signed(&state, out)
+}
+
+fn json(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        "application/json;charset=UTF-8".parse().expect("valid"),
+    );
+    r
+}
+
+fn relay_error(status: StatusCode, code: &str, msg: &str) -> Resp {
+    json(status, relay::error_body(code, msg))
+}
+
+/// One relayed call: device signature, body, nonce and trust on first use, then the
+/// marketplace (on a blocking thread), then the binding of a newly activated code.
+async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> Resp {
+    let Some(rl) = state.relay.clone() else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "the authorization-code relay is not configured on this server\n",
+        );
+    };
+    let path = req.uri().path().to_string();
+    let headers = req.headers().clone();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let msg = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
+            return relay_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &msg);
+        }
+    };
+    let now_ms = state.clock.now_ms();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match relay::verify(header, "POST", &path, &body, now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("relay {path}: refused: {e}");
+            let m = e.to_string();
+            return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, &m);
+        }
+    };
+    let (codes, forward) = match relay::parse_body(ep, &body) {
+        Ok(x) => x,
+        Err(m) => return relay_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &m),
+    };
+    let now = now_ms.div_euclid(1000);
+    let prune = state.prune_before(now);
+    let (c, d) = (codes.clone(), device.clone());
+    let gate = state.db.run(move |tx| {
+        if let Some(before) = prune {
+            tx.prune_nonces(before)?;
+        }
+        relay::gate(tx, ep, &c, &d, now)
+    });
+    match tokio::time::timeout(ANSWER_WITHIN, gate).await {
+        Ok(Ok(Gate::Forward)) => {}
+        Ok(Ok(Gate::Replay)) => {
+            log::warn!("relay {path}: nonce {} replayed", device.nonce);
+            let m = "x-kooagent-nonce was already used (replayed request)";
+            return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, m);
+        }
+        Ok(Ok(Gate::Forbidden(m))) => {
+            log::warn!("relay {path}: {m} (device key {})", device.key);
+            return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+        }
+        Ok(Err(e)) => {
+            log::error!("relay {path}: database: {e}");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+        Err(_) => {
+            log::error!("relay {path}: no answer from the database within {ANSWER_WITHIN:?}");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+    }
+    let market_path = ep.market_path();
+    let sent = tokio::task::spawn_blocking(move || rl.client.post(market_path, &forward)).await;
+    let (http, text) = match sent {
+        Ok(Ok((_, http, text))) => (http, text),
+        Ok(Err(e)) => {
+            log::warn!("relay {path}: {e}");
+            let m = format!("marketplace unreachable: {e}");
+            return relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, &m);
+        }
+        Err(e) => {
+            log::error!("relay {path}: forwarding task: {e}");
+            let m = "marketplace unreachable: the forwarding task failed";
+            return relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, m);
+        }
+    };
+    if ep == Endpoint::Activate && relay::activated(http, &text) {
+        let (code, key) = (codes[0].clone(), device.key.clone());
+        match state
+            .db
+            .run(move |tx| relay::bind(tx, &code, &key, now))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let m = format!("authorization code {} is bound to another device", codes[0]);
+                log::warn!("relay {path}: {m} (device key {}, raced)", device.key);
+                return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+            }
+            Err(e) => {
+                // The marketplace activated the code; the agent's retry gets 92020003
+                // and binds then.
+                log::error!("relay {path}: recording the device key: {e}");
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+            }
+        }
+    }
+    // The marketplace's status too: 200 for its business answers (error_code inside), its
+    // gateway's own for the rest, so the agent parses exactly what direct mode would.
+    json(
+        StatusCode::from_u16(http).unwrap_or(StatusCode::BAD_GATEWAY),
+        text,
+    )
 }
 
 async fn agent_get(state: &State, rest: &str) -> Resp {
@@ -324,6 +477,18 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         &cfg.interconnection_key_file,
         "seller_server.interconnection_key_file",
     )?;
+    let relay = if cfg.aksk_file.as_os_str().is_empty() {
+        None
+    } else {
+        let ca = &cfg.marketplace_extra_ca_file;
+        let ca = (!ca.as_os_str().is_empty()).then_some(ca.as_path());
+        Some(Arc::new(Relay::new(
+            &cfg.aksk_file,
+            &cfg.marketplace_bases,
+            ca,
+            clock.clone(),
+        )?))
+    };
     let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
     let db = cfg.open_db().map_err(|e| e.to_string())?;
     let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
@@ -336,6 +501,7 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         tokens,
         db,
         clock,
+        relay,
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

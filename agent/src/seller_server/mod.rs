@@ -9,6 +9,8 @@
 //! - [`activities`]: request → decision, on a database transaction;
 //! - [`db`]: the storage interface, SQLite and PostgreSQL, one thread with group commit;
 //! - [`tokens`]: where status tokens come from (the freeze module);
+//! - [`relay`]: the authorization-code relay (device signatures, trust on first use,
+//!   forwarding with the seller's AK/SK);
 //! - [`http`]: TLS, HTTP, routing, timeouts.
 
 use std::collections::BTreeMap;
@@ -20,6 +22,7 @@ pub mod activities;
 pub mod auth;
 pub mod db;
 pub mod http;
+pub mod relay;
 pub mod tokens;
 
 /// The configuration file of `kooagent seller serve`: one `[seller_server]` section.
@@ -54,6 +57,14 @@ pub struct SellerServerConfig {
     pub timestamp_window_secs: u64,
     /// One entry per marketplace product: the URL path its production interface calls.
     pub products: Vec<ProductConfig>,
+    /// The seller's APIG AK/SK for the authorization-code relay (`/v1/authcode/...`):
+    /// two lines, the AK then the SK, mode 0600. Empty: no relay (those paths answer 404).
+    pub aksk_file: PathBuf,
+    /// The marketplace open-API hosts the relay forwards to, in the order tried.
+    pub marketplace_bases: Vec<String>,
+    /// A CA certificate (PEM) trusted for those hosts besides the web PKI (tests,
+    /// inspecting proxies); empty: none.
+    pub marketplace_extra_ca_file: PathBuf,
 }
 
 impl Default for SellerServerConfig {
@@ -69,6 +80,12 @@ impl Default for SellerServerConfig {
             database_schema: "public".into(),
             timestamp_window_secs: 60,
             products: vec![],
+            aksk_file: PathBuf::new(),
+            marketplace_bases: crate::authcode::client::DEFAULT_BASES
+                .iter()
+                .map(|b| b.to_string())
+                .collect(),
+            marketplace_extra_ca_file: PathBuf::new(),
         }
     }
 }
@@ -166,6 +183,20 @@ impl SellerServerConfig {
                 "seller_server.products",
                 "configure at least one product (path and product)",
             ));
+        }
+        if self.marketplace_bases.is_empty() {
+            return Err(invalid(
+                "seller_server.marketplace_bases",
+                "give at least one https:// URL",
+            ));
+        }
+        for (i, b) in self.marketplace_bases.iter().enumerate() {
+            if !b.starts_with("https://") {
+                return Err(invalid(
+                    format!("seller_server.marketplace_bases[{i}]"),
+                    format!("{b:?} is not an https:// URL"),
+                ));
+            }
         }
         let mut paths = std::collections::HashSet::new();
         for (i, p) in self.products.iter().enumerate() {

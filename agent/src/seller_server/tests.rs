@@ -81,6 +81,11 @@ impl Harness {
     }
 
     fn raw(&self, body: &[u8]) -> Result<String, DbError> {
+        self.raw_with(body, true)
+    }
+
+    /// `presign`: as the server does, the license signed before the transaction.
+    fn raw_with(&self, body: &[u8], presign: bool) -> Result<String, DbError> {
         let (key, tokens, product, now) = (
             self.key.clone(),
             self.tokens.clone(),
@@ -88,12 +93,27 @@ impl Harness {
             self.now,
         );
         let body = body.to_vec();
+        let presigned = presign
+            .then(|| {
+                activities::presign(
+                    &Ctx {
+                        now,
+                        product: &product,
+                        key: &key,
+                        tokens: tokens.as_ref(),
+                        presigned: None,
+                    },
+                    &body,
+                )
+            })
+            .flatten();
         self.db.run_blocking(move |tx| {
             let ctx = Ctx {
                 now,
                 product: &product,
                 key: &key,
                 tokens: tokens.as_ref(),
+                presigned: presigned.as_deref(),
             };
             activities::handle(tx, &ctx, &body)
         })
@@ -536,6 +556,16 @@ fn config_is_checked_naming_the_key() {
             "database_schema",
         ),
         (base(&format!("colour = 1\n{prod}")), "colour"),
+        (
+            base(&format!("marketplace_bases = []\n{prod}")),
+            "seller_server.marketplace_bases",
+        ),
+        (
+            base(&format!(
+                "marketplace_bases = [\"https://a\", \"http://b\"]\n{prod}"
+            )),
+            "seller_server.marketplace_bases[1]",
+        ),
     ];
     for (text, want) in cases {
         let e = parse(&text).unwrap_err();
@@ -558,6 +588,11 @@ fn the_documented_configuration_is_valid() {
     let f: super::SellerFile = toml::from_str(block).unwrap();
     f.seller_server.validate().unwrap();
     assert_eq!(f.seller_server.products[0].limits["cores"], 8);
+    // The relay's hosts default to the documented marketplace hosts.
+    assert_eq!(
+        f.seller_server.marketplace_bases,
+        crate::authcode::client::DEFAULT_BASES
+    );
 }
 
 /// Two servers (replicas) on one database get the same order at the same time: one
@@ -627,5 +662,36 @@ fn replicas_sharing_a_database_answer_one_license_per_event() {
             .unwrap()
             .unwrap();
         assert_eq!(tok.seq, 1, "{name}");
+    }
+}
+
+#[test]
+fn a_license_signed_before_the_transaction_is_the_one_signed_inside() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_, pre) = Harness::all(d1.path(), Arc::new(TestTokens)).remove(0);
+    let (_, inline) = Harness::all(d2.path(), Arc::new(TestTokens)).remove(0);
+    let order = json!({"activity": "getLicense", "instanceId": "i-pre", "eventId": "e-pre",
+        "effectiveTime": "2027-01-01 00:00:00 z", "expireTime": "20280101000000",
+        "deviceFingerprint": code("ABCD"), "testFlag": "0"})
+    .to_string();
+    let a = pre.raw_with(order.as_bytes(), true).unwrap();
+    let b = inline.raw_with(order.as_bytes(), false).unwrap();
+    assert_eq!(a, b);
+    assert!(a.contains("\"resultCode\":\"000000\""), "{a}");
+    // Other activities and refusals have nothing to sign ahead.
+    let ctx = Ctx {
+        now: NOW,
+        product: &pre.product,
+        key: &pre.key,
+        tokens: pre.tokens.as_ref(),
+        presigned: None,
+    };
+    assert!(activities::presign(&ctx, order.as_bytes()).is_some());
+    for body in [
+        json!({"activity": "expireLicense", "instanceId": "i-pre"}).to_string(),
+        json!({"activity": "getLicense", "instanceId": "i-pre"}).to_string(),
+        "not json".to_string(),
+    ] {
+        assert_eq!(activities::presign(&ctx, body.as_bytes()), None, "{body}");
     }
 }

@@ -44,6 +44,9 @@ pub fn valid_schema(s: &str) -> bool {
         && !s.as_bytes()[0].is_ascii_digit()
 }
 
+/// Columns added since the first schema, for databases made by an older version.
+const MIGRATIONS: &str = "ALTER TABLE codes ADD COLUMN IF NOT EXISTS device_key TEXT;";
+
 impl Postgres {
     /// Connects (a libpq-style URL or key=value string) and creates the tables in
     /// `schema` if missing.
@@ -60,6 +63,7 @@ impl Postgres {
             .batch_execute(&format!(
                 "SELECT pg_advisory_lock(7265001); \
                  CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {}; \
+                 {MIGRATIONS} \
                  SELECT pg_advisory_unlock(7265001);",
                 super::SCHEMA.trim().trim_end_matches(';')
             ))
@@ -262,7 +266,7 @@ impl Tx for Postgres {
     fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError> {
         Ok(self
             .opt(
-                "SELECT code, status, frozen, expire_at, seq, updated_at FROM codes WHERE code = $1",
+                "SELECT code, status, frozen, expire_at, seq, updated_at, device_key FROM codes WHERE code = $1",
                 &[&code],
             )?
             .map(|r| CodeRow {
@@ -272,15 +276,16 @@ impl Tx for Postgres {
                 expire_at: r.get(3),
                 seq: r.get(4),
                 updated_at: r.get(5),
+                device_key: r.get(6),
             }))
     }
 
     fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
         self.exec(
-            "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO UPDATE SET \
+            "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at, device_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (code) DO UPDATE SET \
              status = excluded.status, frozen = excluded.frozen, expire_at = excluded.expire_at, \
-             seq = excluded.seq, updated_at = excluded.updated_at",
+             seq = excluded.seq, updated_at = excluded.updated_at, device_key = excluded.device_key",
             &[
                 &c.code,
                 &c.status,
@@ -288,6 +293,7 @@ impl Tx for Postgres {
                 &c.expire_at,
                 &c.seq,
                 &c.updated_at,
+                &c.device_key,
             ],
         )
         .map(drop)
@@ -332,5 +338,42 @@ pub mod tests {
         assert!(!valid_schema("a;drop"));
         assert!(!valid_schema("A"));
         assert!(!valid_schema(""));
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn an_older_database_gets_the_device_key_column_and_keeps_its_rows() {
+        let Some(url) = crate::seller_server::db::tests::pg_url() else {
+            return;
+        };
+        let schema = tests::fresh_schema(&url);
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.codes (code TEXT PRIMARY KEY, \
+             status TEXT NOT NULL, frozen BIGINT NOT NULL, expire_at BIGINT, \
+             seq BIGINT NOT NULL, updated_at BIGINT NOT NULL); \
+             INSERT INTO {schema}.codes VALUES ('OLD', 'active', 1, 44, 2, 9);"
+        ))
+        .unwrap();
+        for _ in 0..2 {
+            let mut db = Postgres::connect(&url, &schema).unwrap();
+            let mut row = db.code("OLD").unwrap().unwrap();
+            assert_eq!(
+                (row.frozen, row.seq, row.device_key.as_deref()),
+                (true, 2, None)
+            );
+            row.device_key = Some("K".into());
+            db.put_code(&row).unwrap();
+            assert_eq!(
+                db.code("OLD").unwrap().unwrap().device_key.as_deref(),
+                Some("K")
+            );
+            row.device_key = None;
+            db.put_code(&row).unwrap();
+        }
     }
 }

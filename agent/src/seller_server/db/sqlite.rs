@@ -24,8 +24,22 @@ impl Sqlite {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(err)?;
         conn.execute_batch(super::SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Sqlite { conn })
     }
+}
+
+/// Brings a database made by an older version up to [`super::SCHEMA`] (columns added
+/// since; `CREATE TABLE IF NOT EXISTS` leaves an existing table as it was).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare("SELECT 1 FROM pragma_table_info('codes') WHERE name = 'device_key'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE codes ADD COLUMN device_key TEXT")?;
+        log::info!("database: added codes.device_key (relay)");
+    }
+    Ok(())
 }
 
 impl Backend for Sqlite {
@@ -265,7 +279,7 @@ impl Tx for Sqlite {
     fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError> {
         self.conn
             .prepare_cached(
-                "SELECT code, status, frozen, expire_at, seq, updated_at FROM codes WHERE code = ?1",
+                "SELECT code, status, frozen, expire_at, seq, updated_at, device_key FROM codes WHERE code = ?1",
             )
             .and_then(|mut s| {
                 s.query_row(params![code], |r| {
@@ -276,6 +290,7 @@ impl Tx for Sqlite {
                         expire_at: r.get(3)?,
                         seq: r.get(4)?,
                         updated_at: r.get(5)?,
+                        device_key: r.get(6)?,
                     })
                 })
                 .optional()
@@ -286,10 +301,10 @@ impl Tx for Sqlite {
     fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (code) DO UPDATE SET \
+                "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at, device_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (code) DO UPDATE SET \
                  status = excluded.status, frozen = excluded.frozen, expire_at = excluded.expire_at, \
-                 seq = excluded.seq, updated_at = excluded.updated_at",
+                 seq = excluded.seq, updated_at = excluded.updated_at, device_key = excluded.device_key",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -298,7 +313,8 @@ impl Tx for Sqlite {
                     c.frozen as i64,
                     c.expire_at,
                     c.seq,
-                    c.updated_at
+                    c.updated_at,
+                    c.device_key
                 ])
             })
             .map(drop)
@@ -309,5 +325,42 @@ impl Tx for Sqlite {
         self.conn
             .query_row("SELECT COUNT(*) FROM licenses", [], |r| r.get(0))
             .map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_database_gets_the_device_key_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE codes (code TEXT PRIMARY KEY, status TEXT NOT NULL, \
+                 frozen BIGINT NOT NULL, expire_at BIGINT, seq BIGINT NOT NULL, \
+                 updated_at BIGINT NOT NULL); \
+                 INSERT INTO codes VALUES ('OLD', 'active', 1, 44, 2, 9);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let mut db = Sqlite::open(&path).unwrap();
+            let row = db.code("OLD").unwrap().unwrap();
+            assert_eq!(
+                (row.frozen, row.expire_at, row.seq, row.device_key),
+                (true, Some(44), 2, None)
+            );
+        }
+        let mut db = Sqlite::open(&path).unwrap();
+        let mut row = db.code("OLD").unwrap().unwrap();
+        row.device_key = Some("K".into());
+        db.put_code(&row).unwrap();
+        assert_eq!(
+            db.code("OLD").unwrap().unwrap().device_key.as_deref(),
+            Some("K")
+        );
     }
 }

@@ -1,0 +1,530 @@
+//! The relay for authorization-code products (docs/seller-server.md "Relay"): agents
+//! hold no AK/SK; they post the open-API body to `POST /v1/authcode/{activate,heartbeat,
+//! usage}` signed with their ed25519 device key, and the server forwards it to KooGallery
+//! signed with the seller's AK/SK, answering the marketplace's body unchanged.
+//!
+//! - [`verify`]: the device signature, byte for byte as the relay protocol says (the
+//!   agent's signer lives on the agent side; the lead moves both into
+//!   `authcode::relay_auth` at merge);
+//! - [`parse_body`]: the body checked with the `authcode::api` types, re-serialised for
+//!   forwarding (only documented fields reach the marketplace);
+//! - [`gate`] / [`bind`]: nonce replay and trust on first use, inside a DB transaction;
+//! - [`Relay`]: the forwarding client and its AK/SK.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::db::{CodeRow, DbError, Tx};
+use crate::authcode::api::{self, ActivateRequest, HeartbeatRequest, UsageRequest};
+use crate::authcode::apig_sign::AkSk;
+use crate::authcode::client::{Client, ClientError};
+use crate::authcode::relay_auth::{self, RelayAuthError, RelayHeaders};
+use crate::clock::Clock;
+
+pub const PREFIX: &str = "/v1/authcode/";
+/// How far a request's `x-kooagent-ts` may be from our clock (the protocol's window).
+pub const WINDOW_SECS: i64 = relay_auth::WINDOW_MS / 1000;
+
+/// `error_code`s of the relay's own answers.
+pub const ERR_BAD_REQUEST: &str = "KOOAGENT.RELAY.0400";
+pub const ERR_UNAUTHENTICATED: &str = "KOOAGENT.RELAY.0401";
+pub const ERR_FORBIDDEN: &str = "KOOAGENT.RELAY.0403";
+pub const ERR_UNREACHABLE: &str = "KOOAGENT.RELAY.0502";
+
+/// Each host gets this long before the next is tried (the agent waits for the relay).
+const MARKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The three endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Activate,
+    Heartbeat,
+    Usage,
+}
+
+impl Endpoint {
+    /// From the part of the path after [`PREFIX`].
+    pub fn from_name(name: &str) -> Option<Endpoint> {
+        match name {
+            "activate" => Some(Endpoint::Activate),
+            "heartbeat" => Some(Endpoint::Heartbeat),
+            "usage" => Some(Endpoint::Usage),
+            _ => None,
+        }
+    }
+
+    /// The marketplace's open API it forwards to.
+    pub fn market_path(self) -> &'static str {
+        match self {
+            Endpoint::Activate => api::PATH_ACTIVATE,
+            Endpoint::Heartbeat => api::PATH_HEARTBEAT,
+            Endpoint::Usage => api::PATH_USAGE,
+        }
+    }
+}
+
+/// An authenticated request's device: its key (base64, as sent) and nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub key: String,
+    pub nonce: String,
+}
+
+/// Checks the four headers (`header(name)` gives a header's value) against the request,
+/// with the protocol's own verifier (`authcode::relay_auth`, shared with the agent). The
+/// nonce is checked afterwards, in the database transaction (`gate`), so replicas share it.
+pub fn verify<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<Device, RelayAuthError> {
+    let headers = RelayHeaders::from_lookup(header)?;
+    relay_auth::verify(&headers, method, path, body, now_ms, |_| true)?;
+    Ok(Device {
+        key: headers.device_key,
+        nonce: headers.nonce,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateBody {
+    license: String,
+    #[serde(default)]
+    real_effect_time: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatBody {
+    license: String,
+}
+
+/// The codes a request is about and the body to forward, or why it is refused.
+pub fn parse_body(ep: Endpoint, body: &[u8]) -> Result<(Vec<String>, Vec<u8>), String> {
+    let json = |e: serde_json::Error| format!("the body is not a valid {ep:?} request: {e}");
+    match ep {
+        Endpoint::Activate => {
+            let b: ActivateBody = serde_json::from_slice(body).map_err(json)?;
+            let effect = match &b.real_effect_time {
+                None => None,
+                Some(t) => Some(
+                    crate::clock::parse_digits14(t)
+                        .ok_or_else(|| format!("real_effect_time: {t:?} is not yyyyMMddHHmmss"))?,
+                ),
+            };
+            let req = ActivateRequest::new(&b.license, effect).map_err(|e| e.to_string())?;
+            Ok((
+                vec![req.license.clone()],
+                serde_json::to_vec(&req).expect("request types serialise"),
+            ))
+        }
+        Endpoint::Heartbeat => {
+            let b: HeartbeatBody = serde_json::from_slice(body).map_err(json)?;
+            let req = HeartbeatRequest::new(&b.license).map_err(|e| e.to_string())?;
+            Ok((
+                vec![req.license.clone()],
+                serde_json::to_vec(&req).expect("request types serialise"),
+            ))
+        }
+        Endpoint::Usage => {
+            let req: UsageRequest = serde_json::from_slice(body).map_err(json)?;
+            req.validate().map_err(|e| e.to_string())?;
+            let codes = req.usage_info.iter().map(|u| u.license.clone()).collect();
+            Ok((
+                codes,
+                serde_json::to_vec(&req).expect("request types serialise"),
+            ))
+        }
+    }
+}
+
+/// What the transaction decided before forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Forward,
+    Replay,
+    Forbidden(String),
+}
+
+/// The nonces table is shared with the marketplace's: ours are prefixed.
+fn nonce_key(nonce: &str) -> String {
+    format!("relay:{nonce}")
+}
+
+/// Records the nonce and checks every code is bound to `device_key` (activate: or to
+/// nobody yet).
+pub fn gate(
+    tx: &mut dyn Tx,
+    ep: Endpoint,
+    codes: &[String],
+    device: &Device,
+    now: i64,
+) -> Result<Gate, DbError> {
+    if !tx.nonce_fresh(&nonce_key(&device.nonce), now)? {
+        return Ok(Gate::Replay);
+    }
+    for code in codes {
+        match tx.code(code)?.and_then(|r| r.device_key) {
+            Some(k) if k == device.key => {}
+            Some(_) => {
+                return Ok(Gate::Forbidden(format!(
+                    "authorization code {code} is bound to another device"
+                )))
+            }
+            None if ep == Endpoint::Activate => {}
+            None => {
+                return Ok(Gate::Forbidden(format!(
+                    "authorization code {code} was not activated through this relay"
+                )))
+            }
+        }
+    }
+    Ok(Gate::Forward)
+}
+
+/// After the marketplace accepted an activation: binds the code to `device_key` unless
+/// it is already bound; false when it is bound to another key (two devices raced).
+pub fn bind(tx: &mut dyn Tx, code: &str, device_key: &str, now: i64) -> Result<bool, DbError> {
+    let mut row = tx.code(code)?.unwrap_or(CodeRow {
+        code: code.into(),
+        status: "active".into(),
+        frozen: false,
+        expire_at: None,
+        seq: 0,
+        updated_at: now,
+        device_key: None,
+    });
+    match &row.device_key {
+        Some(k) => Ok(k == device_key),
+        None => {
+            row.device_key = Some(device_key.into());
+            row.updated_at = now;
+            tx.put_code(&row)?;
+            log::info!("relay: authorization code {code} bound to device key {device_key}");
+            Ok(true)
+        }
+    }
+}
+
+/// Whether an activation answer means the code is now activated (by this request, or
+/// earlier: `92020003`, which the agent reads as "already activated by us").
+pub fn activated(http: u16, body: &str) -> bool {
+    if !(200..300).contains(&http) {
+        return false;
+    }
+    let code = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error_code"].as_str().map(str::to_string));
+    matches!(code.as_deref(), Some(api::SUCCESS) | Some("92020003"))
+}
+
+/// The relay's own JSON answer body.
+pub fn error_body(code: &str, msg: &str) -> String {
+    serde_json::json!({"error_code": code, "error_msg": msg}).to_string()
+}
+
+/// The forwarding side: the seller's AK/SK and the marketplace hosts.
+pub struct Relay {
+    pub client: Client,
+}
+
+/// Reads `[seller_server] aksk_file`: two lines, the AK then the SK, mode 0600. Errors
+/// name the file, never its content.
+pub fn load_aksk(path: &Path) -> Result<AkSk, String> {
+    let key = "seller_server.aksk_file";
+    let secret = crate::usage::secret::Secret::load_as(path, key)?;
+    let text = std::str::from_utf8(secret.expose())
+        .map_err(|_| format!("{key} {}: not UTF-8 text", path.display()))?;
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    match lines.as_slice() {
+        [ak, sk] if !ak.is_empty() && !sk.is_empty() => Ok(AkSk::new(*ak, sk.as_bytes())),
+        _ => Err(format!(
+            "{key} {}: must hold two non-empty lines, the AK then the SK",
+            path.display()
+        )),
+    }
+}
+
+impl Relay {
+    pub fn new(
+        aksk_file: &Path,
+        bases: &[String],
+        extra_ca: Option<&Path>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Relay, String> {
+        let key = load_aksk(aksk_file)?;
+        let client = Client::new(
+            bases,
+            extra_ca,
+            "seller_server.marketplace_extra_ca_file",
+            MARKET_TIMEOUT,
+            key,
+            clock,
+        )
+        .map_err(|e| match e {
+            ClientError::Config(m) => format!("seller_server.marketplace_bases: {m}"),
+            e => e.to_string(),
+        })?;
+        Ok(Relay { client })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authcode::relay_auth::{
+        HEADER_DEVICE_KEY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TS,
+    };
+    use crate::seller_server::db::{self, Db};
+    use base64::Engine;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn headers(
+        sk: &SigningKey,
+        path: &str,
+        ts: i64,
+        nonce: &str,
+        body: &[u8],
+    ) -> Vec<(String, String)> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let ts = ts.to_string();
+        let sig = sk.sign(&relay_auth::signing_bytes("POST", path, &ts, nonce, body));
+        vec![
+            (
+                HEADER_DEVICE_KEY.into(),
+                b64.encode(sk.verifying_key().as_bytes()),
+            ),
+            (HEADER_TS.into(), ts),
+            (HEADER_NONCE.into(), nonce.into()),
+            (HEADER_SIGNATURE.into(), b64.encode(sig.to_bytes())),
+        ]
+    }
+
+    fn check(
+        h: &[(String, String)],
+        path: &str,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Device, RelayAuthError> {
+        verify(
+            |n| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str()),
+            "POST",
+            path,
+            body,
+            now,
+        )
+    }
+
+    #[test]
+    fn the_signed_bytes_are_the_protocols() {
+        let m = relay_auth::signing_bytes(
+            "POST",
+            "/v1/authcode/activate",
+            "1700000000000",
+            "00ff",
+            b"{}",
+        );
+        assert_eq!(
+            String::from_utf8(m).unwrap(),
+            "kooagent-relay-v1\nPOST\n/v1/authcode/activate\n1700000000000\n00ff\n\
+             44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
+
+    #[test]
+    fn signatures_times_and_headers_are_checked() {
+        let sk = SigningKey::from_bytes(&[7; 32]);
+        let (path, body, nonce) = (
+            "/v1/authcode/heartbeat",
+            br#"{"license":"C"}"#,
+            "0123456789abcdef0123456789abcdef",
+        );
+        let h = headers(&sk, path, NOW, nonce, body);
+        let d = check(&h, path, body, NOW + 299_000).unwrap();
+        assert_eq!(d.nonce, nonce.to_ascii_lowercase());
+        assert_eq!(d.key, h[0].1);
+        // Another body, path, or a time outside the window.
+        assert_eq!(
+            check(&h, path, br#"{"license":"D"}"#, NOW),
+            Err(RelayAuthError::BadSignature)
+        );
+        assert_eq!(
+            check(&h, "/v1/authcode/usage", body, NOW),
+            Err(RelayAuthError::BadSignature)
+        );
+        assert!(matches!(
+            check(&h, path, body, NOW + 301_000),
+            Err(RelayAuthError::Stale { skew_ms: -301_000 })
+        ));
+        assert!(matches!(
+            check(&h, path, body, NOW - 301_000),
+            Err(RelayAuthError::Stale { .. })
+        ));
+        // Another key's signature under this key.
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let mut h2 = headers(&other, path, NOW, nonce, body);
+        h2[0] = h[0].clone();
+        assert_eq!(
+            check(&h2, path, body, NOW),
+            Err(RelayAuthError::BadSignature)
+        );
+        for (i, bad, want) in [
+            (0, "AAAA", HEADER_DEVICE_KEY),
+            (1, "12x", HEADER_TS),
+            (2, "0123", HEADER_NONCE),
+            (2, "0123456789abcdef0123456789abcdeg", HEADER_NONCE),
+            (3, "!!", HEADER_SIGNATURE),
+        ] {
+            let mut h3 = h.clone();
+            h3[i].1 = bad.into();
+            assert!(
+                matches!(check(&h3, path, body, NOW), Err(RelayAuthError::BadHeader { header, .. }) if header == want),
+                "{bad}"
+            );
+            h3.remove(i);
+            assert_eq!(
+                check(&h3, path, body, NOW),
+                Err(RelayAuthError::MissingHeader(want))
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_are_checked_with_the_api_types() {
+        let (codes, fwd) = parse_body(
+            Endpoint::Activate,
+            br#"{"license":" C1 ","real_effect_time":"20260101000000"}"#,
+        )
+        .unwrap();
+        assert_eq!(codes, ["C1"]);
+        assert_eq!(
+            fwd,
+            br#"{"license":"C1","real_effect_time":"20260101000000"}"#
+        );
+        assert!(parse_body(Endpoint::Activate, br#"{"license":"C1","x":1}"#).is_err());
+        assert!(parse_body(
+            Endpoint::Activate,
+            br#"{"license":"C1","real_effect_time":"2026"}"#
+        )
+        .is_err());
+        assert!(parse_body(Endpoint::Heartbeat, br#"{"license":""}"#).is_err());
+        let (codes, _) = parse_body(
+            Endpoint::Usage,
+            br#"{"usage_info":[{"license":"A","software_usage_Info":[{"id":"x"}]},{"license":"B","software_usage_Info":[{"active_num":3}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(codes, ["A", "B"]);
+        assert!(parse_body(Endpoint::Usage, br#"{"usage_info":[]}"#).is_err());
+        assert!(parse_body(Endpoint::Heartbeat, b"nope").is_err());
+    }
+
+    #[test]
+    fn first_activation_binds_and_nonces_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in db::tests::backends(dir.path()) {
+            let db = Db::start(b);
+            let dev = |key: &str, nonce: &str| Device {
+                key: key.into(),
+                nonce: nonce.into(),
+            };
+            let run = |ep, codes: &[&str], d: Device| {
+                let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
+                db.run_blocking(move |tx| gate(tx, ep, &codes, &d, 100))
+                    .unwrap()
+            };
+            // Unbound: activation goes through, the rest is refused.
+            assert_eq!(
+                run(Endpoint::Activate, &["C"], dev("K1", "n1")),
+                Gate::Forward,
+                "{name}"
+            );
+            assert!(matches!(
+                run(Endpoint::Heartbeat, &["C"], dev("K1", "n2")),
+                Gate::Forbidden(_)
+            ));
+            assert_eq!(
+                run(Endpoint::Activate, &["C"], dev("K1", "n1")),
+                Gate::Replay,
+                "{name}"
+            );
+            assert!(db.run_blocking(|tx| bind(tx, "C", "K1", 101)).unwrap());
+            assert!(db.run_blocking(|tx| bind(tx, "C", "K1", 102)).unwrap());
+            assert!(!db.run_blocking(|tx| bind(tx, "C", "K2", 103)).unwrap());
+            assert_eq!(
+                db.run_blocking(|tx| tx.code("C"))
+                    .unwrap()
+                    .unwrap()
+                    .device_key
+                    .as_deref(),
+                Some("K1")
+            );
+            assert_eq!(
+                run(Endpoint::Heartbeat, &["C"], dev("K1", "n3")),
+                Gate::Forward
+            );
+            assert_eq!(
+                run(Endpoint::Activate, &["C"], dev("K1", "n4")),
+                Gate::Forward
+            );
+            assert!(matches!(
+                run(Endpoint::Activate, &["C"], dev("K2", "n5")),
+                Gate::Forbidden(_)
+            ));
+            assert!(
+                matches!(run(Endpoint::Usage, &["C", "D"], dev("K1", "n6")), Gate::Forbidden(m) if m.contains(" D "))
+            );
+            // The marketplace's own nonces do not collide with the relay's.
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("n7", 100)).unwrap());
+            assert_eq!(
+                run(Endpoint::Heartbeat, &["C"], dev("K1", "n7")),
+                Gate::Forward
+            );
+        }
+    }
+
+    #[test]
+    fn activation_answers_that_bind() {
+        assert!(activated(
+            200,
+            r#"{"error_code":"92020000","error_msg":"success"}"#
+        ));
+        assert!(activated(
+            200,
+            r#"{"error_code":"92020003","error_msg":"illegal state"}"#
+        ));
+        assert!(!activated(200, r#"{"error_code":"92020005"}"#));
+        assert!(!activated(401, r#"{"error_code":"92020000"}"#));
+        assert!(!activated(200, "x"));
+    }
+
+    #[test]
+    fn the_aksk_file_is_two_private_lines() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("aksk");
+        std::fs::write(&p, "MYAK\nMY-SECRET-SK\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k = load_aksk(&p).unwrap();
+        assert_eq!((k.ak.as_str(), k.sk()), ("MYAK", &b"MY-SECRET-SK"[..]));
+        for bad in ["ONLYSECRET\n", "A\nSECRET\nC\n", "A\n\n"] {
+            std::fs::write(&p, bad).unwrap();
+            let e = load_aksk(&p).unwrap_err();
+            assert!(
+                e.contains("seller_server.aksk_file") && !e.contains("SECRET"),
+                "{e}"
+            );
+        }
+        std::fs::write(&p, "MYAK\nMY-SECRET-SK\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_aksk(&p).unwrap_err();
+        assert!(e.contains("chmod 600") && !e.contains("SECRET"), "{e}");
+    }
+}
