@@ -289,3 +289,51 @@ fn serve_refuses_a_readable_aksk_file_without_showing_it() {
     );
     assert!(!err.contains(SK) && !err.contains(AK), "{err}");
 }
+
+/// The whole relay path with the real pieces: an agent in relay mode → `kooagent seller
+/// serve` (signing with the AK/SK only it holds) → the marketplace stand-in.
+#[test]
+fn a_real_agent_in_relay_mode_activates_and_reports_through_the_seller_server() {
+    let market = Market::start();
+    market.add("CODE-E2E", true);
+    let dir = crate::harness::short_tempdir();
+    let server = start(&market, "", dir.path());
+    let agent_config = format!(
+        "[authcode]\nmode = \"relay\"\nrelay_url = \"https://localhost:{}\"\nextra_ca_file = \"{}\"\n\
+         [authcode.products]\n\"12345\" = \"myapp\"\n",
+        server.port,
+        server.ca_pem.display()
+    );
+    let a = crate::harness::TestAgent::start(&agent_config);
+    let v = a
+        .call("license.activate", json!({"code": "CODE-E2E"}))
+        .unwrap_or_else(|e| panic!("activate through the relay: {e}\n{}", server.log()));
+    assert_eq!(v["state"], "valid", "{v}");
+    let c = a
+        .call("license.check", json!({"product": "myapp"}))
+        .unwrap();
+    assert_eq!(
+        (c["state"].as_str(), c["allowed"].as_bool()),
+        (Some("valid"), Some(true)),
+        "{c}"
+    );
+    a.call(
+        "authcode.client_seen",
+        json!({"product": "myapp", "client": "user-7"}),
+    )
+    .unwrap();
+    a.call("authcode.sync", json!({})).unwrap();
+    assert!(market.with(|s| s.ids["CODE-E2E"].contains("user-7")));
+    // Another device cannot take the code through the relay.
+    let b = crate::harness::TestAgent::start(&agent_config);
+    let e = b
+        .call("license.activate", json!({"code": "CODE-E2E"}))
+        .unwrap_err();
+    assert!(
+        e["message"].as_str().unwrap().contains("another device"),
+        "{e}"
+    );
+    // The AK/SK never reached the device side.
+    assert!(!a.log().contains(SK) && !b.log().contains(SK));
+    market.assert_no_violations();
+}
