@@ -163,6 +163,20 @@ unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str
     }
 }
 
+/// `params_json` as a JSON object; NULL means `{}`.
+unsafe fn params_arg(params_json: *const c_char) -> Result<Value, KooagentStatus> {
+    match opt_str_arg(params_json, "params_json")? {
+        None => Ok(json!({})),
+        Some(p) => match serde_json::from_str::<Value>(p) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            _ => Err(fail(
+                KooagentStatus::ErrInvalidArgument,
+                "params_json is not a JSON object",
+            )),
+        },
+    }
+}
+
 fn with_client(
     c: *mut KooagentClient,
     f: impl FnOnce(&mut Client) -> KooagentStatus,
@@ -327,17 +341,8 @@ pub unsafe extern "C" fn kooagent_call(
             Ok(o) => o,
             Err(s) => return s,
         };
-        let params = match opt_str_arg(params_json, "params_json") {
-            Ok(None) => json!({}),
-            Ok(Some(p)) => match serde_json::from_str::<Value>(p) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return fail(
-                        KooagentStatus::ErrInvalidArgument,
-                        "params_json is not a JSON object",
-                    )
-                }
-            },
+        let params = match params_arg(params_json) {
+            Ok(p) => p,
             Err(s) => return s,
         };
         if result_json.is_null() {
@@ -393,17 +398,8 @@ pub unsafe extern "C" fn kooagent_watch(
             Ok(None) => kooagent_client::default_socket_path(),
             Err(s) => return s,
         };
-        let params = match opt_str_arg(params_json, "params_json") {
-            Ok(None) => json!({}),
-            Ok(Some(p)) => match serde_json::from_str::<Value>(p) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return fail(
-                        KooagentStatus::ErrInvalidArgument,
-                        "params_json is not a JSON object",
-                    )
-                }
-            },
+        let params = match params_arg(params_json) {
+            Ok(p) => p,
             Err(s) => return s,
         };
         let mut watch = match Client::new(path).watch(params) {
