@@ -70,6 +70,11 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     pub log_level: String,
     pub pidfile: PathBuf,
+    /// Runtime threads serving the socket. One is the default: the seller's software runs
+    /// on the same (often 2-core) machine, and one worker, like Redis's single event loop,
+    /// measured faster than two there (higher requests/s, half the p99 at 32 clients).
+    /// Blocking work (fsync, HTTPS, identity probes) has threads of its own either way.
+    pub worker_threads: usize,
 }
 
 impl Default for AgentSection {
@@ -80,6 +85,7 @@ impl Default for AgentSection {
             state_dir: p.state_dir,
             log_level: "info".into(),
             pidfile: p.pidfile,
+            worker_threads: 1,
         }
     }
 }
@@ -258,6 +264,9 @@ impl Config {
         }
         if !self.agent.state_dir.is_absolute() {
             return Err(invalid("agent.state_dir", "must be an absolute path"));
+        }
+        if !(1..=16).contains(&self.agent.worker_threads) {
+            return Err(invalid("agent.worker_threads", "must be between 1 and 16"));
         }
         if !self.agent.pidfile.is_absolute() {
             return Err(invalid("agent.pidfile", "must be an absolute path"));

@@ -90,7 +90,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.agent.worker_threads)
         .max_blocking_threads(8)
         .thread_name("kooagent")
         .enable_all()
