@@ -7,62 +7,39 @@ use std::process::{Command, Output};
 
 use serde_json::json;
 
-use crate::harness::{short_tempdir, TestAgent, BIN};
+use crate::harness::{TestAgent, BIN};
+use crate::license::{device_code, Seller};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// An agent trusting a fresh seller key, with a license for `sku-sdk` (feature `export`)
 /// bound to its own device code, and a meter `api`.
-fn licensed_agent() -> (TestAgent, tempfile::TempDir) {
-    let keys = short_tempdir();
-    let key = keys.path().join("seller.key");
-    let out = Command::new(BIN)
-        .args(["seller", "keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let trust = std::fs::read_to_string(keys.path().join("seller.key.pub")).unwrap();
+fn licensed_agent() -> (TestAgent, Seller) {
+    let seller = Seller::new();
     let a = TestAgent::start(&format!(
-        "[license]\ntrusted_keys = [\"{}\"]\n[usage.meters.api]\ninstance_id = \"inst-sdk\"\n",
-        trust.trim()
+        "{}[usage.meters.api]\ninstance_id = \"inst-sdk\"\n",
+        seller.config()
     ));
-    let code = a.call("device.code", json!({})).unwrap()["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let lic = keys.path().join("sku.lic");
-    let out = Command::new(BIN)
-        .args(["seller", "issue", "--key"])
-        .arg(&key)
-        .args([
-            "--device-code",
-            &code,
-            "--product",
-            "sku-sdk",
-            "--instance",
-            "inst-sdk",
-        ])
-        .args(["--days", "30", "--feature", "export", "--out"])
-        .arg(&lic)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = seller.issue(&[
+        "--device-code",
+        &device_code(&a),
+        "--product",
+        "sku-sdk",
+        "--instance",
+        "inst-sdk",
+        "--days",
+        "30",
+        "--feature",
+        "export",
+    ]);
+    let lic = seller.write("sku.lic", &text);
     let out = a.cli(&["license", "install", lic.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (a, keys)
+    (a, seller)
 }
 
 fn target_dir() -> PathBuf {
@@ -96,7 +73,8 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn c_example_checks_and_records_through_the_c_abi() {
-    let (a, dir) = licensed_agent();
+    let (a, seller) = licensed_agent();
+    let dir = &seller.dir;
     let exe = compile("check", dir.path());
 
     let out = run(
@@ -159,8 +137,8 @@ fn compile(example: &str, dir: &Path) -> PathBuf {
 
 #[test]
 fn watch_streams_freeze_and_unfreeze_to_rust_and_c() {
-    let (a, dir) = licensed_agent();
-    let key = dir.path().join("seller.key");
+    let (a, seller) = licensed_agent();
+    let (dir, key) = (&seller.dir, seller.key.clone());
     let lic_id = a
         .call("license.check", json!({"product": "sku-sdk"}))
         .unwrap()["license_id"]
@@ -221,7 +199,7 @@ fn watch_streams_freeze_and_unfreeze_to_rust_and_c() {
 
 #[test]
 fn python_example_uses_only_the_standard_library() {
-    let (a, _dir) = licensed_agent();
+    let (a, _seller) = licensed_agent();
     let script = format!("{ROOT}/examples/python/check.py");
     let out = run(
         Command::new("python3").args(["-I", &script, "sku-sdk", "export", "api", "2"]),
@@ -247,7 +225,7 @@ fn shell_example_with_socat() {
         eprintln!("skipped: socat is not installed (scripts/deps.sh installs it)");
         return;
     }
-    let (a, _dir) = licensed_agent();
+    let (a, _seller) = licensed_agent();
     let script = format!("{ROOT}/examples/shell/check.sh");
     let out = run(Command::new("sh").args([&script, "sku-sdk", "export"]), &a);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -259,7 +237,7 @@ fn shell_example_with_socat() {
 
 #[test]
 fn rust_client_survives_an_agent_restart() {
-    let (mut a, _dir) = licensed_agent();
+    let (mut a, _seller) = licensed_agent();
     let mut c = kooagent_client::Client::new(&a.socket);
     let check = c.check("sku-sdk", Some("export")).unwrap();
     assert_eq!((check.state.as_str(), check.allowed), ("valid", true));
