@@ -13,13 +13,7 @@ use crate::harness::{short_tempdir, TestAgent, BIN};
 #[test]
 fn unknown_key_stops_start_and_names_the_key() {
     let mut a = TestAgent::prepare("[socket]\nmod = \"0600\"\n");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = a.run_refused();
     assert!(err.contains("unknown field `mod`"), "{err}");
     assert!(!a.socket.exists(), "no half-started agent");
     a.child = None;
@@ -28,13 +22,7 @@ fn unknown_key_stops_start_and_names_the_key() {
 #[test]
 fn bad_value_stops_start_and_names_the_key() {
     let a = TestAgent::prepare("[agent]\nlog_level = \"chatty\"\n");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = a.run_refused();
     assert!(err.contains("agent.log_level"), "{err}");
 }
 
@@ -101,13 +89,7 @@ fn embedded_defaults_without_a_config_file() {
 #[test]
 fn second_agent_on_the_same_socket_is_refused() {
     let a = TestAgent::start("");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = a.run_refused();
     assert!(err.contains("already listening"), "{err}");
     // The first one is untouched.
     assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
@@ -239,13 +221,7 @@ fn socket_has_mode_0660() {
 #[test]
 fn explicit_missing_socket_group_is_an_error() {
     let mut a = TestAgent::prepare("[socket]\ngroup = \"no-such-group-x\"\n");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = a.run_refused();
     assert!(
         err.contains("no-such-group-x") && err.contains("socket.group"),
         "{err}"

@@ -100,6 +100,17 @@ impl TestAgent {
         self.wait_ready();
     }
 
+    /// Runs `kooagent run` on this config expecting it to refuse to start; its stderr.
+    pub fn run_refused(&self) -> String {
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the agent started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn wait_ready(&mut self) {
         let t0 = Instant::now();
         while UnixStream::connect(&self.socket).is_err() {
