@@ -216,10 +216,16 @@ for triple in $TARGETS; do
     log "building $triple"
     start=$(date +%s)
     env "CARGO_TARGET_${env_triple}_LINKER=$gp-gcc" \
-        "CARGO_TARGET_${env_triple}_RUSTFLAGS=--sysroot=$sysroot" \
+        "CARGO_TARGET_${env_triple}_RUSTFLAGS=--sysroot=$sysroot -C target-feature=+crt-static" \
         "CC_${cc_triple}=$gp-gcc" "AR_${cc_triple}=$gp-ar" \
         "$CARGO" build --release --locked --target "$triple" -p kooagent -p kooagent-install
     log "$triple built in $(($(date +%s) - start)) s"
+    # Shipped static (glibc linked in, as scripts/release.sh does for the host): the
+    # --target build keeps the flag away from the host's proc-macro crates.
+    if "$gp-readelf" -l "$OUT/$triple/release/kooagent" | grep -q "program interpreter"; then
+        echo "cross-build: $triple: kooagent is not statically linked" >&2
+        exit 1
+    fi
     smoke "$triple"
     for b in kooagent kooagent-install; do
         f="$OUT/$triple/release/$b"

@@ -33,8 +33,8 @@ fi
 
 start=$(date +%s)
 if [ -z "${NO_BUILD:-}" ]; then
-    # shellcheck disable=SC2086
-    cargo build --release --locked -p kooagent $target_args
+    # The shipped binary: static glibc (scripts/release.sh).
+    TARGET="${TARGET:-}" bash "$here/scripts/release.sh"
 fi
 [ -x "$bin" ] || { echo "package: $bin missing" >&2; exit 1; }
 

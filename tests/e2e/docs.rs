@@ -57,7 +57,7 @@ fn socat_example_runs() {
             "PATH",
             format!(
                 "{}:{}",
-                std::path::Path::new(crate::harness::BIN)
+                std::path::Path::new(crate::harness::BIN.path())
                     .parent()
                     .unwrap()
                     .display(),

@@ -8,7 +8,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_kooagent");
+/// The binary under test: cargo's build of `kooagent`, or the one `KOOAGENT_E2E_BIN` names
+/// (scripts/test.sh runs the daemon tests again on the shipped static build that way).
+pub const BIN: Bin = Bin;
+
+#[derive(Clone, Copy)]
+pub struct Bin;
+
+impl Bin {
+    pub fn path(self) -> &'static str {
+        static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        PATH.get_or_init(|| {
+            std::env::var("KOOAGENT_E2E_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kooagent").to_string())
+        })
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Bin {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path().as_ref()
+    }
+}
+
+impl std::fmt::Display for Bin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
+}
 
 pub struct TestAgent {
     pub dir: tempfile::TempDir,

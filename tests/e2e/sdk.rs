@@ -43,7 +43,11 @@ fn licensed_agent() -> (TestAgent, Seller) {
 }
 
 fn target_dir() -> PathBuf {
-    Path::new(BIN).parent().unwrap().to_path_buf()
+    // The libraries cargo built next to its own kooagent (not KOOAGENT_E2E_BIN's).
+    Path::new(env!("CARGO_BIN_EXE_kooagent"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The static library, brought up to date first (a no-op after a workspace build; this
