@@ -94,6 +94,9 @@ pub struct Row {
     pub p99_us: f64,
     /// Our throughput divided by Redis's PING with the same client count, when measured.
     pub vs_redis: Option<f64>,
+    /// The server's CPU time (user + system) per request, in µs: what a request costs,
+    /// less disturbed by other load on the machine than requests/s.
+    pub server_cpu_us: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -201,6 +204,20 @@ fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(Agent, Durat
     }
 }
 
+/// Runs `f` and returns its result with the CPU time `pid` spent meanwhile, in µs.
+fn cpu_during<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = proc_stat(pid).ok().map(|(_, t)| t);
+    let v = f()?;
+    let after = proc_stat(pid).ok().map(|(_, t)| t);
+    let us = match (before, after) {
+        (Some(a), Some(b)) if hz > 0.0 => Some(b.saturating_sub(a) as f64 * 1e6 / hz),
+        _ => None,
+    };
+    Ok((v, us))
+}
+
 fn proc_stat(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss = status
@@ -277,6 +294,7 @@ fn row(label: &str, clients: usize, n: u64, mut lat: Vec<u32>, elapsed: f64) -> 
         p50_us: percentile(&lat, 0.50),
         p99_us: percentile(&lat, 0.99),
         vs_redis: None,
+        server_cpu_us: None,
     }
 }
 
@@ -319,14 +337,18 @@ fn redis_rows(rt: &tokio::runtime::Runtime, dir: &Path, args: &BenchArgs) -> Res
     }
     let mut rows = Vec::new();
     for &c in &args.clients {
-        let (n, lat, el) = rt.block_on(drive(
-            sock.clone(),
-            b"PING\r\n".to_vec(),
-            c,
-            args.seconds,
-            "PONG",
-        ))?;
-        rows.push(row("redis PING (reference)", c, n, lat, el));
+        let ((n, lat, el), cpu) = cpu_during(child.id(), || {
+            rt.block_on(drive(
+                sock.clone(),
+                b"PING\r\n".to_vec(),
+                c,
+                args.seconds,
+                "PONG",
+            ))
+        })?;
+        let mut r = row("redis PING (reference)", c, n, lat, el);
+        r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
+        rows.push(r);
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -383,14 +405,18 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         .into_bytes();
         req.push(b'\n');
         for &c in &args.clients {
-            let (n, lat, el) = rt.block_on(drive(
-                socket.clone(),
-                req.clone(),
-                c,
-                args.seconds,
-                "\"ok\":true",
-            ))?;
-            rows.push(row(s.label, c, n, lat, el));
+            let ((n, lat, el), cpu) = cpu_during(pid, || {
+                rt.block_on(drive(
+                    socket.clone(),
+                    req.clone(),
+                    c,
+                    args.seconds,
+                    "\"ok\":true",
+                ))
+            })?;
+            let mut r = row(s.label, c, n, lat, el);
+            r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
+            rows.push(r);
         }
     }
     let mut batch_records_per_sec = Vec::new();
@@ -460,13 +486,13 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
 pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis |"
+        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis | server CPU µs/req |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for row in &r.rows {
         writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
             row.scenario,
             row.clients,
             row.requests,
@@ -475,6 +501,9 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             row.p99_us,
             row.vs_redis
                 .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "-".into()),
+            row.server_cpu_us
+                .map(|x| format!("{x:.2}"))
                 .unwrap_or_else(|| "-".into())
         )?;
     }

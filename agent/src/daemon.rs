@@ -89,8 +89,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.agent.worker_threads)
+    // One worker: the event loop runs on this thread (current-thread scheduler: no task
+    // handoff between threads, no atomics on the hot path), as Redis runs its one loop.
+    let mut builder = if cfg.agent.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cfg.agent.worker_threads);
+        b
+    };
+    let rt = builder
         .max_blocking_threads(8)
         .thread_name("kooagent")
         .enable_all()

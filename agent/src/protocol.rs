@@ -76,6 +76,108 @@ pub struct Request {
 /// Parses one request line. On failure the error carries the request's `id` when it could
 /// be read, so the client can still match the answer.
 pub fn parse_request(line: &[u8]) -> Result<Request, (Value, OpError)> {
+    match serde_json::from_slice::<Fields>(line) {
+        Ok(Fields {
+            v: Some(Value::Number(v)),
+            id: Some(id @ (Value::String(_) | Value::Number(_))),
+            op: Some(Value::String(op)),
+            params,
+            unknown: false,
+        }) if v.as_u64() == Some(VERSION)
+            && matches!(params, None | Some(Value::Null | Value::Object(_))) =>
+        {
+            let params = match params {
+                Some(p @ Value::Object(_)) => p,
+                _ => Value::Object(Default::default()),
+            };
+            Ok(Request { id, op, params })
+        }
+        // Anything else is refused; the general path below says exactly why.
+        _ => parse_request_slow(line),
+    }
+}
+
+/// The four fields of a request as they appear on the line, read without building a map
+/// of the whole object (the common case, a well-formed request, costs no key allocations).
+/// A duplicate field keeps its last value, as a JSON map would.
+#[derive(Default)]
+struct Fields {
+    v: Option<Value>,
+    id: Option<Value>,
+    op: Option<Value>,
+    params: Option<Value>,
+    unknown: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a request object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Fields, A::Error> {
+        let mut f = Fields::default();
+        while let Some(key) = m.next_key::<Key>()? {
+            let slot = match key {
+                Key::V => &mut f.v,
+                Key::Id => &mut f.id,
+                Key::Op => &mut f.op,
+                Key::Params => &mut f.params,
+                Key::Other => {
+                    f.unknown = true;
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(m.next_value()?);
+        }
+        Ok(f)
+    }
+}
+
+/// A request field name, matched in place.
+enum Key {
+    V,
+    Id,
+    Op,
+    Params,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key, E> {
+                Ok(match s {
+                    "v" => Key::V,
+                    "id" => Key::Id,
+                    "op" => Key::Op,
+                    "params" => Key::Params,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// Every request the fast path does not take: builds the whole object to name exactly
+/// what is wrong with it.
+fn parse_request_slow(line: &[u8]) -> Result<Request, (Value, OpError)> {
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         let msg = match std::str::from_utf8(line) {
             Err(_) => "request is not valid UTF-8".to_string(),
@@ -151,6 +253,15 @@ pub fn write_ok(out: &mut Vec<u8>, id: &Value, result: &Value) {
     out.extend_from_slice(b"}\n");
 }
 
+/// Appends a success line whose result is already JSON text (see [`crate::ops::Reply::Json`]).
+pub fn write_ok_json(out: &mut Vec<u8>, id: &Value, result: &str) {
+    out.extend_from_slice(b"{\"v\":1,\"id\":");
+    serde_json::to_writer(&mut *out, id).expect("ids serialise");
+    out.extend_from_slice(b",\"ok\":true,\"result\":");
+    out.extend_from_slice(result.as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
 /// Appends a streamed event line (for `watch`-style operations).
 pub fn write_event(out: &mut Vec<u8>, id: &Value, event: &Value) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
@@ -208,6 +319,33 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_and_the_general_one_agree() {
+        let cases: &[&[u8]] = &[
+            br#"{"v":1,"id":"a","op":"ping"}"#,
+            br#"{"op":"license.check","params":{"product":"p"},"id":7,"v":1}"#,
+            br#" {"v":1,"id":7,"op":"x","params":null} "#,
+            br#"{"v":1,"id":7,"op":"x","params":{},"v":1}"#,
+            br#"{"v":1,"id":7,"op":"x","id":8}"#,
+            br#"{"v":1,"id":7,"o\u0070":"escaped key"}"#,
+            br#"{"v":1.0,"id":7,"op":"x"}"#,
+            br#"{"v":1,"id":null,"op":"x"}"#,
+            br#"{"v":1,"id":7,"op":3}"#,
+            br#"{"v":1,"id":7,"op":"x","zz":1,"aa":2}"#,
+            br#"{"v":1,"id":7,"op":"x"} trailing"#,
+            br#""v""#,
+            b"",
+        ];
+        for c in cases {
+            assert_eq!(
+                parse_request(c),
+                parse_request_slow(c),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
+        }
+    }
+
+    #[test]
     fn writes_lines() {
         let mut out = Vec::new();
         write_ok(&mut out, &json!(1), &json!({"pong":true}));
@@ -216,10 +354,12 @@ mod tests {
             &json!("x"),
             &OpError::new(codes::UNKNOWN_OP, "no"),
         );
+        write_ok_json(&mut out, &json!(2), r#"{"pong":true}"#);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"v\":1,\"id\":1,\"ok\":true,\"result\":{\"pong\":true}}\n\
-             {\"v\":1,\"id\":\"x\",\"ok\":false,\"error\":{\"code\":\"unknown_op\",\"message\":\"no\"}}\n"
+             {\"v\":1,\"id\":\"x\",\"ok\":false,\"error\":{\"code\":\"unknown_op\",\"message\":\"no\"}}\n\
+             {\"v\":1,\"id\":2,\"ok\":true,\"result\":{\"pong\":true}}\n"
         );
     }
 }

@@ -378,6 +378,9 @@ async fn connection(
                         };
                         match dispatcher.dispatch(agent.clone(), &req.op, call).await {
                             Ok(Reply::Value(v)) => protocol::write_ok(&mut out, &req.id, &v),
+                            Ok(Reply::Json(text)) => {
+                                protocol::write_ok_json(&mut out, &req.id, &text)
+                            }
                             Err(e) => protocol::write_err(&mut out, &req.id, &e),
                             Ok(Reply::Stream(events)) => {
                                 wr.write_all(&out).await?;

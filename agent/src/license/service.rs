@@ -60,11 +60,24 @@ pub struct Evaluated {
     features: Vec<String>,
     /// The `license.check` answer without the time-dependent fields.
     answer: Map<String, Value>,
+    /// The same, serialised without `allowed` and without the closing brace: what
+    /// [`Verdicts::check_json`] completes per request.
+    answer_head: String,
     /// The `license.status` entry.
     pub status: Value,
 }
 
 impl Evaluated {
+    /// Seconds until the license stops allowing use (expiry, or the end of grace).
+    fn secs_left(&self, now: i64) -> Option<i64> {
+        match self.state {
+            State::Valid => self.not_after,
+            State::Grace => self.grace_end,
+            _ => None,
+        }
+        .map(|t| (t - now).max(0))
+    }
+
     fn grants(&self, feature: &str) -> bool {
         self.features
             .binary_search_by(|f| f.as_str().cmp(feature))
@@ -101,22 +114,9 @@ impl Verdicts {
     /// license for it is installed. Picks the best license: one that allows use (and
     /// grants the feature, when asked) first, then by state, then the longest running.
     pub fn check(&self, product: &str, feature: Option<&str>, now: i64) -> Option<Value> {
-        let range = self.by_product.get(product)?.clone();
-        let candidates = &self.licenses[range];
-        let pick = match feature {
-            Some(f) => candidates
-                .iter()
-                .find(|e| e.state.allows_use() && e.grants(f))
-                .unwrap_or(&candidates[0]),
-            None => &candidates[0],
-        };
+        let pick = self.pick(product, feature)?;
         let mut ans = pick.answer.clone();
-        let left = match pick.state {
-            State::Valid => pick.not_after,
-            State::Grace => pick.grace_end,
-            _ => None,
-        }
-        .map(|t| (t - now).max(0));
+        let left = pick.secs_left(now);
         ans.insert("secs_left".into(), json!(left));
         ans.insert("days_left".into(), json!(left.map(|s| s / 86_400)));
         if let Some(f) = feature {
@@ -125,6 +125,50 @@ impl Verdicts {
             ans.insert("allowed".into(), json!(pick.state.allows_use() && granted));
         }
         Some(Value::Object(ans))
+    }
+
+    /// [`Verdicts::check`] as JSON text, built from the answer serialised in advance: the
+    /// same fields and values (in another order), without a map built per request.
+    pub fn check_json(&self, product: &str, feature: Option<&str>, now: i64) -> Option<String> {
+        use std::fmt::Write;
+        let pick = self.pick(product, feature)?;
+        let left = pick.secs_left(now);
+        let mut out = String::with_capacity(pick.answer_head.len() + 96);
+        out.push_str(&pick.answer_head);
+        if out.len() > 1 {
+            out.push(',');
+        }
+        let allowed = match feature {
+            Some(f) => pick.state.allows_use() && pick.grants(f),
+            None => pick.state.allows_use(),
+        };
+        let (secs, days) = match left {
+            Some(s) => (s.to_string(), (s / 86_400).to_string()),
+            None => ("null".into(), "null".into()),
+        };
+        let _ = write!(
+            out,
+            "\"allowed\":{allowed},\"secs_left\":{secs},\"days_left\":{days}"
+        );
+        if let Some(f) = feature {
+            out.push_str(",\"feature\":{\"name\":");
+            out.push_str(&serde_json::to_string(f).expect("strings serialise"));
+            let _ = write!(out, ",\"granted\":{}}}", pick.grants(f));
+        }
+        out.push('}');
+        Some(out)
+    }
+
+    /// The license `license.check` answers with for `product` (and `feature`).
+    fn pick(&self, product: &str, feature: Option<&str>) -> Option<&Evaluated> {
+        let candidates = &self.licenses[self.by_product.get(product)?.clone()];
+        Some(match feature {
+            Some(f) => candidates
+                .iter()
+                .find(|e| e.state.allows_use() && e.grants(f))
+                .unwrap_or(&candidates[0]),
+            None => &candidates[0],
+        })
     }
 
     pub fn rollback(&self) -> Option<i64> {
@@ -215,6 +259,13 @@ pub fn build_verdicts<'a>(
                 not_after: lic.not_after,
                 grace_end: lic.grace_end(),
                 features,
+                answer_head: {
+                    let mut head = answer.clone();
+                    head.remove("allowed");
+                    let mut text = Value::Object(head).to_string();
+                    text.pop(); // the closing brace
+                    text
+                },
                 answer,
                 status: Value::Object(status),
             },
@@ -744,6 +795,73 @@ async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
                 svc.refresh().await;
             }
             _ = svc.rearm.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::license::format::tests::{sample, test_key};
+    use crate::license::format::{parse, sign};
+    use crate::license::store::Entry;
+
+    fn entry(lic: &License) -> Entry {
+        let text = sign(lic, &test_key(1)).unwrap();
+        Entry {
+            parsed: parse(text.as_bytes()).unwrap(),
+            bytes: text.into_bytes(),
+            file: "/l/x.lic".into(),
+            integrity: Integrity::Verified,
+        }
+    }
+
+    #[test]
+    fn the_prepared_check_answer_equals_the_built_one() {
+        let base = sample();
+        let mut other = sample();
+        other.id = "L-2".into();
+        other.features = vec!["audit".into()];
+        other.not_after = None;
+        let mut odd = sample();
+        odd.id = "L-3".into();
+        odd.product = "we\"ird\\product".into();
+        let entries = [entry(&base), entry(&other), entry(&odd)];
+        let codes = vec!["AAAA-BBBB-CCCC-DDDD-EEEE".to_string()];
+        let na = base.not_after.unwrap();
+        // Before, during, in grace, after grace, and a rolled-back clock.
+        for (now, trusted) in [
+            (base.not_before - 10, base.not_before - 10),
+            (base.not_before + 100, base.not_before + 100),
+            (na + 3600, na + 3600),
+            (na + 30 * 86_400, na + 30 * 86_400),
+            (base.not_before + 100, na + 10 * 86_400),
+        ] {
+            let time = TimeView {
+                now,
+                trusted,
+                tolerance: 86_400,
+            };
+            for device in [DeviceView::Known(&codes), DeviceView::Unknown("settling")] {
+                let frozen = |l: &License| {
+                    (l.id == "L-2").then(|| FreezeVerdict {
+                        reason: "frozen by the seller".into(),
+                        since: 5,
+                        lifecycle: "frozen",
+                    })
+                };
+                let v = build_verdicts(entries.iter(), device, time, &frozen);
+                for product in ["sku-pro", "we\"ird\\product", "none"] {
+                    for feature in [None, Some("sso"), Some("audit"), Some("x\"y")] {
+                        let built = v.check(product, feature, now);
+                        let text = v.check_json(product, feature, now);
+                        let parsed = text.as_deref().map(|t| {
+                            serde_json::from_str::<Value>(t).unwrap_or_else(|e| panic!("{t}: {e}"))
+                        });
+                        assert_eq!(parsed, built, "{product} {feature:?} at {now}");
+                    }
+                }
+            }
         }
     }
 }

@@ -59,8 +59,8 @@ fn check(agent: Arc<Agent>, call: Call) -> OpFuture {
             v = agent.license.refresh().await;
         }
         let now = agent.clock.now_secs();
-        match v.check(&p.product, p.feature.as_deref(), now) {
-            Some(answer) => Ok(Reply::Value(answer)),
+        match v.check_json(&p.product, p.feature.as_deref(), now) {
+            Some(answer) => Ok(Reply::Json(answer.into())),
             None => match agent.authcode.check(&p.product, call.peer.uid, now) {
                 Some(answer) => Ok(Reply::Value(answer)),
                 None => Err(OpError::new(

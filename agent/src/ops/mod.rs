@@ -39,6 +39,10 @@ pub struct Call {
 /// (the connection then carries only events, see docs/protocol.md).
 pub enum Reply {
     Value(Value),
+    /// A result already serialised (one JSON value): for the hot paths (`ping`,
+    /// `license.check`), which answer from text prepared in advance instead of building
+    /// and serialising a map per request.
+    Json(std::borrow::Cow<'static, str>),
     Stream(mpsc::Receiver<Value>),
 }
 
