@@ -251,6 +251,10 @@ pub struct DeviceReport {
     pub container: bool,
     /// identity.json was written by this call.
     pub persisted: bool,
+    /// The `device.code` answer, rendered once on first use (the report never changes;
+    /// a new reading is a new report).
+    #[serde(skip)]
+    pub answer_json: std::sync::OnceLock<String>,
 }
 
 impl DeviceReport {
@@ -538,6 +542,7 @@ impl Resolver {
             detail,
             container: snapshot.container,
             persisted,
+            answer_json: Default::default(),
         })
     }
 

@@ -48,18 +48,23 @@ fn code(agent: Arc<Agent>, call: Call) -> OpFuture {
             return Err(OpError::new(IDENTITY_SETTLING, report.detail.clone())
                 .with_details(json!({"status": report.status})));
         }
-        let mut v = json!({
-            "code": report.code,
-            "status": report.status,
-            "accepted_codes": report.accepted_codes,
-            "product_id": report.product_id,
-        });
-        if p.explain {
-            v["components"] = serde_json::to_value(&report.components)
-                .map_err(|e| OpError::internal(e.to_string()))?;
-            v["baseline_code"] = json!(report.baseline_code);
-            v["detail"] = json!(report.detail);
+        let answer = || {
+            json!({
+                "code": report.code,
+                "status": report.status,
+                "accepted_codes": report.accepted_codes,
+                "product_id": report.product_id,
+            })
+        };
+        if !p.explain {
+            let text = report.answer_json.get_or_init(|| answer().to_string());
+            return Ok(Reply::Json(text.clone().into()));
         }
+        let mut v = answer();
+        v["components"] = serde_json::to_value(&report.components)
+            .map_err(|e| OpError::internal(e.to_string()))?;
+        v["baseline_code"] = json!(report.baseline_code);
+        v["detail"] = json!(report.detail);
         Ok(Reply::Value(v))
     })
 }
