@@ -306,53 +306,68 @@ fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Measures Redis answering PING on a Unix socket, with our own client loop, so both are
-/// driven identically.
-fn redis_rows(rt: &tokio::runtime::Runtime, dir: &Path, args: &BenchArgs) -> Result<Vec<Row>> {
-    let Some(server) = which("redis-server") else {
-        return Ok(vec![]);
-    };
-    let sock = dir.join("redis.sock");
-    let mut child = Command::new(server)
-        .args([
-            "--port",
-            "0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--unixsocket",
-        ])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let t0 = Instant::now();
-    while StdUnixStream::connect(&sock).is_err() {
-        if t0.elapsed() > Duration::from_secs(5) {
-            let _ = child.kill();
-            bail!("redis-server did not start");
+/// Redis answering PING on a Unix socket, driven by our own client loop so both are
+/// driven identically. It is measured right after our `ping` row of the same client count
+/// (same moment, same background load on a shared machine), and every row's "vs redis"
+/// divides by that measurement.
+struct Redis {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Result<Option<Redis>> {
+        let Some(server) = which("redis-server") else {
+            return Ok(None);
+        };
+        let sock = dir.join("redis.sock");
+        let mut child = Command::new(server)
+            .args([
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--unixsocket",
+            ])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let t0 = Instant::now();
+        while StdUnixStream::connect(&sock).is_err() {
+            if t0.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("redis-server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        Ok(Some(Redis { child, sock }))
     }
-    let mut rows = Vec::new();
-    for &c in &args.clients {
-        let ((n, lat, el), cpu) = cpu_during(child.id(), || {
+
+    fn measure(&self, rt: &tokio::runtime::Runtime, clients: usize, seconds: f64) -> Result<Row> {
+        let ((n, lat, el), cpu) = cpu_during(self.child.id(), || {
             rt.block_on(drive(
-                sock.clone(),
+                self.sock.clone(),
                 b"PING\r\n".to_vec(),
-                c,
-                args.seconds,
+                clients,
+                seconds,
                 "PONG",
             ))
         })?;
-        let mut r = row("redis PING (reference)", c, n, lat, el);
+        let mut r = row("redis PING (reference)", clients, n, lat, el);
         r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
-        rows.push(r);
+        Ok(r)
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok(rows)
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
@@ -396,6 +411,15 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let redis = if args.no_redis {
+        None
+    } else {
+        Redis::start(&dir).unwrap_or_else(|e| {
+            eprintln!("redis reference skipped: {e}");
+            None
+        })
+    };
+    let mut reference = Vec::new();
     let mut rows = Vec::new();
     for s in SCENARIOS {
         let mut req = format!(
@@ -417,8 +441,12 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
             let mut r = row(s.label, c, n, lat, el);
             r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
             rows.push(r);
+            if let (Some(redis), "ping") = (&redis, s.op) {
+                reference.push(redis.measure(&rt, c, args.seconds)?);
+            }
         }
     }
+    drop(redis);
     let mut batch_records_per_sec = Vec::new();
     {
         let one = r#"{"meter":"bench","value":"0.5"}"#;
@@ -446,19 +474,12 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
     let fdatasync_us_median = fdatasync_latency(&dir).unwrap_or(f64::NAN);
     let (license_verify_us, license_install_inproc_us) =
         license_in_process(&dir, &seller_key, &device_code)?;
-    if !args.no_redis {
-        match redis_rows(&rt, &dir, &args) {
-            Ok(reference) => {
-                for r in rows.iter_mut() {
-                    if let Some(base) = reference.iter().find(|b| b.clients == r.clients) {
-                        r.vs_redis = Some(r.per_sec / base.per_sec);
-                    }
-                }
-                rows.extend(reference);
-            }
-            Err(e) => eprintln!("redis reference skipped: {e}"),
+    for r in rows.iter_mut() {
+        if let Some(base) = reference.iter().find(|b| b.clients == r.clients) {
+            r.vs_redis = Some(r.per_sec / base.per_sec);
         }
     }
+    rows.extend(reference);
     let ms = |d: &Duration| d.as_secs_f64() * 1e3;
     let report = Report {
         rows,
