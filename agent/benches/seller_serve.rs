@@ -7,6 +7,8 @@
 //! Two rounds: "warm" opens and handshakes every connection first, then sends all
 //! requests at once (the request latency the marketplace sees on a kept-alive
 //! connection); "cold" opens N fresh TLS connections at once and includes the handshake.
+//! `KOOAGENT_BENCH_MARKS=1` prints each timed window in CLOCK_MONOTONIC seconds, for
+//! `perf record -k CLOCK_MONOTONIC ...` and `perf report --time START,END`.
 //!
 //! Besides latencies, each row gives the CPU time (user + system) per order of the server
 //! process and of the bench client (their CPU clocks: utime + stime) over the round's timed
@@ -161,6 +163,14 @@ async fn round(
         bodies.push(b);
     }
     let wall = t0.elapsed();
+    if std::env::var_os("KOOAGENT_BENCH_MARKS").is_some() {
+        // For `perf record -k CLOCK_MONOTONIC` then `perf report --time START,END`.
+        eprintln!(
+            "{name} window (CLOCK_MONOTONIC s): {:.6},{:.6}",
+            monotonic_s() - wall.as_secs_f64(),
+            monotonic_s()
+        );
+    }
     let (server_cpu_us, client_cpu_us) =
         (proc_cpu_us(server_pid) - server0, self_cpu_us() - client0);
     latencies.sort();
@@ -191,6 +201,16 @@ fn proc_cpu_us(pid: u32) -> f64 {
 /// getrusage(RUSAGE_SELF) adds up, at nanosecond resolution).
 fn self_cpu_us() -> f64 {
     proc_cpu_us(std::process::id())
+}
+
+fn monotonic_s() -> f64 {
+    // SAFETY: clock_gettime fills a local struct.
+    let t = unsafe {
+        let mut t: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t);
+        t
+    };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 fn pct(v: &[Duration], p: f64) -> f64 {
@@ -244,7 +264,11 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kooagent"))
+    // KOOAGENT_BENCH_SERVER: another build of the binary, to compare two servers with
+    // the same client.
+    let server = std::env::var_os("KOOAGENT_BENCH_SERVER")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_kooagent").into());
+    let mut child = Command::new(server)
         .args(["--log-level", "warn", "seller", "serve", "--config"])
         .arg(d.join("s.toml"))
         .stdout(Stdio::piped())
