@@ -149,7 +149,10 @@ async fn round(
             };
             s.write_all(&req).await.unwrap();
             let body = read_response(&mut s).await;
-            (t0.elapsed(), String::from_utf8(body).unwrap())
+            // Warm: the connection stays open, as a kept-alive one does; it is closed
+            // after the timed window. Cold: one connection per order, closed in it.
+            let kept = warm.then_some(s);
+            (t0.elapsed(), String::from_utf8(body).unwrap(), kept)
         }));
     }
     barrier.wait().await;
@@ -157,10 +160,12 @@ async fn round(
     let (server0, client0) = (proc_cpu_us(server_pid), self_cpu_us());
     let mut latencies = Vec::new();
     let mut bodies = Vec::new();
+    let mut kept = Vec::new();
     for t in tasks {
-        let (l, b) = t.await.unwrap();
+        let (l, b, s) = t.await.unwrap();
         latencies.push(l);
         bodies.push(b);
+        kept.push(s);
     }
     let wall = t0.elapsed();
     if std::env::var_os("KOOAGENT_BENCH_MARKS").is_some() {
@@ -173,6 +178,11 @@ async fn round(
     }
     let (server_cpu_us, client_cpu_us) =
         (proc_cpu_us(server_pid) - server0, self_cpu_us() - client0);
+    if warm {
+        // Let the server finish closing them before the next round.
+        drop(kept);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     latencies.sort();
     Round {
         latencies,
