@@ -7,6 +7,13 @@
 //! Two rounds: "warm" opens and handshakes every connection first, then sends all
 //! requests at once (the request latency the marketplace sees on a kept-alive
 //! connection); "cold" opens N fresh TLS connections at once and includes the handshake.
+//! `KOOAGENT_BENCH_MARKS=1` prints each timed window in CLOCK_MONOTONIC seconds, for
+//! `perf record -k CLOCK_MONOTONIC ...` and `perf report --time START,END`.
+//!
+//! Besides latencies, each row gives the CPU time (user + system) per order of the server
+//! process and of the bench client (their CPU clocks: utime + stime) over the round's timed
+//! window: on a machine shared with other work these move far less than p99 does, and
+//! with all orders arriving at once p99 ≈ (server + client µs/order) × N / CPUs.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -105,6 +112,10 @@ struct Round {
     latencies: Vec<Duration>,
     wall: Duration,
     bodies: Vec<String>,
+    /// CPU time (µs) the server and the client used from the start signal to the last
+    /// answer: in the warm round the requests alone, in the cold round handshakes too.
+    server_cpu_us: f64,
+    client_cpu_us: f64,
 }
 
 async fn round(
@@ -113,6 +124,7 @@ async fn round(
     connector: TlsConnector,
     name: &'static str,
     warm: bool,
+    server_pid: u32,
 ) -> Round {
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
@@ -137,25 +149,78 @@ async fn round(
             };
             s.write_all(&req).await.unwrap();
             let body = read_response(&mut s).await;
-            (t0.elapsed(), String::from_utf8(body).unwrap())
+            // Warm: the connection stays open, as a kept-alive one does; it is closed
+            // after the timed window. Cold: one connection per order, closed in it.
+            let kept = warm.then_some(s);
+            (t0.elapsed(), String::from_utf8(body).unwrap(), kept)
         }));
     }
     barrier.wait().await;
     let t0 = Instant::now();
+    let (server0, client0) = (proc_cpu_us(server_pid), self_cpu_us());
     let mut latencies = Vec::new();
     let mut bodies = Vec::new();
+    let mut kept = Vec::new();
     for t in tasks {
-        let (l, b) = t.await.unwrap();
+        let (l, b, s) = t.await.unwrap();
         latencies.push(l);
         bodies.push(b);
+        kept.push(s);
     }
     let wall = t0.elapsed();
+    if std::env::var_os("KOOAGENT_BENCH_MARKS").is_some() {
+        // For `perf record -k CLOCK_MONOTONIC` then `perf report --time START,END`.
+        eprintln!(
+            "{name} window (CLOCK_MONOTONIC s): {:.6},{:.6}",
+            monotonic_s() - wall.as_secs_f64(),
+            monotonic_s()
+        );
+    }
+    let (server_cpu_us, client_cpu_us) =
+        (proc_cpu_us(server_pid) - server0, self_cpu_us() - client0);
+    if warm {
+        // Let the server finish closing them before the next round.
+        drop(kept);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     latencies.sort();
     Round {
         latencies,
         wall,
         bodies,
+        server_cpu_us,
+        client_cpu_us,
     }
+}
+
+/// CPU time (user + system, all threads) of process `pid` so far, in µs: the
+/// process's CPU clock, the nanosecond sum of what /proc/<pid>/stat reports as
+/// utime + stime in 10 ms ticks.
+fn proc_cpu_us(pid: u32) -> f64 {
+    // SAFETY: plain libc calls on local values.
+    unsafe {
+        let mut clock: libc::clockid_t = 0;
+        assert_eq!(libc::clock_getcpuclockid(pid as i32, &mut clock), 0);
+        let mut t: libc::timespec = std::mem::zeroed();
+        assert_eq!(libc::clock_gettime(clock, &mut t), 0);
+        t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
+    }
+}
+
+/// CPU time (user + system) of this process, the bench client, so far, in µs (what
+/// getrusage(RUSAGE_SELF) adds up, at nanosecond resolution).
+fn self_cpu_us() -> f64 {
+    proc_cpu_us(std::process::id())
+}
+
+fn monotonic_s() -> f64 {
+    // SAFETY: clock_gettime fills a local struct.
+    let t = unsafe {
+        let mut t: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t);
+        t
+    };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 fn pct(v: &[Duration], p: f64) -> f64 {
@@ -209,7 +274,11 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kooagent"))
+    // KOOAGENT_BENCH_SERVER: another build of the binary, to compare two servers with
+    // the same client.
+    let server = std::env::var_os("KOOAGENT_BENCH_SERVER")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_kooagent").into());
+    let mut child = Command::new(server)
         .args(["--log-level", "warn", "seller", "serve", "--config"])
         .arg(d.join("s.toml"))
         .stdout(Stdio::piped())
@@ -244,13 +313,23 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("seller serve: {n} concurrent getLicense orders, SQLite (WAL, synchronous=FULL), TLS on loopback, {cpus} CPUs shared by client and server");
     println!(
-        "{:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "round", "ok", "dups", "p50 ms", "p99 ms", "max ms", "wall ms", "orders/s"
+        "{:<8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10}",
+        "round",
+        "ok",
+        "dups",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "wall ms",
+        "orders/s",
+        "server µs",
+        "client µs"
     );
     let mut all_texts = std::collections::HashSet::new();
     let mut total_ok = 0;
     for (name, warm) in [("warm", true), ("cold", false)] {
-        let r = rt.block_on(round(n, port, connector.clone(), name, warm));
+        let r = rt.block_on(round(n, port, connector.clone(), name, warm, child.id()));
+        let (server_cpu, client_cpu) = (r.server_cpu_us / n as f64, r.client_cpu_us / n as f64);
         let mut ok = 0;
         let mut dups = 0;
         for b in &r.bodies {
@@ -266,7 +345,7 @@ fn main() {
         }
         total_ok += ok;
         println!(
-            "{:<8} {:>6} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>10.0}",
+            "{:<8} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>9.0} {:>10.0} {:>10.0}",
             name,
             ok,
             dups,
@@ -274,7 +353,9 @@ fn main() {
             pct(&r.latencies, 0.99),
             pct(&r.latencies, 1.0),
             r.wall.as_secs_f64() * 1000.0,
-            n as f64 / r.wall.as_secs_f64()
+            n as f64 / r.wall.as_secs_f64(),
+            server_cpu,
+            client_cpu
         );
     }
     // SAFETY: signalling our own child.

@@ -5,10 +5,12 @@
 //!
 //! All database work runs on one dedicated thread per server process ([`Db`]), never on
 //! the async workers. The thread commits in groups: it takes every request waiting,
-//! runs each inside its own savepoint of one transaction (a request that fails is rolled
-//! back alone) and commits once, so a burst of orders costs one durable commit, not one
-//! each. A batch the database refuses to serialise (PostgreSQL, concurrent replicas) is
-//! run again from the start.
+//! runs them in one transaction and commits once, so a burst of orders costs one durable
+//! commit, not one each. A request that fails is rolled back alone: when one fails, the
+//! batch is rolled back and run again with each request in its own savepoint (savepoints
+//! are not free: SQLite copies every page a savepoint changes, so the common case, where
+//! all succeed, goes without). A batch the database refuses to serialise (PostgreSQL,
+//! concurrent replicas) is run again from the start.
 
 use std::any::Any;
 use std::sync::mpsc;
@@ -295,12 +297,29 @@ type JobResult = Result<Box<dyn Any + Send>, DbError>;
 
 fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Vec<JobResult> {
     let fail_all = |e: DbError, n: usize| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
-    for _ in 0..MAX_RETRIES {
-        match try_batch(b, batch) {
-            Ok(results) => return results,
+    // First without savepoints: almost every job succeeds, and a savepoint per job costs
+    // a copy of every page it changes (SQLite's sub-journal) besides its statements.
+    let mut savepoints = false;
+    let mut conflicts = 0;
+    loop {
+        match try_batch(b, batch, savepoints) {
+            Ok(Attempt::Done(results)) => return results,
+            Ok(Attempt::JobFailed) => {
+                // A job failed after (maybe) writing: only its own savepoint can undo
+                // its work alone, so the batch runs again, each job in one.
+                b.rollback();
+                savepoints = true;
+            }
             Err(DbError::Retry) => {
                 b.rollback();
-                continue;
+                conflicts += 1;
+                if conflicts == MAX_RETRIES {
+                    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+                    return fail_all(
+                        DbError::Backend("too many serialization conflicts".into()),
+                        batch.len(),
+                    );
+                }
             }
             Err(e) => {
                 log::error!("{e}");
@@ -309,33 +328,46 @@ fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Vec<JobResult> {
             }
         }
     }
-    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
-    fail_all(
-        DbError::Backend("too many serialization conflicts".into()),
-        batch.len(),
-    )
+}
+
+enum Attempt {
+    Done(Vec<JobResult>),
+    /// Without savepoints, a job returned an error: the transaction must be rolled back.
+    JobFailed,
 }
 
 /// One attempt: Err only for what fails the whole batch (begin/commit, a conflict).
-fn try_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>, DbError> {
+/// Without `savepoints`, the first job that fails ends the attempt (`JobFailed`) unless
+/// it is the batch's only job: then rolling back the transaction is rolling back the job.
+fn try_batch(b: &mut dyn Backend, batch: &mut [Job], savepoints: bool) -> Result<Attempt, DbError> {
     b.begin()?;
+    let alone = batch.len() == 1;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
-        b.savepoint()?;
+        if savepoints {
+            b.savepoint()?;
+        }
         match (job.work)(b.tx()) {
             Ok(v) => {
-                b.release_savepoint()?;
+                if savepoints {
+                    b.release_savepoint()?;
+                }
                 results.push(Ok(v));
             }
             Err(DbError::Retry) => return Err(DbError::Retry),
-            Err(e) => {
+            Err(e) if savepoints => {
                 b.rollback_savepoint()?;
                 results.push(Err(e));
             }
+            Err(e) if alone => {
+                b.rollback();
+                return Ok(Attempt::Done(vec![Err(e)]));
+            }
+            Err(_) => return Ok(Attempt::JobFailed),
         }
     }
     b.commit()?;
-    Ok(results)
+    Ok(Attempt::Done(results))
 }
 
 #[cfg(test)]
@@ -364,6 +396,63 @@ pub mod tests {
         std::env::var("KOOAGENT_TEST_PG_URL")
             .ok()
             .filter(|s| !s.is_empty())
+    }
+
+    fn job(
+        mut f: impl FnMut(&mut dyn Tx) -> Result<bool, DbError> + Send + 'static,
+    ) -> (Job, tokio::sync::oneshot::Receiver<JobResult>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
+        (Job { work, reply }, rx)
+    }
+
+    /// Batches run without savepoints until a job fails; then the failed job alone is
+    /// undone, whether it is in a batch with others or alone.
+    #[test]
+    fn a_failing_job_is_undone_alone_with_or_without_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mut b) in backends(dir.path()) {
+            let (j1, _) = job(|tx| tx.nonce_fresh("a", 1));
+            let (j2, _) = job(|tx| {
+                tx.nonce_fresh("b", 1)?;
+                Err(DbError::Abort("no".into()))
+            });
+            let (j3, _) = job(|tx| tx.nonce_fresh("c", 1));
+            let mut batch = vec![j1, j2, j3];
+            let r = run_batch(b.as_mut(), &mut batch);
+            let r: Vec<_> = r
+                .into_iter()
+                .map(|r| r.map(|v| *v.downcast::<bool>().unwrap()))
+                .collect();
+            assert_eq!(
+                r,
+                vec![Ok(true), Err(DbError::Abort("no".into())), Ok(true)],
+                "{name}"
+            );
+            let (alone, _) = job(|tx| {
+                tx.nonce_fresh("d", 1)?;
+                Err(DbError::Abort("no".into()))
+            });
+            let r = run_batch(b.as_mut(), &mut [alone]);
+            assert_eq!(r.len(), 1);
+            assert!(r[0].is_err(), "{name}");
+            let (check, _) = job(|tx| {
+                Ok(!tx.nonce_fresh("a", 2)?
+                    && tx.nonce_fresh("b", 2)?
+                    && !tx.nonce_fresh("c", 2)?
+                    && tx.nonce_fresh("d", 2)?)
+            });
+            let r = run_batch(b.as_mut(), &mut [check]);
+            assert!(
+                *r.into_iter()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .downcast::<bool>()
+                    .unwrap(),
+                "{name}"
+            );
+        }
     }
 
     fn instance(id: &str) -> InstanceRow {
