@@ -22,4 +22,9 @@ if [ -n "${TARGET:-}" ]; then
 fi
 "${CARGO:-cargo}" rustc --release --locked -p kooagent --bin kooagent "${target_args[@]}" \
     -- -C target-feature=+crt-static
+# A static-pie has no program interpreter; one that has it would depend on the host's libc.
+if readelf -l "$bin" | grep -q "program interpreter"; then
+    echo "release: $bin is not statically linked" >&2
+    exit 1
+fi
 [ $# -eq 0 ] || exec "$bin" "$@"

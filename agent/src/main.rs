@@ -9,13 +9,13 @@ fn main() -> ExitCode {
     kooagent::cli::main()
 }
 
-/// The shipped binary links glibc statically (`scripts/build-release.sh`). A static
+/// The shipped binary links glibc statically (`scripts/release.sh`). A static
 /// glibc that meets a `systemd`, `ldap` or `myhostname` line in /etc/nsswitch.conf
 /// dlopens that module, which drags in the host's own libc.so and crashes the process.
 /// The agent only looks up its socket group, a user's home directory and upstream host
 /// names, so it pins those databases to the modules built into libc itself: `files`
 /// (/etc/group, /etc/passwd, /etc/hosts) and `dns` (/etc/resolv.conf). See
-/// docs/operations.md ("Static binary and name lookups").
+/// docs/operations.md ("The static binary").
 #[cfg(target_feature = "crt-static")]
 fn static_nss() {
     extern "C" {

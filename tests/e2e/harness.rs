@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The binary under test: cargo's build of `kooagent`, or the one `KOOAGENT_E2E_BIN` names
-/// (scripts/test.sh runs the daemon tests again on the shipped static build that way).
+/// (scripts/test.sh runs this suite again on the shipped static build that way).
 pub const BIN: Bin = Bin;
 
 #[derive(Clone, Copy)]
