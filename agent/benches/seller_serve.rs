@@ -193,18 +193,9 @@ async fn round(
     }
 }
 
-/// CPU time (user + system, all threads) of process `pid` so far, in µs: the
-/// process's CPU clock, the nanosecond sum of what /proc/<pid>/stat reports as
-/// utime + stime in 10 ms ticks.
+/// CPU time (user + system, all threads) of process `pid` so far, in µs.
 fn proc_cpu_us(pid: u32) -> f64 {
-    // SAFETY: plain libc calls on local values.
-    unsafe {
-        let mut clock: libc::clockid_t = 0;
-        assert_eq!(libc::clock_getcpuclockid(pid as i32, &mut clock), 0);
-        let mut t: libc::timespec = std::mem::zeroed();
-        assert_eq!(libc::clock_gettime(clock, &mut t), 0);
-        t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
-    }
+    kooagent::bench::process_cpu_us(pid).expect("the process's CPU clock")
 }
 
 /// CPU time (user + system) of this process, the bench client, so far, in µs (what

@@ -204,18 +204,39 @@ fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(Agent, Durat
     }
 }
 
-/// Runs `f` and returns its result with the CPU time `pid` spent meanwhile, in µs.
-fn cpu_during<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before = proc_stat(pid).ok().map(|(_, t)| t);
-    let v = f()?;
-    let after = proc_stat(pid).ok().map(|(_, t)| t);
-    let us = match (before, after) {
-        (Some(a), Some(b)) if hz > 0.0 => Some(b.saturating_sub(a) as f64 * 1e6 / hz),
-        _ => None,
-    };
-    Ok((v, us))
+/// CPU time (user + system, all threads) of process `pid` so far, in µs: its CPU clock,
+/// the nanosecond sum of what /proc/<pid>/stat counts in 10 ms ticks. None once it is gone.
+/// The seller server's bench uses it too.
+pub fn process_cpu_us(pid: u32) -> Option<f64> {
+    // SAFETY: plain libc calls on local values.
+    unsafe {
+        let mut clock: libc::clockid_t = 0;
+        if libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) != 0 {
+            return None;
+        }
+        let mut t: libc::timespec = std::mem::zeroed();
+        if libc::clock_gettime(clock, &mut t) != 0 {
+            return None;
+        }
+        Some(t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3)
+    }
+}
+
+/// Runs one load (a [`drive`]) to its end and makes its row, with the CPU the server
+/// (`server_pid`) spent per request over the same window.
+fn measured_row(
+    rt: &tokio::runtime::Runtime,
+    label: &str,
+    clients: usize,
+    server_pid: u32,
+    load: impl std::future::Future<Output = Result<(u64, Vec<u32>, f64)>>,
+) -> Result<Row> {
+    let before = process_cpu_us(server_pid);
+    let (n, lat, el) = rt.block_on(load)?;
+    let after = process_cpu_us(server_pid);
+    let mut r = row(label, clients, n, lat, el);
+    r.server_cpu_us = before.zip(after).map(|(a, b)| (b - a) / n.max(1) as f64);
+    Ok(r)
 }
 
 fn proc_stat(pid: u32) -> Result<(u64, u64)> {
@@ -348,18 +369,14 @@ impl Redis {
     }
 
     fn measure(&self, rt: &tokio::runtime::Runtime, clients: usize, seconds: f64) -> Result<Row> {
-        let ((n, lat, el), cpu) = cpu_during(self.child.id(), || {
-            rt.block_on(drive(
-                self.sock.clone(),
-                b"PING\r\n".to_vec(),
-                clients,
-                seconds,
-                "PONG",
-            ))
-        })?;
-        let mut r = row("redis PING (reference)", clients, n, lat, el);
-        r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
-        Ok(r)
+        let load = drive(
+            self.sock.clone(),
+            b"PING\r\n".to_vec(),
+            clients,
+            seconds,
+            "PONG",
+        );
+        measured_row(rt, "redis PING (reference)", clients, self.child.id(), load)
     }
 }
 
@@ -429,18 +446,8 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         .into_bytes();
         req.push(b'\n');
         for &c in &args.clients {
-            let ((n, lat, el), cpu) = cpu_during(pid, || {
-                rt.block_on(drive(
-                    socket.clone(),
-                    req.clone(),
-                    c,
-                    args.seconds,
-                    "\"ok\":true",
-                ))
-            })?;
-            let mut r = row(s.label, c, n, lat, el);
-            r.server_cpu_us = cpu.map(|us| us / n.max(1) as f64);
-            rows.push(r);
+            let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
+            rows.push(measured_row(&rt, s.label, c, pid, load)?);
             if let (Some(redis), "ping") = (&redis, s.op) {
                 reference.push(redis.measure(&rt, c, args.seconds)?);
             }
@@ -457,15 +464,10 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         .into_bytes();
         req.push(b'\n');
         for &c in &args.clients {
-            let (n, lat, el) = rt.block_on(drive(
-                socket.clone(),
-                req.clone(),
-                c,
-                args.seconds,
-                "\"ok\":true",
-            ))?;
-            batch_records_per_sec.push((c, (n as usize * BATCH) as f64 / el));
-            rows.push(row("usage.record_batch of 1000", c, n, lat, el));
+            let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
+            let r = measured_row(&rt, "usage.record_batch of 1000", c, pid, load)?;
+            batch_records_per_sec.push((c, r.per_sec * BATCH as f64));
+            rows.push(r);
         }
     }
     let peak_rss_kib = peak_rss(pid).unwrap_or(0);

@@ -111,8 +111,9 @@ fn opt_time(t: Option<i64>) -> Value {
 
 impl Verdicts {
     /// The `license.check` answer for `product` (and `feature`), or `None` when no
-    /// license for it is installed. Picks the best license: one that allows use (and
-    /// grants the feature, when asked) first, then by state, then the longest running.
+    /// license for it is installed, built as a map: the reference [`Verdicts::check_json`]
+    /// (what the socket answers with) is tested against.
+    #[cfg(test)]
     pub fn check(&self, product: &str, feature: Option<&str>, now: i64) -> Option<Value> {
         let pick = self.pick(product, feature)?;
         let mut ans = pick.answer.clone();
@@ -127,8 +128,10 @@ impl Verdicts {
         Some(Value::Object(ans))
     }
 
-    /// [`Verdicts::check`] as JSON text, built from the answer serialised in advance: the
-    /// same fields and values (in another order), without a map built per request.
+    /// The `license.check` answer for `product` (and `feature`) as JSON text, or `None`
+    /// when no license for it is installed. Picks the best license: one that allows use
+    /// (and grants the feature, when asked) first, then by state, then the longest running.
+    /// Built from the answer serialised in advance: no map is built per request.
     pub fn check_json(&self, product: &str, feature: Option<&str>, now: i64) -> Option<String> {
         use std::fmt::Write;
         let pick = self.pick(product, feature)?;
