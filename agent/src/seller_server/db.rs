@@ -219,6 +219,17 @@ struct Job {
     reply: Reply,
 }
 
+impl Job {
+    /// `f` as a job, and the receiver of its result.
+    fn new<R: Send + 'static>(
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> (Job, tokio::sync::oneshot::Receiver<JobResult>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
+        (Job { work, reply }, rx)
+    }
+}
+
 /// Most requests one transaction takes.
 const MAX_BATCH: usize = 512;
 /// Times a batch is run again after serialization conflicts before giving up.
@@ -243,12 +254,11 @@ impl Db {
 
     fn submit<R: Send + 'static>(
         &self,
-        mut f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
     ) -> tokio::sync::oneshot::Receiver<Result<Box<dyn Any + Send>, DbError>> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
+        let (job, rx) = Job::new(f);
         // A send error drops the reply, which the receiver sees as Stopped.
-        let _ = self.jobs.send(Job { work, reply });
+        let _ = self.jobs.send(job);
         rx
     }
 
@@ -399,11 +409,9 @@ pub mod tests {
     }
 
     fn job(
-        mut f: impl FnMut(&mut dyn Tx) -> Result<bool, DbError> + Send + 'static,
+        f: impl FnMut(&mut dyn Tx) -> Result<bool, DbError> + Send + 'static,
     ) -> (Job, tokio::sync::oneshot::Receiver<JobResult>) {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
-        (Job { work, reply }, rx)
+        Job::new(f)
     }
 
     /// Batches run without savepoints until a job fails; then the failed job alone is
