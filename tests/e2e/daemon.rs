@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{short_tempdir, TestAgent, BIN};
+use crate::harness::{run_ok, short_tempdir, TestAgent, BIN};
 
 #[test]
 fn unknown_key_stops_start_and_names_the_key() {
@@ -49,19 +49,14 @@ fn embedded_defaults_without_a_config_file() {
     // With no file at all the agent still has a full configuration: FHS paths as root,
     // the user's XDG directories otherwise.
     let home = short_tempdir();
-    let out = Command::new(BIN)
-        .args(["config", "show"])
-        .env_remove("KOOAGENT_CONFIG")
-        .env("HOME", home.path())
-        .env("XDG_RUNTIME_DIR", home.path().join("run"))
-        .env("XDG_CONFIG_HOME", home.path().join("cfg"))
-        .env("XDG_DATA_HOME", home.path().join("data"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["config", "show"])
+            .env_remove("KOOAGENT_CONFIG")
+            .env("HOME", home.path())
+            .env("XDG_RUNTIME_DIR", home.path().join("run"))
+            .env("XDG_CONFIG_HOME", home.path().join("cfg"))
+            .env("XDG_DATA_HOME", home.path().join("data")),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     // SAFETY: geteuid cannot fail.
@@ -175,15 +170,10 @@ fn sighup_reloads_and_a_bad_reload_keeps_the_old_config() {
 #[test]
 fn daemon_mode_detaches_and_writes_a_pidfile() {
     let mut a = TestAgent::prepare("");
-    let out = Command::new(BIN)
-        .args(["run", "--daemon", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(BIN)
+            .args(["run", "--daemon", "--config"])
+            .arg(&a.config),
     );
     a.wait_ready();
     let pidfile = a.dir.path().join("agent.pid");

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::TestAgent;
+use crate::harness::{run_ok, TestAgent};
 
 fn doc() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap()
@@ -27,16 +27,7 @@ fn python_example_runs() {
         "def agent(path=\"/run/kooagent/agent.sock\")",
         &format!("def agent(path={:?})", a.socket.display().to_string()),
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&code)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&code));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("0 {'pong': True}"), "{text}");
     assert!(text.contains("'code': '"), "{text}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{TestAgent, BIN};
+use crate::harness::{run_ok, TestAgent, BIN};
 use crate::license::{check, device_code, install, utc_in, wait_state, Seller};
 
 /// A fake systemctl and hook that append their arguments / environment to `log`.
@@ -47,24 +47,19 @@ fn config(seller: &Seller, systemctl: &Path, hook: &Path) -> String {
 }
 
 pub fn token(seller: &Seller, license: &str, action: &str, seq: u64, extra: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["seller", "token", "--key"])
-        .arg(&seller.key)
-        .args([
-            "--license",
-            license,
-            "--action",
-            action,
-            "--seq",
-            &seq.to_string(),
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["seller", "token", "--key"])
+            .arg(&seller.key)
+            .args([
+                "--license",
+                license,
+                "--action",
+                action,
+                "--seq",
+                &seq.to_string(),
+            ])
+            .args(extra),
     );
     String::from_utf8(out.stdout).unwrap()
 }

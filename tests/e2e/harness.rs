@@ -46,6 +46,18 @@ pub struct TestAgent {
 }
 
 /// A temp dir with a short path: Unix socket paths are limited to 107 bytes.
+/// Runs `cmd` to its end and asserts it succeeded (its stderr is the failure message).
+#[track_caller]
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn short_tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("ka")

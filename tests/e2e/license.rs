@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::docs::block;
-use crate::harness::{base_config, short_tempdir, TestAgent, BIN};
+use crate::harness::{base_config, run_ok, short_tempdir, TestAgent, BIN};
 
 /// A seller: a key pair made with `kooagent seller keygen`.
 pub(crate) struct Seller {
@@ -22,15 +22,10 @@ impl Seller {
     pub(crate) fn new() -> Seller {
         let dir = short_tempdir();
         let key = dir.path().join("seller.key");
-        let out = Command::new(BIN)
-            .args(["seller", "keygen", "--out"])
-            .arg(&key)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(BIN)
+                .args(["seller", "keygen", "--out"])
+                .arg(&key),
         );
         let trust = std::fs::read_to_string(dir.path().join("seller.key.pub"))
             .unwrap()
@@ -45,16 +40,11 @@ impl Seller {
 
     /// `kooagent seller issue --key K <args>`: the license text.
     pub(crate) fn issue(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(["seller", "issue", "--key"])
-            .arg(&self.key)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(BIN)
+                .args(["seller", "issue", "--key"])
+                .arg(&self.key)
+                .args(args),
         );
         String::from_utf8(out.stdout).unwrap()
     }
@@ -530,17 +520,12 @@ fn a_license_from_an_independent_python_issuer_verifies() {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/e2e/fixtures/issue_license.py"
     );
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(out_dir.path())
-        .arg(&code)
-        .arg("py-product")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("python3")
+            .arg(script)
+            .arg(out_dir.path())
+            .arg(&code)
+            .arg("py-product"),
     );
     let trust = std::fs::read_to_string(out_dir.path().join("trust.txt")).unwrap();
     let a = TestAgent::start(&format!(
@@ -614,16 +599,11 @@ fn documented_example_is_exact() {
     std::fs::write(&key, pem).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cmd = block(&doc, "sh", "kooagent seller issue");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd.replace("kooagent ", &format!("{BIN} ")))
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(cmd.replace("kooagent ", &format!("{BIN} ")))
+            .current_dir(dir.path()),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
 
@@ -647,16 +627,7 @@ fn documented_python_issuer_reproduces_the_example() {
     }
     let doc = format_doc();
     let code = block(&doc, "python", "def issue");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&code)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&code));
     let license = block(&doc, "text", "kl1.").trim().to_string();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), license);
 }
@@ -789,15 +760,6 @@ fn documented_status_token_matches_the_python_issuer() {
          \"reason\": \"grace period over\"}}))\n",
         issuer.split("print(issue(").next().unwrap()
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&script));
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), token);
 }

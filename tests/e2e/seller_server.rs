@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::harness::{short_tempdir, TestAgent, BIN};
+use crate::harness::{run_ok, short_tempdir, TestAgent, BIN};
 
 const KEY: &str = "test-interconnection-key-0123456789";
 const PATH: &str = "/koogallery/sku-pro";
@@ -62,15 +62,10 @@ impl SellerServer {
         let dir = short_tempdir();
         let d = dir.path();
         // The seller's license key, made with the seller's own tool.
-        let out = Command::new(BIN)
-            .args(["seller", "keygen", "--out"])
-            .arg(d.join("seller.key"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(BIN)
+                .args(["seller", "keygen", "--out"])
+                .arg(d.join("seller.key")),
         );
         let trust = std::fs::read_to_string(d.join("seller.key.pub"))
             .unwrap()
