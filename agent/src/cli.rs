@@ -416,13 +416,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let loaded = g.load()?;
             match command {
                 ConfigCommand::Show => print!("{}", loaded.show()),
-                ConfigCommand::Check => println!(
-                    "configuration OK ({})",
-                    loaded
-                        .file
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "embedded defaults".into())
-                ),
+                ConfigCommand::Check => {
+                    println!(
+                        "configuration OK ({})",
+                        loaded
+                            .file
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "embedded defaults".into())
+                    );
+                    use crate::usage::service::{planned, Planned, DIRECT_WARNING};
+                    match planned(&loaded.config) {
+                        Ok(Planned::Relay(url)) => {
+                            println!("usage: relay mode through the seller's server {url}")
+                        }
+                        Ok(Planned::Direct) => eprintln!("WARNING: usage: {DIRECT_WARNING}"),
+                        Err(why) => println!("usage: not uploaded: {why}"),
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -204,7 +204,7 @@ fn status(agent: Arc<Agent>, call: Call) -> OpFuture {
         let p: StatusParams = params(&call.params)?;
         agent.usage.wait_open().await;
         let cfg = agent.config();
-        Ok(Reply::Value(agent.usage.status(&cfg.usage, p.records)))
+        Ok(Reply::Value(agent.usage.status(&cfg, p.records)))
     })
 }
 

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 
 pub mod postgres;
 pub mod sqlite;
+pub mod usage;
 
 /// The schema, the same for both backends (types both accept). Times are Unix seconds.
 pub const SCHEMA: &str = "
@@ -198,6 +199,8 @@ pub trait Tx {
     fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
     /// Distinct licenses issued so far (checks and the bench).
     fn count_licenses(&mut self) -> Result<i64, DbError>;
+    /// The usage relay's outbox (issue 19).
+    fn usage(&mut self) -> &mut dyn usage::UsageOutbox;
 }
 
 /// A database connection with transaction control.

@@ -22,9 +22,30 @@ pub const DEFAULT_UPSTREAMS: &[&str] = &[
     "https://mkt.myhuaweicloud.cn",
 ];
 
+/// How closed hours reach the marketplace (docs/usage.md "Relay mode").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageMode {
+    /// Relay when a relay URL is known (`usage.relay_url`, else `authcode.relay_url`);
+    /// otherwise direct when `key_file` is set; otherwise record only.
+    #[default]
+    Auto,
+    /// Through the seller's server, signed with the device key.
+    Relay,
+    /// Straight to the marketplace, signed with the interconnection key in `key_file`:
+    /// for sellers shipping sealed hardware only (the key must not sit on a buyer's machine).
+    Direct,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UsageConfig {
+    pub mode: UsageMode,
+    /// The seller's server, `https://host[:port]`; empty: `authcode.relay_url`.
+    pub relay_url: String,
+    /// Relay mode: how often records the relay holds are asked about again until it
+    /// reports them delivered or parked.
+    pub relay_poll_secs: u64,
     /// Base URLs tried in order (the API path is appended): the marketplace's hosts, or a
     /// seller relay speaking the same protocol.
     pub upstreams: Vec<String>,
@@ -54,6 +75,9 @@ pub struct UsageConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
+            mode: UsageMode::Auto,
+            relay_url: String::new(),
+            relay_poll_secs: 600,
             upstreams: DEFAULT_UPSTREAMS.iter().map(|s| s.to_string()).collect(),
             key_file: PathBuf::new(),
             extra_ca_file: PathBuf::new(),
@@ -105,6 +129,15 @@ impl UsageConfig {
                     format!("{u:?} is not a base URL such as \"https://mkt.myhuaweicloud.com\""),
                 );
             }
+        }
+        if !self.relay_url.is_empty()
+            && (!self.relay_url.starts_with("https://")
+                || self.relay_url.contains(char::is_whitespace))
+        {
+            return bad("relay_url", "must be an https:// URL".into());
+        }
+        if !(1..=86_400).contains(&self.relay_poll_secs) {
+            return bad("relay_poll_secs", "must be between 1 and 86400".into());
         }
         for (k, p) in [
             ("key_file", &self.key_file),

@@ -9,6 +9,7 @@
 //! - `sign`: the API's signature recipe (with its open question).
 //! - `secret`: the interconnection key file.
 //! - `upload`: HTTPS delivery, answer classification, 413 splitting, parking.
+//! - `relay`: relay mode: records to the seller's server, signed with the device key.
 //! - `service`: meters, the upload thread, status.
 //! - `config`: the `[usage]` section.
 pub mod config;
@@ -16,6 +17,7 @@ pub mod decimal;
 pub mod hours;
 pub mod ledger;
 pub mod license_meters;
+pub mod relay;
 pub mod secret;
 pub mod service;
 pub mod sign;

@@ -11,11 +11,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::config::UsageConfig;
+use super::config::{UsageConfig, UsageMode};
 use super::hours::{self, Key, HOUR};
 use super::ledger::{Item, Ledger, LedgerConfig, LedgerError};
 use super::secret::Secret;
 use super::state::{amount, Delivery, Entry};
+use super::relay::RelayClient;
 use super::upload::{self, Client, Round};
 use crate::agent::Agent;
 use crate::clock::{format_rfc3339, Clock};
@@ -139,6 +140,7 @@ impl UsageService {
             ledger: ledger.clone(),
             info: upload.clone(),
             client: None,
+            relay: None,
             attempt: 0,
             retry_at_ms: Some(0),
         };
@@ -146,8 +148,20 @@ impl UsageService {
             .name("usage-upload".into())
             .spawn(move || uploader.run(rx))
             .expect("spawning the upload thread");
-        match readiness(&cfg.usage) {
-            Ok(_) => log::info!("usage: uploading to {}", cfg.usage.upstreams.join(", ")),
+        match route(&cfg) {
+            Ok(Route::Relay { base, .. }) => {
+                log::info!("usage: relay mode: closed hours go to the seller's server {base}");
+                if cfg.usage.key_file().is_some() {
+                    log::warn!(
+                        "usage: usage.key_file is set but unused in relay mode: remove the \
+                         interconnection key from this device (docs/usage.md)"
+                    );
+                }
+            }
+            Ok(Route::Direct(_)) => log::warn!(
+                "usage: {DIRECT_WARNING}; uploading to {}",
+                cfg.usage.upstreams.join(", ")
+            ),
             // Recording without uploading is a valid setup; a key file that is set but
             // unusable is a mistake worth a warning.
             Err(why) if cfg.usage.key_file().is_none() => {
@@ -212,14 +226,19 @@ impl UsageService {
         }
     }
 
-    pub fn status(&self, cfg: &UsageConfig, with_records: bool) -> Value {
+    pub fn status(&self, full: &crate::config::Config, with_records: bool) -> Value {
+        let cfg = &full.usage;
         let Some(r) = self.running.get() else {
             return json!({"started": false});
         };
         let info = r.ledger.info();
         let upload = r.upload.lock().expect("upload lock").clone();
-        let uploading = match readiness(cfg) {
-            Ok(_) => json!({"enabled": true, "upstreams": cfg.upstreams}),
+        let uploading = match route(full) {
+            Ok(Route::Relay { base, .. }) => {
+                json!({"enabled": true, "mode": "relay", "relay": base})
+            }
+            Ok(Route::Direct(_)) => json!({"enabled": true, "mode": "direct",
+                "upstreams": cfg.upstreams, "warning": DIRECT_WARNING}),
             Err(why) => json!({"enabled": false, "reason": why, "upstreams": cfg.upstreams}),
         };
         let st = r.ledger.state();
@@ -238,6 +257,7 @@ impl UsageService {
                         last_delivered = Some((*at, upstream.clone()));
                     }
                 }
+                Delivery::Relayed { .. } => {}
                 Delivery::Parked { at, reason } => parked.push(json!({
                     "metering_sn": s.rec.sn,
                     "meter": s.rec.key.meter,
@@ -294,6 +314,7 @@ impl UsageService {
             "open": open,
             "carry": carry,
             "pending": {"records": pending, "oldest_hour": oldest_pending.map(format_rfc3339)},
+            "relayed": {"records": st.relayed()},
             "delivered": {
                 "records": delivered,
                 "last_at": last_delivered.as_ref().map(|(t, _)| format_rfc3339(*t)),
@@ -332,12 +353,83 @@ impl UsageService {
     }
 }
 
-/// Whether uploading can run with this configuration, and if so the key.
-fn readiness(cfg: &UsageConfig) -> Result<Secret, String> {
-    let Some(path) = cfg.key_file() else {
-        return Err("usage.key_file is not set: usage is recorded durably but not uploaded".into());
+/// Said in the log, `usage.status` and `config check` whenever direct mode is on.
+pub const DIRECT_WARNING: &str = "DIRECT MODE: the seller's interconnection key is on this \
+    device (usage.key_file); whoever is root here can read it and sign usage for any \
+    instance of this seller. Use relay mode (usage.relay_url) unless this is sealed \
+    hardware (docs/usage.md)";
+
+/// Where closed hours go.
+pub enum Route {
+    /// The seller's server, signed with the device key.
+    Relay {
+        base: String,
+        extra_ca: Option<std::path::PathBuf>,
+        ca_key: &'static str,
+    },
+    /// The marketplace, signed with the interconnection key.
+    Direct(Secret),
+}
+
+/// The route this configuration gives, or why nothing is uploaded.
+pub fn route(cfg: &crate::config::Config) -> Result<Route, String> {
+    let u = &cfg.usage;
+    let (relay, from_authcode) = if !u.relay_url.is_empty() {
+        (u.relay_url.as_str(), false)
+    } else {
+        (cfg.authcode.relay_url.as_str(), true)
     };
-    Secret::load(path)
+    let relay_route = || {
+        let (extra_ca, ca_key) = match (u.extra_ca_file(), cfg.authcode.extra_ca()) {
+            (Some(p), _) => (Some(p.to_path_buf()), "usage.extra_ca_file"),
+            (None, Some(p)) if from_authcode => (Some(p.to_path_buf()), "authcode.extra_ca_file"),
+            _ => (None, "usage.extra_ca_file"),
+        };
+        Route::Relay {
+            base: relay.trim_end_matches('/').to_string(),
+            extra_ca,
+            ca_key,
+        }
+    };
+    match planned(cfg)? {
+        Planned::Relay(_) => Ok(relay_route()),
+        Planned::Direct => match u.key_file() {
+            Some(path) => Secret::load(path).map(Route::Direct),
+            None => Err("usage.key_file is not set (direct mode)".to_string()),
+        },
+    }
+}
+
+/// The mode a configuration selects, without reading any file (`config check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    Relay(String),
+    Direct,
+}
+
+pub fn planned(cfg: &crate::config::Config) -> Result<Planned, String> {
+    let u = &cfg.usage;
+    let relay = if u.relay_url.is_empty() {
+        cfg.authcode.relay_url.trim_end_matches('/')
+    } else {
+        u.relay_url.trim_end_matches('/')
+    };
+    match u.mode {
+        UsageMode::Relay if relay.is_empty() => Err(
+            "usage.mode = \"relay\" needs usage.relay_url (or authcode.relay_url): usage is \
+             recorded durably but not uploaded"
+                .into(),
+        ),
+        UsageMode::Relay => Ok(Planned::Relay(relay.to_string())),
+        UsageMode::Direct => Ok(Planned::Direct),
+        UsageMode::Auto if !relay.is_empty() => Ok(Planned::Relay(relay.to_string())),
+        UsageMode::Auto if u.key_file().is_some() => Ok(Planned::Direct),
+        UsageMode::Auto => Err(
+            "no relay URL (usage.relay_url, authcode.relay_url) and no usage.key_file: usage \
+             is recorded durably but not uploaded"
+                .into(),
+        ),
+    }
 }
 
 struct Uploader {
@@ -347,6 +439,7 @@ struct Uploader {
     info: Arc<Mutex<UploadInfo>>,
     /// Rebuilt when its configuration changes.
     client: Option<(ClientKey, Client)>,
+    relay: Option<(ClientKey, RelayClient)>,
     /// Consecutive transient failures.
     attempt: u32,
     /// When to try delivering again (Unix ms); `None` = only on a new closed hour.
@@ -376,7 +469,8 @@ impl Uploader {
             let Some(agent) = self.agent.upgrade() else {
                 return;
             };
-            let cfg = agent.config().usage.clone();
+            let full = agent.config();
+            let cfg = full.usage.clone();
             drop(agent);
             let lateness_ms = cfg.lateness_secs as i64 * 1000;
             let now = self.clock.now_ms();
@@ -386,7 +480,10 @@ impl Uploader {
             let due = *close_at_ms.get_or_insert_with(|| next_close_ms(now, lateness_ms));
             let mut wake_at = due;
             if let Some(r) = self.retry_at_ms {
-                if self.ledger.state().count().0 > 0 {
+                let st = self.ledger.state();
+                let waiting = st.count().0 > 0 || st.relayed() > 0;
+                drop(st);
+                if waiting {
                     wake_at = wake_at.min(r);
                 }
             }
@@ -397,7 +494,7 @@ impl Uploader {
                     retry_parked,
                     reply,
                 }) => {
-                    let r = self.flush(&cfg, retry_parked);
+                    let r = self.flush(&full, retry_parked);
                     let _ = reply.send(r);
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -411,7 +508,7 @@ impl Uploader {
                         self.retry_at_ms.get_or_insert(now);
                     }
                     if self.retry_at_ms.is_some_and(|r| now >= r) {
-                        let _ = self.deliver(&cfg);
+                        let _ = self.deliver(&full);
                     }
                 }
             }
@@ -484,14 +581,48 @@ impl Uploader {
         Ok(&self.client.as_ref().expect("just set").1)
     }
 
+    fn relay_client(
+        &mut self,
+        base: &str,
+        extra_ca: Option<&std::path::Path>,
+        ca_key: &str,
+        cfg: &UsageConfig,
+    ) -> Result<&RelayClient, String> {
+        let key = ClientKey {
+            upstreams: vec![base.to_string()],
+            extra_ca: extra_ca.map(|p| p.to_path_buf()).unwrap_or_default(),
+            timeout: cfg.upload_timeout_secs,
+        };
+        if self.relay.as_ref().is_none_or(|(k, _)| *k != key) {
+            let agent = self.agent.upgrade().ok_or("stopping")?;
+            let path = crate::authcode::transport::relay_key_path(&agent.config().agent.state_dir);
+            let device_key = crate::authcode::relay_auth::load_or_create_key(&path)
+                .map_err(|e| format!("the device key {}: {e}", path.display()))?;
+            let c = RelayClient::new(
+                base,
+                extra_ca,
+                ca_key,
+                Duration::from_secs(cfg.upload_timeout_secs),
+                device_key,
+            )?;
+            self.relay = Some((key, c));
+        }
+        Ok(&self.relay.as_ref().expect("just set").1)
+    }
+
     /// One delivery round; schedules the next try. Returns the round or why none ran.
-    fn deliver(&mut self, cfg: &UsageConfig) -> Result<Round, String> {
-        if self.ledger.state().count().0 == 0 {
+    fn deliver(&mut self, full: &crate::config::Config) -> Result<Round, String> {
+        let cfg = &full.usage;
+        let (pending, relayed) = {
+            let st = self.ledger.state();
+            (st.count().0, st.relayed())
+        };
+        if pending == 0 && relayed == 0 {
             self.retry_at_ms = None;
             return Ok(Round::default());
         }
-        let key = match readiness(cfg) {
-            Ok(k) => k,
+        let route = match route(full) {
+            Ok(r) => r,
             Err(e) => {
                 // Nothing to retry until the configuration changes or a flush asks.
                 self.retry_at_ms = None;
@@ -501,10 +632,21 @@ impl Uploader {
         let clock = self.clock.clone();
         let ledger = self.ledger.clone();
         let batch = cfg.batch_size;
-        let result = match self.client(cfg) {
-            Ok(client) => upload::deliver(&ledger, client, &key, clock.as_ref(), batch)
-                .map_err(|e| format!("recording the outcome failed: {e}")),
-            Err(e) => Err(e),
+        let result = match &route {
+            Route::Direct(key) => match self.client(cfg) {
+                Ok(client) => upload::deliver(&ledger, client, key, clock.as_ref(), batch)
+                    .map_err(|e| format!("recording the outcome failed: {e}")),
+                Err(e) => Err(e),
+            },
+            Route::Relay {
+                base,
+                extra_ca,
+                ca_key,
+            } => match self.relay_client(base, extra_ca.as_deref(), ca_key, cfg) {
+                Ok(client) => super::relay::deliver(&ledger, client, clock.as_ref(), batch)
+                    .map_err(|e| format!("recording the outcome failed: {e}")),
+                Err(e) => Err(e),
+            },
         };
         let now = self.clock.now_ms();
         let mut info = self.info.lock().expect("upload lock");
@@ -512,7 +654,7 @@ impl Uploader {
         let failed = match &result {
             Ok(round) => {
                 info.last_round = Some(round.clone());
-                if round.delivered > 0 {
+                if round.delivered > 0 || round.relayed > 0 {
                     info.last_success_at = Some(format_rfc3339(now / 1000));
                 }
                 round.transient.is_some()
@@ -530,14 +672,22 @@ impl Uploader {
             info.next_attempt_at = Some(format_rfc3339((now + delay) / 1000));
         } else {
             self.attempt = 0;
-            self.retry_at_ms = None;
             info.consecutive_failures = 0;
-            info.next_attempt_at = None;
+            // Records the relay holds: ask again later until it reports them done.
+            if self.ledger.state().relayed() > 0 {
+                let at = now + cfg.relay_poll_secs as i64 * 1000;
+                self.retry_at_ms = Some(at);
+                info.next_attempt_at = Some(format_rfc3339(at / 1000));
+            } else {
+                self.retry_at_ms = None;
+                info.next_attempt_at = None;
+            }
         }
         result
     }
 
-    fn flush(&mut self, cfg: &UsageConfig, retry_parked: bool) -> FlushResult {
+    fn flush(&mut self, full: &crate::config::Config, retry_parked: bool) -> FlushResult {
+        let cfg = &full.usage;
         let mut out = FlushResult::default();
         match self.close(cfg) {
             Ok(n) => out.closed_records = n,
@@ -560,7 +710,7 @@ impl Uploader {
                 }
             }
         }
-        match self.deliver(cfg) {
+        match self.deliver(full) {
             Ok(round) => {
                 if let Some(t) = &round.transient {
                     out.not_sent_because = Some(t.clone());

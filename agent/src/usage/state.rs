@@ -75,6 +75,13 @@ pub enum Entry {
         at: i64,
         reason: String,
     },
+    /// The seller's relay holds these records durably (relay mode); it reports later
+    /// whether the marketplace took them.
+    Relayed {
+        sns: Vec<String>,
+        at: i64,
+        relay: String,
+    },
     /// Parked records put back in the queue (`usage.flush {"retry_parked": true}`).
     Requeued(Vec<String>),
     /// Forget what is older than `cutoff` (usage.max_age_days).
@@ -107,6 +114,11 @@ pub enum Delivery {
     Parked {
         at: i64,
         reason: String,
+    },
+    /// Held by the seller's relay, which uploads it (relay mode).
+    Relayed {
+        at: i64,
+        relay: String,
     },
 }
 
@@ -229,6 +241,18 @@ impl State {
                     }
                 }
             }
+            Entry::Relayed { sns, at, relay } => {
+                for sn in sns {
+                    if let Some(s) = self.records.get_mut(sn) {
+                        if s.delivery == Delivery::Pending {
+                            s.delivery = Delivery::Relayed {
+                                at: *at,
+                                relay: relay.clone(),
+                            };
+                        }
+                    }
+                }
+            }
             Entry::Requeued(sns) => {
                 for sn in sns {
                     if let Some(s) = self.records.get_mut(sn) {
@@ -269,7 +293,11 @@ impl State {
 
     fn drop_record(&mut self, sn: &str) {
         if let Some(s) = self.records.remove(sn) {
-            if matches!(s.delivery, Delivery::Delivered { .. }) {
+            // A record the relay holds is the relay's to deliver: nothing is lost here.
+            if matches!(
+                s.delivery,
+                Delivery::Delivered { .. } | Delivery::Relayed { .. }
+            ) {
                 self.dropped.delivered_history += 1;
             } else {
                 let v = super::decimal::parse(&s.rec.usage_value)
@@ -302,7 +330,10 @@ impl State {
                 .records
                 .iter()
                 .map(|(sn, s)| {
-                    let undelivered = !matches!(s.delivery, Delivery::Delivered { .. });
+                    let undelivered = !matches!(
+                        s.delivery,
+                        Delivery::Delivered { .. } | Delivery::Relayed { .. }
+                    );
                     (undelivered, s.rec.begin, sn.clone())
                 })
                 .collect();
@@ -386,9 +417,18 @@ impl State {
                 Delivery::Pending => c.0 += 1,
                 Delivery::Delivered { .. } => c.1 += 1,
                 Delivery::Parked { .. } => c.2 += 1,
+                Delivery::Relayed { .. } => {}
             }
         }
         c
+    }
+
+    /// Records the seller's relay holds and has not reported done.
+    pub fn relayed(&self) -> usize {
+        self.records
+            .values()
+            .filter(|s| matches!(s.delivery, Delivery::Relayed { .. }))
+            .count()
     }
 }
 

@@ -192,53 +192,83 @@ pub struct Round {
     pub requests: u64,
     pub delivered: u64,
     pub parked: u64,
+    /// Records the seller's relay took into its outbox (relay mode).
+    pub relayed: u64,
     /// Why the round stopped early (retry later), if it did.
     pub transient: Option<String>,
     /// The upstream that answered last.
     pub upstream: Option<String>,
 }
 
+/// Where delivery outcomes are kept: the agent's ledger (direct mode) or the seller
+/// server's outbox (relay mode). One delivery loop serves both, so 413 splitting,
+/// parking and host preference behave the same on either side.
+pub trait Sink {
+    type Error;
+    /// Up to `limit` records waiting for delivery, oldest first.
+    fn pending(&self, limit: usize) -> Result<Vec<HourRecord>, Self::Error>;
+    fn delivered(&self, sns: Vec<String>, at: i64, upstream: &str, http: u16)
+        -> Result<(), Self::Error>;
+    fn parked(&self, sns: Vec<String>, at: i64, reason: String) -> Result<(), Self::Error>;
+}
+
+impl Sink for Ledger {
+    type Error = LedgerError;
+    fn pending(&self, limit: usize) -> Result<Vec<HourRecord>, LedgerError> {
+        Ok(self.state().pending(limit))
+    }
+    fn delivered(
+        &self,
+        sns: Vec<String>,
+        at: i64,
+        upstream: &str,
+        http: u16,
+    ) -> Result<(), LedgerError> {
+        self.mark(Entry::Delivered {
+            sns,
+            at,
+            upstream: upstream.to_string(),
+            http,
+        })
+    }
+    fn parked(&self, sns: Vec<String>, at: i64, reason: String) -> Result<(), LedgerError> {
+        self.mark(Entry::Parked { sns, at, reason })
+    }
+}
+
 /// Delivers pending records, oldest first, until none are left or an attempt fails in a
 /// way worth retrying later.
-pub fn deliver(
-    ledger: &Ledger,
+pub fn deliver<S: Sink + ?Sized>(
+    sink: &S,
     client: &Client,
     key: &Secret,
     clock: &dyn Clock,
     batch: usize,
-) -> Result<Round, LedgerError> {
+) -> Result<Round, S::Error> {
     let mut round = Round::default();
     let mut preferred = 0;
     loop {
-        let pending = ledger.state().pending(batch.clamp(1, MAX_RECORDS));
+        let pending = sink.pending(batch.clamp(1, MAX_RECORDS))?;
         if pending.is_empty() {
             return Ok(round);
         }
         let refs: Vec<&HourRecord> = pending.iter().collect();
-        if !send_records(
-            ledger,
-            client,
-            key,
-            clock,
-            &refs,
-            &mut preferred,
-            &mut round,
-        )? {
+        if !send_records(sink, client, key, clock, &refs, &mut preferred, &mut round)? {
             return Ok(round);
         }
     }
 }
 
 /// Sends `records` (splitting on 413); false when a transient failure ended the round.
-fn send_records(
-    ledger: &Ledger,
+fn send_records<S: Sink + ?Sized>(
+    sink: &S,
     client: &Client,
     key: &Secret,
     clock: &dyn Clock,
     records: &[&HourRecord],
     preferred: &mut usize,
     round: &mut Round,
-) -> Result<bool, LedgerError> {
+) -> Result<bool, S::Error> {
     let body = sign::encode_body(records);
     let (outcome, idx) = client.send(&body, key, clock, *preferred);
     round.requests += 1;
@@ -248,12 +278,7 @@ fn send_records(
         Outcome::Delivered { upstream, http } => {
             // Stay with the host that answered for the rest of this round.
             *preferred = idx;
-            ledger.mark(Entry::Delivered {
-                sns: sns(),
-                at: now,
-                upstream: upstream.clone(),
-                http,
-            })?;
+            sink.delivered(sns(), now, &upstream, http)?;
             round.delivered += records.len() as u64;
             round.upstream = Some(upstream);
             Ok(true)
@@ -263,11 +288,7 @@ fn send_records(
             round.upstream = Some(upstream.clone());
             if records.len() == 1 {
                 let reason = format!("HTTP 413 from {upstream} for a single record");
-                ledger.mark(Entry::Parked {
-                    sns: sns(),
-                    at: now,
-                    reason,
-                })?;
+                sink.parked(sns(), now, reason)?;
                 round.parked += 1;
                 return Ok(true);
             }
@@ -279,18 +300,14 @@ fn send_records(
                 b.len()
             );
             Ok(
-                send_records(ledger, client, key, clock, a, preferred, round)?
-                    && send_records(ledger, client, key, clock, b, preferred, round)?,
+                send_records(sink, client, key, clock, a, preferred, round)?
+                    && send_records(sink, client, key, clock, b, preferred, round)?,
             )
         }
         Outcome::Rejected(reason) => {
             *preferred = idx;
             log::warn!("usage upload: {} records parked: {reason}", records.len());
-            ledger.mark(Entry::Parked {
-                sns: sns(),
-                at: now,
-                reason,
-            })?;
+            sink.parked(sns(), now, reason)?;
             round.parked += records.len() as u64;
             Ok(true)
         }

@@ -12,14 +12,14 @@ use postgres::{Client, NoTls, Row};
 use super::{Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx};
 
 pub struct Postgres {
-    client: Client,
+    pub(super) client: Client,
 }
 
 /// Conflicts with another replica's transaction are retried. A unique violation counts:
 /// two replicas both read "no token #1 yet" and both insert it; PostgreSQL reports that as
 /// a unique violation rather than a serialization failure when the key itself was not
 /// read first. A real duplicate (a bug) still fails once the retries run out.
-fn err(e: postgres::Error) -> DbError {
+pub(super) fn err(e: postgres::Error) -> DbError {
     match e.code() {
         Some(c)
             if *c == SqlState::T_R_SERIALIZATION_FAILURE
@@ -63,9 +63,10 @@ impl Postgres {
             .batch_execute(&format!(
                 "SELECT pg_advisory_lock(7265001); \
                  CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {}; \
-                 {MIGRATIONS} \
+                 {MIGRATIONS} {} \
                  SELECT pg_advisory_unlock(7265001);",
-                super::SCHEMA.trim().trim_end_matches(';')
+                super::SCHEMA.trim().trim_end_matches(';'),
+                super::usage::SCHEMA.trim()
             ))
             .map_err(err)?;
         Ok(Postgres { client })
@@ -299,6 +300,9 @@ impl Tx for Postgres {
         .map(drop)
     }
 
+    fn usage(&mut self) -> &mut dyn super::usage::UsageOutbox {
+        self
+    }
     fn count_licenses(&mut self) -> Result<i64, DbError> {
         Ok(self
             .opt("SELECT COUNT(*) FROM licenses", &[])?

@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx};
 
 pub struct Sqlite {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 fn err(e: rusqlite::Error) -> DbError {
@@ -24,6 +24,7 @@ impl Sqlite {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(err)?;
         conn.execute_batch(super::SCHEMA).map_err(err)?;
+        conn.execute_batch(super::usage::SCHEMA).map_err(err)?;
         migrate(&conn).map_err(err)?;
         Ok(Sqlite { conn })
     }
@@ -321,6 +322,9 @@ impl Tx for Sqlite {
             .map_err(err)
     }
 
+    fn usage(&mut self) -> &mut dyn super::usage::UsageOutbox {
+        self
+    }
     fn count_licenses(&mut self) -> Result<i64, DbError> {
         self.conn
             .query_row("SELECT COUNT(*) FROM licenses", [], |r| r.get(0))

@@ -1,0 +1,544 @@
+//! The usage relay (issue 19, docs/usage.md "Relay mode"): devices post their closed hourly
+//! records to `POST /v1/usage/records` signed with their device key; this server checks
+//! them, holds them in its outbox (`db::usage`) and uploads them to the marketplace's
+//! usage-data API signed with the interconnection key, which never leaves this server.
+//!
+//! - [`store`]: the per-request decision, in one database transaction: nonce, known
+//!   device, every record's instance bound to that device, meter allowed for the
+//!   instance's product, resends answered from the stored row. Any refusal stores nothing.
+//! - [`Limiter`]: requests per device key (token bucket, in memory, per process).
+//! - [`worker`]: the delivery thread: claims due rows, uploads them with the agent's own
+//!   delivery code (`usage::upload`: fallback host, 413 splitting, parking on refusals),
+//!   backs off on transient failures.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::db::usage::{OutboxRow, OutboxState};
+use super::db::{Db, DbError, Tx};
+use crate::clock::Clock;
+use crate::usage::hours::HourRecord;
+use crate::usage::relay::{self, codes, RecordResult};
+use crate::usage::secret::Secret;
+use crate::usage::upload::{self, Client, Sink, MAX_RECORDS};
+
+/// `[seller_server.usage]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageRelayConfig {
+    /// The usage-data API's hosts in the order tried (the second is the documented
+    /// fallback domain).
+    pub upstreams: Vec<String>,
+    /// A CA (PEM) trusted for those hosts besides the web PKI; empty: none.
+    pub extra_ca_file: PathBuf,
+    pub upload_timeout_secs: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Records per upload (the marketplace takes at most 1000).
+    pub batch_size: usize,
+    /// Records whose hour is older than this are refused (the device's own bound).
+    pub max_age_days: u64,
+    /// Requests per second one device key may make, sustained, and the burst above it.
+    pub device_rate_per_sec: f64,
+    pub device_burst: u32,
+    /// License product → the meter names its instances may bill. A product not listed
+    /// may bill any meter name.
+    pub meters: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for UsageRelayConfig {
+    fn default() -> Self {
+        UsageRelayConfig {
+            upstreams: crate::usage::config::DEFAULT_UPSTREAMS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            extra_ca_file: PathBuf::new(),
+            upload_timeout_secs: 30,
+            backoff_initial_ms: 5_000,
+            backoff_max_ms: 900_000,
+            batch_size: MAX_RECORDS,
+            max_age_days: 35,
+            device_rate_per_sec: 1.0,
+            device_burst: 30,
+            meters: BTreeMap::new(),
+        }
+    }
+}
+
+impl UsageRelayConfig {
+    pub fn validate(&self) -> Result<(), super::ConfigError> {
+        let bad = |k: &str, m: &str| {
+            Err(super::ConfigError {
+                key: format!("seller_server.usage.{k}"),
+                message: m.to_string(),
+            })
+        };
+        if self.upstreams.is_empty() || self.upstreams.iter().any(|u| !u.starts_with("https://")) {
+            return bad("upstreams", "give at least one https:// URL, https:// only");
+        }
+        if !self.extra_ca_file.as_os_str().is_empty() && !self.extra_ca_file.is_absolute() {
+            return bad("extra_ca_file", "must be an absolute path");
+        }
+        if !(1..=600).contains(&self.upload_timeout_secs) {
+            return bad("upload_timeout_secs", "must be between 1 and 600");
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return bad(
+                "backoff_initial_ms",
+                "must be at least 1 and at most backoff_max_ms",
+            );
+        }
+        if !(1..=MAX_RECORDS).contains(&self.batch_size) {
+            return bad("batch_size", "must be between 1 and 1000");
+        }
+        if !(1..=3650).contains(&self.max_age_days) {
+            return bad("max_age_days", "must be between 1 and 3650");
+        }
+        if !(self.device_rate_per_sec > 0.0 && self.device_rate_per_sec.is_finite())
+            || self.device_burst == 0
+        {
+            return bad(
+                "device_rate_per_sec",
+                "rate and device_burst must be positive",
+            );
+        }
+        for (product, meters) in &self.meters {
+            if let Some(m) = meters
+                .iter()
+                .find(|m| !crate::usage::config::valid_meter_name(m))
+            {
+                return bad(
+                    &format!("meters.{product}"),
+                    &format!("{m:?} is not a meter name (letters, digits, _ - . :)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn extra_ca(&self) -> Option<&std::path::Path> {
+        (!self.extra_ca_file.as_os_str().is_empty()).then_some(self.extra_ca_file.as_path())
+    }
+}
+
+/// Requests per device key: a token bucket each, refilled at `rate` per second up to
+/// `burst`. In memory: replicas each allow the rate (documented).
+pub struct Limiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, i64)>>,
+}
+
+/// Buckets kept before idle full ones are dropped.
+const MAX_BUCKETS: usize = 100_000;
+
+impl Limiter {
+    pub fn new(rate: f64, burst: u32) -> Limiter {
+        Limiter {
+            rate,
+            burst: burst as f64,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Ok, or the seconds to wait.
+    pub fn take(&self, key: &str, now_ms: i64) -> Result<(), u64> {
+        let mut b = self.buckets.lock().expect("limiter lock");
+        if b.len() >= MAX_BUCKETS {
+            let (rate, burst) = (self.rate, self.burst);
+            b.retain(|_, (t, at)| *t + (now_ms - *at) as f64 / 1000.0 * rate < burst);
+        }
+        let (tokens, at) = b.entry(key.to_string()).or_insert((self.burst, now_ms));
+        let refill = (now_ms - *at).max(0) as f64 / 1000.0 * self.rate;
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now_ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// The relay's state in the server.
+pub struct UsageRelay {
+    pub cfg: UsageRelayConfig,
+    pub limiter: Limiter,
+    wake: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+impl UsageRelay {
+    pub fn new(cfg: &UsageRelayConfig) -> UsageRelay {
+        UsageRelay {
+            limiter: Limiter::new(cfg.device_rate_per_sec, cfg.device_burst),
+            cfg: cfg.clone(),
+            wake: Mutex::new(None),
+        }
+    }
+
+    /// Tells the delivery worker new records are due.
+    pub fn wake(&self) {
+        if let Some(w) = self.wake.lock().expect("wake lock").as_ref() {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// What [`store`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every record is held: its state.
+    Held(Vec<RecordResult>),
+    Refused {
+        http: u16,
+        code: &'static str,
+        msg: String,
+        sn: Option<String>,
+    },
+}
+
+fn refused(http: u16, code: &'static str, msg: String, sn: Option<&str>) -> Decision {
+    Decision::Refused {
+        http,
+        code,
+        msg,
+        sn: sn.map(str::to_string),
+    }
+}
+
+/// The nonces table is shared with the marketplace's and the authorization-code relay's.
+fn nonce_key(nonce: &str) -> String {
+    format!("usage:{nonce}")
+}
+
+fn result_of(row: &OutboxRow) -> RecordResult {
+    RecordResult {
+        metering_sn: row.rec.sn.clone(),
+        state: row.state.name().to_string(),
+        reason: match &row.state {
+            OutboxState::Parked { reason, .. } => Some(reason.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// Decides one request in a transaction and stores what it accepts. Checks, in order: the
+/// nonce; the device key is known; each record's instance is bound to this device and
+/// its meter allowed for the instance's product; a `metering_sn` already held must hold
+/// the same record from the same device. Nothing is written when anything is refused.
+pub fn store(
+    tx: &mut dyn Tx,
+    device_key: &str,
+    nonce: &str,
+    records: &[HourRecord],
+    meters: &BTreeMap<String, Vec<String>>,
+    now_ms: i64,
+) -> Result<Decision, DbError> {
+    let now = now_ms.div_euclid(1000);
+    if !tx.nonce_fresh(&nonce_key(nonce), now)? {
+        let m = "x-kooagent-nonce was already used (replayed request)".to_string();
+        return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
+    }
+    if tx.device(device_key)?.is_none() {
+        let m = "this device key is not known to the seller's server yet: the device must \
+                 fetch its license from this server first"
+            .to_string();
+        return Ok(refused(403, codes::UNKNOWN_DEVICE, m, None));
+    }
+    let bound: HashMap<String, String> = tx
+        .instances_for_device(device_key)?
+        .into_iter()
+        .map(|i| (i.instance_id, i.product))
+        .collect();
+    for r in records {
+        let Some(product) = bound.get(&r.key.instance) else {
+            let m = format!(
+                "record {}: instance {} is not bound to this device",
+                r.sn, r.key.instance
+            );
+            return Ok(refused(403, codes::NOT_BOUND, m, Some(&r.sn)));
+        };
+        if let Some(allowed) = meters.get(product) {
+            if !allowed.contains(&r.key.meter) {
+                let m = format!(
+                    "record {}: meter {:?} is not one product {product} bills ({})",
+                    r.sn,
+                    r.key.meter,
+                    allowed.join(", ")
+                );
+                return Ok(refused(403, codes::METER_NOT_ALLOWED, m, Some(&r.sn)));
+            }
+        }
+    }
+    let sns: Vec<&str> = records.iter().map(|r| r.sn.as_str()).collect();
+    let held: HashMap<String, OutboxRow> = tx
+        .usage()
+        .usage_get(&sns)?
+        .into_iter()
+        .map(|r| (r.rec.sn.clone(), r))
+        .collect();
+    let mut results = Vec::with_capacity(records.len());
+    let mut fresh = Vec::new();
+    for r in records {
+        match held.get(&r.sn) {
+            Some(row) if row.rec == *r && row.device_key == device_key => {
+                results.push(result_of(row))
+            }
+            Some(_) => {
+                let m = format!(
+                    "record {}: this metering_sn is already held with other values",
+                    r.sn
+                );
+                return Ok(refused(409, codes::CONFLICT, m, Some(&r.sn)));
+            }
+            None => {
+                results.push(RecordResult {
+                    metering_sn: r.sn.clone(),
+                    state: "pending".into(),
+                    reason: None,
+                });
+                fresh.push(OutboxRow {
+                    rec: r.clone(),
+                    device_key: device_key.to_string(),
+                    state: OutboxState::Pending,
+                    accepted_at: now,
+                });
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        tx.usage().usage_insert(&fresh, now_ms)?;
+    }
+    Ok(Decision::Held(results))
+}
+
+/// Parses and checks a request body: every record inside the API's limits, no
+/// `metering_sn` twice, at most 1000 records. Err: (HTTP status, code, message, sn).
+#[allow(clippy::type_complexity)]
+pub fn parse(
+    body: &[u8],
+    now: i64,
+    max_age_days: u64,
+) -> Result<Vec<HourRecord>, (u16, &'static str, String, Option<String>)> {
+    let req: relay::Request = serde_json::from_slice(body).map_err(|e| {
+        (
+            400,
+            codes::INVALID,
+            format!("the body is not a usage request: {e}"),
+            None,
+        )
+    })?;
+    if req.records.is_empty() {
+        return Err((400, codes::INVALID, "no records".into(), None));
+    }
+    if req.records.len() > MAX_RECORDS {
+        let m = format!(
+            "{} records in one request; at most {MAX_RECORDS}",
+            req.records.len()
+        );
+        return Err((413, codes::TOO_LARGE, m, None));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(req.records.len());
+    for (i, w) in req.records.iter().enumerate() {
+        let r = relay::check_record(w, now, max_age_days as i64 * 86_400).map_err(|e| {
+            (
+                400,
+                codes::INVALID,
+                format!("records[{i}] ({}): {e}", w.metering_sn),
+                Some(w.metering_sn.clone()),
+            )
+        })?;
+        if !seen.insert(r.sn.clone()) {
+            let m = format!("records[{i}]: metering_sn {} appears twice", r.sn);
+            return Err((400, codes::INVALID, m, Some(r.sn)));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The answer body.
+pub fn answer_body(code: &str, msg: &str, results: &[RecordResult], sn: Option<&str>) -> String {
+    serde_json::to_string(&relay::Answer {
+        error_code: code.to_string(),
+        error_msg: msg.to_string(),
+        results: results.to_vec(),
+        metering_sn: sn.map(str::to_string),
+    })
+    .expect("strings serialise")
+}
+
+/// The outbox as the delivery loop's [`Sink`]: `pending` claims due rows (leased, so a
+/// replica does not send them too); outcomes are written as they come.
+struct Outbox<'a> {
+    db: &'a Db,
+    clock: &'a dyn Clock,
+    lease_ms: i64,
+    /// Every row claimed this round (to back off those still pending on a failure).
+    claimed: Mutex<Vec<String>>,
+}
+
+impl Sink for Outbox<'_> {
+    type Error = DbError;
+    fn pending(&self, limit: usize) -> Result<Vec<HourRecord>, DbError> {
+        let now = self.clock.now_ms();
+        let lease = now + self.lease_ms;
+        let rows = self
+            .db
+            .run_blocking(move |tx| tx.usage().usage_claim(limit, now, lease))?;
+        self.claimed
+            .lock()
+            .expect("claimed lock")
+            .extend(rows.iter().map(|r| r.sn.clone()));
+        Ok(rows)
+    }
+    fn delivered(&self, sns: Vec<String>, at: i64, upstream: &str, http: u16) -> Result<(), DbError> {
+        let st = OutboxState::Delivered {
+            at,
+            upstream: upstream.to_string(),
+            http,
+        };
+        self.db
+            .run_blocking(move |tx| tx.usage().usage_finish(&sns, &st))
+    }
+    fn parked(&self, sns: Vec<String>, at: i64, reason: String) -> Result<(), DbError> {
+        let st = OutboxState::Parked { at, reason };
+        self.db
+            .run_blocking(move |tx| tx.usage().usage_finish(&sns, &st))
+    }
+}
+
+/// How long the worker sleeps at most between looks at the outbox (a replica's rows, or
+/// rows whose lease ran out after a crash).
+const IDLE_POLL_MS: i64 = 30_000;
+
+/// Starts the delivery thread.
+pub fn start_worker(relay: Arc<UsageRelay>, db: Db, key: Arc<Secret>, clock: Arc<dyn Clock>) -> Result<(), String> {
+    let cfg = relay.cfg.clone();
+    let client = Client::new(
+        cfg.upstreams.clone(),
+        cfg.extra_ca(),
+        Duration::from_secs(cfg.upload_timeout_secs),
+    )
+    .map_err(|e| format!("seller_server.usage: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    *relay.wake.lock().expect("wake lock") = Some(tx);
+    std::thread::Builder::new()
+        .name("usage-delivery".into())
+        .spawn(move || worker(cfg, client, db, key, clock, rx))
+        .map_err(|e| format!("starting the usage delivery thread: {e}"))?;
+    Ok(())
+}
+
+fn worker(
+    cfg: UsageRelayConfig,
+    client: Client,
+    db: Db,
+    key: Arc<Secret>,
+    clock: Arc<dyn Clock>,
+    rx: mpsc::Receiver<()>,
+) {
+    // A request (connection included) is bounded by the timeout per host; the lease covers
+    // every host and the marking.
+    let lease_ms = (cfg.upload_timeout_secs * 1000 * (cfg.upstreams.len() as u64 + 1)) as i64;
+    let mut attempt: u32 = 0;
+    let mut next_try = 0i64;
+    loop {
+        let now = clock.now_ms();
+        if now >= next_try {
+            let sink = Outbox {
+                db: &db,
+                clock: clock.as_ref(),
+                lease_ms,
+                claimed: Mutex::new(Vec::new()),
+            };
+            match upload::deliver(&sink, &client, &key, clock.as_ref(), cfg.batch_size) {
+                Ok(round) if round.transient.is_none() => {
+                    if round.requests > 0 {
+                        log::info!(
+                            "usage relay: {} records delivered, {} parked in {} requests",
+                            round.delivered,
+                            round.parked,
+                            round.requests
+                        );
+                    }
+                    attempt = 0;
+                    next_try = 0;
+                }
+                result => {
+                    attempt = attempt.saturating_add(1);
+                    let delay = backoff_ms(&cfg, attempt);
+                    next_try = clock.now_ms() + delay;
+                    match &result {
+                        Ok(r) => log::warn!(
+                            "usage relay: upload will be retried in {delay} ms: {}",
+                            r.transient.as_deref().unwrap_or("")
+                        ),
+                        Err(e) => log::error!("usage relay: {e}; retrying in {delay} ms"),
+                    }
+                    let sns = std::mem::take(&mut *sink.claimed.lock().expect("claimed lock"));
+                    if !sns.is_empty() {
+                        if let Err(e) = db.run_blocking(move |tx| tx.usage().usage_retry_at(&sns, next_try)) {
+                            log::error!("usage relay: recording the retry time: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        // Sleep until the next due row, a wake-up, or the idle poll.
+        let now = clock.now_ms();
+        let due = db
+            .run_blocking(|tx| tx.usage().usage_next_due())
+            .ok()
+            .flatten()
+            .unwrap_or(i64::MAX);
+        let until = due.max(next_try).min(now + IDLE_POLL_MS);
+        let wait = Duration::from_millis((until - now).clamp(0, IDLE_POLL_MS) as u64);
+        match rx.recv_timeout(wait) {
+            Ok(()) => while rx.try_recv().is_ok() {},
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Exponential backoff with equal jitter (the agent's rule).
+fn backoff_ms(cfg: &UsageRelayConfig, attempt: u32) -> i64 {
+    let exp = cfg
+        .backoff_initial_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(cfg.backoff_max_ms);
+    let mut b = [0u8; 8];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u64::from_le_bytes(b)
+    } else {
+        0
+    };
+    let half = exp / 2;
+    (half + if half > 0 { r % (half + 1) } else { 0 }) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limiter_allows_the_burst_then_the_rate() {
+        let l = Limiter::new(2.0, 3);
+        for _ in 0..3 {
+            l.take("k", 1000).unwrap();
+        }
+        assert_eq!(l.take("k", 1000), Err(1));
+        l.take("other", 1000).unwrap();
+        l.take("k", 1500).unwrap();
+        assert!(l.take("k", 1500).is_err());
+    }
+}
