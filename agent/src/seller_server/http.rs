@@ -7,7 +7,8 @@
 //!   renewed license without the buyer copying files;
 //! - `GET /v1/licenses/<license id>/status`: the newest status token;
 //! - `POST /v1/authcode/{activate,heartbeat,usage}`: the authorization-code relay
-//!   ([`super::relay`]), when `aksk_file` is configured.
+//!   ([`super::relay`]), when `aksk_file` is configured;
+//! - `POST /v1/usage/records`: the usage relay ([`super::usage_relay`]).
 //!
 //! Database work runs on the database thread; signatures and JSON on the workers.
 
@@ -57,6 +58,8 @@ pub struct State {
     pub window_secs: i64,
     /// None: no `aksk_file`, no relay.
     pub relay: Option<Arc<Relay>>,
+    /// The usage relay (`POST /v1/usage/records`).
+    pub usage: Arc<super::usage_relay::UsageRelay>,
     last_prune: AtomicI64,
 }
 
@@ -79,6 +82,7 @@ impl State {
             clock,
             window_secs: cfg.timestamp_window_secs as i64,
             relay,
+            usage: Arc::new(super::usage_relay::UsageRelay::new(&cfg.usage)),
             last_prune: AtomicI64::new(0),
         }
     }
@@ -191,9 +195,9 @@ async fn connection(
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
-fn plain(status: StatusCode, text: &str) -> Resp {
+pub(super) fn plain(status: StatusCode, text: &str) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -210,6 +214,12 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infall
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
         }
         return Ok(agent_get(&state, rest).await);
+    }
+    if path == crate::usage::relay::PATH {
+        if req.method() != Method::POST {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+        }
+        return Ok(super::usage_relay::handle(state, req).await);
     }
     if let Some(name) = path.strip_prefix(relay::PREFIX) {
         let Some(ep) = Endpoint::from_name(name) else {
@@ -318,7 +328,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
     signed(&state, out)
 }
 
-fn json(status: StatusCode, body: String) -> Resp {
+pub(super) fn json(status: StatusCode, body: String) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -491,6 +501,12 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
     };
     let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
     let db = cfg.open_db().map_err(|e| e.to_string())?;
+    // The delivery worker's own copy of the interconnection key (read with the same
+    // checks: mode 0600, owner; never logged).
+    let usage_key = Arc::new(Secret::load_as(
+        &cfg.interconnection_key_file,
+        "seller_server.interconnection_key_file",
+    )?);
     let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
         key: signing_key.clone(),
     });
@@ -503,6 +519,12 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         clock,
         relay,
     ));
+    super::usage_relay::start_worker(
+        state.usage.clone(),
+        state.db.clone(),
+        usage_key,
+        state.clock.clone(),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

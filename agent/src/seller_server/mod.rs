@@ -11,6 +11,8 @@
 //! - [`tokens`]: where status tokens come from (the freeze module);
 //! - [`relay`]: the authorization-code relay (device signatures, trust on first use,
 //!   forwarding with the seller's AK/SK);
+//! - [`usage_relay`]: usage records from devices (device signatures), held in an outbox
+//!   and uploaded with the interconnection key;
 //! - [`http`]: TLS, HTTP, routing, timeouts.
 
 use std::collections::BTreeMap;
@@ -24,6 +26,7 @@ pub mod db;
 pub mod http;
 pub mod relay;
 pub mod tokens;
+pub mod usage_relay;
 
 /// The configuration file of `kooagent seller serve`: one `[seller_server]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +68,8 @@ pub struct SellerServerConfig {
     /// A CA certificate (PEM) trusted for those hosts besides the web PKI (tests,
     /// inspecting proxies); empty: none.
     pub marketplace_extra_ca_file: PathBuf,
+    /// `[seller_server.usage]`: the usage relay (issue 19).
+    pub usage: usage_relay::UsageRelayConfig,
 }
 
 impl Default for SellerServerConfig {
@@ -86,6 +91,7 @@ impl Default for SellerServerConfig {
                 .map(|b| b.to_string())
                 .collect(),
             marketplace_extra_ca_file: PathBuf::new(),
+            usage: Default::default(),
         }
     }
 }
@@ -198,6 +204,7 @@ impl SellerServerConfig {
                 ));
             }
         }
+        self.usage.validate()?;
         let mut paths = std::collections::HashSet::new();
         for (i, p) in self.products.iter().enumerate() {
             let key = |k: &str| format!("seller_server.products[{i}].{k}");

@@ -376,6 +376,93 @@ pub fn answer_body(code: &str, msg: &str, results: &[RecordResult], sn: Option<&
     .expect("strings serialise")
 }
 
+/// Largest request body: 1000 records of at most ~600 bytes each.
+pub const MAX_BODY: usize = 1 << 20;
+/// The device waits for this answer; a database slower than this is answered 503.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+fn relay_answer(http: u16, code: &str, msg: &str, sn: Option<&str>) -> super::http::Resp {
+    let status = hyper::StatusCode::from_u16(http).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+    super::http::json(status, answer_body(code, msg, &[], sn))
+}
+
+/// `POST /v1/usage/records`.
+pub async fn handle(
+    state: Arc<super::http::State>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> super::http::Resp {
+    use http_body_util::{BodyExt, Limited};
+    let headers = req.headers().clone();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let m = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
+            return relay_answer(413, codes::TOO_LARGE, &m, None);
+        }
+    };
+    let now_ms = state.clock.now_ms();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match super::relay::verify(header, "POST", relay::PATH, &body, now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("usage relay: refused: {e}");
+            return relay_answer(401, codes::UNAUTHENTICATED, &e.to_string(), None);
+        }
+    };
+    let usage = state.usage.clone();
+    if let Err(secs) = usage.limiter.take(&device.key, now_ms) {
+        let mut r = relay_answer(
+            429,
+            codes::RATE_LIMITED,
+            &format!("too many requests from this device; retry in {secs} s"),
+            None,
+        );
+        r.headers_mut()
+            .insert("retry-after", secs.to_string().parse().expect("digits"));
+        return r;
+    }
+    let records = match parse(&body, now_ms.div_euclid(1000), usage.cfg.max_age_days) {
+        Ok(r) => r,
+        Err((http, code, msg, sn)) => {
+            log::info!("usage relay: refused from device key {}: {msg}", device.key);
+            return relay_answer(http, code, &msg, sn.as_deref());
+        }
+    };
+    let meters = usage.cfg.meters.clone();
+    let key = device.key.clone();
+    let job = state
+        .db
+        .run(move |tx| store(tx, &key, &device.nonce, &records, &meters, now_ms));
+    match tokio::time::timeout(ANSWER_WITHIN, job).await {
+        Ok(Ok(Decision::Held(results))) => {
+            if results.iter().any(|r| r.state == "pending") {
+                usage.wake();
+            }
+            super::http::json(
+                hyper::StatusCode::OK,
+                answer_body(codes::OK, "", &results, None),
+            )
+        }
+        Ok(Ok(Decision::Refused {
+            http,
+            code,
+            msg,
+            sn,
+        })) => {
+            log::warn!("usage relay: refused from device key {}: {msg}", device.key);
+            relay_answer(http, code, &msg, sn.as_deref())
+        }
+        Ok(Err(e)) => {
+            log::error!("usage relay: database: {e}");
+            relay_answer(503, codes::UNAVAILABLE, "try again later", None)
+        }
+        Err(_) => {
+            log::error!("usage relay: no answer from the database within {ANSWER_WITHIN:?}");
+            relay_answer(503, codes::UNAVAILABLE, "try again later", None)
+        }
+    }
+}
+
 /// The outbox as the delivery loop's [`Sink`]: `pending` claims due rows (leased, so a
 /// replica does not send them too); outcomes are written as they come.
 struct Outbox<'a> {
@@ -400,7 +487,13 @@ impl Sink for Outbox<'_> {
             .extend(rows.iter().map(|r| r.sn.clone()));
         Ok(rows)
     }
-    fn delivered(&self, sns: Vec<String>, at: i64, upstream: &str, http: u16) -> Result<(), DbError> {
+    fn delivered(
+        &self,
+        sns: Vec<String>,
+        at: i64,
+        upstream: &str,
+        http: u16,
+    ) -> Result<(), DbError> {
         let st = OutboxState::Delivered {
             at,
             upstream: upstream.to_string(),
@@ -421,7 +514,12 @@ impl Sink for Outbox<'_> {
 const IDLE_POLL_MS: i64 = 30_000;
 
 /// Starts the delivery thread.
-pub fn start_worker(relay: Arc<UsageRelay>, db: Db, key: Arc<Secret>, clock: Arc<dyn Clock>) -> Result<(), String> {
+pub fn start_worker(
+    relay: Arc<UsageRelay>,
+    db: Db,
+    key: Arc<Secret>,
+    clock: Arc<dyn Clock>,
+) -> Result<(), String> {
     let cfg = relay.cfg.clone();
     let client = Client::new(
         cfg.upstreams.clone(),
@@ -486,7 +584,9 @@ fn worker(
                     }
                     let sns = std::mem::take(&mut *sink.claimed.lock().expect("claimed lock"));
                     if !sns.is_empty() {
-                        if let Err(e) = db.run_blocking(move |tx| tx.usage().usage_retry_at(&sns, next_try)) {
+                        if let Err(e) =
+                            db.run_blocking(move |tx| tx.usage().usage_retry_at(&sns, next_try))
+                        {
                             log::error!("usage relay: recording the retry time: {e}");
                         }
                     }
@@ -529,6 +629,197 @@ fn backoff_ms(cfg: &UsageRelayConfig, attempt: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::seller_server::db::{self, Db, InstanceRow, InstanceStatus};
+    use crate::usage::hours::Key;
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+
+    fn instance(id: &str, product: &str, device: &str) -> InstanceRow {
+        InstanceRow {
+            instance_id: id.into(),
+            product: product.into(),
+            license_id: format!("kg-{id}"),
+            devices: vec![device.into()],
+            not_before: 0,
+            not_after: None,
+            status: InstanceStatus::Active,
+            frozen: false,
+            license: "kl1.x".into(),
+            seq: 0,
+            updated_at: 0,
+        }
+    }
+
+    /// Binds `key` to `code` the way the device registry does.
+    fn bind_device(db: &Db, key: &'static str, code: &'static str) {
+        db.run_blocking(move |tx| tx.stub_put_device(key, code))
+            .unwrap();
+    }
+
+    fn rec(sn: &str, instance: &str, meter: &str, value: &str) -> HourRecord {
+        HourRecord {
+            sn: sn.into(),
+            key: Key {
+                instance: instance.into(),
+                meter: meter.into(),
+                pkg: None,
+            },
+            begin: NOW_MS / 1000 / 3600 * 3600 - 3600,
+            record_time: NOW_MS / 1000,
+            usage_value: value.into(),
+        }
+    }
+
+    fn run(db: &Db, key: &'static str, nonce: &str, recs: Vec<HourRecord>) -> Decision {
+        let mut meters = BTreeMap::new();
+        meters.insert("metered".to_string(), vec!["cpu".to_string()]);
+        let nonce = nonce.to_string();
+        db.run_blocking(move |tx| store(tx, key, &nonce, &recs, &meters, NOW_MS))
+            .unwrap()
+    }
+
+    fn code_of(d: &Decision) -> &'static str {
+        match d {
+            Decision::Refused { code, .. } => code,
+            Decision::Held(_) => codes::OK,
+        }
+    }
+
+    #[test]
+    fn records_are_held_once_and_refusals_store_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in db::tests::backends(dir.path()) {
+            let db = Db::start(b);
+            for i in [
+                instance("i-a", "metered", "DEV-A"),
+                instance("i-b", "metered", "DEV-B"),
+                instance("i-free", "free", "DEV-A"),
+            ] {
+                db.run_blocking(move |tx| tx.put_instance(&i)).unwrap();
+            }
+            // Unknown device: refused, nothing stored.
+            let d = run(&db, "KA", "n0", vec![rec("s1", "i-a", "cpu", "1")]);
+            assert_eq!(code_of(&d), codes::UNKNOWN_DEVICE, "{name}");
+            bind_device(&db, "KA", "DEV-A");
+            bind_device(&db, "KB", "DEV-B");
+            // Another device's instance, a meter the product does not bill: refused whole.
+            let d = run(
+                &db,
+                "KA",
+                "n1",
+                vec![rec("s1", "i-a", "cpu", "1"), rec("s2", "i-b", "cpu", "1")],
+            );
+            assert_eq!(code_of(&d), codes::NOT_BOUND, "{name}");
+            assert!(matches!(&d, Decision::Refused { sn: Some(s), http: 403, .. } if s == "s2"));
+            let d = run(&db, "KA", "n2", vec![rec("s1", "i-a", "gpu", "1")]);
+            assert_eq!(code_of(&d), codes::METER_NOT_ALLOWED, "{name}");
+            let c = db.run_blocking(|tx| tx.usage().usage_counts()).unwrap();
+            assert_eq!(c.pending, 0, "{name}: a refusal stored something");
+            // Accepted; a product without a meter list bills any meter.
+            let d = run(
+                &db,
+                "KA",
+                "n3",
+                vec![rec("s1", "i-a", "cpu", "1"), rec("s3", "i-free", "x", "2")],
+            );
+            match &d {
+                Decision::Held(r) => {
+                    assert_eq!(r.len(), 2);
+                    assert!(r.iter().all(|r| r.state == "pending"));
+                }
+                d => panic!("{name}: {d:?}"),
+            }
+            // The same nonce again: a replay.
+            let d = run(&db, "KA", "n3", vec![rec("s1", "i-a", "cpu", "1")]);
+            assert_eq!(code_of(&d), codes::UNAUTHENTICATED, "{name}");
+            // A resend is answered from the stored row; other values are a conflict.
+            let d = run(&db, "KA", "n4", vec![rec("s1", "i-a", "cpu", "1")]);
+            assert!(
+                matches!(&d, Decision::Held(r) if r[0].state == "pending"),
+                "{name}"
+            );
+            let d = run(&db, "KA", "n5", vec![rec("s1", "i-a", "cpu", "2")]);
+            assert_eq!(code_of(&d), codes::CONFLICT, "{name}");
+            // Delivery outcomes show in the answers to resends.
+            let now = NOW_MS;
+            let claimed = db
+                .run_blocking(move |tx| tx.usage().usage_claim(10, now, now + 1000))
+                .unwrap();
+            assert_eq!(claimed.len(), 2, "{name}");
+            let again = db
+                .run_blocking(move |tx| tx.usage().usage_claim(10, now, now + 1000))
+                .unwrap();
+            assert!(again.is_empty(), "{name}: leased rows were claimed twice");
+            db.run_blocking(|tx| {
+                tx.usage().usage_finish(
+                    &["s1".to_string()],
+                    &OutboxState::Parked {
+                        at: 5,
+                        reason: "HTTP 400: bad".into(),
+                    },
+                )?;
+                tx.usage().usage_retry_at(&["s3".to_string()], 7)
+            })
+            .unwrap();
+            let d = run(
+                &db,
+                "KA",
+                "n6",
+                vec![rec("s1", "i-a", "cpu", "1"), rec("s3", "i-free", "x", "2")],
+            );
+            match d {
+                Decision::Held(r) => {
+                    assert_eq!(r[0].state, "parked", "{name}");
+                    assert_eq!(r[0].reason.as_deref(), Some("HTTP 400: bad"));
+                    assert_eq!(r[1].state, "pending");
+                }
+                d => panic!("{name}: {d:?}"),
+            }
+            assert_eq!(
+                db.run_blocking(|tx| tx.usage().usage_next_due()).unwrap(),
+                Some(7)
+            );
+            let parked = db.run_blocking(|tx| tx.usage().usage_parked(10)).unwrap();
+            assert_eq!(parked.len(), 1);
+            assert_eq!(parked[0].device_key, "KA");
+            // Another device cannot claim a record it did not send.
+            let d = run(&db, "KB", "n7", vec![rec("s9", "i-b", "cpu", "1")]);
+            assert!(matches!(d, Decision::Held(_)), "{name}");
+            let d = run(&db, "KB", "n8", vec![rec("s1", "i-b", "cpu", "1")]);
+            assert_eq!(code_of(&d), codes::CONFLICT, "{name}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_checked_before_anything_else() {
+        let now = NOW_MS / 1000;
+        let w = relay::WireRecord::from_record(&rec("s1", "i-a", "cpu", "1"));
+        let body = |recs: Vec<relay::WireRecord>| {
+            serde_json::to_vec(&relay::Request { records: recs }).unwrap()
+        };
+        assert_eq!(parse(&body(vec![w.clone()]), now, 35).unwrap().len(), 1);
+        assert_eq!(parse(b"{}", now, 35).unwrap_err().1, codes::INVALID);
+        assert_eq!(parse(&body(vec![]), now, 35).unwrap_err().1, codes::INVALID);
+        let e = parse(&body(vec![w.clone(), w.clone()]), now, 35).unwrap_err();
+        assert!(e.2.contains("twice"), "{e:?}");
+        let mut bad = w.clone();
+        bad.usage_value = "0".into();
+        let e = parse(&body(vec![w.clone(), bad]), now, 35).unwrap_err();
+        assert!(
+            e.2.starts_with("records[1]") && e.3.as_deref() == Some("s1"),
+            "{e:?}"
+        );
+        let many: Vec<_> = (0..1001)
+            .map(|i| {
+                let mut x = w.clone();
+                x.metering_sn = format!("s{i}");
+                x
+            })
+            .collect();
+        let e = parse(&body(many), now, 35).unwrap_err();
+        assert_eq!((e.0, e.1), (413, codes::TOO_LARGE));
+    }
 
     #[test]
     fn the_limiter_allows_the_burst_then_the_rate() {

@@ -343,7 +343,14 @@ fn send(
             Ok(send(ledger, client, clock, a, round)? && send(ledger, client, clock, b, round)?)
         }
         Outcome::TooLarge => {
-            park(ledger, records, None, "HTTP 413 from the relay for one record", now, round)?;
+            park(
+                ledger,
+                records,
+                None,
+                "HTTP 413 from the relay for one record",
+                now,
+                round,
+            )?;
             Ok(true)
         }
         Outcome::Refused { sn, reason } => {
@@ -393,7 +400,10 @@ fn apply_results(
     let mut relayed = Vec::new();
     let mut delivered = Vec::new();
     let mut parked: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in results.iter().filter(|r| asked.contains_key(r.metering_sn.as_str())) {
+    for r in results
+        .iter()
+        .filter(|r| asked.contains_key(r.metering_sn.as_str()))
+    {
         match r.state.as_str() {
             "delivered" => delivered.push(r.metering_sn.clone()),
             "parked" => parked
@@ -408,8 +418,12 @@ fn apply_results(
     }
     let st = ledger.state();
     // Only changes are written: a record already relayed stays as it is.
-    let is_relayed =
-        |sn: &str| matches!(st.records.get(sn).map(|s| &s.delivery), Some(Delivery::Relayed { .. }));
+    let is_relayed = |sn: &str| {
+        matches!(
+            st.records.get(sn).map(|s| &s.delivery),
+            Some(Delivery::Relayed { .. })
+        )
+    };
     let relayed: Vec<String> = relayed.into_iter().filter(|s| !is_relayed(s)).collect();
     drop(st);
     round.relayed += relayed.len() as u64;
@@ -464,21 +478,46 @@ mod tests {
     fn records_inside_the_api_limits_pass_and_the_rest_name_the_field() {
         let r = check_record(&wire(), NOW, 35 * 86_400).unwrap();
         assert_eq!((r.begin, r.usage_value.as_str()), (H, "1.5"));
-        let cases: Vec<(Box<dyn Fn(&mut WireRecord)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut WireRecord)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|w| w.metering_sn = "x".repeat(65)), "metering_sn"),
             (Box::new(|w| w.instance_id = String::new()), "instance_id"),
             (Box::new(|w| w.meter = "a b".into()), "meter"),
-            (Box::new(|w| w.begin_time = "2026-01-01".into()), "begin_time"),
-            (Box::new(|w| w.end_time = format_compact(H + 2 * HOUR)), "whole UTC hour"),
-            (Box::new(|w| w.begin_time = format_compact(H + 60)), "whole UTC hour"),
-            (Box::new(|w| w.record_time = format_compact(H)), "before end_time"),
-            (Box::new(|w| w.record_time = format_compact(NOW + 3600)), "future"),
+            (
+                Box::new(|w| w.begin_time = "2026-01-01".into()),
+                "begin_time",
+            ),
+            (
+                Box::new(|w| w.end_time = format_compact(H + 2 * HOUR)),
+                "whole UTC hour",
+            ),
+            (
+                Box::new(|w| w.begin_time = format_compact(H + 60)),
+                "whole UTC hour",
+            ),
+            (
+                Box::new(|w| w.record_time = format_compact(H)),
+                "before end_time",
+            ),
+            (
+                Box::new(|w| w.record_time = format_compact(NOW + 3600)),
+                "future",
+            ),
             (Box::new(|w| w.usage_value = "0".into()), "usage_value"),
             (Box::new(|w| w.usage_value = "-1".into()), "usage_value"),
-            (Box::new(|w| w.usage_value = "1.23456".into()), "more than 4 decimals"),
-            (Box::new(|w| w.usage_value = "100000000".into()), "usage_value"),
+            (
+                Box::new(|w| w.usage_value = "1.23456".into()),
+                "more than 4 decimals",
+            ),
+            (
+                Box::new(|w| w.usage_value = "100000000".into()),
+                "usage_value",
+            ),
             (Box::new(|w| w.usage_value = "1.50".into()), "API's form"),
-            (Box::new(|w| w.relate_pkg_instance = Some(String::new())), "relate_pkg_instance"),
+            (
+                Box::new(|w| w.relate_pkg_instance = Some(String::new())),
+                "relate_pkg_instance",
+            ),
         ];
         for (change, want) in cases {
             let mut w = wire();
@@ -505,7 +544,8 @@ mod tests {
         }
         let unknown = r#"{"error_code":"KOOAGENT.USAGE.UNKNOWN_DEVICE","error_msg":"x"}"#;
         assert!(matches!(classify(403, unknown), Outcome::Transient(_)));
-        let nb = r#"{"error_code":"KOOAGENT.USAGE.NOT_BOUND","error_msg":"inst","metering_sn":"a"}"#;
+        let nb =
+            r#"{"error_code":"KOOAGENT.USAGE.NOT_BOUND","error_msg":"inst","metering_sn":"a"}"#;
         match classify(403, nb) {
             Outcome::Refused { sn, reason } => {
                 assert_eq!(sn.as_deref(), Some("a"));

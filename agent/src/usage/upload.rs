@@ -207,8 +207,13 @@ pub trait Sink {
     type Error;
     /// Up to `limit` records waiting for delivery, oldest first.
     fn pending(&self, limit: usize) -> Result<Vec<HourRecord>, Self::Error>;
-    fn delivered(&self, sns: Vec<String>, at: i64, upstream: &str, http: u16)
-        -> Result<(), Self::Error>;
+    fn delivered(
+        &self,
+        sns: Vec<String>,
+        at: i64,
+        upstream: &str,
+        http: u16,
+    ) -> Result<(), Self::Error>;
     fn parked(&self, sns: Vec<String>, at: i64, reason: String) -> Result<(), Self::Error>;
 }
 
@@ -299,10 +304,8 @@ fn send_records<S: Sink + ?Sized>(
                 a.len(),
                 b.len()
             );
-            Ok(
-                send_records(sink, client, key, clock, a, preferred, round)?
-                    && send_records(sink, client, key, clock, b, preferred, round)?,
-            )
+            Ok(send_records(sink, client, key, clock, a, preferred, round)?
+                && send_records(sink, client, key, clock, b, preferred, round)?)
         }
         Outcome::Rejected(reason) => {
             *preferred = idx;

@@ -38,7 +38,11 @@ CREATE INDEX IF NOT EXISTS usage_outbox_due ON usage_outbox (state, next_at);
 pub enum OutboxState {
     /// Durably accepted; not yet accepted by the marketplace.
     Pending,
-    Delivered { at: i64, upstream: String, http: u16 },
+    Delivered {
+        at: i64,
+        upstream: String,
+        http: u16,
+    },
     /// Refused by the marketplace for a reason retrying will not fix.
     Parked { at: i64, reason: String },
 }
@@ -465,7 +469,10 @@ mod postgres_impl {
             let mut c = OutboxCounts::default();
             for r in self
                 .client
-                .query("SELECT state, COUNT(*) FROM usage_outbox GROUP BY state", &[])
+                .query(
+                    "SELECT state, COUNT(*) FROM usage_outbox GROUP BY state",
+                    &[],
+                )
                 .map_err(err)?
             {
                 let (s, n): (String, i64) = (r.get(0), r.get(1));
@@ -484,10 +491,7 @@ mod postgres_impl {
                 "SELECT {COLS} FROM usage_outbox WHERE state = 'parked' \
                  ORDER BY done_at DESC, metering_sn LIMIT $1"
             );
-            let rows = self
-                .client
-                .query(&sql, &[&(limit as i64)])
-                .map_err(err)?;
+            let rows = self.client.query(&sql, &[&(limit as i64)]).map_err(err)?;
             rows.iter().map(read).collect()
         }
 
