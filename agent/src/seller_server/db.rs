@@ -179,6 +179,7 @@ pub struct CodeRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRow {
     pub device_code: String,
+    pub device_key: String,
     pub first_seen: i64,
     pub last_seen: i64,
 }
@@ -213,7 +214,7 @@ pub trait Tx {
     /// LOCAL STUB of the device registry (issue 21 owns it): never land this.
     fn device(&mut self, key: &str) -> Result<Option<DeviceRow>, DbError>;
     fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError>;
-    fn stub_put_device(&mut self, key: &str, code: &str) -> Result<(), DbError>;
+    fn put_device(&mut self, row: &DeviceRow) -> Result<(), DbError>;
     /// The usage relay's outbox (issue 19).
     fn usage(&mut self) -> &mut dyn usage::UsageOutbox;
 }

@@ -653,8 +653,15 @@ mod tests {
 
     /// Binds `key` to `code` the way the device registry does.
     fn bind_device(db: &Db, key: &'static str, code: &'static str) {
-        db.run_blocking(move |tx| tx.stub_put_device(key, code))
-            .unwrap();
+        db.run_blocking(move |tx| {
+            tx.put_device(&db::DeviceRow {
+                device_code: code.into(),
+                device_key: key.into(),
+                first_seen: 1,
+                last_seen: 1,
+            })
+        })
+        .unwrap();
     }
 
     fn rec(sn: &str, instance: &str, meter: &str, value: &str) -> HourRecord {

@@ -308,6 +308,7 @@ impl Tx for Postgres {
             )?
             .map(|r| super::DeviceRow {
                 device_code: r.get(0),
+                device_key: key.to_string(),
                 first_seen: 0,
                 last_seen: 0,
             }))
@@ -335,7 +336,8 @@ impl Tx for Postgres {
         }
         Ok(v)
     }
-    fn stub_put_device(&mut self, key: &str, code: &str) -> Result<(), DbError> {
+    fn put_device(&mut self, row: &super::DeviceRow) -> Result<(), DbError> {
+        let (key, code) = (&row.device_key, &row.device_code);
         self.exec("INSERT INTO stub_devices VALUES ($1, $2) ON CONFLICT (device_key) DO UPDATE SET device_code = $2", &[&key, &code])?;
         Ok(())
     }

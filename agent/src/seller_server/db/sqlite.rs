@@ -334,6 +334,7 @@ impl Tx for Sqlite {
             .map(|c| {
                 c.map(|device_code| super::DeviceRow {
                     device_code,
+                    device_key: key.to_string(),
                     first_seen: 0,
                     last_seen: 0,
                 })
@@ -361,7 +362,8 @@ impl Tx for Sqlite {
         }
         Ok(v)
     }
-    fn stub_put_device(&mut self, key: &str, code: &str) -> Result<(), DbError> {
+    fn put_device(&mut self, row: &super::DeviceRow) -> Result<(), DbError> {
+        let (key, code) = (&row.device_key, &row.device_code);
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO stub_devices VALUES (?1, ?2)",
