@@ -19,3 +19,5 @@ mod seller_server;
 mod socket;
 mod upstream;
 mod usage;
+#[cfg(feature = "seller-server")]
+mod usage_relay;

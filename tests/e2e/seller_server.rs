@@ -21,7 +21,7 @@ use sha2::Sha256;
 
 use crate::harness::{run_ok, short_tempdir, TestAgent, BIN};
 
-const KEY: &str = "test-interconnection-key-0123456789";
+pub(crate) const KEY: &str = "test-interconnection-key-0123456789";
 const PATH: &str = "/koogallery/sku-pro";
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -258,14 +258,14 @@ impl Drop for SellerServer {
     }
 }
 
-fn market_time(secs: i64) -> String {
+pub(crate) fn market_time(secs: i64) -> String {
     // The getLicense example's form: "2023-10-27 10:30:15 z".
     kooagent::clock::format_rfc3339(secs)
         .replace('T', " ")
         .replace('Z', " z")
 }
 
-fn digits14(secs: i64) -> String {
+pub(crate) fn digits14(secs: i64) -> String {
     kooagent::clock::format_rfc3339(secs)
         .chars()
         .filter(char::is_ascii_digit)

@@ -1,0 +1,292 @@
+//! Usage through the seller's relay (issue 19) end to end: real agents in relay mode →
+//! the real `kooagent seller serve` → the usage-data stand-in of `upstream.rs`, which
+//! checks the interconnection-key signature, the fields and `metering_sn` uniqueness.
+//! The agents hold no interconnection key. On SQLite, and on PostgreSQL when
+//! KOOAGENT_TEST_PG_URL is set.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::harness::{base_config, TestAgent};
+use crate::seller_server::{digits14, market_time, storages, SellerServer, KEY};
+use crate::upstream::{TestCa, Upstream};
+
+const HOUR: i64 = 3600;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `[seller_server.usage]` towards `upstreams`, fast retries, meters of sku-pro.
+fn server_usage(upstreams: &[String], ca: &TestCa, extra: &str) -> String {
+    let ups: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[seller_server.usage]\nupstreams = [{}]\nextra_ca_file = {:?}\nupload_timeout_secs = 2\n\
+         backoff_initial_ms = 50\nbackoff_max_ms = 300\n{extra}\n\
+         [seller_server.usage.meters]\nsku-pro = [\"cpu\", \"steal\"]\n",
+        ups.join(", "),
+        ca.pem_path.display().to_string()
+    )
+}
+
+/// An agent in relay mode (no key file anywhere) with `meters` (name → instance).
+fn relay_agent(server: &SellerServer, product_id: &str, meters: &[(&str, &str)]) -> TestAgent {
+    let mut a = TestAgent::prepare("");
+    let mut t = format!(
+        "[agent]\nproduct_id = {product_id:?}\n[usage]\nrelay_url = \"https://localhost:{}\"\n\
+         extra_ca_file = {:?}\nlateness_secs = 0\nbackoff_initial_ms = 50\nbackoff_max_ms = 300\n\
+         upload_timeout_secs = 5\nrelay_poll_secs = 1\n",
+        server.port,
+        server.ca_pem.display().to_string()
+    );
+    for (m, i) in meters {
+        t.push_str(&format!("[usage.meters.{m}]\ninstance_id = {i:?}\n"));
+    }
+    std::fs::write(&a.config, base_config(a.dir.path(), &t)).unwrap();
+    a.spawn(&[]);
+    a
+}
+
+fn code(a: &TestAgent) -> String {
+    a.call("device.code", json!({})).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The marketplace orders `instance` for `device`.
+fn order(server: &SellerServer, instance: &str, device: &str) {
+    let t = now();
+    let (_, v) = server.market(&json!({
+        "activity": "getLicense", "instanceId": instance, "eventId": format!("ev-{instance}"),
+        "effectiveTime": market_time(t - 60), "expireTime": digits14(t + 30 * 86_400),
+        "deviceFingerprint": device, "testFlag": "1"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
+}
+
+/// The agent's device key (base64), as its relay requests carry it.
+fn device_key(a: &TestAgent) -> String {
+    let p = a.state.join("relay.key");
+    let k = kooagent::authcode::relay_auth::load_or_create_key(&p).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(k.verifying_key().as_bytes())
+}
+
+/// Binds the agent's device key to its device code in the server's registry.
+fn register(server: &SellerServer, storage: &str, a: &TestAgent) {
+    use kooagent::seller_server::db::{self, Backend, Db};
+    let (key, code) = (device_key(a), code(a));
+    let backend: Box<dyn Backend> = if storage.is_empty() {
+        Box::new(db::sqlite::Sqlite::open(&server.dir.path().join("state/seller.db")).unwrap())
+    } else {
+        let field = |name: &str| {
+            let l = storage.lines().find(|l| l.starts_with(name)).unwrap();
+            l.split_once('=').unwrap().1.trim().trim_matches('"').to_string()
+        };
+        Box::new(
+            db::postgres::Postgres::connect(&field("database_url"), &field("database_schema"))
+                .unwrap(),
+        )
+    };
+    Db::start(backend)
+        .run_blocking(move |tx| {
+            tx.put_device(&db::DeviceRow {
+                device_code: code.clone(),
+                device_key: key.clone(),
+                first_seen: 1,
+                last_seen: 1,
+            })
+        })
+        .unwrap();
+}
+
+fn record(a: &TestAgent, meter: &str, value: &str, at: i64) {
+    a.call(
+        "usage.record",
+        json!({"meter": meter, "value": value, "at": at}),
+    )
+    .unwrap_or_else(|e| panic!("record {meter}: {e}"));
+}
+
+fn flush(a: &TestAgent) -> Value {
+    a.call("usage.flush", json!({})).unwrap()
+}
+
+/// metering_sn → the record as `usage.status` shows it.
+fn ledger(a: &TestAgent) -> HashMap<String, Value> {
+    let st = a.call("usage.status", json!({"records": true})).unwrap();
+    st["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["metering_sn"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+fn states(a: &TestAgent) -> HashMap<String, String> {
+    ledger(a)
+        .into_iter()
+        .map(|(sn, r)| (sn, r["delivery"]["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn usage_goes_through_the_relay_checked_held_and_delivered_once() {
+    for storage in storages() {
+        through_the_relay(&storage);
+    }
+}
+
+fn through_the_relay(storage: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let up = Upstream::start(&ca, KEY);
+    let server = SellerServer::start(&format!("{storage}{}", server_usage(&[up.url()], &ca, "")));
+    let a = relay_agent(&server, "default", &[("cpu", "RA2-U-A"), ("steal", "RA2-U-B")]);
+    let b = relay_agent(&server, "other", &[("cpu", "RA2-U-B")]);
+    let (code_a, code_b) = (code(&a), code(&b));
+    assert_ne!(code_a, code_b);
+    order(&server, "RA2-U-A", &code_a);
+    order(&server, "RA2-U-B", &code_b);
+    assert!(
+        !a.cli(&["config", "check"]).stderr.starts_with(b"WARNING"),
+        "relay mode gives no direct-mode warning"
+    );
+    let check = String::from_utf8(a.cli(&["config", "check"]).stdout).unwrap();
+    assert!(check.contains("usage: relay mode"), "{check}");
+
+    let t = now();
+    record(&a, "cpu", "1.5", t - 3 * HOUR);
+    record(&a, "cpu", "2", t - 2 * HOUR);
+    record(&a, "steal", "99", t - 2 * HOUR);
+    record(&b, "cpu", "7.25", t - 2 * HOUR);
+
+    // Not known to the server yet: nothing is stored, the records stay pending.
+    let f = flush(&a);
+    assert!(
+        f["not_sent_because"]
+            .as_str()
+            .unwrap_or("")
+            .contains("UNKNOWN_DEVICE"),
+        "{f}"
+    );
+    assert!(states(&a).values().all(|s| s == "pending"));
+
+    register(&server, storage, &a);
+    register(&server, storage, &b);
+    let f = flush(&a);
+    assert_eq!(f["not_sent_because"], Value::Null, "{f}\n{}", server.log());
+    flush(&b);
+
+    // A's record for B's instance is refused by the server and parked on the device with
+    // the reason; everything else reaches the marketplace, once.
+    let sa = ledger(&a);
+    let steal = sa
+        .values()
+        .find(|r| r["meter"] == "steal")
+        .expect("the steal record");
+    assert_eq!(steal["delivery"]["state"], "parked", "{steal}");
+    assert!(
+        steal["delivery"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("NOT_BOUND"),
+        "{steal}"
+    );
+    let want: HashMap<String, (String, String)> = ledger(&a)
+        .into_iter()
+        .chain(ledger(&b))
+        .filter(|(_, r)| r["meter"] == "cpu")
+        .map(|(sn, r)| {
+            (
+                sn,
+                (
+                    r["instance_id"].as_str().unwrap().to_string(),
+                    r["usage_value"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(want.len(), 3);
+    wait_for("the upstream to get every record", 30, || up.unique() == 3);
+    let got = up.records();
+    for (sn, (inst, value)) in &want {
+        let (r, n) = &got[sn];
+        assert_eq!(*n, 1, "{sn} sent {n} times");
+        assert_eq!(r["instance_id"], json!(inst));
+        assert_eq!(r["usage_value"], json!(value));
+    }
+    assert!(up.violations().is_empty(), "{:?}", up.violations());
+    assert!(!got.values().any(|(r, _)| r["usage_value"] == "99"));
+    // The devices learn the outcome.
+    wait_for("the agents to learn the records were delivered", 30, || {
+        let (sa, sb) = (states(&a), states(&b));
+        sa.values().filter(|s| *s == "delivered").count() == 2
+            && sb.values().all(|s| s == "delivered")
+    });
+    assert_eq!(up.unique(), 3);
+    // The interconnection key is never on the devices and never in the server's log.
+    let log = server.log();
+    assert!(!log.contains(KEY), "the key is in the server log");
+    for ag in [&a, &b] {
+        assert!(!ag.log().contains(KEY));
+    }
+}
+
+#[test]
+fn direct_mode_is_warned_about_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("usage.key");
+    crate::seller_server::write_private(&key, "k\n");
+    let mut a = TestAgent::prepare(&format!(
+        "[usage]\nkey_file = {:?}\n",
+        key.display().to_string()
+    ));
+    let out = a.cli(&["config", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success());
+    assert!(
+        err.contains("WARNING") && err.contains("DIRECT MODE") && err.contains("relay"),
+        "{err}"
+    );
+    a.spawn(&[]);
+    a.call("device.code", json!({})).unwrap();
+    let st = a.call("usage.status", json!({})).unwrap();
+    assert_eq!(st["uploading"]["mode"], "direct", "{st}");
+    assert!(st["uploading"]["warning"]
+        .as_str()
+        .unwrap()
+        .contains("DIRECT MODE"));
+    wait_for("the start-up warning", 10, || a.log().contains("DIRECT MODE"));
+    // A relay URL makes relay the default, the key file unused (and said so).
+    let mut r = TestAgent::prepare(&format!(
+        "[usage]\nkey_file = {:?}\n[authcode]\nrelay_url = \"https://seller.example\"\n",
+        key.display().to_string()
+    ));
+    let out = String::from_utf8(r.cli(&["config", "check"]).stdout).unwrap();
+    assert!(
+        out.contains("usage: relay mode through the seller's server https://seller.example"),
+        "{out}"
+    );
+    r.spawn(&[]);
+    wait_for("the unused key warning", 10, || {
+        r.log().contains("usage.key_file is set but unused in relay mode")
+    });
+}
