@@ -138,6 +138,41 @@ impl SellerServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// kill -9, then the same server again on the same port (agents keep their URL).
+    pub fn kill9_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let d = self.dir.path();
+        let cfg = std::fs::read_to_string(d.join("seller.toml")).unwrap();
+        let cfg = cfg.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{}\"", self.port),
+        );
+        std::fs::write(d.join("seller.toml"), cfg).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.join("server.log"))
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["seller", "serve", "--config"])
+            .arg(d.join("seller.toml"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            format!("listening on 127.0.0.1:{}", self.port),
+            "log:\n{}",
+            self.log()
+        );
+        self.child = child;
+    }
+
     /// One HTTPS request; (status, headers lower-cased, body).
     pub fn request(
         &self,

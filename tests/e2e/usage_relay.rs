@@ -40,7 +40,7 @@ fn server_usage(upstreams: &[String], ca: &TestCa, extra: &str) -> String {
     format!(
         "[seller_server.usage]\nupstreams = [{}]\nextra_ca_file = {:?}\nupload_timeout_secs = 2\n\
          backoff_initial_ms = 50\nbackoff_max_ms = 300\n{extra}\n\
-         [seller_server.usage.meters]\nsku-pro = [\"cpu\", \"steal\"]\n",
+         [seller_server.usage.meters]\nsku-pro = [\"cpu\", \"steal\", \"rej\"]\n",
         ups.join(", "),
         ca.pem_path.display().to_string()
     )
@@ -98,7 +98,12 @@ fn register(server: &SellerServer, storage: &str, a: &TestAgent) {
     } else {
         let field = |name: &str| {
             let l = storage.lines().find(|l| l.starts_with(name)).unwrap();
-            l.split_once('=').unwrap().1.trim().trim_matches('"').to_string()
+            l.split_once('=')
+                .unwrap()
+                .1
+                .trim()
+                .trim_matches('"')
+                .to_string()
         };
         Box::new(
             db::postgres::Postgres::connect(&field("database_url"), &field("database_schema"))
@@ -159,7 +164,11 @@ fn through_the_relay(storage: &str) {
     let ca = TestCa::new(dir.path());
     let up = Upstream::start(&ca, KEY);
     let server = SellerServer::start(&format!("{storage}{}", server_usage(&[up.url()], &ca, "")));
-    let a = relay_agent(&server, "default", &[("cpu", "RA2-U-A"), ("steal", "RA2-U-B")]);
+    let a = relay_agent(
+        &server,
+        "default",
+        &[("cpu", "RA2-U-A"), ("steal", "RA2-U-B")],
+    );
     let b = relay_agent(&server, "other", &[("cpu", "RA2-U-B")]);
     let (code_a, code_b) = (code(&a), code(&b));
     assert_ne!(code_a, code_b);
@@ -274,7 +283,9 @@ fn direct_mode_is_warned_about_loudly() {
         .as_str()
         .unwrap()
         .contains("DIRECT MODE"));
-    wait_for("the start-up warning", 10, || a.log().contains("DIRECT MODE"));
+    wait_for("the start-up warning", 10, || {
+        a.log().contains("DIRECT MODE")
+    });
     // A relay URL makes relay the default, the key file unused (and said so).
     let mut r = TestAgent::prepare(&format!(
         "[usage]\nkey_file = {:?}\n[authcode]\nrelay_url = \"https://seller.example\"\n",
@@ -287,6 +298,148 @@ fn direct_mode_is_warned_about_loudly() {
     );
     r.spawn(&[]);
     wait_for("the unused key warning", 10, || {
-        r.log().contains("usage.key_file is set but unused in relay mode")
+        r.log()
+            .contains("usage.key_file is set but unused in relay mode")
     });
+}
+
+/// A port nothing listens on (the primary host "down").
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("https://localhost:{port}")
+}
+
+#[test]
+fn marketplace_faults_fallback_and_parking_reach_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let up = Upstream::start(&ca, KEY);
+    let server = SellerServer::start(&server_usage(&[dead_url(), up.url()], &ca, ""));
+    let a = relay_agent(&server, "default", &[("cpu", "RA2-F-A")]);
+    let b = relay_agent(&server, "other", &[("rej", "RA2-F-REJ")]);
+    order(&server, "RA2-F-A", &code(&a));
+    order(&server, "RA2-F-REJ", &code(&b));
+    register(&server, "", &a);
+    register(&server, "", &b);
+    // 500 twice, then 413 above two records, the primary host down throughout.
+    up.set(|f| {
+        f.status = Some((500, 2));
+        f.max_records = Some(2);
+    });
+    let t = now();
+    for h in 3..8 {
+        record(&a, "cpu", &format!("{h}.5"), t - h * HOUR);
+    }
+    let f = flush(&a);
+    assert_eq!(f["not_sent_because"], Value::Null, "{f}");
+    wait_for(
+        "five records delivered through the fallback host",
+        30,
+        || up.unique() == 5,
+    );
+    // Then 429 once, and the marketplace refuses one instance's record (400): parked on
+    // the server with the reason, and the device learns it.
+    up.set(|f| {
+        f.status = Some((429, 1));
+        f.reject_instance = Some("RA2-F-REJ".into());
+    });
+    record(&b, "rej", "1", t - 2 * HOUR);
+    let f = flush(&b);
+    assert_eq!(f["not_sent_because"], Value::Null, "{f}");
+    wait_for("the device to learn every outcome", 30, || {
+        states(&a).values().filter(|s| *s == "delivered").count() == 5
+            && states(&b).values().all(|s| s == "parked")
+    });
+    let rej = ledger(&b)
+        .into_values()
+        .find(|r| r["meter"] == "rej")
+        .unwrap();
+    let reason = rej["delivery"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("parked by the seller's relay") && reason.contains("92020002"),
+        "{reason}"
+    );
+    assert!(up.violations().is_empty(), "{:?}", up.violations());
+    assert!(up.records().values().all(|(_, n)| *n == 1));
+    let statuses: Vec<u16> = up.requests().iter().map(|r| r.status).collect();
+    for s in [500, 413, 429, 400, 200] {
+        assert!(statuses.contains(&s), "{s} not seen: {statuses:?}");
+    }
+}
+
+/// kill -9 of the agent and of the server at moments spread over a delivery (bounded):
+/// every acknowledged record reaches the marketplace, each under one metering_sn with
+/// its value, none lost.
+#[test]
+fn kill_9_of_either_side_loses_nothing_and_bills_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let up = Upstream::start(&ca, KEY);
+    let mut server = SellerServer::start(&server_usage(&[up.url()], &ca, "batch_size = 2\n"));
+    let mut a = relay_agent(&server, "default", &[("cpu", "RA2-K-A")]);
+    let c = code(&a);
+    order(&server, "RA2-K-A", &c);
+    let _ = device_key(&a);
+    register(&server, "", &a);
+    // Each upload waits, so kills land mid-delivery; some answers are lost after storing.
+    up.set(|f| {
+        f.slow = Duration::from_millis(150);
+        f.slow_count = 1000;
+        f.reset_after = 2;
+    });
+    let t = now();
+    let mut expect: HashMap<i64, String> = HashMap::new();
+    for h in 2..22 {
+        let v = format!("{h}.25");
+        record(&a, "cpu", &v, t - h * HOUR);
+        expect.insert(kooagent::usage::hours::hour_of(t - h * HOUR), v);
+    }
+    // The agent sends one batch of 2 per request.
+    let cfg = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        cfg.replace("[usage]\n", "[usage]\nbatch_size = 2\n"),
+    )
+    .unwrap();
+    for round in 0..6u64 {
+        // Flush in the background (it may die with the agent) and kill someone mid-way.
+        let sock = a.socket.clone();
+        let bg = std::thread::spawn(move || {
+            let _ = std::panic::catch_unwind(|| {
+                crate::harness::Conn::open(&sock).call("usage.flush", json!({}))
+            });
+        });
+        std::thread::sleep(Duration::from_millis(100 + 70 * round));
+        if round % 2 == 0 {
+            a.kill9();
+            let _ = bg.join();
+            a.spawn(&[]);
+        } else {
+            server.kill9_and_restart();
+            let _ = bg.join();
+        }
+    }
+    up.set(|f| f.slow_count = 0);
+    wait_for("every record at the marketplace", 60, || {
+        let _ = a.call("usage.flush", json!({}));
+        up.unique() == expect.len()
+    });
+    wait_for("the device to learn every record was delivered", 30, || {
+        states(&a).values().all(|s| s == "delivered")
+    });
+    assert!(up.violations().is_empty(), "{:?}", up.violations());
+    let got = up.records();
+    assert_eq!(got.len(), expect.len());
+    let mut hours: Vec<i64> = Vec::new();
+    for (r, _) in got.values() {
+        let begin = kooagent::clock::parse_compact(r["begin_time"].as_str().unwrap()).unwrap();
+        assert_eq!(r["usage_value"], json!(expect[&begin]), "{r}");
+        hours.push(begin);
+    }
+    hours.sort();
+    hours.dedup();
+    assert_eq!(hours.len(), expect.len(), "one record per hour");
+    assert_eq!(ledger(&a).len(), expect.len());
 }
