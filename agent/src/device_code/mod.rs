@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use encode::{parse_code, CodeError};
+pub use encode::{canonical, parse_code, CodeError};
 pub use privileged::{PrestartReport, BOOT_ID_FILE, HASHES_FILE};
 
 use baseline::{Baseline, CachedInstance, Component, IdentityFile};
@@ -266,7 +266,7 @@ impl DeviceReport {
     /// matches this device: it must be one of [`DeviceReport::accepted_codes`]. Always false
     /// while `settling`, so a license is not bound or checked against a provisional code.
     pub fn accepts(&self, code: &str) -> bool {
-        self.settled && parse_code(code).is_ok_and(|c| self.accepted_codes.contains(&c))
+        self.settled && self.accepted_codes.contains(&canonical(code))
     }
 
     /// Multi-line human explanation for `kooagent id --explain`: the code, the status sentence,
