@@ -619,8 +619,11 @@ fn print_usage_status(v: &Value) {
         other => other.to_string(),
     };
     let up = &v["uploading"];
-    if up["enabled"] == json!(true) {
-        println!("uploading:  on, to {}", s(&up["upstreams"]));
+    if up["mode"] == json!("relay") {
+        println!("uploading:  on, relay mode through {}", s(&up["relay"]));
+    } else if up["enabled"] == json!(true) {
+        println!("uploading:  on, DIRECT mode to {}", s(&up["upstreams"]));
+        println!("            WARNING: {}", s(&up["warning"]));
     } else {
         println!("uploading:  OFF: {}", s(&up["reason"]));
     }
@@ -667,6 +670,12 @@ fn print_usage_status(v: &Value) {
         s(&v["delivered"]["last_at"]),
         s(&v["delivered"]["last_upstream"])
     );
+    if v["relayed"]["records"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "relayed:    {} (held by the seller's server, outcome not reported yet)",
+            s(&v["relayed"]["records"])
+        );
+    }
     println!("parked:     {}", s(&v["parked"]["records"]));
     for p in v["parked"]["list"].as_array().into_iter().flatten() {
         println!(

@@ -514,6 +514,47 @@ mod tests {
     }
 
     #[test]
+    fn relayed_records_wait_for_the_relays_outcome() {
+        let mut s = State::new(T0);
+        s.apply(&usage(T0, "cpu", 2_000_000_000, 1));
+        s.apply(&usage(T0, "mem", 1_000_000_000, 1));
+        let c = hours::close(&s.open, &s.carry, 0, T0 + HOUR, 0, "dev").unwrap();
+        s.apply(&Entry::close(c));
+        let sns: Vec<String> = s.pending(10).into_iter().map(|r| r.sn).collect();
+        s.apply(&Entry::Relayed {
+            sns: sns.clone(),
+            at: 1,
+            relay: "https://seller".into(),
+        });
+        // Relayed: not pending any more, not delivered yet.
+        assert!(s.pending(10).is_empty());
+        assert_eq!((s.count(), s.relayed()), ((0, 0, 0), 2));
+        s.apply(&Entry::Delivered {
+            sns: vec![sns[0].clone()],
+            at: 2,
+            upstream: "https://seller (relay)".into(),
+            http: 200,
+        });
+        s.apply(&Entry::Parked {
+            sns: vec![sns[1].clone()],
+            at: 2,
+            reason: "parked by the seller's relay: x".into(),
+        });
+        assert_eq!((s.count(), s.relayed()), ((0, 1, 1), 0));
+        // Relaying never undoes an outcome.
+        s.apply(&Entry::Relayed {
+            sns,
+            at: 3,
+            relay: "r".into(),
+        });
+        assert_eq!(s.relayed(), 0);
+        let snap = Entry::Snapshot(Box::new(s.snapshot()));
+        let mut t = State::default();
+        t.apply(&serde_json::from_slice(&serde_json::to_vec(&snap).unwrap()).unwrap());
+        assert_eq!(t, s);
+    }
+
+    #[test]
     fn pruning_counts_what_it_drops() {
         let mut s = State::new(T0);
         s.apply(&usage(T0, "cpu", 2_000_000_000, 1));
