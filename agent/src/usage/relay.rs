@@ -305,6 +305,18 @@ pub fn deliver(
         if !send(ledger, client, clock, &refs, &mut round)? {
             return Ok(round);
         }
+        // An answer that leaves every record pending (results missing) would loop.
+        let st = ledger.state();
+        let stuck = pending.iter().all(|r| {
+            st.records
+                .get(&r.sn)
+                .is_some_and(|s| s.delivery == Delivery::Pending)
+        });
+        drop(st);
+        if stuck {
+            round.transient = Some("the relay's answer had no result for the records sent".into());
+            return Ok(round);
+        }
     }
     // Ask about what the server holds but has not reported done, a batch at a time.
     let relayed: Vec<HourRecord> = ledger
