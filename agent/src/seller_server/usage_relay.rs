@@ -512,6 +512,8 @@ impl Sink for Outbox<'_> {
 /// How long the worker sleeps at most between looks at the outbox (a replica's rows, or
 /// rows whose lease ran out after a crash).
 const IDLE_POLL_MS: i64 = 30_000;
+/// How often delivered rows past the age limit are forgotten.
+const PRUNE_EVERY_MS: i64 = 3_600_000;
 
 /// Starts the delivery thread.
 pub fn start_worker(
@@ -549,8 +551,21 @@ fn worker(
     let lease_ms = (cfg.upload_timeout_secs * 1000 * (cfg.upstreams.len() as u64 + 1)) as i64;
     let mut attempt: u32 = 0;
     let mut next_try = 0i64;
+    let mut next_prune = 0i64;
     loop {
         let now = clock.now_ms();
+        if now >= next_prune {
+            next_prune = now + PRUNE_EVERY_MS;
+            // A day beyond the age limit: no device can resend these any more.
+            let before = now / 1000 - (cfg.max_age_days as i64 + 1) * 86_400;
+            match db.run_blocking(move |tx| tx.usage().usage_prune(before)) {
+                Ok(0) => {}
+                Ok(n) => {
+                    log::info!("usage relay: forgot {n} delivered records older than the age limit")
+                }
+                Err(e) => log::error!("usage relay: pruning the outbox: {e}"),
+            }
+        }
         if now >= next_try {
             let sink = Outbox {
                 db: &db,
@@ -790,6 +805,27 @@ mod tests {
             let parked = db.run_blocking(|tx| tx.usage().usage_parked(10)).unwrap();
             assert_eq!(parked.len(), 1);
             assert_eq!(parked[0].device_key, "KA");
+            // Old delivered rows are forgotten, parked ones kept.
+            let begin = rec("x", "i", "m", "1").begin;
+            db.run_blocking(move |tx| {
+                tx.usage().usage_finish(
+                    &["s3".to_string()],
+                    &OutboxState::Delivered {
+                        at: 9,
+                        upstream: "u".into(),
+                        http: 200,
+                    },
+                )
+            })
+            .unwrap();
+            assert_eq!(
+                db.run_blocking(move |tx| tx.usage().usage_prune(begin + 1))
+                    .unwrap(),
+                1,
+                "{name}"
+            );
+            let c = db.run_blocking(|tx| tx.usage().usage_counts()).unwrap();
+            assert_eq!((c.delivered, c.parked), (0, 1), "{name}");
             // Another device cannot claim a record it did not send.
             let d = run(&db, "KB", "n7", vec![rec("s9", "i-b", "cpu", "1")]);
             assert!(matches!(d, Decision::Held(_)), "{name}");

@@ -97,6 +97,9 @@ pub trait UsageOutbox {
     fn usage_parked(&mut self, limit: usize) -> Result<Vec<OutboxRow>, DbError>;
     /// The earliest `next_at` of a pending row (when the worker should look again).
     fn usage_next_due(&mut self) -> Result<Option<i64>, DbError>;
+    /// Forgets delivered rows of hours starting before `before` (records that old are
+    /// refused anyway, so no resend can need them); parked rows stay for the seller.
+    fn usage_prune(&mut self, before: i64) -> Result<u64, DbError>;
 }
 
 /// Reassembles a row from its columns (both backends read the same ones).
@@ -348,6 +351,17 @@ mod sqlite_impl {
             Ok(v)
         }
 
+        fn usage_prune(&mut self, before: i64) -> Result<u64, DbError> {
+            let n = self
+                .conn
+                .execute(
+                    "DELETE FROM usage_outbox WHERE state = 'delivered' AND begin_time < ?1",
+                    params![before],
+                )
+                .map_err(err)?;
+            Ok(n as u64)
+        }
+
         fn usage_next_due(&mut self) -> Result<Option<i64>, DbError> {
             self.conn
                 .query_row(
@@ -493,6 +507,15 @@ mod postgres_impl {
             );
             let rows = self.client.query(&sql, &[&(limit as i64)]).map_err(err)?;
             rows.iter().map(read).collect()
+        }
+
+        fn usage_prune(&mut self, before: i64) -> Result<u64, DbError> {
+            self.client
+                .execute(
+                    "DELETE FROM usage_outbox WHERE state = 'delivered' AND begin_time < $1",
+                    &[&before],
+                )
+                .map_err(err)
         }
 
         fn usage_next_due(&mut self) -> Result<Option<i64>, DbError> {
