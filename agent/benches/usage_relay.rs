@@ -118,6 +118,13 @@ fn held(status: u16, body: &[u8]) -> usize {
     v["results"].as_array().unwrap().len()
 }
 
+async fn connect(connector: TlsConnector, port: u16) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
 fn cpu_us(pid: u32) -> f64 {
     kooagent::bench::process_cpu_us(pid).expect("the process's CPU clock")
 }
@@ -242,12 +249,6 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let connect = |connector: TlsConnector| async move {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        connector.connect(name, tcp).await.unwrap()
-    };
     let now = now_ms() / 1000;
     let hour = now / 3600 * 3600;
     let mut rows = Vec::new();
@@ -274,7 +275,7 @@ fn main() {
             })
             .collect();
         let r = rt.block_on(async {
-            let mut s = connect(connector.clone()).await;
+            let mut s = connect(connector.clone(), port).await;
             let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
             let t0 = Instant::now();
             let mut n = 0;
@@ -317,7 +318,7 @@ fn main() {
                 let req = request(&k, recs);
                 let (connector, barrier) = (connector.clone(), barrier.clone());
                 tasks.push(tokio::spawn(async move {
-                    let mut s = connect(connector).await;
+                    let mut s = connect(connector, port).await;
                     barrier.wait().await;
                     s.write_all(&req).await.unwrap();
                     let (st, body) = read_response(&mut s).await;
