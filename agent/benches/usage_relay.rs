@@ -297,6 +297,66 @@ fn main() {
         });
     }
 
+    // 8 devices catching up at once, each with batches of 1000 one after the other: the
+    // server's intake when requests overlap (group commit shares the fsync).
+    {
+        const K: usize = 8;
+        let per = (batches / K).max(1);
+        let r = rt.block_on(async {
+            let mut tasks = Vec::new();
+            let barrier = Arc::new(tokio::sync::Barrier::new(K + 1));
+            for dev in 0..K {
+                let (k, _, _) = device(dev);
+                let reqs: Vec<Vec<u8>> = (0..per)
+                    .map(|b| {
+                        let recs = (0..1000)
+                            .map(|j| {
+                                let n = b * 1000 + j;
+                                record(
+                                    format!("many-{dev}-{n}"),
+                                    &format!("inst-{dev}"),
+                                    n % 200,
+                                    hour - 3600 * (1 + (n / 200) as i64 % 800),
+                                    now,
+                                )
+                            })
+                            .collect();
+                        request(&k, recs)
+                    })
+                    .collect();
+                let (connector, barrier) = (connector.clone(), barrier.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut s = connect(connector, port).await;
+                    barrier.wait().await;
+                    let mut n = 0;
+                    for req in &reqs {
+                        s.write_all(req).await.unwrap();
+                        let (st, body) = read_response(&mut s).await;
+                        n += held(st, &body);
+                    }
+                    n
+                }));
+            }
+            barrier.wait().await;
+            let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
+            let t0 = Instant::now();
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.unwrap();
+            }
+            let wall = t0.elapsed();
+            (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0)
+        });
+        rows.push(Row {
+            name: format!("{K} devices, 1000/request"),
+            requests: per * K,
+            records: r.0,
+            wall: r.1,
+            server_us: r.2,
+            client_us: r.3,
+        });
+    }
+
     // N devices, one hour's records each (4 meters), all at once on warm connections.
     if devices > 0 {
         let barrier = Arc::new(tokio::sync::Barrier::new(devices + 1));
