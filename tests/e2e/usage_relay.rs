@@ -374,15 +374,23 @@ fn marketplace_faults_fallback_and_parking_reach_the_device() {
 /// its value, none lost.
 #[test]
 fn kill_9_of_either_side_loses_nothing_and_bills_nothing_twice() {
+    for storage in storages() {
+        kill_loop(&storage);
+    }
+}
+
+fn kill_loop(storage: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path());
     let up = Upstream::start(&ca, KEY);
-    let mut server = SellerServer::start(&server_usage(&[up.url()], &ca, "batch_size = 2\n"));
+    let mut server = SellerServer::start(&format!(
+        "{storage}{}",
+        server_usage(&[up.url()], &ca, "batch_size = 2\n")
+    ));
     let mut a = relay_agent(&server, "default", &[("cpu", "RA2-K-A")]);
     let c = code(&a);
     order(&server, "RA2-K-A", &c);
-    let _ = device_key(&a);
-    register(&server, "", &a);
+    register(&server, storage, &a);
     // Each upload waits, so kills land mid-delivery; some answers are lost after storing.
     up.set(|f| {
         f.slow = Duration::from_millis(150);
