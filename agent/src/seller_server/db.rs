@@ -62,10 +62,6 @@ CREATE TABLE IF NOT EXISTS nonces (
     seen_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (seen_at);
-CREATE TABLE IF NOT EXISTS stub_devices (
-    device_key TEXT PRIMARY KEY,
-    device_code TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS codes (
     code       TEXT PRIMARY KEY,
     status     TEXT NOT NULL,
@@ -176,14 +172,6 @@ pub struct CodeRow {
     pub device_key: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceRow {
-    pub device_code: String,
-    pub device_key: String,
-    pub first_seen: i64,
-    pub last_seen: i64,
-}
-
 /// The queries, inside a transaction.
 pub trait Tx {
     /// Remembers `nonce`; false if it was already seen.
@@ -211,10 +199,6 @@ pub trait Tx {
     fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
     /// Distinct licenses issued so far (checks and the bench).
     fn count_licenses(&mut self) -> Result<i64, DbError>;
-    /// LOCAL STUB of the device registry (issue 21 owns it): never land this.
-    fn device(&mut self, key: &str) -> Result<Option<DeviceRow>, DbError>;
-    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError>;
-    fn put_device(&mut self, row: &DeviceRow) -> Result<(), DbError>;
     /// The usage relay's outbox (issue 19).
     fn usage(&mut self) -> &mut dyn usage::UsageOutbox;
 }

@@ -300,47 +300,6 @@ impl Tx for Postgres {
         .map(drop)
     }
 
-    fn device(&mut self, key: &str) -> Result<Option<super::DeviceRow>, DbError> {
-        Ok(self
-            .opt(
-                "SELECT device_code FROM stub_devices WHERE device_key = $1",
-                &[&key],
-            )?
-            .map(|r| super::DeviceRow {
-                device_code: r.get(0),
-                device_key: key.to_string(),
-                first_seen: 0,
-                last_seen: 0,
-            }))
-    }
-    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
-        let Some(d) = self.device(key)? else {
-            return Ok(vec![]);
-        };
-        let pat = format!("%\"{}\"%", d.device_code);
-        let ids: Vec<String> = self
-            .client
-            .query(
-                "SELECT instance_id FROM instances WHERE devices LIKE $1",
-                &[&pat],
-            )
-            .map_err(err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let mut v = vec![];
-        for i in ids {
-            if let Some(r) = self.instance(&i)? {
-                v.push(r)
-            }
-        }
-        Ok(v)
-    }
-    fn put_device(&mut self, row: &super::DeviceRow) -> Result<(), DbError> {
-        let (key, code) = (&row.device_key, &row.device_code);
-        self.exec("INSERT INTO stub_devices VALUES ($1, $2) ON CONFLICT (device_key) DO UPDATE SET device_code = $2", &[&key, &code])?;
-        Ok(())
-    }
     fn usage(&mut self) -> &mut dyn super::usage::UsageOutbox {
         self
     }

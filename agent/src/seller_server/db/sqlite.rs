@@ -322,56 +322,6 @@ impl Tx for Sqlite {
             .map_err(err)
     }
 
-    fn device(&mut self, key: &str) -> Result<Option<super::DeviceRow>, DbError> {
-        self.conn
-            .query_row(
-                "SELECT device_code FROM stub_devices WHERE device_key = ?1",
-                params![key],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(err)
-            .map(|c| {
-                c.map(|device_code| super::DeviceRow {
-                    device_code,
-                    device_key: key.to_string(),
-                    first_seen: 0,
-                    last_seen: 0,
-                })
-            })
-    }
-    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
-        let Some(d) = self.device(key)? else {
-            return Ok(vec![]);
-        };
-        let ids: Vec<String> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT instance_id FROM instances WHERE devices LIKE ?1")
-                .map_err(err)?;
-            let it = st
-                .query_map(params![format!("%\"{}\"%", d.device_code)], |r| r.get(0))
-                .map_err(err)?;
-            it.collect::<Result<_, _>>().map_err(err)?
-        };
-        let mut v = vec![];
-        for i in ids {
-            if let Some(r) = self.instance(&i)? {
-                v.push(r)
-            }
-        }
-        Ok(v)
-    }
-    fn put_device(&mut self, row: &super::DeviceRow) -> Result<(), DbError> {
-        let (key, code) = (&row.device_key, &row.device_code);
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO stub_devices VALUES (?1, ?2)",
-                params![key, code],
-            )
-            .map_err(err)?;
-        Ok(())
-    }
     fn usage(&mut self) -> &mut dyn super::usage::UsageOutbox {
         self
     }
