@@ -88,6 +88,13 @@ enum Command {
         #[arg(long)]
         local: bool,
     },
+    /// Privileged start step (root; systemd `ExecStartPre=+`): read the root-only identity
+    /// sources once and leave their keyed hashes and the boot id in /run/kooagent for an agent
+    /// that runs with no capability
+    Prestart {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running agent's status
     Status {
         #[arg(long)]
@@ -431,6 +438,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
             local,
         } => id(&g, explain, json, local),
+        Command::Prestart { json } => {
+            let cfg = g.load()?.config;
+            let report = Resolver::new(cfg.identity, cfg.agent.product_id, None).prestart()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "wrote {} ({})",
+                    report.hashes_file.display(),
+                    report.components.join(", ")
+                );
+                if let Some(b) = &report.boot_id_file {
+                    println!("wrote {}", b.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let v = g.client()?.call("agent.status", json!({}))?;
             if json {
