@@ -31,6 +31,8 @@ use tokio_rustls::TlsAcceptor;
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
 use super::db::Db;
+use super::devices;
+use super::limits::{self, LimitsConfig};
 use super::relay::{self, Endpoint, Gate, Relay};
 use super::tokens::StatusTokens;
 use super::{ProductConfig, SellerServerConfig};
@@ -57,6 +59,7 @@ pub struct State {
     pub window_secs: i64,
     /// None: no `aksk_file`, no relay.
     pub relay: Option<Arc<Relay>>,
+    pub limits: LimitsConfig,
     last_prune: AtomicI64,
 }
 
@@ -79,6 +82,7 @@ impl State {
             clock,
             window_secs: cfg.timestamp_window_secs as i64,
             relay,
+            limits: cfg.limits.clone(),
             last_prune: AtomicI64::new(0),
         }
     }
@@ -180,7 +184,7 @@ async fn connection(
             return;
         }
     };
-    let service = hyper::service::service_fn(move |req| route(state.clone(), req));
+    let service = hyper::service::service_fn(move |req| route(state.clone(), peer, req));
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -203,13 +207,18 @@ fn plain(status: StatusCode, text: &str) -> Resp {
     r
 }
 
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+async fn route(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/v1/licenses/") {
         if req.method() != Method::GET {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
         }
-        return Ok(agent_get(&state, rest).await);
+        let rest = rest.to_string();
+        return Ok(agent_get(&state, peer, &rest, &req).await);
     }
     if let Some(name) = path.strip_prefix(relay::PREFIX) {
         let Some(ep) = Endpoint::from_name(name) else {
@@ -437,29 +446,89 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
     )
 }
 
-async fn agent_get(state: &State, rest: &str) -> Resp {
+fn device_error(status: StatusCode, code: &str, msg: &str) -> Resp {
+    json(status, relay::error_body(code, msg))
+}
+
+/// `GET /v1/licenses/<id>[/status]?device_code=CODE`, signed with the device key
+/// ([`devices`]).
+async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<Incoming>) -> Resp {
     let (id, status) = match rest.strip_suffix("/status") {
         Some(id) => (id.to_string(), true),
         None => (rest.to_string(), false),
     };
-    if id.is_empty() || id.len() > 128 || id.contains('/') {
-        return plain(StatusCode::NOT_FOUND, "no such license\n");
-    }
-    let r = if status {
-        state
-            .db
-            .run(move |tx| Ok(tx.latest_token(&id)?.map(|t| t.token)))
-            .await
-    } else {
-        state
-            .db
-            .run(move |tx| Ok(tx.instance_by_license(&id)?.map(|i| i.license)))
-            .await
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let now_ms = state.clock.now_ms();
+    let headers = req.headers();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match relay::verify(header, "GET", &target, b"", now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            let m = format!("licenses are served to signed device requests only: {e}");
+            return device_error(StatusCode::UNAUTHORIZED, devices::ERR_UNAUTHENTICATED, &m);
+        }
     };
+    let device_code = match devices::code_from_query(req.uri().query()) {
+        Ok(c) => c,
+        Err(m) => return device_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &m),
+    };
+    if id.is_empty() || id.len() > 128 || id.contains('/') {
+        return device_error(
+            StatusCode::NOT_FOUND,
+            devices::ERR_NOT_FOUND,
+            "no such license",
+        );
+    }
+    let fetch = devices::Fetch {
+        license_id: id,
+        status,
+        device_code,
+        key: device.key,
+        nonce: device.nonce,
+        address: limits::address_key(peer.ip()),
+    };
+    let lim = state.limits.clone();
+    let prune = state.prune_before(now_ms.div_euclid(1000));
+    let bucket_age = lim.longest_refill_ms();
+    let r = state
+        .db
+        .run(move |tx| {
+            if let Some(before) = prune {
+                tx.prune_nonces(before)?;
+                tx.prune_buckets(now_ms - bucket_age)?;
+            }
+            devices::fetch(tx, &fetch, &lim, now_ms)
+        })
+        .await;
     match r {
-        Ok(Some(text)) => plain(StatusCode::OK, &text),
-        Ok(None) if status => plain(StatusCode::NOT_FOUND, "no status token for this license\n"),
-        Ok(None) => plain(StatusCode::NOT_FOUND, "no such license\n"),
+        Ok(devices::Answer::Serve(text)) => plain(StatusCode::OK, &text),
+        Ok(devices::Answer::NotFound(m)) => {
+            device_error(StatusCode::NOT_FOUND, devices::ERR_NOT_FOUND, &m)
+        }
+        Ok(devices::Answer::Bound(m)) => {
+            log::warn!("{peer}: license fetch refused: {m}");
+            device_error(StatusCode::FORBIDDEN, devices::ERR_BOUND, &m)
+        }
+        Ok(devices::Answer::Limited(bucket)) => {
+            log::debug!("{peer}: license fetch over the miss limit ({bucket})");
+            let mut r = device_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                devices::ERR_LIMITED,
+                "too many requests for licenses that are not yours; try again later",
+            );
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            r
+        }
+        Ok(devices::Answer::Replay) => device_error(
+            StatusCode::UNAUTHORIZED,
+            devices::ERR_UNAUTHENTICATED,
+            "x-kooagent-nonce was already used (replayed request)",
+        ),
         Err(e) => {
             log::error!("agent request failed: {e}");
             plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
