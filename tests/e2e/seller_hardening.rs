@@ -146,3 +146,53 @@ fn the_database_file_is_private() {
     let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}", db.display());
 }
+
+/// Item 3: one device's burst of heartbeats, and a crowd of keys from one address, reach
+/// the marketplace only as far as the buckets allow; the rest is answered 429 at once.
+#[test]
+fn relay_calls_are_rate_limited_per_key_and_per_address() {
+    use crate::authcode::Market;
+    use crate::relay::{call, code_of, Device};
+    let market = Market::start();
+    market.add("RATE-1", true);
+    let dir = crate::harness::short_tempdir();
+    let server = crate::relay::start_with(
+        &market,
+        "",
+        "[seller_server.limits]\nrelay_per_key = { burst = 4, per_minute = 1 }\n\
+         relay_per_address = { burst = 10, per_minute = 1 }\n",
+        dir.path(),
+    );
+    let a = Device::new();
+    let (status, text) = call(&server, &a, "activate", &json!({"license": "RATE-1"}));
+    assert_eq!(status, 200, "{text}");
+    let answers: Vec<u16> = (0..6)
+        .map(|_| call(&server, &a, "heartbeat", &json!({"license": "RATE-1"})).0)
+        .collect();
+    assert_eq!(answers, [200, 200, 200, 429, 429, 429]);
+    let (_, text) = call(&server, &a, "heartbeat", &json!({"license": "RATE-1"}));
+    assert_eq!(code_of(&text), "KOOAGENT.RELAY.0429");
+    assert_eq!(
+        market.seen().len(),
+        4,
+        "only the budget reached the marketplace"
+    );
+    // Fresh keys from the same address: 6 of the address's 10 are left.
+    let answers: Vec<u16> = (0..8)
+        .map(|_| {
+            call(
+                &server,
+                &Device::new(),
+                "activate",
+                &json!({"license": "NOPE"}),
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|s| **s == 429).count(),
+        2,
+        "{answers:?}"
+    );
+    assert_eq!(market.seen().len(), 10);
+}

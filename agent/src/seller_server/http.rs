@@ -227,7 +227,7 @@ async fn route(
         if req.method() != Method::POST {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
         }
-        return Ok(relay_call(state, ep, req).await);
+        return Ok(relay_call(state, peer, ep, req).await);
     }
     let Some(i) = state.products.iter().position(|p| p.path == path) else {
         return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
@@ -343,7 +343,12 @@ fn relay_error(status: StatusCode, code: &str, msg: &str) -> Resp {
 
 /// One relayed call: device signature, body, nonce and trust on first use, then the
 /// marketplace (on a blocking thread), then the binding of a newly activated code.
-async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> Resp {
+async fn relay_call(
+    state: Arc<State>,
+    peer: SocketAddr,
+    ep: Endpoint,
+    req: Request<Incoming>,
+) -> Resp {
     let Some(rl) = state.relay.clone() else {
         return plain(
             StatusCode::NOT_FOUND,
@@ -376,11 +381,14 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
     let (c, d) = (codes.clone(), device.clone());
+    let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &state.limits);
+    let bucket_age = state.limits.longest_refill_ms();
     let gate = state.db.run(move |tx| {
         if let Some(before) = prune {
             tx.prune_nonces(before)?;
+            tx.prune_buckets(now_ms - bucket_age)?;
         }
-        relay::gate(tx, ep, &c, &d, now)
+        relay::gate(tx, ep, &c, &d, &buckets, now_ms)
     });
     match tokio::time::timeout(ANSWER_WITHIN, gate).await {
         Ok(Ok(Gate::Forward)) => {}
@@ -388,6 +396,14 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
             log::warn!("relay {path}: nonce {} replayed", device.nonce);
             let m = "x-kooagent-nonce was already used (replayed request)";
             return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, m);
+        }
+        Ok(Ok(Gate::Limited(bucket))) => {
+            log::warn!("relay {path}: over the rate limit {bucket}");
+            let m = "too many relay calls; try again later";
+            let mut r = relay_error(StatusCode::TOO_MANY_REQUESTS, relay::ERR_LIMITED, m);
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            return r;
         }
         Ok(Ok(Gate::Forbidden(m))) => {
             log::warn!("relay {path}: {m} (device key {})", device.key);
