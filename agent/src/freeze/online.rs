@@ -17,7 +17,9 @@ use ed25519_dalek::SigningKey;
 use super::{FreezeConfig, FreezeService};
 use crate::authcode::relay_auth;
 use crate::device_code::DeviceReport;
+use crate::license::store::{InstallError, Installed};
 use crate::license::LicenseService;
+use crate::source_health::SourceHealth;
 
 /// Who asks: every fetch is signed with the device key (the relay protocol's headers) and
 /// says the device code the license is bound to, so the seller's server can bind the key
@@ -129,7 +131,9 @@ fn fetch(
     }
 }
 
-/// One round over every license held (blocking).
+/// One round over every license held (blocking). Each URL's outcome goes into the
+/// service's source health (`freeze.status` → `online`): a transport error, an HTTP error
+/// or an answer that does not verify is a failure; "nothing new" is a success.
 pub fn poll_once(
     cfg: &FreezeConfig,
     freeze: &FreezeService,
@@ -137,10 +141,16 @@ pub fn poll_once(
     asker: &Asker,
 ) -> Poll {
     let mut out = Poll::default();
+    let now = crate::source_health::now;
     let agent = match agent(cfg) {
         Ok(a) => a,
         Err(e) => {
-            log::warn!("freeze online source: {e}");
+            let health = if cfg.token_url.is_empty() {
+                &freeze.online.licenses
+            } else {
+                &freeze.online.tokens
+            };
+            health.failure(now(), &e);
             out.failures += 1;
             return out;
         }
@@ -162,12 +172,16 @@ pub fn poll_once(
             (e.id.clone(), devices)
         })
         .collect();
+    // One verdict per source and round: the first failure of the round, else success.
+    let mut token_err: Option<String> = None;
+    let mut license_err: Option<String> = None;
     for (id, devices) in ids {
         out.asked += 1;
         let code = asker.code_for(&devices);
         let code = code.as_deref();
         if !cfg.token_url.is_empty() {
-            match fetch(&agent, &url_for(&cfg.token_url, &id), asker, code) {
+            let url = url_for(&cfg.token_url, &id);
+            match fetch(&agent, &url, asker, code) {
                 Ok(Some(body)) => {
                     match freeze.apply_token(&body, &license.trusted_keys(), license.time_view()) {
                         Ok(v) => {
@@ -179,41 +193,87 @@ pub fn poll_once(
                             }
                             license.refresh_blocking();
                         }
-                        Err(e) => log::debug!(
-                            "freeze: online token for {id} not applied: {} ({})",
-                            e.message,
-                            e.code
-                        ),
+                        // An older token than the one applied is the endpoint lagging,
+                        // not an error of this device.
+                        Err(e) if e.code == super::service::codes::STALE_TOKEN => {
+                            log::debug!("freeze: online token for {id}: {}", e.message)
+                        }
+                        Err(e) => {
+                            out.failures += 1;
+                            token_err.get_or_insert(format!(
+                                "token for {id} from {url} refused ({}): {}",
+                                e.code, e.message
+                            ));
+                        }
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     out.failures += 1;
-                    log::debug!("freeze: online source unreachable for {id}: {e}");
+                    token_err.get_or_insert(format!("GET {url}: {e}"));
                 }
             }
         }
         if !cfg.license_url.is_empty() {
-            match fetch(&agent, &url_for(&cfg.license_url, &id), asker, code) {
+            let url = url_for(&cfg.license_url, &id);
+            match fetch(&agent, &url, asker, code) {
                 Ok(Some(body)) => match license.install(&body, None) {
+                    Ok((Installed::Unchanged(_), _)) => {}
                     Ok((installed, _)) => {
                         log::info!("license {} fetched from the online source", installed.id());
                         out.licenses_installed += 1;
                     }
-                    // The same license again, or an older one: nothing to do.
+                    // An older one: the endpoint lags behind what the device has.
+                    Err(InstallError::Stale { .. }) => {}
                     Err(e) => {
-                        log::debug!("license for {id} from the online source not installed: {e}")
+                        out.failures += 1;
+                        license_err.get_or_insert(format!(
+                            "license for {id} from {url} refused ({}): {e}",
+                            e.code()
+                        ));
                     }
                 },
                 Ok(None) => {}
                 Err(e) => {
                     out.failures += 1;
-                    log::debug!("license source unreachable for {id}: {e}");
+                    license_err.get_or_insert(format!("GET {url}: {e}"));
                 }
             }
         }
     }
+    if out.asked > 0 {
+        for (url, err, health) in [
+            (&cfg.token_url, token_err, &freeze.online.tokens),
+            (&cfg.license_url, license_err, &freeze.online.licenses),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match err {
+                Some(e) => health.failure(now(), e),
+                None => health.success(now()),
+            }
+        }
+    }
     out
+}
+
+/// The health of the two online sources (`freeze.status` → `online`).
+#[derive(Debug)]
+pub struct OnlineHealth {
+    /// `token_url`: the freeze poll.
+    pub tokens: SourceHealth,
+    /// `license_url`: the license refresh.
+    pub licenses: SourceHealth,
+}
+
+impl Default for OnlineHealth {
+    fn default() -> Self {
+        OnlineHealth {
+            tokens: SourceHealth::new("freeze poll (freeze.token_url)"),
+            licenses: SourceHealth::new("license refresh (freeze.license_url)"),
+        }
+    }
 }
 
 fn jitter(max: u64) -> u64 {
@@ -255,10 +315,12 @@ pub fn start(
                         let p = poll_once(&cfg, &freeze, &license, &Asker { key, device });
                         log::debug!("freeze online source: {p:?}");
                     }
-                    Err(e) => log::warn!(
-                        "freeze online source: device key {}: {e}",
-                        key_file.display()
-                    ),
+                    Err(e) => {
+                        let e = format!("device key {}: {e}", key_file.display());
+                        let now = crate::source_health::now();
+                        freeze.online.tokens.failure(now, &e);
+                        log::warn!("freeze online source: {e}");
+                    }
                 }
                 std::thread::sleep(Duration::from_secs(
                     cfg.poll_interval_secs + jitter(cfg.poll_jitter_secs),
