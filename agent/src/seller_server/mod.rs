@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod activities;
 pub mod auth;
+pub mod call;
 pub mod db;
 pub mod devices;
 pub mod http;
