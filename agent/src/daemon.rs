@@ -14,6 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Origin, Overrides};
 use crate::notify::{monotonic_usec, notify_logged};
 use crate::ops::Dispatcher;
+use crate::state_lock::StateLock;
 use crate::{logging, socket, store};
 
 pub struct RunOptions {
@@ -38,6 +39,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
+    // Before the socket: the lock, not the socket, keeps a second agent off this state.
+    let state_lock = StateLock::acquire(&cfg.agent.state_dir)?;
     let group_required = loaded.origin("socket.group") != Origin::Default;
     let mut ready_pipe: Option<std::os::unix::net::UnixStream> = None;
     let bound = socket::bind(
@@ -85,6 +88,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
             daemonize::Outcome::Child(Ok(_)) => {
                 drop(parent_end);
+                state_lock
+                    .record_pid()
+                    .context("recording the detached pid in the state lock")?;
                 ready_pipe = Some(child_end);
             }
         }
@@ -106,6 +112,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .context("starting the runtime")?;
     let result = rt.block_on(serve_until_signal(loaded, opts, &bound, ready_pipe));
     bound.remove();
+    // Released only once everything queued for the ledger is written.
+    drop(state_lock);
     result
 }
 

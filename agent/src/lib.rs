@@ -23,5 +23,6 @@ pub mod protocol;
 #[cfg(feature = "seller-server")]
 pub mod seller_server;
 pub mod socket;
+pub mod state_lock;
 pub mod store;
 pub mod usage;

@@ -85,9 +85,64 @@ fn embedded_defaults_without_a_config_file() {
 fn second_agent_on_the_same_socket_is_refused() {
     let a = TestAgent::start("");
     let err = a.run_refused();
-    assert!(err.contains("already listening"), "{err}");
+    // The state lock is taken before the socket is bound: it is what refuses.
+    assert!(err.contains("in use by another agent"), "{err}");
     // The first one is untouched.
     assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn second_agent_on_the_same_state_dir_is_refused_naming_the_holder() {
+    let a = TestAgent::start("");
+    let holder = a.child.as_ref().unwrap().id();
+    // Its own socket, the first agent's state directory.
+    let b = TestAgent::prepare(&format!("[agent]\nstate_dir = \"{}\"\n", a.state.display()));
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid {holder}")) && err.contains(&a.state.display().to_string()),
+        "{err}"
+    );
+    assert!(!b.socket.exists(), "the refused agent bound nothing");
+    // image-prep on that config is refused too, and removes nothing.
+    let per_instance = a.state.join("agent.log");
+    std::fs::write(&per_instance, b"kept").unwrap();
+    let out = b.cli(&["image-prep", "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("pid {holder}")),
+        "{err}"
+    );
+    assert!(per_instance.exists(), "a refused prep removed state");
+    assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn detached_agent_names_its_own_pid_in_the_state_lock() {
+    let a = TestAgent::prepare("");
+    run_ok(
+        Command::new(BIN)
+            .args(["run", "--daemon", "--config"])
+            .arg(&a.config),
+    );
+    let pid: u32 = std::fs::read_to_string(a.dir.path().join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let err = a.run_refused();
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while a.socket.exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(err.contains(&format!("pid {pid})")), "{err}");
 }
 
 #[test]
