@@ -26,6 +26,10 @@ pub struct RunOptions {
 }
 
 pub fn run(opts: RunOptions) -> Result<()> {
+    // Everything the agent creates is its own (state, log, pidfile directory); the one
+    // thing shared with the group, the socket, gets its mode set explicitly.
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
     let cfg = loaded.config.clone();
     logging::init(cfg.log_level(), None);
@@ -69,6 +73,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             std::os::unix::net::UnixStream::pair().context("creating the readiness pipe")?;
         let d = daemonize::Daemonize::new()
             .pid_file(&cfg.agent.pidfile)
+            // Its default (027) would leave the pidfile group-readable.
+            .umask(0o077)
             .working_directory("/")
             .stderr(log);
         match d.execute() {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod device_code;
 pub mod device_service;
+pub mod drop_dir;
 pub mod freeze;
 pub mod https;
 pub mod image_prep;
