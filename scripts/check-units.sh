@@ -1,10 +1,10 @@
 #!/bin/sh
 # Checks systemd/kooagent.service: `systemd-analyze verify` must be clean and
-# `systemd-analyze security --offline=true` must report an exposure <= $MAX_EXPOSURE (2.0).
+# `systemd-analyze security --offline=true` must report an exposure <= $MAX_EXPOSURE (1.2).
 # Installs Debian's systemd package when systemd-analyze is missing (needs root + apt).
 set -eu
 
-MAX_EXPOSURE=${MAX_EXPOSURE:-2.0}
+MAX_EXPOSURE=${MAX_EXPOSURE:-1.2}
 here=$(cd "$(dirname "$0")/.." && pwd)
 unit="$here/systemd/kooagent.service"
 dropin="$here/systemd/kooagent.service.d/restart-backoff.conf"

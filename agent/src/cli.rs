@@ -88,6 +88,13 @@ enum Command {
         #[arg(long)]
         local: bool,
     },
+    /// Privileged start step (root; systemd `ExecStartPre=+`): read the root-only identity
+    /// sources once and leave their keyed hashes and the boot id in /run/kooagent for an agent
+    /// that runs with no capability
+    Prestart {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running agent's status
     Status {
         #[arg(long)]
@@ -397,6 +404,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
             local,
         } => id(&g, explain, json, local),
+        Command::Prestart { json } => {
+            let cfg = g.load()?.config;
+            let report = Resolver::new(cfg.identity, cfg.agent.product_id, None).prestart()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "wrote {} ({})",
+                    report.hashes_file.display(),
+                    report.components.join(", ")
+                );
+                if let Some(b) = &report.boot_id_file {
+                    println!("wrote {}", b.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let v = g.client()?.call("agent.status", json!({}))?;
             if json {
@@ -654,6 +678,9 @@ fn print_usage_status(v: &Value) {
     if let Some(t) = u["last_round"]["transient"].as_str() {
         println!("            {t}");
     }
+    if let Some(e) = u["last_error"].as_str() {
+        println!("last error: {e} ({})", s(&u["last_error_at"]));
+    }
     if let Some(b) = u["close_blocked"].as_str() {
         println!("hours open: {b}");
     }
@@ -820,6 +847,34 @@ fn print_status(v: &Value) {
             println!("            time.json was unreadable: {e}");
         }
     }
+    if let Some(sources) = v["sources"].as_object() {
+        for (name, h) in sources {
+            if h["configured"] == json!(true) || !h["last_attempt_at"].is_null() {
+                print_health(name, h);
+            }
+        }
+    }
+}
+
+/// One online source's health (`source_health::Health`) on one or two lines.
+fn print_health(name: &str, h: &Value) {
+    let t = |k: &str| h[k].as_str().unwrap_or("never").to_string();
+    let state = if h["last_attempt_at"].is_null() {
+        "not tried yet"
+    } else if h["failing"] == json!(true) || h["consecutive_failures"].as_u64().unwrap_or(0) > 0 {
+        "FAILING"
+    } else {
+        "ok"
+    };
+    println!(
+        "{:<16} {state}; last attempt {}, last success {}",
+        format!("{name}:"),
+        t("last_attempt_at"),
+        t("last_success_at")
+    );
+    if let Some(e) = h["last_error"].as_str() {
+        println!("                 last error ({}): {e}", t("last_error_at"));
+    }
 }
 
 fn read_input(file: &std::path::Path) -> Result<Vec<u8>> {
@@ -868,6 +923,9 @@ fn authcode_cmd(g: &Global, command: AuthcodeCommand) -> Result<ExitCode> {
             } else {
                 println!("mode: {}", v["mode"].as_str().unwrap_or("?"));
                 print_codes(&v);
+                if !v["source"]["last_attempt_at"].is_null() {
+                    print_health("daily query", &v["source"]);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1067,6 +1125,12 @@ fn freeze_status(g: &Global, json: bool) -> Result<ExitCode> {
     }
     if let Some(e) = v["save_error"].as_str() {
         println!("cannot save the freeze state: {e}");
+    }
+    for (name, key) in [("freeze poll", "tokens"), ("license refresh", "licenses")] {
+        let h = &v["online"][key];
+        if !h["last_attempt_at"].is_null() {
+            print_health(name, h);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

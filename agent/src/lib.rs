@@ -24,6 +24,7 @@ pub mod protocol;
 #[cfg(feature = "seller-server")]
 pub mod seller_server;
 pub mod socket;
+pub mod source_health;
 pub mod state_lock;
 pub mod store;
 pub mod usage;

@@ -205,3 +205,51 @@ fn no_identity_at_all_is_a_clear_error() {
     // The agent itself keeps serving.
     assert!(a.call("ping", json!({})).is_ok());
 }
+
+/// The systemd unit's split: `kooagent prestart` (root, `ExecStartPre=+`) reads the root-only
+/// sources and hands over hashes; the agent, which cannot read them (removed here: the tests
+/// run as root, so a mode cannot hide a file), still computes the same code.
+#[test]
+fn prestart_hands_the_sandboxed_agent_its_privileged_sources() {
+    let tree = tempfile::tempdir().unwrap();
+    fake_vm(tree.path());
+    let a = agent_on(tree.path(), "sku-1");
+    let full = code(&a);
+    std::fs::create_dir_all(tree.path().join("run/kooagent")).unwrap();
+    let out = crate::harness::run_ok(
+        std::process::Command::new(crate::harness::BIN)
+            .arg("--config")
+            .arg(&a.config)
+            .args(["prestart", "--json"]),
+    );
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = tree.path().join("run/kooagent/identity-hashes.json");
+    assert_eq!(rep["hashes_file"], file.display().to_string(), "{rep}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains(SERIAL) && !text.to_lowercase().contains(&UUID[..8]),
+        "{text}"
+    );
+    for rel in [
+        "sys/class/dmi/id/product_uuid",
+        "sys/class/dmi/id/board_serial",
+        "proc/cpuinfo",
+    ] {
+        std::fs::remove_file(tree.path().join(rel)).unwrap();
+    }
+    let out = crate::harness::run_ok(
+        std::process::Command::new(crate::harness::BIN)
+            .arg("--config")
+            .arg(&a.config)
+            .args(["id", "--local", "--json", "--explain"]),
+    );
+    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(local["code"], full["code"], "{local}");
+    let dmi = local["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dmi_product_uuid")
+        .unwrap();
+    assert_eq!(dmi["state"], "found", "{dmi}");
+}

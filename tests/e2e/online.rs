@@ -167,3 +167,97 @@ fn online_source_freezes_unfreezes_and_renews() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(state(&a, "sku-o"), "valid");
 }
+
+/// Issue 20 item 1: a failing poll is reported in `freeze.status`, `agent.status` and the
+/// CLI, and logged at warn level once per change of error, not once per poll.
+#[test]
+fn failing_polls_are_reported_and_warned_once() {
+    let seller = Seller::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let ep = SellerEndpoint::start(&ca);
+    let base = format!("https://localhost:{}", ep.port);
+    // No poll_extra_ca_file: the endpoint's certificate is not trusted.
+    let mut a = TestAgent::start(&format!(
+        "{}[freeze]\ntoken_url = \"{base}/tokens/{{license_id}}\"\nlicense_url = \"{base}/licenses/{{license_id}}\"\n\
+         poll_interval_secs = 1\npoll_jitter_secs = 0\n",
+        seller.config(),
+    ));
+    let code = device_code(&a);
+    let lic = seller.issue(&[
+        "--device-code",
+        &code,
+        "--product",
+        "sku-h",
+        "--instance",
+        "i",
+        "--id",
+        "L-health",
+        "--not-after",
+        &utc_in(86_400),
+    ]);
+    install(&a, &lic).unwrap();
+    let online = |a: &TestAgent| a.call("freeze.status", json!({})).unwrap()["online"].clone();
+    wait_for("three failed polls", || {
+        online(&a)["tokens"]["consecutive_failures"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
+    });
+    let o = online(&a);
+    for src in ["tokens", "licenses"] {
+        let h = &o[src];
+        assert_eq!(h["failing"], json!(true), "{o}");
+        assert!(h["last_attempt_at"].is_string(), "{o}");
+        assert!(h["last_success_at"].is_null(), "{o}");
+        let err = h["last_error"].as_str().unwrap();
+        assert!(
+            err.contains(&format!("{base}/")),
+            "the error names the URL: {err}"
+        );
+        assert!(err.contains("L-health"), "{err}");
+    }
+    let log = a.log();
+    let warns = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("freeze poll"))
+        .count();
+    assert_eq!(warns, 1, "one warning for one unchanged error:\n{log}");
+    let st = a.call("agent.status", json!({})).unwrap();
+    assert_eq!(st["sources"]["freeze_poll"]["configured"], json!(true));
+    assert_eq!(st["sources"]["freeze_poll"]["failing"], json!(true));
+    assert_eq!(st["sources"]["usage_upload"]["configured"], json!(false));
+    let out = a.cli(&["freeze", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("freeze poll") && text.contains("FAILING"),
+        "{text}"
+    );
+    assert!(text.contains("last error"), "{text}");
+
+    // Trusting the CA (SIGHUP) fixes it: the next poll succeeds and says so.
+    std::fs::write(
+        &a.config,
+        crate::harness::base_config(
+            a.dir.path(),
+            &format!(
+                "{}[freeze]\ntoken_url = \"{base}/tokens/{{license_id}}\"\nlicense_url = \"{base}/licenses/{{license_id}}\"\n\
+                 poll_interval_secs = 1\npoll_jitter_secs = 0\npoll_extra_ca_file = \"{}\"\n",
+                seller.config(),
+                ca.pem_path.display()
+            ),
+        ),
+    )
+    .unwrap();
+    a.signal(libc::SIGHUP);
+    wait_for("a successful poll", || {
+        online(&a)["tokens"]["failing"] == json!(false)
+    });
+    let h = &online(&a)["tokens"];
+    assert!(h["last_success_at"].is_string(), "{h}");
+    assert_eq!(h["consecutive_failures"], json!(0));
+    assert!(a
+        .log()
+        .contains("freeze poll (freeze.token_url): working again"));
+    a.stop();
+}

@@ -156,6 +156,18 @@ impl SellerServer {
         extra: &[(String, String)],
         body: &[u8],
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let (status, headers, body, _) = self.exchange(method, target, extra, body);
+        (status, headers, body)
+    }
+
+    /// The same, with the response head exactly as it came off the socket.
+    pub fn exchange(
+        &self,
+        method: &str,
+        target: &str,
+        extra: &[(String, String)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>, String) {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -202,7 +214,7 @@ impl SellerServer {
                 (k.trim().to_ascii_lowercase(), v.trim().to_string())
             })
             .collect();
-        (status, headers, raw[split + 4..].to_vec())
+        (status, headers, raw[split + 4..].to_vec(), head)
     }
 
     /// The marketplace's call: signed as §4.1 says, with a fresh nonce. Checks Body-Sign
@@ -216,8 +228,19 @@ impl SellerServer {
 
     pub fn market_signed(&self, body: &str, ts: &str, nonce: &str, sig: &str) -> (String, Value) {
         let target = format!("{PATH}?signature={sig}&timestamp={ts}&nonce={nonce}");
-        let (status, headers, raw) = self.request("POST", &target, body.as_bytes());
+        self.market_target("POST", &target, body)
+    }
+
+    /// A marketplace call to `target` (any signature style): checks the status, and
+    /// `Body-Sign` as §4.3 says, spelled exactly so on the wire.
+    pub fn market_target(&self, method: &str, target: &str, body: &str) -> (String, Value) {
+        let (status, headers, raw, head) = self.exchange(method, target, &[], body.as_bytes());
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+        // The header name is case-sensitive (§4.3): exactly `Body-Sign`, read off the socket.
+        assert!(
+            head.split("\r\n").any(|l| l.starts_with("Body-Sign: ")),
+            "no header spelled Body-Sign in {head:?}"
+        );
         let sign = headers
             .iter()
             .find(|(k, _)| k == "body-sign")
@@ -450,10 +473,252 @@ fn refusals(storage: &str) {
     assert_eq!(v["resultCode"], "000001");
     // Not the marketplace's endpoint.
     assert_eq!(server.request("POST", "/other", b"{}").0, 404);
-    assert_eq!(server.request("GET", PATH, b"").0, 405);
+    // GET is the legacy style's method (§4.2): unsigned, it is refused like any other.
+    let (status, _, raw) = server.request("GET", PATH, b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&raw).unwrap()["resultCode"],
+        "000001"
+    );
+    assert_eq!(server.request("PUT", PATH, b"{}").0, 405);
     assert_eq!(server.request("GET", "/v1/licenses/none", b"").0, 404);
     // The key never reaches the log.
     assert!(!server.log().contains(KEY));
+}
+
+/// §4.2 as documented, written independently of the server's code: every parameter but
+/// `authToken`, sorted by name, `k=v` joined by `&`, HMAC-SHA256 keyed with key + timeStamp.
+fn legacy_token(key: &str, params: &[(&str, String)]) -> String {
+    let mut p: Vec<_> = params.iter().filter(|(k, _)| *k != "authToken").collect();
+    p.sort();
+    let text: Vec<String> = p.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let ts = &params.iter().find(|(k, _)| *k == "timeStamp").unwrap().1;
+    base64::engine::general_purpose::STANDARD.encode(hmac(
+        format!("{key}{ts}").as_bytes(),
+        text.join("&").as_bytes(),
+    ))
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `yyyyMMddHHmmssSSS`, UTC (§2.1 `timeStamp`).
+fn time_stamp17(ms: i64) -> String {
+    format!("{}{:03}", digits14(ms / 1000), ms % 1000)
+}
+
+/// A §2.1 purchase, as the marketplace sends it: no instanceId, no eventId.
+fn purchase(order: &str, business: &str, device: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("activity", "getLicense".into()),
+        ("customerId", "68cbc86abc2018ab880d92f36422fa0e".into()),
+        ("customerName", "buyer-1".into()),
+        ("businessId", business.into()),
+        ("orderId", order.into()),
+        ("skuCode", "sku-pro-1y".into()),
+        ("timeStamp", time_stamp17(now_ms())),
+        ("deviceFingerprint", device.into()),
+    ]
+}
+
+fn as_json(params: &[(&str, String)]) -> Value {
+    Value::Object(
+        params
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v.as_str())))
+            .collect(),
+    )
+}
+
+/// A device code as a buyer types it: lower case, spaces instead of hyphens.
+fn typed(code: &str) -> String {
+    code.to_lowercase().replace('-', " ")
+}
+
+fn lic_payload(text: &str) -> kooagent::license::format::License {
+    kooagent::license::format::parse(text.as_bytes())
+        .unwrap()
+        .license
+}
+
+/// A well-formed device code `{prefix}-EFGH-JKMN-PQRS-TVW?` (the check symbol found by trying).
+fn valid_code(prefix: &str) -> String {
+    "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        .chars()
+        .find_map(|c| {
+            kooagent::device_code::parse_code(&format!("{prefix}-EFGH-JKMN-PQRS-TVW{c}")).ok()
+        })
+        .unwrap()
+}
+
+/// Issue 13 items 1, 3, 12: a §2.1 purchase (no instanceId: the first businessId becomes
+/// it; idempotent by orderId across new businessIds), the fingerprint as a buyer typed it,
+/// and the same eventId with a corrected fingerprint rebinding the instance.
+#[test]
+fn purchases_as_the_marketplace_sends_them() {
+    let server = SellerServer::start("");
+    let agent = TestAgent::start(&format!(
+        "[license]\ntrusted_keys = [\"{}\"]\n",
+        server.trust
+    ));
+    let code = agent.call("device.code", json!({})).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // §2.1, signed the new way (§4.1).
+    let first = purchase("CS-ORDER-1", "BIZ-0001", &typed(&code));
+    let (raw, v) = server.market(&as_json(&first));
+    assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
+    assert_eq!(
+        v["instanceId"], "BIZ-0001",
+        "the first businessId is the instance"
+    );
+    let license = v["license"].as_str().unwrap().to_string();
+    assert_eq!(lic_payload(&license).devices, vec![code.clone()]);
+    // The marketplace resends an hour later: a new businessId and timeStamp, the same
+    // instance and the same bytes.
+    let resend = purchase("CS-ORDER-1", "BIZ-0002", &code);
+    let (raw2, v2) = server.market(&as_json(&resend));
+    assert_eq!(v2["instanceId"], "BIZ-0001", "{v2}");
+    assert_eq!(raw2, raw);
+    // Another order never shares the instance.
+    let (_, v3) = server.market(&as_json(&purchase("CS-ORDER-2", "BIZ-0003", &code)));
+    assert_eq!(v3["instanceId"], "BIZ-0003", "{v3}");
+    // The agent runs the license issued for the typed code.
+    agent
+        .call("license.install", json!({"text": license}))
+        .unwrap_or_else(|e| panic!("install: {e}"));
+    assert_eq!(check(&agent)["state"], "valid");
+
+    // §2: eventId + fingerprint. A buyer corrects a mistyped code under the same eventId.
+    let other = code.clone();
+    let wrong = valid_code("WRNG");
+    let now = now_ms() / 1000;
+    let ev = |fp: &str| {
+        json!({
+            "activity": "getLicense", "instanceId": "RA2-EDGE-0001", "eventId": "ev-edge-1",
+            "effectiveTime": market_time(now - 60), "expireTime": digits14(now + 86_400),
+            "deviceFingerprint": fp
+        })
+    };
+    let (_, v) = server.market(&ev(&wrong));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    let (raw_fixed, v) = server.market(&ev(&other));
+    assert_eq!(
+        v["resultCode"], "000000",
+        "a corrected fingerprint is a new request: {v}"
+    );
+    assert_eq!(v["instanceId"], "RA2-EDGE-0001");
+    assert_eq!(
+        lic_payload(v["license"].as_str().unwrap()).devices,
+        vec![other.clone()]
+    );
+    // The instance is rebound: an agent fetching it gets the license for the new code.
+    let (status, _, body) = server.request("GET", "/v1/licenses/kg-RA2-EDGE-0001", b"");
+    assert_eq!(status, 200);
+    assert_eq!(body, v["license"].as_str().unwrap().as_bytes());
+    // Resends of either are answered as before; a changed term under the same pair is not.
+    assert_eq!(server.market(&ev(&typed(&other))).0, raw_fixed);
+    let mut changed = ev(&other);
+    changed["expireTime"] = json!(digits14(now + 2 * 86_400));
+    assert_eq!(server.market(&changed).1["resultCode"], "000002");
+}
+
+/// Issue 13 item 2: the legacy authToken style (§4.2), as a GET query string and as a
+/// JSON POST body, on the same endpoint as §4.1.
+#[test]
+fn both_signature_styles_on_one_endpoint() {
+    let server = SellerServer::start("");
+    let code = valid_code("LEGA");
+    // GET with the parameters in the query string.
+    let mut p = purchase("CS-LEGACY-1", "BIZ-L1", &typed(&code));
+    p.push(("authToken", legacy_token(KEY, &p)));
+    let query: Vec<String> = p
+        .iter()
+        .map(|(k, v)| format!("{k}={}", url_encode(v)))
+        .collect();
+    let (_, v) = server.market_target("GET", &format!("{PATH}?{}", query.join("&")), "");
+    assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
+    assert_eq!(v["instanceId"], "BIZ-L1");
+    // JSON POST with authToken and timeStamp in the body.
+    let mut p = purchase("CS-LEGACY-2", "BIZ-L2", &code);
+    p.push(("authToken", legacy_token(KEY, &p)));
+    let (_, v) = server.market_target("POST", PATH, &as_json(&p).to_string());
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    assert_eq!(v["instanceId"], "BIZ-L2");
+    // A bad token, and a stale timeStamp, are refused 000001.
+    let mut p = purchase("CS-LEGACY-3", "BIZ-L3", &code);
+    p.push(("authToken", legacy_token("another-key", &p)));
+    let (_, v) = server.market_target("POST", PATH, &as_json(&p).to_string());
+    assert_eq!(v["resultCode"], "000001", "{v}");
+    let mut p = purchase("CS-LEGACY-3", "BIZ-L3", &code);
+    p[6].1 = time_stamp17(now_ms() - 600_000);
+    p.push(("authToken", legacy_token(KEY, &p)));
+    let (_, v) = server.market_target("POST", PATH, &as_json(&p).to_string());
+    assert_eq!(v["resultCode"], "000001", "{v}");
+    assert!(
+        v["resultMsg"].as_str().unwrap().contains("timestamp"),
+        "{v}"
+    );
+    // The same legacy request twice is a replay.
+    let mut p = purchase("CS-LEGACY-4", "BIZ-L4", &code);
+    p.push(("authToken", legacy_token(KEY, &p)));
+    let body = as_json(&p).to_string();
+    assert_eq!(
+        server.market_target("POST", PATH, &body).1["resultCode"],
+        "000000"
+    );
+    assert_eq!(
+        server.market_target("POST", PATH, &body).1["resultCode"],
+        "000001"
+    );
+    assert!(!server.log().contains(KEY));
+}
+
+/// Issue 13 item 5: every spelling of UTC the marketplace uses is UTC; any other zone is
+/// refused 000002 naming the field.
+#[test]
+fn marketplace_time_formats() {
+    let server = SellerServer::start("");
+    let code = valid_code("TIME");
+    let start = "2026-12-01 10:30:15";
+    let want = kooagent::clock::parse_rfc3339("2026-12-01T10:30:15Z").unwrap();
+    for (i, zone) in [" UTC", " GMT", " Z", " z", "Z", " +00:00", "+00:00"]
+        .iter()
+        .enumerate()
+    {
+        let (_, v) = server.market(&json!({
+            "activity": "getLicense", "instanceId": format!("T-{i}"), "eventId": format!("t-{i}"),
+            "effectiveTime": format!("{start}{zone}"), "expireTime": "2027-12-01 10:30:15 UTC",
+            "deviceFingerprint": code
+        }));
+        assert_eq!(v["resultCode"], "000000", "{zone:?}: {v}");
+        let lic = lic_payload(v["license"].as_str().unwrap());
+        assert_eq!(lic.not_before, want, "{zone:?}");
+    }
+    for (field, bad) in [
+        ("effectiveTime", "2026-12-01 10:30:15 +08:00"),
+        ("expireTime", "2027-12-01 10:30:15 CST"),
+        ("expireTime", "01/12/2027"),
+    ] {
+        let mut body = json!({
+            "activity": "getLicense", "instanceId": "T-bad", "eventId": "t-bad",
+            "effectiveTime": "2026-12-01 10:30:15 z", "expireTime": "2027-12-01 10:30:15 z",
+            "deviceFingerprint": code
+        });
+        body[field] = json!(bad);
+        let (_, v) = server.market(&body);
+        assert_eq!(v["resultCode"], "000002", "{bad}: {v}");
+        assert!(v["resultMsg"].as_str().unwrap().contains(field), "{v}");
+    }
 }
 
 #[test]

@@ -77,6 +77,8 @@ pub struct AuthcodeService {
     clients_dirty: std::sync::atomic::AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     pub heartbeats: AtomicU64,
+    /// The daily query's health (directly to the marketplace or through the relay).
+    pub source: crate::source_health::SourceHealth,
     pub usage_reports: AtomicU64,
     load_error: Option<String>,
     freeze: std::sync::OnceLock<Arc<crate::freeze::FreezeService>>,
@@ -164,6 +166,7 @@ impl AuthcodeService {
             clients_dirty: std::sync::atomic::AtomicBool::new(false),
             tx: Mutex::new(None),
             heartbeats: AtomicU64::new(0),
+            source: crate::source_health::SourceHealth::new("authorization-code daily query"),
             usage_reports: AtomicU64::new(0),
             load_error,
             freeze: std::sync::OnceLock::new(),
@@ -454,8 +457,9 @@ impl AuthcodeService {
         let transport = match self.transport() {
             Ok(t) => t,
             Err(e) => {
-                log::error!("authcode: daily query not possible: {e}");
                 let now = self.clock.now_secs();
+                self.source
+                    .failure(now, format!("daily query not possible: {e}"));
                 self.update(codes, |r| {
                     r.last_query_at = Some(now);
                     r.last_error = Some(e.to_string());
@@ -513,8 +517,11 @@ impl AuthcodeService {
             }
         });
         match &result {
-            Ok(a) => log::info!("authcode: daily query of {code}: {:?}", a.value.status),
-            Err(e) => log::warn!("authcode: daily query of {code} failed: {e}"),
+            Ok(a) => {
+                self.source.success(now);
+                log::info!("authcode: daily query of {code}: {:?}", a.value.status)
+            }
+            Err(e) => self.source.failure(now, format!("{code}: {e}")),
         }
     }
 
@@ -751,6 +758,7 @@ impl AuthcodeService {
             "heartbeats": self.heartbeats.load(Ordering::Relaxed),
             "usage_reports": self.usage_reports.load(Ordering::Relaxed),
             "load_error": self.load_error,
+            "source": self.source.snapshot(),
         })
     }
 }

@@ -163,6 +163,20 @@ pub fn parse_code(s: &str) -> Result<String, CodeError> {
     Ok(group(&symbols))
 }
 
+/// The one comparison form of a device code, as buyers and sellers type it (case, spaces
+/// and hyphens do not matter): a valid code's canonical form ([`parse_code`]); anything
+/// else (a code from another scheme in a license's `devices`) upper-cased with spaces and
+/// hyphens removed. The agent, the seller tools and the seller server compare codes only
+/// through this.
+pub fn canonical(s: &str) -> String {
+    parse_code(s).unwrap_or_else(|_| {
+        s.chars()
+            .filter(|c| *c != '-' && !c.is_whitespace())
+            .flat_map(char::to_uppercase)
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +199,21 @@ mod tests {
                 format_code(&bytes)
             })
             .collect()
+    }
+
+    #[test]
+    fn canonical_ignores_case_spaces_and_hyphens() {
+        for code in sample_codes() {
+            let typed = format!(" {} ", code.to_lowercase().replace('-', " - "));
+            assert_eq!(canonical(&typed), code);
+            assert_eq!(canonical(&code.replace('-', "")), code);
+            assert_eq!(canonical(&code.replace('-', "--")), code);
+        }
+        assert_eq!(
+            canonical("node-1111 1111-1111-1111"),
+            "NODE1111111111111111"
+        );
+        assert_eq!(canonical("NODE11111111-11111111"), "NODE1111111111111111");
     }
 
     #[test]

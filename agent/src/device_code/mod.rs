@@ -9,12 +9,15 @@
 //! * `derive` – keyed component hashes and the code (pure);
 //! * `encode` – Crockford base32 and the GF(32) check symbol (pure);
 //! * `baseline` – classification, baseline update rule (pure) and identity.json I/O;
+//! * `privileged` – the hashes `kooagent prestart` hands a sandboxed agent (root-only DMI,
+//!   `/proc/cpuinfo`).
 
 mod baseline;
 mod derive;
 mod encode;
 mod metadata;
 mod normalize;
+mod privileged;
 mod sources;
 mod vendor;
 
@@ -27,7 +30,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use encode::{parse_code, CodeError};
+pub use encode::{canonical, parse_code, CodeError};
+pub use privileged::{PrestartReport, BOOT_ID_FILE, HASHES_FILE};
 
 use baseline::{Baseline, CachedInstance, Component, IdentityFile};
 use sources::{Raw, Reading};
@@ -262,7 +266,7 @@ impl DeviceReport {
     /// matches this device: it must be one of [`DeviceReport::accepted_codes`]. Always false
     /// while `settling`, so a license is not bound or checked against a provisional code.
     pub fn accepts(&self, code: &str) -> bool {
-        self.settled && parse_code(code).is_ok_and(|c| self.accepted_codes.contains(&c))
+        self.settled && self.accepted_codes.contains(&canonical(code))
     }
 
     /// Multi-line human explanation for `kooagent id --explain`: the code, the status sentence,
@@ -376,6 +380,13 @@ impl Resolver {
         self.state_dir.as_ref().map(|d| d.join(IDENTITY_FILE))
     }
 
+    /// Writes the privileged hand-over for a sandboxed agent (`kooagent prestart`, run as
+    /// root): keyed hashes of the root-only sources, and this boot's id. See `privileged`.
+    pub fn prestart(&self) -> Result<PrestartReport, DeviceError> {
+        self.check()?;
+        privileged::write(&self.cfg, &self.product_id)
+    }
+
     fn check(&self) -> Result<(), DeviceError> {
         self.cfg.validate().map_err(DeviceError::Config)?;
         let p = self.product_id.as_str();
@@ -399,10 +410,12 @@ impl Resolver {
     /// baseline is created/updated in identity.json per the update rule.
     pub fn resolve(&self, now_unix: i64, persist: bool) -> Result<DeviceReport, DeviceError> {
         self.check()?;
-        let snapshot = sources::read_all(&self.cfg);
+        let mut snapshot = sources::read_all(&self.cfg);
+        let hand_over_note =
+            privileged::fill_gaps(&mut snapshot.components, &self.cfg.root, &self.product_id);
         let persist = persist && self.state_dir.is_some();
         let _guard = self.io.lock().unwrap_or_else(|e| e.into_inner());
-        let mut notes: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = hand_over_note.into_iter().collect();
         let mut lock = None;
         let mut file: Option<IdentityFile> = None;
         if let Some(path) = self.state_file() {
@@ -640,6 +653,11 @@ impl Resolver {
                     ComponentState::Found,
                     Some(derive::component_hash(pid, &raw.name, &v)),
                     None,
+                ),
+                Reading::Hashed(h) => (
+                    ComponentState::Found,
+                    Some(h),
+                    Some(format!("read by the privileged start step ({HASHES_FILE})")),
                 ),
                 Reading::Absent(n) => (ComponentState::Absent, None, n),
                 Reading::Unreadable(n) => (ComponentState::Unreadable, None, Some(n)),

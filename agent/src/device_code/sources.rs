@@ -17,6 +17,9 @@ const MAX_READ: u64 = 64 * 1024;
 pub(crate) enum Reading {
     /// A usable, normalised value (raw: hash it and drop it).
     Found(String),
+    /// Already the keyed component hash: read by the privileged start step
+    /// (`privileged.rs`), which hands over hashes only.
+    Hashed(String),
     /// The file or entry does not exist here.
     Absent(Option<String>),
     /// It exists but could not be read (permissions, I/O error, command failure).

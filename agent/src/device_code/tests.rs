@@ -925,3 +925,95 @@ fn default_metadata_address_is_only_asked_on_an_openstack_cloud() {
     .unwrap();
     assert!(super::sources::on_openstack_cloud(root));
 }
+
+/// The unprivileged, `ProcSubset=pid` agent: DMI unreadable and /proc/cpuinfo hidden. The
+/// fake tree cannot make files unreadable for root (tests run as root), so those files are
+/// removed instead: the resolver treats absent and unreadable gaps alike.
+fn sandbox(f: &Fake) {
+    f.remove("sys/class/dmi/id/product_uuid");
+    f.remove("sys/class/dmi/id/board_serial");
+    f.remove("proc/cpuinfo");
+}
+
+#[test]
+fn prestart_hands_over_hashes_only_and_the_sandboxed_agent_gets_the_same_code() {
+    let f = Fake::vm();
+    f.write("proc/sys/kernel/random/boot_id", "6c2b1f4e-boot\n");
+    f.mkdir("run/kooagent"); // the unit's RuntimeDirectory=
+    let full = f.resolver().resolve(100, false).unwrap();
+    let rep = f.resolver().prestart().unwrap();
+    assert_eq!(rep.hashes_file, f.path("run/kooagent/identity-hashes.json"));
+    assert_eq!(
+        fs::read_to_string(f.path("run/kooagent/boot_id")).unwrap(),
+        "6c2b1f4e-boot\n"
+    );
+    let text = fs::read_to_string(&rep.hashes_file).unwrap().to_lowercase();
+    for raw in ["4c4c4544", "44454c4c", "bsn-12345", "genuineintel", "xeon"] {
+        assert!(!text.contains(raw), "hand-over leaks {raw}: {text}");
+    }
+    let mode = fs::metadata(&rep.hashes_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+
+    sandbox(&f);
+    let alone = {
+        let f2 = Fake::vm();
+        sandbox(&f2);
+        f2.resolver().resolve(100, false).unwrap()
+    };
+    assert_ne!(
+        alone.code, full.code,
+        "without the hand-over DMI is missing"
+    );
+    let got = f.resolver().resolve(100, false).unwrap();
+    assert_eq!(got.code, full.code);
+    for name in ["dmi_product_uuid", "board_serial", "cpu"] {
+        let (a, b) = (comp(&got, name), comp(&full, name));
+        assert_eq!((a.state, &a.hash), (b.state, &b.hash), "{name}");
+        assert!(a.note.as_deref().unwrap().contains("privileged"), "{a:?}");
+    }
+    assert_eq!(
+        comp(&got, "devicetree_serial").state,
+        ComponentState::Absent
+    );
+}
+
+#[test]
+fn the_agents_own_reading_wins_and_a_foreign_or_bad_hand_over_is_ignored() {
+    let f = Fake::vm();
+    let full = f.resolver().resolve(100, false).unwrap();
+    f.mkdir("run/kooagent");
+    f.resolver().prestart().unwrap();
+    let path = f.path("run/kooagent/identity-hashes.json");
+    let good = fs::read_to_string(&path).unwrap();
+    let uuid_hash = comp(&full, "dmi_product_uuid").hash.clone().unwrap();
+
+    // A readable source is read again, whatever the file says.
+    fs::write(&path, good.replace(&uuid_hash, "0123456789abcdef")).unwrap();
+    let r = f.resolver().resolve(100, false).unwrap();
+    assert_eq!(r.code, full.code);
+
+    // Another product's hand-over (written before a reload changed product_id): ignored,
+    // and said so.
+    f.resolver_with(f.cfg(), "other-product")
+        .prestart()
+        .unwrap();
+    sandbox(&f);
+    let r = f.resolver().resolve(100, false).unwrap();
+    assert_ne!(r.code, full.code);
+    assert_eq!(comp(&r, "dmi_product_uuid").state, ComponentState::Absent);
+    assert!(r.detail.contains("other-product"), "{}", r.detail);
+
+    // A malformed hash or file is never used as one.
+    fs::write(&path, good.replace(&uuid_hash, "NOT-A-HASH")).unwrap();
+    let r = f.resolver().resolve(100, false).unwrap();
+    assert_eq!(comp(&r, "dmi_product_uuid").state, ComponentState::Absent);
+    assert_eq!(comp(&r, "board_serial").state, ComponentState::Found);
+    fs::write(&path, "{not json").unwrap();
+    let r = f.resolver().resolve(100, false).unwrap();
+    assert!(
+        r.detail.contains("identity-hashes.json ignored"),
+        "{}",
+        r.detail
+    );
+    assert_eq!(comp(&r, "board_serial").state, ComponentState::Absent);
+}

@@ -160,11 +160,18 @@ pub fn save_journal(path: &Path, j: &Journal) -> Result<(), store::StoreError> {
     )
 }
 
-/// This boot's id (changes at every reboot).
+/// This boot's id (changes at every reboot). Under systemd's `ProcSubset=pid` /proc/sys is
+/// hidden: then the copy `kooagent prestart` left in /run/kooagent (a tmpfs: gone at reboot).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    [
+        "/proc/sys/kernel/random/boot_id",
+        crate::device_code::BOOT_ID_FILE,
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .map(|s| s.trim().to_string())
+    .find(|s| !s.is_empty())
+    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{FreezeConfig, FreezeService};
+use crate::license::store::{InstallError, Installed};
 use crate::license::LicenseService;
+use crate::source_health::SourceHealth;
 
 /// What one poll did, for the log and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -62,13 +64,21 @@ fn fetch(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
-/// One round over every license held (blocking).
+/// One round over every license held (blocking). Each URL's outcome goes into the
+/// service's source health (`freeze.status` → `online`): a transport error, an HTTP error
+/// or an answer that does not verify is a failure; "nothing new" is a success.
 pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseService) -> Poll {
     let mut out = Poll::default();
+    let now = crate::source_health::now;
     let agent = match agent(cfg) {
         Ok(a) => a,
         Err(e) => {
-            log::warn!("freeze online source: {e}");
+            let health = if cfg.token_url.is_empty() {
+                &freeze.online.licenses
+            } else {
+                &freeze.online.tokens
+            };
+            health.failure(now(), &e);
             out.failures += 1;
             return out;
         }
@@ -79,10 +89,14 @@ pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseSe
         .iter()
         .map(|e| e.id.clone())
         .collect();
+    // One verdict per source and round: the first failure of the round, else success.
+    let mut token_err: Option<String> = None;
+    let mut license_err: Option<String> = None;
     for id in ids {
         out.asked += 1;
         if !cfg.token_url.is_empty() {
-            match fetch(&agent, &url_for(&cfg.token_url, &id)) {
+            let url = url_for(&cfg.token_url, &id);
+            match fetch(&agent, &url) {
                 Ok(Some(body)) => {
                     match freeze.apply_token(&body, &license.trusted_keys(), license.time_view()) {
                         Ok(v) => {
@@ -94,41 +108,87 @@ pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseSe
                             }
                             license.refresh_blocking();
                         }
-                        Err(e) => log::debug!(
-                            "freeze: online token for {id} not applied: {} ({})",
-                            e.message,
-                            e.code
-                        ),
+                        // An older token than the one applied is the endpoint lagging,
+                        // not an error of this device.
+                        Err(e) if e.code == super::service::codes::STALE_TOKEN => {
+                            log::debug!("freeze: online token for {id}: {}", e.message)
+                        }
+                        Err(e) => {
+                            out.failures += 1;
+                            token_err.get_or_insert(format!(
+                                "token for {id} from {url} refused ({}): {}",
+                                e.code, e.message
+                            ));
+                        }
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     out.failures += 1;
-                    log::debug!("freeze: online source unreachable for {id}: {e}");
+                    token_err.get_or_insert(format!("GET {url}: {e}"));
                 }
             }
         }
         if !cfg.license_url.is_empty() {
-            match fetch(&agent, &url_for(&cfg.license_url, &id)) {
+            let url = url_for(&cfg.license_url, &id);
+            match fetch(&agent, &url) {
                 Ok(Some(body)) => match license.install(&body, None) {
+                    Ok((Installed::Unchanged(_), _)) => {}
                     Ok((installed, _)) => {
                         log::info!("license {} fetched from the online source", installed.id());
                         out.licenses_installed += 1;
                     }
-                    // The same license again, or an older one: nothing to do.
+                    // An older one: the endpoint lags behind what the device has.
+                    Err(InstallError::Stale { .. }) => {}
                     Err(e) => {
-                        log::debug!("license for {id} from the online source not installed: {e}")
+                        out.failures += 1;
+                        license_err.get_or_insert(format!(
+                            "license for {id} from {url} refused ({}): {e}",
+                            e.code()
+                        ));
                     }
                 },
                 Ok(None) => {}
                 Err(e) => {
                     out.failures += 1;
-                    log::debug!("license source unreachable for {id}: {e}");
+                    license_err.get_or_insert(format!("GET {url}: {e}"));
                 }
             }
         }
     }
+    if out.asked > 0 {
+        for (url, err, health) in [
+            (&cfg.token_url, token_err, &freeze.online.tokens),
+            (&cfg.license_url, license_err, &freeze.online.licenses),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match err {
+                Some(e) => health.failure(now(), e),
+                None => health.success(now()),
+            }
+        }
+    }
     out
+}
+
+/// The health of the two online sources (`freeze.status` → `online`).
+#[derive(Debug)]
+pub struct OnlineHealth {
+    /// `token_url`: the freeze poll.
+    pub tokens: SourceHealth,
+    /// `license_url`: the license refresh.
+    pub licenses: SourceHealth,
+}
+
+impl Default for OnlineHealth {
+    fn default() -> Self {
+        OnlineHealth {
+            tokens: SourceHealth::new("freeze poll (freeze.token_url)"),
+            licenses: SourceHealth::new("license refresh (freeze.license_url)"),
+        }
+    }
 }
 
 fn jitter(max: u64) -> u64 {

@@ -81,6 +81,8 @@ pub struct FreezeService {
     actions_tx: Mutex<std_mpsc::Sender<Vec<Want>>>,
     action_cfg: Arc<Mutex<ActionConfig>>,
     device: watch::Receiver<DeviceState>,
+    /// The online source's health (the poller in `online.rs` updates it).
+    pub online: super::online::OnlineHealth,
 }
 
 fn lease_of(lic: &License) -> Option<Lease> {
@@ -167,6 +169,7 @@ impl FreezeService {
             actions_tx: Mutex::new(tx),
             action_cfg,
             device,
+            online: Default::default(),
         });
         // Written at once: the next start expects the files (missing means deleted).
         let mut inner = svc.lock();
@@ -410,6 +413,10 @@ impl FreezeService {
             "state_file": self.paths.primary,
             "save_error": inner.save_error,
             "tokens_dir": self.tokens_dir,
+            "online": {
+                "tokens": self.online.tokens.snapshot(),
+                "licenses": self.online.licenses.snapshot(),
+            },
         })
     }
 

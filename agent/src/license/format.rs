@@ -428,8 +428,11 @@ fn check_devices(unbound: bool, devices: &[String]) -> Result<(), FormatError> {
         ));
     }
     let mut seen = std::collections::HashSet::new();
+    // As buyers type them: spaces are allowed (docs/license-format.md §5); codes are
+    // compared, and so told apart, in canonical form.
     for d in devices {
-        if d.is_empty() || d.len() > MAX_DEVICE_LEN || !d.bytes().all(|b| b.is_ascii_graphic()) {
+        let printable = d.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        if d.len() > MAX_DEVICE_LEN || !printable || d.trim().is_empty() {
             return Err(field_err(
                 "devices",
                 format!(
@@ -437,7 +440,7 @@ fn check_devices(unbound: bool, devices: &[String]) -> Result<(), FormatError> {
                 ),
             ));
         }
-        if !seen.insert(d.as_str()) {
+        if !seen.insert(crate::device_code::canonical(d)) {
             return Err(field_err("devices", format!("lists {d:?} twice")));
         }
     }

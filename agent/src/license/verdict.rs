@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::format::License;
 use super::keys::Integrity;
-use crate::device_code::parse_code;
+use crate::device_code::canonical;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,13 +100,10 @@ pub struct Verdict {
 }
 
 /// Whether two device codes are the same code: they are typed by people, so both are
-/// compared in the canonical form of `device_code::parse_code` (anything that is not a
-/// well-formed code is compared as written, ignoring case and surrounding spaces).
+/// compared in the one canonical form, [`crate::device_code::canonical`] (case, spaces and
+/// hyphens do not matter, for codes of other schemes too).
 pub fn same_code(a: &str, b: &str) -> bool {
-    match (parse_code(a), parse_code(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a.trim().eq_ignore_ascii_case(b.trim()),
-    }
+    canonical(a) == canonical(b)
 }
 
 /// Decides the state of `lic`. `frozen` is the freeze capability's say (a reason when the

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{Call, OpFuture, OpSpec, Reply};
 use crate::agent::Agent;
@@ -43,6 +43,35 @@ fn status(agent: Arc<Agent>, _call: Call) -> OpFuture {
             },
             "identity": identity,
             "license": agent.license.summary(),
+            "sources": sources(&agent, &cfg),
         })))
+    })
+}
+
+/// Every online source: whether it is configured, its last attempt, success and error.
+fn sources(agent: &Agent, cfg: &crate::config::Config) -> Value {
+    let with = |configured: bool, health: Value| {
+        let mut v = health;
+        v["configured"] = json!(configured);
+        v
+    };
+    let upload = agent.usage.upload_info().unwrap_or_default();
+    let authcode_used = !agent.authcode.status()["codes"]
+        .as_array()
+        .is_none_or(|c| c.is_empty());
+    json!({
+        "freeze_poll": with(!cfg.freeze.token_url.is_empty(),
+            json!(agent.freeze.online.tokens.snapshot())),
+        "license_refresh": with(!cfg.freeze.license_url.is_empty(),
+            json!(agent.freeze.online.licenses.snapshot())),
+        "usage_upload": with(cfg.usage.key_file().is_some(), json!({
+            "last_attempt_at": upload.last_attempt_at,
+            "last_success_at": upload.last_success_at,
+            "last_error": upload.last_error,
+            "last_error_at": upload.last_error_at,
+            "consecutive_failures": upload.consecutive_failures,
+            "next_attempt_at": upload.next_attempt_at,
+        })),
+        "authcode": with(authcode_used, json!(agent.authcode.source.snapshot())),
     })
 }

@@ -4,10 +4,14 @@
 //!
 //! Idempotency (the marketplace resends after timeouts, and retries failed calls 60
 //! times every 2 minutes):
-//! - requests carrying an `eventId` (`getLicense`, `getLicenseAsync`, and
-//!   `refreshLicense` when it has one) are remembered with a digest of their content and
-//!   the exact response body: a resend gets the same bytes (so the same license and the
-//!   same `Body-Sign`), a different request under a known `eventId` is refused `000002`;
+//! - license requests are remembered with a digest of their content and the exact
+//!   response body, under their key: `eventId` together with the (canonical)
+//!   `deviceFingerprint` (§2), or for the synchronous new purchase without `instanceId`
+//!   (§2.1) the `orderId`. A resend gets the same bytes (so the same license and the same
+//!   `Body-Sign`); the same key with another fingerprint is a new request (a buyer
+//!   correcting a mistyped code): a new license bound to the new code, for the same
+//!   instance; the same key and fingerprint with other content is refused `000002`;
+//! - `refreshLicense` with an `eventId` is remembered the same way;
 //! - the others are idempotent by state: expiring an expired instance, freezing a frozen
 //!   one, renewing to the expiry already in force... succeed without a new license or token.
 //!
@@ -201,23 +205,33 @@ impl Fields<'_> {
     }
 }
 
-/// Marketplace times: `2023-10-27 10:30:15 z` (the getLicense example), the same with a
-/// `T`, `yyyyMMddHHmmss` (the SaaS and authorization-code APIs), or Unix milliseconds.
+/// Marketplace times: `2023-10-27 10:30:15 z` (the getLicense example) with the zone
+/// written `z`, `Z`, `UTC`, `GMT` or `+00:00` (or left out: the marketplace's times are
+/// UTC), a `T` instead of the space, `yyyyMMddHHmmss` (the SaaS and authorization-code
+/// APIs), `yyyyMMddHHmmssSSS` (the §2.1 `timeStamp`) or Unix milliseconds. Any other zone
+/// is refused naming the field: guessing would shift a license's term.
 pub fn parse_time(name: &str, s: &str) -> Result<i64, String> {
     let t = s.trim();
     let bad = || {
         format!(
-            "{name}: {s:?} is not a UTC time (yyyy-MM-dd HH:mm:ss z, yyyyMMddHHmmss or Unix milliseconds)"
+            "{name}: {s:?} is not a UTC time (yyyy-MM-dd HH:mm:ss with z, Z, UTC, GMT or +00:00; \
+             yyyyMMddHHmmss; or Unix milliseconds)"
         )
     };
-    if t.len() == 14 && t.bytes().all(|b| b.is_ascii_digit()) {
-        return crate::clock::parse_digits14(t).ok_or_else(bad);
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return match t.len() {
+            14 => crate::clock::parse_digits14(t).ok_or_else(bad),
+            17 => crate::clock::parse_digits14(&t[..14]).ok_or_else(bad),
+            13 => t.parse::<i64>().map(|ms| ms / 1000).map_err(|_| bad()),
+            _ => Err(bad()),
+        };
     }
-    if t.len() == 13 && t.bytes().all(|b| b.is_ascii_digit()) {
-        return t.parse::<i64>().map(|ms| ms / 1000).map_err(|_| bad());
-    }
-    let core = t.strip_suffix(['z', 'Z']).map(str::trim_end).unwrap_or(t);
-    if core.len() != 19 {
+    let core = ["UTC", "GMT", "+00:00", "z", "Z"]
+        .iter()
+        .find_map(|zone| t.strip_suffix(zone))
+        .map(str::trim_end)
+        .unwrap_or(t);
+    if core.len() != 19 || !core.is_char_boundary(10) || !core.is_char_boundary(11) {
         return Err(bad());
     }
     let (date, time) = (&core[..10], &core[11..]);
@@ -291,23 +305,111 @@ fn license_answer(row: &InstanceRow) -> String {
     )
 }
 
+/// What identifies a license request (its idempotency key, see the module comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RequestKey {
+    /// `eventId` (§2: `getLicense` with `instanceId`, `getLicenseAsync`).
+    Event(String),
+    /// `orderId` of a synchronous new purchase without `instanceId` (§2.1).
+    Order(String),
+}
+
+impl RequestKey {
+    /// The events-table key of the first request under this key.
+    fn base(&self) -> String {
+        match self {
+            RequestKey::Event(e) => e.clone(),
+            RequestKey::Order(o) => format!("order:{o}"),
+        }
+    }
+
+    /// The events-table key of a later request with another fingerprint.
+    fn with_device(&self, device: Option<&str>) -> String {
+        format!("{}|{}", self.base(), device.unwrap_or(""))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            RequestKey::Event(e) => format!("eventId {e:?}"),
+            RequestKey::Order(o) => format!("orderId {o:?}"),
+        }
+    }
+}
+
 /// A `getLicense` request, checked, and the license it asks for.
 struct LicenseOrder {
+    /// The instance a new order gets (for `orderId` orders: the first `businessId`).
     instance_id: String,
-    event_id: String,
+    key: RequestKey,
+    /// `v2:<sha256 of the content but the fingerprint>:<canonical fingerprint>`.
     digest: String,
+    /// The digest this request had before the fingerprint was split out (rows stored
+    /// by earlier versions).
+    legacy_digest: String,
     request: seller::IssueRequest,
 }
 
+impl LicenseOrder {
+    fn device(&self) -> Option<&str> {
+        self.request.devices.first().map(String::as_str)
+    }
+
+    /// The digest without its fingerprint part.
+    fn content(digest: &str) -> Option<&str> {
+        let rest = digest.strip_prefix("v2:")?;
+        rest.split_once(':').map(|(c, _)| c)
+    }
+}
+
 fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<LicenseOrder, Refusal> {
-    let instance_id = f.req("instanceId", 64)?;
-    let event_id = f.req("eventId", 64)?;
-    let effective = f.req("effectiveTime", 32)?;
-    let expire = f.opt("expireTime", 32)?;
     let fingerprint = f.opt("deviceFingerprint", 1024)?;
     let test_flag = f.opt("testFlag", 2)?;
-    let not_before = parse_time("effectiveTime", effective)?;
-    let not_after = expire.map(|e| parse_time("expireTime", e)).transpose()?;
+    let (instance_id, key, content): (&str, RequestKey, Vec<Option<String>>) =
+        match f.opt("instanceId", 64)? {
+            Some(instance_id) => {
+                let event_id = f.req("eventId", 64)?;
+                (instance_id, RequestKey::Event(event_id.into()), vec![])
+            }
+            None if activity == "getLicense" => {
+                // §2.1: the marketplace sends no instanceId; the order's first businessId
+                // becomes it, and the orderId is the idempotency key.
+                let order_id = f.opt("orderId", 64)?.ok_or_else(|| {
+                    Refusal::params("orderId: required (or instanceId and eventId)")
+                })?;
+                let business_id = f.req("businessId", 64)?;
+                let customer = f.req("customerId", 100)?;
+                f.opt("customerName", 64)?;
+                let sku = f.opt("skuCode", 64)?;
+                (
+                    business_id,
+                    RequestKey::Order(order_id.into()),
+                    vec![Some(customer.into()), sku.map(Into::into)],
+                )
+            }
+            None => return Err(Refusal::params("instanceId: required")),
+        };
+    let (not_before, not_after) = match &key {
+        RequestKey::Event(_) => {
+            let effective = f.req("effectiveTime", 32)?;
+            (
+                parse_time("effectiveTime", effective)?,
+                f.opt("expireTime", 32)?
+                    .map(|e| parse_time("expireTime", e))
+                    .transpose()?,
+            )
+        }
+        // [UNCONFIRMED] §2.1's term fields: the older page's table stops at skuCode.
+        // Read them when present; otherwise the license starts now and is perpetual.
+        RequestKey::Order(_) => (
+            f.opt("effectiveTime", 32)?
+                .map(|e| parse_time("effectiveTime", e))
+                .transpose()?
+                .unwrap_or(ctx.now),
+            f.opt("expireTime", 32)?
+                .map(|e| parse_time("expireTime", e))
+                .transpose()?,
+        ),
+    };
     let devices =
         match fingerprint {
             Some(fp) => vec![crate::device_code::parse_code(fp)
@@ -320,17 +422,38 @@ fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<Licens
             }
             None => vec![],
         };
-    let digest = digest(&[
+    let device = devices.first().map(String::as_str);
+    let legacy_digest = digest(&[
         Some(activity),
         Some(&ctx.product.product),
         Some(instance_id),
         Some(&not_before.to_string()),
         not_after.map(|t| t.to_string()).as_deref(),
-        devices.first().map(String::as_str),
+        device,
         test_flag,
     ]);
+    let digest = {
+        let mut parts: Vec<Option<&str>> = vec![Some(activity), Some(&ctx.product.product)];
+        let nb = not_before.to_string();
+        let na = not_after.map(|t| t.to_string());
+        match &key {
+            // A resend of an order has a new businessId and timeStamp: neither counts.
+            RequestKey::Order(o) => {
+                parts.push(Some(o));
+                parts.extend(content.iter().map(Option::as_deref));
+            }
+            RequestKey::Event(_) => {
+                parts.extend([Some(instance_id), Some(&nb), na.as_deref(), test_flag]);
+            }
+        }
+        format!("v2:{}:{}", digest(&parts), device.unwrap_or(""))
+    };
+    let event_meta = match &key {
+        RequestKey::Event(e) => ("kg_event", e.clone()),
+        RequestKey::Order(o) => ("kg_order", o.clone()),
+    };
     let mut meta = BTreeMap::new();
-    meta.insert("kg_event".to_string(), event_id.to_string());
+    meta.insert(event_meta.0.to_string(), event_meta.1);
     let request = seller::IssueRequest {
         id: Some(license_id_for(instance_id)),
         product: ctx.product.product.clone(),
@@ -347,10 +470,67 @@ fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<Licens
     };
     Ok(LicenseOrder {
         instance_id: instance_id.to_string(),
-        event_id: event_id.to_string(),
+        key,
         digest,
+        legacy_digest,
         request,
     })
+}
+
+/// What the stored requests say about this one.
+enum Seen {
+    /// Answered before: these bytes again.
+    Answered(String),
+    /// New: store the answer under this events key, for this instance (None: the
+    /// order's own).
+    New {
+        event_key: String,
+        instance: Option<String>,
+    },
+}
+
+/// Looks `order` up: the same key and fingerprint answered before (the same bytes, or a
+/// refusal when the content differs), the same key with another fingerprint (a new
+/// license for the instance the key already has), or nothing.
+fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
+    let base_key = order.key.base();
+    let Some(base) = tx.event(&base_key)? else {
+        return Ok(Seen::New {
+            event_key: base_key,
+            instance: None,
+        });
+    };
+    if base.digest == order.digest || base.digest == order.legacy_digest {
+        return Ok(Seen::Answered(base.response));
+    }
+    let differs = || {
+        Refusal::params(format!(
+            "{} was already used for a different {} request",
+            order.key.describe(),
+            base.activity
+        ))
+    };
+    let same_content = LicenseOrder::content(&base.digest).is_some()
+        && LicenseOrder::content(&base.digest) == LicenseOrder::content(&order.digest);
+    if !same_content || base.digest.rsplit(':').next() == Some(order.device().unwrap_or("")) {
+        return Err(differs());
+    }
+    // Another fingerprint under a known key: the instance the first answer named.
+    let instance = serde_json::from_str::<Value>(&base.response)
+        .ok()
+        .and_then(|v| v["instanceId"].as_str().map(str::to_string))
+        .ok_or_else(|| {
+            DbError::Backend(format!("stored answer of {base_key} has no instanceId"))
+        })?;
+    let event_key = order.key.with_device(order.device());
+    match tx.event(&event_key)? {
+        Some(e) if e.digest == order.digest => Ok(Seen::Answered(e.response)),
+        Some(_) => Err(differs()),
+        None => Ok(Seen::New {
+            event_key,
+            instance: Some(instance),
+        }),
+    }
 }
 
 fn get_license(
@@ -359,17 +539,32 @@ fn get_license(
     activity: &str,
     f: &Fields<'_>,
 ) -> Result<String, Refusal> {
-    let LicenseOrder {
-        instance_id,
-        event_id,
-        digest,
-        request: req,
-    } = license_order(ctx, activity, f)?;
-    let (instance_id, event_id) = (instance_id.as_str(), event_id.as_str());
-    if let Some(stored) = replay(tx, event_id, &digest)? {
-        return Ok(stored);
-    }
-    let previous = tx.instance(instance_id)?;
+    let order = license_order(ctx, activity, f)?;
+    let (event_key, rebind) = match seen(tx, &order)? {
+        Seen::Answered(body) => return Ok(body),
+        Seen::New {
+            event_key,
+            instance,
+        } => (event_key, instance),
+    };
+    let mut instance_id = rebind.clone().unwrap_or_else(|| order.instance_id.clone());
+    let previous = match (&order.key, &rebind) {
+        // A new order never shares an instance: its businessId should be new, but
+        // should it name a known instance, the orderId (also unique) is used instead.
+        (RequestKey::Order(o), None) => match tx.instance(&instance_id)? {
+            None => None,
+            Some(_) if tx.instance(o)?.is_none() => {
+                instance_id = o.clone();
+                None
+            }
+            Some(_) => {
+                return Err(Refusal::params(format!(
+                    "businessId {instance_id:?} and orderId {o:?} both name existing instances"
+                )))
+            }
+        },
+        _ => tx.instance(&instance_id)?,
+    };
     if let Some(p) = &previous {
         if p.status == InstanceStatus::Released {
             return Err(Refusal::params(format!(
@@ -383,10 +578,15 @@ fn get_license(
             )));
         }
     }
-    let license_id = license_id_for(instance_id);
+    let license_id = license_id_for(&instance_id);
+    let mut req = order.request;
     let text = match ctx.presigned {
-        Some(t) => t.to_string(),
-        None => seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?,
+        Some(t) if req.instance == instance_id => t.to_string(),
+        _ => {
+            req.instance = instance_id.clone();
+            req.id = Some(license_id.clone());
+            seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?
+        }
     };
     let not_before = req.not_before.unwrap_or(ctx.now);
     let not_after = match req.term {
@@ -395,7 +595,7 @@ fn get_license(
     };
     let devices = req.devices;
     let row = InstanceRow {
-        instance_id: instance_id.to_string(),
+        instance_id: instance_id.clone(),
         product: ctx.product.product.clone(),
         license_id: license_id.clone(),
         devices,
@@ -407,11 +607,23 @@ fn get_license(
         seq: previous.as_ref().map_or(0, |p| p.seq),
         updated_at: ctx.now,
     };
-    tx.record_license(&license_id, Some(event_id), &text, ctx.now)?;
+    let event_ref = match &order.key {
+        RequestKey::Event(e) => e.clone(),
+        RequestKey::Order(o) => format!("order:{o}"),
+    };
+    tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
     tx.put_instance(&row)?;
     let body = license_answer(&row);
-    remember(tx, ctx, event_id, activity, digest, &body)?;
-    log::info!("{activity}: issued {license_id} for instance {instance_id} (event {event_id})");
+    remember(tx, ctx, &event_key, activity, order.digest, &body)?;
+    let how = if rebind.is_some() {
+        "rebound to a new device code"
+    } else {
+        "issued"
+    };
+    log::info!(
+        "{activity}: {how} {license_id} for instance {instance_id} ({})",
+        order.key.describe()
+    );
     Ok(body)
 }
 

@@ -19,6 +19,14 @@
 //!
 //! If Huawei's seller demo project shows otherwise, change [`canonical_request`],
 //! [`request_signature`] or [`timestamp_ms`].
+//!
+//! The legacy style (§4.2, sellers onboarded earlier) is [`legacy_verify`]: `authToken` and
+//! `timeStamp` among the request's parameters, wherever those arrive (a GET query string,
+//! or the fields of a JSON POST body, or both):
+//! ```text
+//! authToken = base64(HMAC_SHA256(key + timeStamp, "a=1&b=2&...&timeStamp=..."))
+//! ```
+//! over every parameter but `authToken`, sorted by name, values decoded.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -67,8 +75,12 @@ pub fn timestamp_ms(timestamp: &str) -> Option<i64> {
 /// it never contains the key or the expected signature.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing query parameter {0}")]
+    #[error("missing parameter {0}")]
     Missing(&'static str),
+    #[error("timeStamp {0:?} is not yyyyMMddHHmmssSSS (UTC)")]
+    BadTimeStamp(String),
+    #[error("authToken does not match")]
+    BadToken,
     #[error("timestamp {0:?} is not a Unix time in milliseconds")]
     BadTimestamp(String),
     #[error("timestamp is {0} s away from the server's clock (allowed: {1} s)")]
@@ -109,6 +121,77 @@ impl Params {
         }
         p
     }
+}
+
+/// Every `name=value` pair of a query string, percent-decoded, in order.
+pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The legacy `timeStamp` (`yyyyMMddHHmmssSSS`, UTC; 13 digits are Unix milliseconds) in
+/// Unix milliseconds.
+pub fn legacy_timestamp_ms(t: &str) -> Option<i64> {
+    if !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match t.len() {
+        17 => {
+            let secs = crate::clock::parse_digits14(&t[..14])?;
+            Some(secs * 1000 + t[14..].parse::<i64>().ok()?)
+        }
+        13 => t.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The `authToken` (§4.2) for a request's parameters (`authToken` itself is left out).
+pub fn legacy_token(key: &[u8], params: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> =
+        params.iter().filter(|(k, _)| k != "authToken").collect();
+    sorted.sort();
+    let text = sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let time = params
+        .iter()
+        .find(|(k, _)| k == "timeStamp")
+        .map_or("", |(_, v)| v.as_str());
+    let mut hkey = key.to_vec();
+    hkey.extend_from_slice(time.as_bytes());
+    STANDARD.encode(hmac(&hkey, text.as_bytes()))
+}
+
+/// Checks a legacy-signed request (§4.2): returns the string to remember as its nonce
+/// (the token: the same request twice is a replay).
+pub fn legacy_verify(
+    key: &[u8],
+    params: &[(String, String)],
+    now_ms: i64,
+    window_secs: i64,
+) -> Result<String, AuthError> {
+    let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let token = get("authToken").ok_or(AuthError::Missing("authToken"))?;
+    let time = get("timeStamp").ok_or(AuthError::Missing("timeStamp"))?;
+    let ts = legacy_timestamp_ms(time).ok_or_else(|| AuthError::BadTimeStamp(time.into()))?;
+    let skew = (ts - now_ms) / 1000;
+    if skew.abs() > window_secs {
+        return Err(AuthError::Skew(skew, window_secs));
+    }
+    let want = legacy_token(key, params);
+    if !constant_time_eq(want.as_bytes(), token.as_bytes()) {
+        return Err(AuthError::BadToken);
+    }
+    Ok(format!("authToken:{token}"))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -250,6 +333,45 @@ mod tests {
             verify(KEY, &params(&sig, &ts, "a b"), body, now, 60),
             Err(AuthError::BadNonce)
         );
+    }
+
+    #[test]
+    fn legacy_token_recipe() {
+        let params: Vec<(String, String)> = [
+            ("timeStamp", "20261130093015123"),
+            ("activity", "getLicense"),
+            ("orderId", "CS1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // Independent computation: sorted by name, key + timeStamp as the HMAC key.
+        let want = STANDARD.encode(hmac(
+            b"interconnection-key20261130093015123",
+            b"activity=getLicense&orderId=CS1&timeStamp=20261130093015123",
+        ));
+        assert_eq!(legacy_token(KEY, &params), want);
+        let now = 1_796_031_015_123; // 2026-11-30T09:30:15.123Z
+        assert_eq!(legacy_timestamp_ms("20261130093015123"), Some(now));
+        let mut signed = params.clone();
+        signed.push(("authToken".into(), want.clone()));
+        assert_eq!(
+            legacy_verify(KEY, &signed, now + 5_000, 60),
+            Ok(format!("authToken:{want}"))
+        );
+        assert_eq!(
+            legacy_verify(b"other", &signed, now, 60),
+            Err(AuthError::BadToken)
+        );
+        assert_eq!(
+            legacy_verify(KEY, &signed, now + 120_000, 60),
+            Err(AuthError::Skew(-120, 60))
+        );
+        assert_eq!(
+            legacy_verify(KEY, &params, now, 60),
+            Err(AuthError::Missing("authToken"))
+        );
+        assert_eq!(legacy_timestamp_ms("2026-11-30"), None);
     }
 
     #[test]

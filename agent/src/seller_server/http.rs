@@ -181,9 +181,12 @@ async fn connection(
         }
     };
     let service = hyper::service::service_fn(move |req| route(state.clone(), req));
+    // Title case on the wire: hyper keeps header names lower-case, and the marketplace
+    // reads `Body-Sign` case-sensitively (§4.3); title case of `body-sign` is exactly that.
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        .title_case_headers(true)
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = r {
@@ -223,10 +226,57 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infall
     let Some(i) = state.products.iter().position(|p| p.path == path) else {
         return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
     };
-    if req.method() != Method::POST {
-        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+    // GET: the legacy style (§4.2) sends its parameters in the query string.
+    if req.method() != Method::POST && req.method() != Method::GET {
+        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST or GET\n"));
     }
     Ok(marketplace(state, i, req).await)
+}
+
+/// Checks either signature style (§4.1 `signature` in the query over the raw body; §4.2
+/// `authToken` among the parameters of the query and of a JSON body) and returns the
+/// nonce to remember and the request as one JSON object for [`activities::handle`].
+fn authenticate(
+    state: &State,
+    query: Option<&str>,
+    body: Bytes,
+    now_ms: i64,
+) -> Result<(String, Bytes), auth::AuthError> {
+    let key = state.interconnection_key.expose();
+    let pairs = auth::query_pairs(query);
+    if pairs.iter().any(|(k, _)| k == "signature") || !has_auth_token(&pairs, &body) {
+        let params = auth::Params::from_query(query);
+        let nonce = auth::verify(key, &params, &body, now_ms, state.window_secs)?;
+        return Ok((nonce, body));
+    }
+    // Legacy: every parameter, from the query and from a JSON object body.
+    let mut fields = serde_json::Map::new();
+    for (k, v) in &pairs {
+        fields.insert(k.clone(), serde_json::Value::from(v.as_str()));
+    }
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_slice(&body) {
+        fields.extend(o);
+    }
+    let params: Vec<(String, String)> = fields
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let nonce = auth::legacy_verify(key, &params, now_ms, state.window_secs)?;
+    let merged = serde_json::Value::Object(fields).to_string();
+    Ok((nonce, Bytes::from(merged)))
+}
+
+/// Whether the request carries a legacy `authToken` (query or JSON body).
+fn has_auth_token(pairs: &[(String, String)], body: &[u8]) -> bool {
+    pairs.iter().any(|(k, _)| k == "authToken")
+        || serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|v| v.get("authToken").is_some())
 }
 
 /// A marketplace answer: always 200, signed.
@@ -243,7 +293,7 @@ fn signed(state: &State, body: String) -> Resp {
 }
 
 async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) -> Resp {
-    let params = auth::Params::from_query(req.uri().query());
+    let query = req.uri().query().map(str::to_string);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -252,14 +302,8 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
         }
     };
     let now_ms = state.clock.now_ms();
-    let nonce = match auth::verify(
-        state.interconnection_key.expose(),
-        &params,
-        &body,
-        now_ms,
-        state.window_secs,
-    ) {
-        Ok(n) => n,
+    let (nonce, body) = match authenticate(&state, query.as_deref(), body, now_ms) {
+        Ok(x) => x,
         Err(e) => {
             log::warn!("marketplace request refused: {e}");
             return signed(&state, answer(ResultCode::AuthFailed, &e.to_string(), &[]));

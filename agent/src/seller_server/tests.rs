@@ -175,10 +175,25 @@ fn orders_issue_bound_licenses_and_resends_get_the_same_bytes() {
         resend["testFlag"] = json!("0");
         let (_, _, raw2) = later.call(resend);
         assert_eq!(raw2, raw, "{name}");
-        // A different request under the same eventId is refused.
-        let (c, v, _) = later.call(order("inst-1", "ev-1", &code("WXYZ")));
+        // A different request under the same eventId and fingerprint is refused.
+        let mut changed = order("inst-1", "ev-1", &dev);
+        changed["expireTime"] = json!("20290115080000");
+        let (c, v, _) = later.call(changed);
         assert_eq!(c, "000002", "{name}: {v}");
         assert!(v["resultMsg"].as_str().unwrap().contains("ev-1"), "{v}");
+        // The same eventId with another fingerprint is a new request (§2): the instance
+        // is rebound to the corrected code; resends of both keep their answers.
+        let (c, v, fixed) = later.call(order("inst-1", "ev-1", &code("WXYZ")));
+        assert_eq!(c, "000000", "{name}: {v}");
+        assert_eq!(license_of(&v).devices, vec![code("WXYZ")]);
+        let row = later
+            .db
+            .run_blocking(|tx| tx.instance("inst-1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.devices, vec![code("WXYZ")], "{name}");
+        assert_eq!(later.call(order("inst-1", "ev-1", &code("WXYZ"))).2, fixed);
+        assert_eq!(later.call(order("inst-1", "ev-1", &dev)).2, raw);
         // A new order for the instance replaces the license (same id, newer).
         let (c, v, _) = later.call(order("inst-1", "ev-2", &dev));
         assert_eq!(c, "000000");
@@ -186,7 +201,7 @@ fn orders_issue_bound_licenses_and_resends_get_the_same_bytes() {
         assert_eq!((l2.id.as_str(), l2.issued_at), ("kg-inst-1", NOW + 500));
         assert_eq!(
             later.db.run_blocking(|tx| tx.count_licenses()).unwrap(),
-            2,
+            3,
             "{name}"
         );
         // The async variant issues the same way.
@@ -200,6 +215,51 @@ fn orders_issue_bound_licenses_and_resends_get_the_same_bytes() {
     }
 }
 
+/// §2.1: no instanceId; the first businessId becomes it; idempotent by orderId.
+#[test]
+fn purchases_without_instance_are_idempotent_by_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = code("ABCD");
+    let purchase = |order: &str, business: &str, device: &str| {
+        json!({
+            "activity": "getLicense", "customerId": "cust-1", "customerName": "n",
+            "businessId": business, "orderId": order, "skuCode": "sku-1y",
+            "timeStamp": "20261130093015123", "deviceFingerprint": device
+        })
+    };
+    for (name, h) in Harness::all(dir.path(), Arc::new(TestTokens)) {
+        let (c, v, raw) = h.call(purchase("O-1", "B-1", &dev));
+        assert_eq!(c, "000000", "{name}: {v}");
+        assert_eq!(v["instanceId"], "B-1");
+        let lic = license_of(&v);
+        assert_eq!((lic.instance.as_str(), lic.not_before), ("B-1", NOW));
+        assert_eq!(lic.meta["kg_order"], "O-1");
+        let later = Harness {
+            now: NOW + 3600,
+            ..h
+        };
+        assert_eq!(later.call(purchase("O-1", "B-2", &dev)).2, raw, "{name}");
+        // Signed on the database thread (no presigned text) the same.
+        let (_, v, _) = later.call(purchase("O-2", "B-1", &dev));
+        assert_eq!(
+            v["instanceId"], "O-2",
+            "{name}: a known businessId is not reused: {v}"
+        );
+        assert_eq!(license_of(&v).instance, "O-2");
+        // Another customer under a known orderId is not this order.
+        let mut other = purchase("O-1", "B-9", &dev);
+        other["customerId"] = json!("cust-2");
+        assert_eq!(later.call(other).0, "000002", "{name}");
+        for missing in ["orderId", "businessId", "customerId"] {
+            let mut p = purchase("O-3", "B-3", &dev);
+            p.as_object_mut().unwrap().remove(missing);
+            let (c, v, _) = later.call(p);
+            assert_eq!(c, "000002", "{name}");
+            assert!(v["resultMsg"].as_str().unwrap().contains(missing), "{v}");
+        }
+    }
+}
+
 #[test]
 fn bad_requests_are_named_000002() {
     let dir = tempfile::tempdir().unwrap();
@@ -210,7 +270,7 @@ fn bad_requests_are_named_000002() {
             (json!({"activity": "launchRocket"}), "unknown activity"),
             (
                 json!({"activity": "getLicense", "eventId": "e"}),
-                "instanceId: required",
+                "orderId: required",
             ),
             (
                 {
@@ -473,7 +533,12 @@ fn times_and_ids() {
         "2023-10-27 08:30:15Z",
         "2023-10-27T08:30:15Z",
         "2023-10-27 08:30:15",
+        "2023-10-27 08:30:15 UTC",
+        "2023-10-27 08:30:15 GMT",
+        "2023-10-27 08:30:15 +00:00",
+        "2023-10-27T08:30:15+00:00",
         "20231027083015",
+        "20231027083015123",
         "1698395415000",
     ] {
         assert_eq!(parse_time("t", s), Ok(t), "{s}");
@@ -484,6 +549,9 @@ fn times_and_ids() {
         "x",
         "2023-10-27_08:30:15",
         "é023-10-27 08:30:15",
+        "2023-10-27 08:30:15 +08:00",
+        "2023-10-27 08:30:15 CST",
+        "2023-10-27 08:30:15 utc+1",
     ] {
         assert!(parse_time("effectiveTime", s)
             .unwrap_err()

@@ -20,6 +20,7 @@ use super::upload::{self, Client, Round};
 use crate::agent::Agent;
 use crate::clock::{format_rfc3339, Clock};
 use crate::device_service::DeviceState;
+use crate::source_health::SourceHealth;
 
 /// Resolves a meter name to what its usage is billed to.
 ///
@@ -66,6 +67,9 @@ pub struct UploadInfo {
     pub last_round: Option<Round>,
     pub last_success_at: Option<String>,
     pub consecutive_failures: u32,
+    /// The last failed attempt's reason and time (kept after a later success).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
     pub next_attempt_at: Option<String>,
     pub last_close_at: Option<String>,
     /// Why hours are not being closed right now, if they are not.
@@ -138,6 +142,7 @@ impl UsageService {
             clock: agent.clock.clone(),
             ledger: ledger.clone(),
             info: upload.clone(),
+            health: SourceHealth::new("usage upload"),
             client: None,
             attempt: 0,
             retry_at_ms: Some(0),
@@ -210,6 +215,13 @@ impl UsageService {
             let l = r.ledger.clone();
             let _ = tokio::task::spawn_blocking(move || l.wait_open(Duration::from_secs(10))).await;
         }
+    }
+
+    /// How the last delivery attempts went; `None` before the service started.
+    pub fn upload_info(&self) -> Option<UploadInfo> {
+        let r = self.running.get()?;
+        let info = r.upload.lock().expect("upload lock").clone();
+        Some(info)
     }
 
     pub fn status(&self, cfg: &UsageConfig, with_records: bool) -> Value {
@@ -345,6 +357,8 @@ struct Uploader {
     clock: Arc<dyn Clock>,
     ledger: Ledger,
     info: Arc<Mutex<UploadInfo>>,
+    /// Logs a failure once per change of error; its last error goes into `info`.
+    health: SourceHealth,
     /// Rebuilt when its configuration changes.
     client: Option<(ClientKey, Client)>,
     /// Consecutive transient failures.
@@ -515,13 +529,20 @@ impl Uploader {
                 if round.delivered > 0 {
                     info.last_success_at = Some(format_rfc3339(now / 1000));
                 }
+                match &round.transient {
+                    Some(t) => self.health.failure(now / 1000, t),
+                    None => self.health.success(now / 1000),
+                }
                 round.transient.is_some()
             }
             Err(e) => {
-                log::warn!("usage upload: {e}");
+                self.health.failure(now / 1000, e);
                 true
             }
         };
+        let h = self.health.snapshot();
+        info.last_error = h.last_error;
+        info.last_error_at = h.last_error_at;
         if failed {
             self.attempt = self.attempt.saturating_add(1);
             let delay = backoff_ms(cfg, self.attempt);
