@@ -303,6 +303,40 @@ enum SellerCommand {
     /// Run the seller license server (the marketplace's production interface) with the
     /// `[seller_server]` configuration given by --config (docs/seller-server.md)
     Serve,
+    /// Make one signed call to a seller server as the marketplace does; prints the
+    /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
+    /// resultCode is 000000)
+    Call(CallArgs),
+}
+
+#[derive(Args)]
+struct CallArgs {
+    /// The activity (getLicense, refreshLicense, expireLicense, releaseLicense,
+    /// updateInstanceStatus, ...): the body's `activity` field
+    activity: String,
+    /// The product's production URL, e.g. https://licenses.example.com:8443/koogallery/sku-pro
+    #[arg(long)]
+    url: String,
+    /// The interconnection key file (the key itself on one line, mode 0600), the
+    /// server's seller_server.interconnection_key_file
+    #[arg(long)]
+    key: PathBuf,
+    /// A request field, name=value (repeatable), e.g. --set instanceId=i-1
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Signature style: v2 (§4.1: POST, signature/timestamp/nonce) or legacy (§4.2: GET,
+    /// timeStamp/authToken)
+    #[arg(long, default_value = "v2", value_parser = ["v2", "legacy"])]
+    style: String,
+    /// A CA or self-signed certificate (PEM) to trust besides the web PKI roots
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Write an answer field to a file, FIELD=FILE (repeatable), e.g. --save license=my.lic
+    #[arg(long, value_name = "FIELD=FILE")]
+    save: Vec<String>,
+    /// Seconds to wait for the answer
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -1186,6 +1220,13 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Call(_) => anyhow::bail!(
+            "this kooagent was built without the seller server's tools; build it with \
+             `cargo build --release -p kooagent --features seller-server`"
+        ),
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Call(a) => seller_call(&a),
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());
@@ -1328,5 +1369,86 @@ fn integrity_text(i: &crate::license::keys::Integrity, against: &str) -> (String
         Integrity::Verified => (format!("valid ({against})"), true),
         Integrity::BadSignature => (format!("INVALID: does not verify with {against}"), false),
         Integrity::UntrustedKey(why) => (format!("NOT VERIFIED: {why}"), false),
+    }
+}
+
+#[cfg(feature = "seller-server")]
+fn seller_call(a: &CallArgs) -> Result<ExitCode> {
+    use crate::seller_server::call;
+    let key = crate::usage::secret::Secret::load_as(&a.key, "--key").map_err(anyhow::Error::msg)?;
+    let pairs = |flag: &str, list: &[String]| -> Result<Vec<(String, String)>> {
+        list.iter()
+            .map(|s| {
+                crate::license::seller::parse_pair(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+            })
+            .collect()
+    };
+    let fields = pairs("--set", &a.set)?;
+    if fields.iter().any(|(k, _)| k == "activity") {
+        anyhow::bail!("--set activity=...: the activity is the first argument");
+    }
+    let saves = pairs("--save", &a.save)?;
+    let spec = call::CallSpec {
+        url: a.url.clone(),
+        activity: a.activity.clone(),
+        fields,
+        style: if a.style == "legacy" {
+            call::Style::Legacy
+        } else {
+            call::Style::V2
+        },
+    };
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let p = call::prepare(key.expose(), &spec, now, &call::nonce());
+    println!("> {} {}", p.method, p.url);
+    if let Some(body) = &p.body {
+        println!("> Content-Type: application/json;charset=utf8");
+        println!(">");
+        println!("> {body}");
+    }
+    let answer = call::send(
+        &p,
+        a.ca.as_deref(),
+        std::time::Duration::from_secs(a.timeout),
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!("< HTTP {}", answer.status);
+    match &answer.body_sign {
+        Some(h) => println!("< Body-Sign: {h}"),
+        None => println!("< (no Body-Sign header)"),
+    }
+    println!("<");
+    println!("< {}", answer.body);
+    let verifies = answer.body_sign_verifies(key.expose());
+    println!(
+        "Body-Sign: {}",
+        if verifies {
+            "verifies (HMAC-SHA256 of the body under the interconnection key)"
+        } else {
+            "DOES NOT VERIFY with this key"
+        }
+    );
+    let body: Value = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
+    for (field, file) in &saves {
+        let Some(v) = body[field.as_str()].as_str() else {
+            anyhow::bail!("--save {field}={file}: the answer has no string field {field:?}");
+        };
+        std::fs::write(file, format!("{v}\n")).with_context(|| format!("writing {file}"))?;
+        println!("saved {field} to {file}");
+    }
+    let code = answer.result_code();
+    if verifies && code.as_deref() == Some("000000") {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "the call did not succeed: resultCode {}, Body-Sign {}",
+            code.as_deref().unwrap_or("missing"),
+            if verifies {
+                "verifies"
+            } else {
+                "does not verify"
+            }
+        );
+        Ok(ExitCode::from(1))
     }
 }

@@ -15,6 +15,8 @@ mod online;
 mod relay;
 mod sdk;
 #[cfg(feature = "seller-server")]
+mod seller_call;
+#[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
 mod upstream;

@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 use super::format::License;
 use super::keys::{Integrity, TrustedKeys};
 use super::store::{InstallError, Installed, LicenseStore, Rejected};
+use super::timer::{arm, timerfd};
 use super::trusted_time::{Source, TrustedTime};
 use super::verdict::{self, DeviceView, State, TimeView};
 use super::LicenseConfig;
@@ -739,41 +740,6 @@ async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd, dir: PathBuf) {
             let _ = tokio::task::spawn_blocking(move || me.files_changed(names)).await;
         }
     }
-}
-
-fn timerfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = cvt(unsafe {
-        libc::timerfd_create(libc::CLOCK_REALTIME, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
-    })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Arms the timer at `at` (Unix seconds, wall clock), cancelled by any clock change.
-fn arm(fd: &OwnedFd, at: i64) -> std::io::Result<()> {
-    // Far-off boundaries are clamped (the kernel refuses times past 2262); the timer then
-    // fires early, finds nothing to change, and is armed again.
-    let at = at.clamp(1, 1 << 33);
-    let spec = libc::itimerspec {
-        it_interval: libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        },
-        it_value: libc::timespec {
-            tv_sec: at as libc::time_t,
-            tv_nsec: 0,
-        },
-    };
-    // SAFETY: valid fd and itimerspec; the old value is not wanted.
-    cvt(unsafe {
-        libc::timerfd_settime(
-            fd.as_raw_fd(),
-            libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET,
-            &spec,
-            std::ptr::null_mut(),
-        )
-    })
-    .map(|_| ())
 }
 
 async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {

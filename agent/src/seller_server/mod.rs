@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod activities;
 pub mod auth;
+pub mod call;
 pub mod db;
 pub mod http;
 pub mod relay;

@@ -408,8 +408,10 @@ impl LedgerConfig {
         (self.max_bytes / 4).max(64 * 1024)
     }
     /// The most a snapshot may take; older records are dropped (and counted) beyond it.
+    /// Saturating: on a 32-bit target an `as usize` would wrap a budget of 4 GiB or more
+    /// (`max_bytes` ≥ 8 GiB) to almost nothing and drop every record.
     fn snapshot_budget(&self) -> usize {
-        (self.max_bytes / 2) as usize
+        usize::try_from(self.max_bytes / 2).unwrap_or(usize::MAX)
     }
 }
 
@@ -886,6 +888,33 @@ mod tests {
     use crate::clock::FakeClock;
 
     const T0: i64 = 1_700_000_000 / 3600 * 3600;
+
+    /// 32-bit hazards (run on armv7 under qemu by scripts/cross-test.sh): sizes past 4 GiB
+    /// never wrap, and frames are little-endian on every target.
+    #[test]
+    fn word_size_budgets_and_frames() {
+        let cfg = |max_bytes: u64| LedgerConfig {
+            dir: PathBuf::new(),
+            max_bytes,
+        };
+        for max in [64 << 20, 6 << 30, 8 << 30, 10 << 30, u64::MAX] {
+            let budget = cfg(max).snapshot_budget() as u128;
+            let want = u128::from(max / 2).min(usize::MAX as u128);
+            assert_eq!(budget, want, "max_bytes {max}");
+            assert!(cfg(max).rotate_bytes() >= 64 * 1024);
+        }
+        let mut out = Vec::new();
+        frame(b"{}", &mut out);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&[2, 0, 0, 0]);
+        crc.update(b"{}");
+        let mut want = vec![2, 0, 0, 0];
+        want.extend_from_slice(&crc.finalize().to_le_bytes());
+        want.extend_from_slice(b"{}");
+        assert_eq!(out, want);
+        let (frames, valid) = read_frames(&out);
+        assert_eq!((frames, valid), (vec![&b"{}"[..]], out.len()));
+    }
 
     #[test]
     fn a_full_queue_answers_busy_and_frees_a_slot_per_command_taken() {
