@@ -303,10 +303,28 @@ enum SellerCommand {
     /// Run the seller license server (the marketplace's production interface) with the
     /// `[seller_server]` configuration given by --config (docs/seller-server.md)
     Serve,
+    /// The seller server's device registry (--config as for serve): which device key each
+    /// device code is bound to, and releasing a code so another key can bind it
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Make one signed call to a seller server as the marketplace does; prints the
     /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
     /// resultCode is 000000)
     Call(CallArgs),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Print each binding of a device code (or every binding): code, key, first and last seen
+    List {
+        #[arg(long = "device-code")]
+        device_code: Option<String>,
+    },
+    /// Release a device code: the next device key that fetches a license for it, signed,
+    /// is bound to it instead
+    Release { device_code: String },
 }
 
 #[derive(Args)]
@@ -986,6 +1004,9 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(m) = v["message"].as_str() {
+                    println!("{m}");
+                }
                 println!(
                     "authorization code {} {} for product {}: {} (expires {})",
                     v["code"].as_str().unwrap_or("?"),
@@ -1010,6 +1031,21 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             let mut params = json!({"text": text});
             if let Some(p) = product {
                 params["product"] = json!(p);
+            }
+            // The socket takes one line of at most MAX_LINE bytes (with the envelope);
+            // a larger license goes in through the licenses directory instead.
+            let line = serde_json::to_string(&params)?.len() + 64;
+            if line > crate::protocol::MAX_LINE {
+                let cfg = g.load()?.config;
+                anyhow::bail!(
+                    "{}: the license is {} bytes, over the agent socket's {} KiB request limit; \
+                     copy the file into the agent's licenses directory instead ({}), where the \
+                     agent picks it up by itself",
+                    file.display(),
+                    text.len(),
+                    crate::protocol::MAX_LINE / 1024,
+                    crate::license::licenses_dir(&cfg.agent.state_dir).display()
+                );
             }
             let v = g.client()?.call("license.install", params)?;
             println!(
@@ -1218,6 +1254,53 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             crate::logging::init(level, None);
             crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
                 .map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Device { .. } => {
+            anyhow::bail!(
+                "this kooagent was built without the seller server; build it with \
+                 `cargo build --release -p kooagent --features seller-server`"
+            )
+        }
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Device { command } => {
+            let path = g.config.as_deref().context(
+                "seller device: give the server's configuration file with --config FILE",
+            )?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let db = cfg.open_db()?;
+            let canonical = |c: &str| {
+                crate::device_code::parse_code(c)
+                    .with_context(|| format!("{c:?} is not a device code"))
+            };
+            match command {
+                DeviceCommand::Release { device_code } => {
+                    let code = canonical(&device_code)?;
+                    let c = code.clone();
+                    if db.run_blocking(move |tx| tx.release_device(&c))? {
+                        println!("released {code}: the next device key to fetch its license, signed, is bound to it");
+                    } else {
+                        println!("{code} was not bound to any device key");
+                    }
+                }
+                DeviceCommand::List { device_code } => {
+                    let code = device_code.as_deref().map(canonical).transpose()?;
+                    let rows = db.run_blocking(move |tx| match &code {
+                        Some(c) => Ok(tx.device_by_code(c)?.into_iter().collect()),
+                        None => tx.all_devices(),
+                    })?;
+                    for d in rows {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            d.device_code,
+                            d.device_key,
+                            crate::clock::format_rfc3339(d.first_seen),
+                            crate::clock::format_rfc3339(d.last_seen)
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
