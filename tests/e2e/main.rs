@@ -19,5 +19,6 @@ mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
+mod toolchain;
 mod upstream;
 mod usage;
