@@ -985,6 +985,9 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(m) = v["message"].as_str() {
+                    println!("{m}");
+                }
                 println!(
                     "authorization code {} {} for product {}: {} (expires {})",
                     v["code"].as_str().unwrap_or("?"),
@@ -1009,6 +1012,21 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             let mut params = json!({"text": text});
             if let Some(p) = product {
                 params["product"] = json!(p);
+            }
+            // The socket takes one line of at most MAX_LINE bytes (with the envelope);
+            // a larger license goes in through the licenses directory instead.
+            let line = serde_json::to_string(&params)?.len() + 64;
+            if line > crate::protocol::MAX_LINE {
+                let cfg = g.load()?.config;
+                anyhow::bail!(
+                    "{}: the license is {} bytes, over the agent socket's {} KiB request limit; \
+                     copy the file into the agent's licenses directory instead ({}), where the \
+                     agent picks it up by itself",
+                    file.display(),
+                    text.len(),
+                    crate::protocol::MAX_LINE / 1024,
+                    crate::license::licenses_dir(&cfg.agent.state_dir).display()
+                );
             }
             let v = g.client()?.call("license.install", params)?;
             println!(

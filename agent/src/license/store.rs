@@ -231,7 +231,12 @@ impl LicenseStore {
         let id = parsed.license.id.clone();
         let file = self.dir.join(parsed.license.file_name());
         let previous = self.entries.get(&id);
-        if previous.is_some_and(|e| e.bytes == bytes) {
+        // The same license, whatever whitespace surrounds it (a file's final newline, a
+        // JSON answer without one): what the format reads is what counts.
+        let same = |old: &[u8]| {
+            old == bytes || format::license_text(old).ok() == format::license_text(bytes).ok()
+        };
+        if previous.is_some_and(|e| same(&e.bytes)) {
             return Ok(Installed::Unchanged(id));
         }
         let replaced = previous.is_some();
