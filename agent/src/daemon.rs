@@ -131,9 +131,21 @@ async fn serve_until_signal(
     agent.authcode.start();
     {
         let weak = Arc::downgrade(&agent);
-        crate::freeze::online::start(agent.freeze.clone(), agent.license.clone(), move || {
-            weak.upgrade().map(|a| a.config().freeze.clone())
-        });
+        let key_file = crate::authcode::transport::relay_key_path(&cfg.agent.state_dir);
+        crate::freeze::online::start(
+            agent.freeze.clone(),
+            agent.license.clone(),
+            key_file,
+            move || {
+                weak.upgrade().map(|a| {
+                    let device = match a.device.current() {
+                        crate::device_service::DeviceState::Ready(r) => Some(r),
+                        _ => None,
+                    };
+                    (a.config().freeze.clone(), device)
+                })
+            },
+        );
     }
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {

@@ -9,6 +9,8 @@
 //! - [`activities`]: request → decision, on a database transaction;
 //! - [`db`]: the storage interface, SQLite and PostgreSQL, one thread with group commit;
 //! - [`tokens`]: where status tokens come from (the freeze module);
+//! - [`devices`]: the device registry and the agents' signed license/status fetches;
+//! - [`limits`]: token buckets in the database (shared by every server process);
 //! - [`relay`]: the authorization-code relay (device signatures, trust on first use,
 //!   forwarding with the seller's AK/SK);
 //! - [`http`]: TLS, HTTP, routing, timeouts.
@@ -22,7 +24,9 @@ pub mod activities;
 pub mod auth;
 pub mod call;
 pub mod db;
+pub mod devices;
 pub mod http;
+pub mod limits;
 pub mod relay;
 pub mod tokens;
 
@@ -66,6 +70,8 @@ pub struct SellerServerConfig {
     /// A CA certificate (PEM) trusted for those hosts besides the web PKI (tests,
     /// inspecting proxies); empty: none.
     pub marketplace_extra_ca_file: PathBuf,
+    /// Rate limits (`[seller_server.limits]`).
+    pub limits: limits::LimitsConfig,
 }
 
 impl Default for SellerServerConfig {
@@ -87,6 +93,7 @@ impl Default for SellerServerConfig {
                 .map(|b| b.to_string())
                 .collect(),
             marketplace_extra_ca_file: PathBuf::new(),
+            limits: limits::LimitsConfig::default(),
         }
     }
 }
@@ -199,6 +206,9 @@ impl SellerServerConfig {
                 ));
             }
         }
+        self.limits
+            .validate()
+            .map_err(|m| invalid("seller_server.limits", m))?;
         let mut paths = std::collections::HashSet::new();
         for (i, p) in self.products.iter().enumerate() {
             let key = |k: &str| format!("seller_server.products[{i}].{k}");
