@@ -7,6 +7,7 @@ need_apt=()
 command -v socat >/dev/null || need_apt+=(socat)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v curl >/dev/null || need_apt+=(curl)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "== installing ${need_apt[*]}"
@@ -24,3 +25,7 @@ for mod in cryptography huaweicloudsdkcore; do
     echo "== installing python $mod"
     python3 -m pip install -q "$mod"
 done
+
+# Every locked package's manifest, for tests/e2e/toolchain.rs (`cargo metadata --offline`
+# reads them all, other platforms' too; the build itself fetches only what it compiles).
+cargo fetch --locked -q

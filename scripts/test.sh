@@ -50,9 +50,23 @@ if [ "${PACKAGES:-1}" != 0 ]; then
     cargo test -q -p kooagent-install -- --ignored 2>&1 | tail -n 3
 fi
 
-# The aarch64 build with Debian's toolchain, smoke-tested under qemu (root: it installs the
-# cross toolchain with apt). CROSS=0 skips it on a workstation.
+# Every board: aarch64, armv7 and riscv64 built static and run through the same end-to-end
+# script under qemu (scripts/cross-test.sh), the armv7 32-bit hazard unit tests under qemu,
+# and that script on the x86_64 release binary too (root: installs the cross toolchains with
+# apt). The CI builds use PROFILE=cross-test (release minus fat LTO: same code, much quicker
+# to build); the shipped release builds and their packages are scripts/cross-packages.sh.
+# CROSS=0 skips it on a workstation; CROSS_TARGETS="…" picks the boards, CROSS_UNIT_TESTS=0
+# skips the armv7 unit tests.
 if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
-    echo "== cross build + qemu smoke test (aarch64)"
-    TARGETS=aarch64-unknown-linux-gnu bash scripts/cross-build.sh
+    echo "== cross builds + the same qemu test on every target (x86_64, aarch64, armv7, riscv64)"
+    start=$(date +%s)
+    TARGETS=${CROSS_TARGETS:-"aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf riscv64gc-unknown-linux-gnu"} \
+        PROFILE=cross-test bash scripts/cross-build.sh
+    # qemu-user-static is installed by now (cross-build.sh).
+    bash scripts/cross-test.sh x86_64-unknown-linux-gnu target/release/kooagent
+    if [ "${CROSS_UNIT_TESTS:-1}" != 0 ]; then
+        TARGETS=armv7-unknown-linux-gnueabihf PROFILE=cross-test SKIP_APT=1 TEST=0 UNIT_TESTS=1 \
+            bash scripts/cross-build.sh
+    fi
+    echo "== cross stage: $(($(date +%s) - start)) s"
 fi

@@ -303,6 +303,58 @@ enum SellerCommand {
     /// Run the seller license server (the marketplace's production interface) with the
     /// `[seller_server]` configuration given by --config (docs/seller-server.md)
     Serve,
+    /// The seller server's device registry (--config as for serve): which device key each
+    /// device code is bound to, and releasing a code so another key can bind it
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Make one signed call to a seller server as the marketplace does; prints the
+    /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
+    /// resultCode is 000000)
+    Call(CallArgs),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Print each binding of a device code (or every binding): code, key, first and last seen
+    List {
+        #[arg(long = "device-code")]
+        device_code: Option<String>,
+    },
+    /// Release a device code: the next device key that fetches a license for it, signed,
+    /// is bound to it instead
+    Release { device_code: String },
+}
+
+#[derive(Args)]
+struct CallArgs {
+    /// The activity (getLicense, refreshLicense, expireLicense, releaseLicense,
+    /// updateInstanceStatus, ...): the body's `activity` field
+    activity: String,
+    /// The product's production URL, e.g. https://licenses.example.com:8443/koogallery/sku-pro
+    #[arg(long)]
+    url: String,
+    /// The interconnection key file (the key itself on one line, mode 0600), the
+    /// server's seller_server.interconnection_key_file
+    #[arg(long)]
+    key: PathBuf,
+    /// A request field, name=value (repeatable), e.g. --set instanceId=i-1
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Signature style: v2 (§4.1: POST, signature/timestamp/nonce) or legacy (§4.2: GET,
+    /// timeStamp/authToken)
+    #[arg(long, default_value = "v2", value_parser = ["v2", "legacy"])]
+    style: String,
+    /// A CA or self-signed certificate (PEM) to trust besides the web PKI roots
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Write an answer field to a file, FIELD=FILE (repeatable), e.g. --save license=my.lic
+    #[arg(long, value_name = "FIELD=FILE")]
+    save: Vec<String>,
+    /// Seconds to wait for the answer
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -644,7 +696,8 @@ fn print_usage_status(v: &Value) {
     let torn = l["recovery"]["torn_bytes"].as_u64().unwrap_or(0);
     if torn > 0 {
         println!(
-            "            recovered from a torn write: {torn} bytes cut (kept in {})",
+            "            recovered from a torn write: {torn} bytes cut, {} whole entries among them (kept in {})",
+            l["recovery"]["torn_entries"].as_u64().unwrap_or(0),
             s(&l["recovery"]["torn_saved_as"])
         );
     }
@@ -971,6 +1024,9 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(m) = v["message"].as_str() {
+                    println!("{m}");
+                }
                 println!(
                     "authorization code {} {} for product {}: {} (expires {})",
                     v["code"].as_str().unwrap_or("?"),
@@ -995,6 +1051,21 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
             let mut params = json!({"text": text});
             if let Some(p) = product {
                 params["product"] = json!(p);
+            }
+            // The socket takes one line of at most MAX_LINE bytes (with the envelope);
+            // a larger license goes in through the licenses directory instead.
+            let line = serde_json::to_string(&params)?.len() + 64;
+            if line > crate::protocol::MAX_LINE {
+                let cfg = g.load()?.config;
+                anyhow::bail!(
+                    "{}: the license is {} bytes, over the agent socket's {} KiB request limit; \
+                     copy the file into the agent's licenses directory instead ({}), where the \
+                     agent picks it up by itself",
+                    file.display(),
+                    text.len(),
+                    crate::protocol::MAX_LINE / 1024,
+                    crate::license::licenses_dir(&cfg.agent.state_dir).display()
+                );
             }
             let v = g.client()?.call("license.install", params)?;
             println!(
@@ -1205,6 +1276,60 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Device { .. } => {
+            anyhow::bail!(
+                "this kooagent was built without the seller server; build it with \
+                 `cargo build --release -p kooagent --features seller-server`"
+            )
+        }
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Device { command } => {
+            let path = g.config.as_deref().context(
+                "seller device: give the server's configuration file with --config FILE",
+            )?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let db = cfg.open_db()?;
+            let canonical = |c: &str| {
+                crate::device_code::parse_code(c)
+                    .with_context(|| format!("{c:?} is not a device code"))
+            };
+            match command {
+                DeviceCommand::Release { device_code } => {
+                    let code = canonical(&device_code)?;
+                    let c = code.clone();
+                    if db.run_blocking(move |tx| tx.release_device(&c))? {
+                        println!("released {code}: the next device key to fetch its license, signed, is bound to it");
+                    } else {
+                        println!("{code} was not bound to any device key");
+                    }
+                }
+                DeviceCommand::List { device_code } => {
+                    let code = device_code.as_deref().map(canonical).transpose()?;
+                    let rows = db.run_blocking(move |tx| match &code {
+                        Some(c) => Ok(tx.device_by_code(c)?.into_iter().collect()),
+                        None => tx.all_devices(),
+                    })?;
+                    for d in rows {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            d.device_code,
+                            d.device_key,
+                            crate::clock::format_rfc3339(d.first_seen),
+                            crate::clock::format_rfc3339(d.last_seen)
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Call(_) => anyhow::bail!(
+            "this kooagent was built without the seller server's tools; build it with \
+             `cargo build --release -p kooagent --features seller-server`"
+        ),
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Call(a) => seller_call(&a),
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());
@@ -1347,5 +1472,86 @@ fn integrity_text(i: &crate::license::keys::Integrity, against: &str) -> (String
         Integrity::Verified => (format!("valid ({against})"), true),
         Integrity::BadSignature => (format!("INVALID: does not verify with {against}"), false),
         Integrity::UntrustedKey(why) => (format!("NOT VERIFIED: {why}"), false),
+    }
+}
+
+#[cfg(feature = "seller-server")]
+fn seller_call(a: &CallArgs) -> Result<ExitCode> {
+    use crate::seller_server::call;
+    let key = crate::usage::secret::Secret::load_as(&a.key, "--key").map_err(anyhow::Error::msg)?;
+    let pairs = |flag: &str, list: &[String]| -> Result<Vec<(String, String)>> {
+        list.iter()
+            .map(|s| {
+                crate::license::seller::parse_pair(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+            })
+            .collect()
+    };
+    let fields = pairs("--set", &a.set)?;
+    if fields.iter().any(|(k, _)| k == "activity") {
+        anyhow::bail!("--set activity=...: the activity is the first argument");
+    }
+    let saves = pairs("--save", &a.save)?;
+    let spec = call::CallSpec {
+        url: a.url.clone(),
+        activity: a.activity.clone(),
+        fields,
+        style: if a.style == "legacy" {
+            call::Style::Legacy
+        } else {
+            call::Style::V2
+        },
+    };
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let p = call::prepare(key.expose(), &spec, now, &call::nonce());
+    println!("> {} {}", p.method, p.url);
+    if let Some(body) = &p.body {
+        println!("> Content-Type: application/json;charset=utf8");
+        println!(">");
+        println!("> {body}");
+    }
+    let answer = call::send(
+        &p,
+        a.ca.as_deref(),
+        std::time::Duration::from_secs(a.timeout),
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!("< HTTP {}", answer.status);
+    match &answer.body_sign {
+        Some(h) => println!("< Body-Sign: {h}"),
+        None => println!("< (no Body-Sign header)"),
+    }
+    println!("<");
+    println!("< {}", answer.body);
+    let verifies = answer.body_sign_verifies(key.expose());
+    println!(
+        "Body-Sign: {}",
+        if verifies {
+            "verifies (HMAC-SHA256 of the body under the interconnection key)"
+        } else {
+            "DOES NOT VERIFY with this key"
+        }
+    );
+    let body: Value = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
+    for (field, file) in &saves {
+        let Some(v) = body[field.as_str()].as_str() else {
+            anyhow::bail!("--save {field}={file}: the answer has no string field {field:?}");
+        };
+        std::fs::write(file, format!("{v}\n")).with_context(|| format!("writing {file}"))?;
+        println!("saved {field} to {file}");
+    }
+    let code = answer.result_code();
+    if verifies && code.as_deref() == Some("000000") {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "the call did not succeed: resultCode {}, Body-Sign {}",
+            code.as_deref().unwrap_or("missing"),
+            if verifies {
+                "verifies"
+            } else {
+                "does not verify"
+            }
+        );
+        Ok(ExitCode::from(1))
     }
 }

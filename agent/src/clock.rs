@@ -232,6 +232,25 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// 32-bit hazards (run on armv7 under qemu by scripts/cross-test.sh): times past
+    /// 2038-01-19 (i32) and 2106-02-07 (u32) format, parse and read the clock right.
+    #[test]
+    fn word_size_times_past_2038() {
+        let y2038 = i64::from(i32::MAX) + 1;
+        assert_eq!(format_rfc3339(y2038), "2038-01-19T03:14:08Z");
+        assert_eq!(parse_rfc3339("2038-01-19T03:14:08Z"), Some(y2038));
+        let y2106 = i64::from(u32::MAX) + 1;
+        assert_eq!(format_rfc3339(y2106), "2106-02-07T06:28:16Z");
+        assert_eq!(parse_compact("21060207T062816Z"), Some(y2106));
+        assert_eq!(Civil::from_unix(y2106).to_unix(), y2106);
+        let now = SystemClock.now_secs();
+        assert!(now > 1_700_000_000 && now < y2106, "{now}");
+        assert_eq!(
+            parse_rfc3339(&format_rfc3339(now + 20 * 365 * 86_400)),
+            Some(now + 20 * 365 * 86_400)
+        );
+    }
+
     #[test]
     fn round_trips_dates() {
         for secs in [0i64, 951_782_400, 1_660_036_200, 4_102_444_799, -86_400] {

@@ -45,6 +45,9 @@ pub fn roots(
     Ok(certs)
 }
 
+/// Longest a connection (TCP and TLS) may take before the next host is tried.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A blocking agent: whole requests bounded by `timeout`, status codes not turned into errors.
 pub fn agent(
     extra_ca: Option<&Path>,
@@ -61,6 +64,9 @@ pub fn agent(
     let config = ureq::Agent::config_builder()
         .tls_config(tls)
         .timeout_global(Some(timeout))
+        // Connecting is bounded apart, so that a timeout says whether the host was
+        // reached at all (authcode::client::answer_maybe_lost).
+        .timeout_connect(Some(timeout.min(CONNECT_TIMEOUT)))
         .http_status_as_error(false)
         .user_agent(format!("kooagent/{}", env!("CARGO_PKG_VERSION")))
         .build();

@@ -2,6 +2,7 @@
 //! its place for `--daemon` on boards without one. Under journald (`JOURNAL_STREAM` set) each
 //! line carries a `<N>` syslog priority prefix instead of a timestamp, so levels survive.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 
@@ -47,9 +48,11 @@ impl Log for Logger {
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) || wire_dump(record) {
             return;
         }
+        let text = record.args().to_string();
+        let text = redact(&text);
         let line = if self.journald {
             let prio = match record.level() {
                 Level::Error => 3,
@@ -57,14 +60,13 @@ impl Log for Logger {
                 Level::Info => 6,
                 Level::Debug | Level::Trace => 7,
             };
-            format!("<{prio}>{}\n", record.args())
+            format!("<{prio}>{text}\n")
         } else {
             let now = crate::clock::Clock::now_secs(&crate::clock::SystemClock);
             format!(
-                "{} {:5} {}\n",
+                "{} {:5} {text}\n",
                 crate::clock::format_rfc3339(now),
                 record.level(),
-                record.args()
             )
         };
         if let Ok(mut w) = self.sink.lock() {
@@ -76,6 +78,99 @@ impl Log for Logger {
     fn flush(&self) {
         if let Ok(mut w) = self.sink.lock() {
             let _ = w.flush();
+        }
+    }
+}
+
+/// The HTTP library's byte dumps (`ureq_proto` at trace: 16 bytes a line, hex and ASCII)
+/// carry whole requests, headers and bodies, split at arbitrary places: no value in them
+/// can be recognised to be masked, so they are not written at all.
+fn wire_dump(record: &Record) -> bool {
+    record.level() == Level::Trace && record.target().starts_with("ureq_proto")
+}
+
+/// Header names whose values are secrets or signatures made with one (the AK/SK
+/// `Authorization`, the relay's device signature, proxy credentials).
+const SECRET_NAMES: [&str; 3] = [
+    "authorization",
+    "x-kooagent-signature",
+    "proxy-authorization",
+];
+
+/// Masks the value after every secret header name in a log line, whatever the library
+/// printing it (`name: value`, `"name": "value"`, `name=value`): the filter sits in the
+/// logging backend, so no caller, ours or a dependency's, can leak one at any level.
+pub fn redact(line: &str) -> Cow<'_, str> {
+    let lower = line.to_ascii_lowercase();
+    if !SECRET_NAMES.iter().any(|n| lower.contains(n)) {
+        return Cow::Borrowed(line);
+    }
+    let b = line.as_bytes();
+    let mut out = String::with_capacity(line.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hit = SECRET_NAMES
+            .iter()
+            .find(|n| lower.as_bytes()[i..].starts_with(n.as_bytes()));
+        let Some(name) = hit else {
+            let ch = line[i..].chars().next().expect("in bounds");
+            out.push(ch);
+            i += ch.len_utf8();
+            continue;
+        };
+        let mut j = i + name.len();
+        out.push_str(&line[i..j]);
+        // The separator: quotes, spaces, one ':' or '='.
+        let sep_start = j;
+        while j < b.len() && matches!(b[j], b'"' | b'\'' | b' ' | b':' | b'=') && j - sep_start < 6
+        {
+            j += 1;
+        }
+        if j == sep_start || !line[sep_start..j].contains([':', '=']) {
+            i = sep_start;
+            continue;
+        }
+        out.push_str(&line[sep_start..j]);
+        let quoted = line[sep_start..j].ends_with(['"', '\'']);
+        let end = b[j..]
+            .iter()
+            .position(|&c| c == b'\r' || c == b'\n' || (quoted && (c == b'"' || c == b'\'')))
+            .map_or(b.len(), |p| j + p);
+        if end > j {
+            out.push_str("[redacted]");
+        }
+        i = end;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_headers_are_masked_in_any_spelling() {
+        let cases = [
+            (
+                r#"Request { headers: {"content-type": "application/json", "authorization": "SDK-HMAC-SHA256 Access=AK1, SignedHeaders=host, Signature=abc"} }"#,
+                r#"Request { headers: {"content-type": "application/json", "authorization": "[redacted]"} }"#,
+            ),
+            (
+                "Authorization: SDK-HMAC-SHA256 Access=AK1, Signature=abc\r\nHost: x",
+                "Authorization: [redacted]\r\nHost: x",
+            ),
+            (
+                "x-kooagent-signature=c2ln end",
+                "x-kooagent-signature=[redacted]",
+            ),
+            ("no secret here", "no secret here"),
+            (
+                "the authorization code PL1 was activated",
+                "the authorization code PL1 was activated",
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(redact(line), want, "{line}");
         }
     }
 }

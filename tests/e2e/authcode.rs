@@ -47,6 +47,11 @@ pub(crate) struct State {
     pub(crate) fallback_down: bool,
     /// Answer the next request with (HTTP status, error_code).
     pub(crate) inject: Option<(u16, String)>,
+    /// The next activation is carried out but its answer is lost: the connection hangs
+    /// this long, then closes without a word.
+    pub(crate) lose_activation_answer: Option<Duration>,
+    /// Daily queries answer about this code instead of the one asked.
+    pub(crate) answer_about: Option<String>,
     pub(crate) seen: Vec<Seen>,
     pub(crate) violations: Vec<String>,
     /// code → distinct ids, and the reported active_num totals.
@@ -186,7 +191,7 @@ fn serve(
         if down {
             return;
         }
-        let (status, body) = {
+        let (status, body, lose) = {
             let mut s = st.lock().unwrap();
             let (status, body) = handle(&req, &mut s);
             let answer = body["error_code"].as_str().unwrap_or("").to_string();
@@ -195,8 +200,17 @@ fn serve(
                 path: req.path.clone(),
                 answer,
             });
-            (status, body.to_string())
+            let lose = if req.path == api::PATH_ACTIVATE {
+                s.lose_activation_answer.take()
+            } else {
+                None
+            };
+            (status, body.to_string(), lose)
         };
+        if let Some(hang) = lose {
+            std::thread::sleep(hang);
+            return;
+        }
         let resp = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -353,7 +367,7 @@ fn handle(req: &Request, s: &mut State) -> (u16, Value) {
                 Some(c) => (
                     200,
                     json!({"error_code": "92020000", "error_msg": "success", "data": {
-                    "license_code": code, "status": c.status, "activate_time": "20260101080000",
+                    "license_code": s.answer_about.clone().unwrap_or(code), "status": c.status, "activate_time": "20260101080000",
                     "expire_time": "20270101080000", "some_new_field": [1, 2]}}),
                 ),
             }

@@ -192,16 +192,27 @@ fn activation_check_daily_query_usage_and_lifecycle() {
             .unwrap_err()["code"],
         "no_authcode"
     );
-    // Nothing reported during the day by itself: once a day, completed days.
-    assert_eq!(count(&m, api::PATH_USAGE), 0);
-    let out = a.cli(&["authcode", "sync"]);
-    assert!(out.status.success(), "{out:?}");
+    // Reported on the day of use, at each client's first use that day (issue 13 item 10:
+    // the call has no date, so a report tomorrow would count tomorrow), without a sync.
     let uid = unsafe { libc::getuid() };
     let want: HashSet<String> = ["alice".to_string(), "bob".into(), format!("uid:{uid}")]
         .into_iter()
         .collect();
+    eventually("today's clients reported today", || {
+        m.with(|s| s.ids.get("CODE-OK").cloned()) == Some(want.clone())
+    });
+    let reports = count(&m, api::PATH_USAGE);
+    assert!((1..=4).contains(&reports), "{reports} usage calls");
+    // A client seen again the same day is not reported again.
+    a.call(
+        "authcode.client_seen",
+        json!({"product": "myapp", "client": "alice"}),
+    )
+    .unwrap();
+    let out = a.cli(&["authcode", "sync"]);
+    assert!(out.status.success(), "{out:?}");
     assert_eq!(m.with(|s| s.ids.get("CODE-OK").cloned()), Some(want));
-    assert_eq!(count(&m, api::PATH_USAGE), 1);
+    assert_eq!(count(&m, api::PATH_USAGE), reports);
     let st = a.call("authcode.status", json!({})).unwrap();
     assert_eq!(st["codes"][0]["clients_pending"], 0);
 
@@ -436,6 +447,22 @@ fn relay_handle(
                 for c in codes {
                     b.insert(c, key.clone());
                 }
+            } else if path == api::PATH_ACTIVATE
+                && text.contains("\"92020003\"")
+                && codes.len() == 1
+                && bound.lock().unwrap().get(&codes[0]) == Some(&key)
+            {
+                // The contract (helpers' contracts.md, issue 13 item 8): this key made the
+                // first activation; query, and answer the activation's success shape
+                // with `kooagent_recovered: true`.
+                let q = json!({"license": codes[0]}).to_string();
+                if let Ok((_, 200, qt)) = client.post(api::PATH_HEARTBEAT, q.as_bytes()) {
+                    let d: Value = serde_json::from_str(&qt).unwrap();
+                    let info = json!({"status": d["data"]["status"], "expire_time": d["data"]["expire_time"]});
+                    let body = json!({"error_code": "92020000", "error_msg": "success",
+                        "data": {"license_code_info": info.to_string()}, "kooagent_recovered": true});
+                    return (200, body.to_string());
+                }
             }
             (http, text)
         }
@@ -497,26 +524,131 @@ fn relay_mode_signs_with_the_device_key_and_adopts_its_own_code() {
     );
 
     // The first device loses its record (not its key): KooGallery says 92020003, the
-    // relay vouches it is this device's, and the code is adopted for the product named.
+    // relay vouches it is this device's (`kooagent_recovered`), and the code is
+    // recovered after the same product check as in direct mode.
     a.stop();
     std::fs::remove_file(a.state.join("authcodes.json")).unwrap();
     a.spawn(&[]);
     let e = a
-        .call("license.activate", json!({"code": "CODE-R"}))
-        .unwrap_err();
-    assert!(e["message"].as_str().unwrap().contains("--product"), "{e}");
-    let v = a
         .call(
             "license.activate",
-            json!({"code": "CODE-R", "product": "myapp"}),
+            json!({"code": "CODE-R", "product": "not-mine"}),
         )
-        .unwrap();
-    assert_eq!(v["adopted"], true);
+        .unwrap_err();
+    assert_eq!(e["code"], "activation_refused", "{e}");
+    let out = a.cli(&["license", "activate", "CODE-R"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("recovered: the marketplace had already activated this code for this device (the earlier answer was lost)"),
+        "{out:?}"
+    );
     let c = a
         .call("license.check", json!({"product": "myapp"}))
         .unwrap();
     assert_eq!(c["state"], "valid", "{c}");
     assert!(r.bad_auth.lock().unwrap().is_empty());
+    m.assert_no_violations();
+}
+
+/// Issue 13 item 8 (direct mode): the marketplace activates the code but the answer is
+/// lost. The agent recorded the activation before sending it; the fallback host is not
+/// used to resend it; a retry gets 92020003, queries the code and recovers it. A code
+/// someone else activated is never adopted. Item 9: APIGW errors name the AK/SK. Item 7:
+/// an answer about another code is not applied. Item 11: nothing secret in a trace log.
+#[test]
+fn a_lost_activation_answer_is_recovered_and_nothing_else_is_adopted() {
+    let m = Market::start();
+    m.add("CODE-LOST", true);
+    m.add("CODE-THEIRS", true);
+    let keydir = tempfile::tempdir().unwrap();
+    let a = TestAgent::start(&format!(
+        "{}\n[agent]\nlog_level = \"trace\"\n",
+        config(&m, keydir.path(), "timeout_secs = 2")
+    ));
+
+    m.with(|s| s.lose_activation_answer = Some(Duration::from_secs(5)));
+    let e = a
+        .call("license.activate", json!({"code": "CODE-LOST"}))
+        .unwrap_err();
+    assert_eq!(e["code"], "marketplace_unreachable", "{e}");
+    assert!(m.with(|s| s.codes["CODE-LOST"].activated));
+    // Not resent to the fallback host after the timeout.
+    assert!(
+        !m.seen()
+            .iter()
+            .any(|s| s.path == api::PATH_ACTIVATE && s.listener == "fallback"),
+        "{:?}",
+        m.seen()
+    );
+    // The in-flight record was on disk before the answer was awaited.
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(a.state.join("authcodes.json")).unwrap()).unwrap();
+    assert!(
+        stored["in_flight"]["CODE-LOST"]["sent_at"].is_i64(),
+        "{stored}"
+    );
+
+    // The retry: 92020003, then the query (ALIVE), then adopted, and said so.
+    let out = a.cli(&["license", "activate", "CODE-LOST"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("recovered: the marketplace had already activated this code for this device (the earlier answer was lost)"),
+        "{said}"
+    );
+    let c = a
+        .call("license.check", json!({"product": "myapp"}))
+        .unwrap();
+    assert_eq!(
+        (c["state"].as_str(), c["license_id"].as_str()),
+        (Some("valid"), Some("code:CODE-LOST")),
+        "{c}"
+    );
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(a.state.join("authcodes.json")).unwrap()).unwrap();
+    assert!(stored["in_flight"].is_null(), "{stored}");
+
+    // Activated by someone else (no activation of ours in flight): refused, not adopted.
+    m.with(|s| s.codes.get_mut("CODE-THEIRS").unwrap().activated = true);
+    let e = refusal(&a, "CODE-THEIRS");
+    assert_eq!(e["details"]["error_code"], "92020003", "{e}");
+    let e = refusal(&a, "CODE-THEIRS");
+    assert_eq!(
+        e["details"]["error_code"], "92020003",
+        "a second try adopts nothing: {e}"
+    );
+    let st = a.call("authcode.status", json!({})).unwrap();
+    assert_eq!(st["codes"].as_array().unwrap().len(), 1, "{st}");
+
+    // APIGW gateway errors are credential errors with a hint about the AK/SK.
+    m.with(|s| s.inject = Some((401, "APIGW.0301".into())));
+    let e = a
+        .call("license.activate", json!({"code": "CODE-THEIRS"}))
+        .unwrap_err();
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("APIGW.0301") && msg.contains("AK/SK"), "{e}");
+
+    // A daily query answered about another code changes nothing of ours.
+    set_status(&m, "CODE-LOST", "EXPIRED");
+    m.with(|s| s.answer_about = Some("CODE-THEIRS".into()));
+    a.call("authcode.sync", json!({})).unwrap();
+    let st = a.call("authcode.status", json!({})).unwrap();
+    let code = &st["codes"][0];
+    assert_eq!(code["status"], "ALIVE", "{st}");
+    assert!(
+        code["last_error"].as_str().unwrap().contains("CODE-THEIRS"),
+        "{st}"
+    );
+
+    // With log_level = "trace": no AK, no SK, no signature anywhere in the log.
+    let log = a.log();
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "trace logging is on"
+    );
+    for secret in [AK, SK, "Signature="] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
     m.assert_no_violations();
 }
 

@@ -444,6 +444,77 @@ fn expiry_is_noticed_without_being_asked() {
     assert!(v["since"].is_string(), "{v}");
 }
 
+/// Issue 13 items 12 and 13: a license whose `devices` hold the code as a buyer typed
+/// it (lower case, spaces) is this device's; identical bytes again are `unchanged`; a
+/// license over the socket's line limit is sent to the licenses directory by the CLI.
+#[test]
+fn typed_codes_identical_reinstalls_and_oversized_licenses() {
+    let seller = Seller::new();
+    let a = TestAgent::start(&seller.config());
+    let code = device_code(&a);
+    let key = kooagent::license::seller::read_signing_key(&seller.key).unwrap();
+    let base =
+        kooagent::license::format::parse(seller.bound(&code, "p", &["--days", "30"]).as_bytes())
+            .unwrap()
+            .license;
+    let mut lic = base.clone();
+    lic.id = "typed".into();
+    lic.devices = vec![format!(" {} ", code.to_lowercase().replace('-', " "))];
+    let text = kooagent::license::format::sign(&lic, &key).unwrap();
+    let r = install(&a, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (r["action"].as_str(), r["state"].as_str()),
+        (Some("installed"), Some("valid")),
+        "{r}"
+    );
+    let r = install(&a, &text).unwrap();
+    assert_eq!(r["action"], "unchanged", "{r}");
+    // The same license as the seller server's JSON carries it, without the file's final
+    // newline (or with Windows line ends): still the same license.
+    for same in [text.trim_end().to_string(), text.replace('\n', "\r\n")] {
+        let r = install(&a, &same).unwrap();
+        assert_eq!(r["action"], "unchanged", "{r}");
+    }
+    // The same through the CLI, from a file, twice.
+    let f = seller.write("typed.lic", &text);
+    for _ in 0..2 {
+        let out = a.cli(&["license", "install", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("unchanged"), "{said}");
+    }
+
+    // 64 device codes of 1,000 characters: a valid license of about 90 KB.
+    let mut big = base.clone();
+    big.id = "big".into();
+    big.devices = (0..63)
+        .map(|i| format!("OTHER{i:02}-{}", "X".repeat(990)))
+        .chain([code.clone()])
+        .collect();
+    let text = kooagent::license::format::sign(&big, &key).unwrap();
+    assert!(text.len() > 64 * 1024);
+    let f = seller.write("big.lic", &text);
+    let out = a.cli(&["license", "install", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("licenses directory") && !err.contains("answer for id"),
+        "{err}"
+    );
+    // Where it says: the agent picks it up from there.
+    std::fs::copy(&f, a.state.join("licenses").join("big.lic")).unwrap();
+    let t0 = Instant::now();
+    while a.call("license.status", json!({})).unwrap()["licenses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["license_id"] != "big")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn future_issue_time_reveals_a_rolled_back_clock() {
     let seller = Seller::new();

@@ -15,8 +15,13 @@ mod online;
 mod relay;
 mod sdk;
 #[cfg(feature = "seller-server")]
+mod seller_call;
+#[cfg(feature = "seller-server")]
+mod seller_hardening;
+#[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
+mod toolchain;
 mod upstream;
 mod usage;
 #[cfg(feature = "seller-server")]

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::harness::{base_config, TestAgent};
@@ -82,44 +81,14 @@ fn order(server: &SellerServer, instance: &str, device: &str) {
     assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
 }
 
-/// The agent's device key (base64), as its relay requests carry it.
-fn device_key(a: &TestAgent) -> String {
+/// Binds the agent's device key to its device code the way the agent's own license fetch
+/// does (trust on first use): a fetch of the instance's license signed with the device key.
+fn register(server: &SellerServer, a: &TestAgent, instance: &str) {
     let p = a.state.join("relay.key");
-    let k = kooagent::authcode::relay_auth::load_or_create_key(&p).unwrap();
-    base64::engine::general_purpose::STANDARD.encode(k.verifying_key().as_bytes())
-}
-
-/// Binds the agent's device key to its device code in the server's registry.
-fn register(server: &SellerServer, storage: &str, a: &TestAgent) {
-    use kooagent::seller_server::db::{self, Backend, Db};
-    let (key, code) = (device_key(a), code(a));
-    let backend: Box<dyn Backend> = if storage.is_empty() {
-        Box::new(db::sqlite::Sqlite::open(&server.dir.path().join("state/seller.db")).unwrap())
-    } else {
-        let field = |name: &str| {
-            let l = storage.lines().find(|l| l.starts_with(name)).unwrap();
-            l.split_once('=')
-                .unwrap()
-                .1
-                .trim()
-                .trim_matches('"')
-                .to_string()
-        };
-        Box::new(
-            db::postgres::Postgres::connect(&field("database_url"), &field("database_schema"))
-                .unwrap(),
-        )
-    };
-    Db::start(backend)
-        .run_blocking(move |tx| {
-            tx.put_device(&db::DeviceRow {
-                device_code: code.clone(),
-                device_key: key.clone(),
-                first_seen: 1,
-                last_seen: 1,
-            })
-        })
-        .unwrap();
+    let key = kooagent::authcode::relay_auth::load_or_create_key(&p).unwrap();
+    let target = format!("/v1/licenses/kg-{instance}?device_code={}", code(a));
+    let (status, _, body) = server.device_get(&key, &target);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
 
 fn record(a: &TestAgent, meter: &str, value: &str, at: i64) {
@@ -198,8 +167,8 @@ fn through_the_relay(storage: &str) {
     );
     assert!(states(&a).values().all(|s| s == "pending"));
 
-    register(&server, storage, &a);
-    register(&server, storage, &b);
+    register(&server, &a, "RA2-U-A");
+    register(&server, &b, "RA2-U-B");
     let f = flush(&a);
     assert_eq!(f["not_sent_because"], Value::Null, "{f}\n{}", server.log());
     flush(&b);
@@ -321,8 +290,8 @@ fn marketplace_faults_fallback_and_parking_reach_the_device() {
     let b = relay_agent(&server, "other", &[("rej", "RA2-F-REJ")]);
     order(&server, "RA2-F-A", &code(&a));
     order(&server, "RA2-F-REJ", &code(&b));
-    register(&server, "", &a);
-    register(&server, "", &b);
+    register(&server, &a, "RA2-F-A");
+    register(&server, &b, "RA2-F-REJ");
     // 500 twice, then 413 above two records, the primary host down throughout.
     up.set(|f| {
         f.status = Some((500, 2));
@@ -390,7 +359,7 @@ fn kill_loop(storage: &str) {
     let mut a = relay_agent(&server, "default", &[("cpu", "RA2-K-A")]);
     let c = code(&a);
     order(&server, "RA2-K-A", &c);
-    register(&server, storage, &a);
+    register(&server, &a, "RA2-K-A");
     // Each upload waits, so kills land mid-delivery; some answers are lost after storing.
     up.set(|f| {
         f.slow = Duration::from_millis(150);

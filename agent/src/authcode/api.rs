@@ -132,7 +132,8 @@ pub enum ApiError {
         code: ErrorCode,
         msg: String,
     },
-    /// The API gateway refused it (signature, date, key: codes `APIG.xxxx`).
+    /// The API gateway refused it (signature, date, key: codes `APIG.xxxx`, and
+    /// `APIGW.xxxx` such as `APIGW.0301` for a wrong secret key).
     #[error("the API gateway refused the request (HTTP {http}, {code}): {msg:?}; check the AK/SK and the clock")]
     Gateway {
         http: u16,
@@ -184,11 +185,13 @@ pub fn parse_envelope(http: u16, body: &str) -> Result<Value, ApiError> {
         .unwrap_or_default();
     match (http, code) {
         (200..=299, Some(c)) if c == SUCCESS => Ok(v.unwrap()["data"].clone()),
-        (_, Some(c)) if c.starts_with("APIG.") => Err(ApiError::Gateway {
-            http,
-            code: c,
-            msg: snippet(&msg),
-        }),
+        (_, Some(c)) if c.starts_with("APIG.") || c.starts_with("APIGW.") => {
+            Err(ApiError::Gateway {
+                http,
+                code: c,
+                msg: snippet(&msg),
+            })
+        }
         (_, Some(c)) => Err(ApiError::Refused {
             http,
             code: ErrorCode::from_code(&c),
@@ -259,6 +262,9 @@ impl HeartbeatRequest {
 /// Its expiry is an estimate: the daily query's answer is authoritative (B1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeInfo {
+    /// The code the answer is about, when it says (`license_code` or `license`; not in
+    /// the documented example).
+    pub license_code: Option<String>,
     pub status: String,
     pub expire_time: Option<i64>,
     pub product_id: Option<String>,
@@ -270,6 +276,21 @@ pub struct CodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Activation {
     pub info: Option<CodeInfo>,
+    /// The seller's relay says the marketplace had already activated the code for this
+    /// very device and the first answer was lost (top-level `kooagent_recovered: true`,
+    /// docs/authorization-codes.md "Recovery"); never set by KooGallery itself.
+    pub recovered: bool,
+}
+
+/// An answer about another code than the one asked is never applied to ours (a proxy
+/// or gateway mixing answers up must not hand one buyer's state to another's code).
+pub fn check_answer_code(asked: &str, answered: Option<&str>) -> Result<(), ApiError> {
+    match answered {
+        Some(a) if a.trim() != asked => Err(ApiError::Malformed(format!(
+            "the answer is about authorization code {a:?}, not {asked:?}; not applied"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// **[UNCONFIRMED]** time format for fields the pages do not show: `yyyyMMddHHmmss` (what
@@ -304,6 +325,7 @@ pub fn parse_code_info(raw: &str) -> Result<CodeInfo, ApiError> {
         ));
     }
     Ok(CodeInfo {
+        license_code: text(&v["license_code"]).or_else(|| text(&v["license"])),
         status: text(&v["status"])
             .ok_or_else(|| ApiError::Malformed("license_code_info has no status".into()))?,
         expire_time: parse_time("license_code_info.expire_time", &v["expire_time"])?,
@@ -326,7 +348,9 @@ pub fn parse_activate(http: u16, body: &str) -> Result<Activation, ApiError> {
             )))
         }
     };
-    Ok(Activation { info })
+    let recovered = serde_json::from_str::<Value>(body)
+        .is_ok_and(|v| v["kooagent_recovered"] == Value::Bool(true));
+    Ok(Activation { info, recovered })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -535,7 +559,13 @@ mod tests {
         assert_eq!(info.order_id.as_deref(), Some("CS123"));
         assert_eq!(info.amount.as_deref(), Some("2"));
         let no_data = parse_activate(200, r#"{"error_code":"92020000","error_msg":"ok"}"#);
-        assert_eq!(no_data, Ok(Activation { info: None }));
+        assert_eq!(
+            no_data,
+            Ok(Activation {
+                info: None,
+                recovered: false
+            })
+        );
         let bad =
             r#"{"error_code":"92020000","error_msg":"","data":{"license_code_info":"{oops"}}"#;
         assert!(matches!(
@@ -603,6 +633,19 @@ mod tests {
         assert!(
             matches!(g, Err(ApiError::Gateway { http: 401, ref code, .. }) if code == "APIG.0303")
         );
+        let gw = parse_envelope(
+            401,
+            r#"{"error_code":"APIGW.0301","error_msg":"Incorrect IAM authentication information"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(gw, ApiError::Gateway { http: 401, ref code, .. } if code == "APIGW.0301"),
+            "{gw:?}"
+        );
+        assert!(gw.to_string().contains("AK/SK"), "{gw}");
+        assert!(check_answer_code("PL1", Some("PL2")).is_err());
+        assert!(check_answer_code("PL1", Some("PL1")).is_ok());
+        assert!(check_answer_code("PL1", None).is_ok());
         let h = parse_envelope(502, "<html>bad gateway</html>").unwrap_err();
         assert!(h.is_transient() && h.to_string().contains("502"), "{h}");
         assert!(!parse_envelope(404, "").unwrap_err().is_transient());

@@ -116,13 +116,24 @@ impl Client {
         })
     }
 
+    /// An answer naming another code is an error (never applied to ours).
     pub fn activate(&self, req: &ActivateRequest) -> Result<Answered<Activation>, ClientError> {
-        self.call(api::PATH_ACTIVATE, req, api::parse_activate)
+        let a = self.call(api::PATH_ACTIVATE, req, api::parse_activate)?;
+        let named = a
+            .value
+            .info
+            .as_ref()
+            .and_then(|i| i.license_code.as_deref());
+        api::check_answer_code(&req.license, named)?;
+        Ok(a)
     }
 
-    /// The daily query (`v1/license/heartbeat`), without the sunset `heartbeatInfo`.
+    /// The daily query (`v1/license/heartbeat`), without the sunset `heartbeatInfo`. An
+    /// answer naming another code is an error (never applied to ours).
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<Answered<LicenseInfo>, ClientError> {
-        self.call(api::PATH_HEARTBEAT, req, api::parse_heartbeat)
+        let a = self.call(api::PATH_HEARTBEAT, req, api::parse_heartbeat)?;
+        api::check_answer_code(&req.license, Some(&a.value.license_code))?;
+        Ok(a)
     }
 
     /// Validated before anything is sent.
@@ -146,6 +157,12 @@ impl Client {
     }
 
     /// Signs and POSTs `body` to `path` on the first host that answers: (base, status, body).
+    ///
+    /// An activation is not idempotent (a second one is refused `92020003`): after a
+    /// timeout once connected, the marketplace may have activated the code and only the
+    /// answer was lost, so it is not resent to the next host; the error is returned and
+    /// the activation is resent only by the caller's recovery
+    /// (docs/authorization-codes.md "Recovery").
     pub fn post(&self, path: &str, body: &[u8]) -> Result<(String, u16, String), ClientError> {
         let mut failures = Vec::new();
         for base in &self.bases {
@@ -154,6 +171,13 @@ impl Client {
                 Err(e) => {
                     log::info!("authcode: {} cannot be reached: {e}", base.url);
                     failures.push(format!("{}: {e}", base.url));
+                    if path == api::PATH_ACTIVATE && answer_maybe_lost(&e) {
+                        failures.push(
+                            "the activation may have reached KooGallery: not resent to another host"
+                                .into(),
+                        );
+                        break;
+                    }
                 }
             }
         }
@@ -193,6 +217,17 @@ impl Client {
             .read_to_string()
             .unwrap_or_default();
         Ok((http, text))
+    }
+}
+
+/// Whether a failed request may have been received and acted upon, its answer lost: a
+/// timeout after the connection was made (resolving and connecting are bounded apart,
+/// see `https::agent`, and time out as `Resolve`/`Connect`).
+pub fn answer_maybe_lost(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Timeout(t) => !matches!(t, ureq::Timeout::Resolve | ureq::Timeout::Connect),
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
     }
 }
 

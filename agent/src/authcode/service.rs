@@ -45,7 +45,25 @@ struct Stored {
     /// Clients not reported yet: code → UTC day → ids.
     #[serde(default)]
     clients: Clients,
+    /// Direct mode: activations sent whose answer has not been seen (code → record).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    in_flight: InFlight,
 }
+
+/// An activation this device sent and has no answer for yet, saved (fsynced) before the
+/// request leaves: the proof, on `92020003`, that the code was activated by this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// The product asked for (`--product`), if any.
+    pub product: Option<String>,
+    pub sent_at: i64,
+}
+
+type InFlight = BTreeMap<String, Pending>;
+
+/// What `kooagent license activate` says when a lost answer was recovered.
+pub const RECOVERED: &str =
+    "recovered: the marketplace had already activated this code for this device (the earlier answer was lost)";
 
 type Clients = BTreeMap<String, BTreeMap<i64, BTreeSet<String>>>;
 
@@ -61,6 +79,9 @@ enum Job {
     /// The code's state changed with time (grace ended, offline too long): tell the
     /// freeze lifecycle.
     Feed(String),
+    /// A client was seen for the first time today: report the day's usage now, on the
+    /// day of use (the usage call has no date field; a report tomorrow counts tomorrow).
+    Usage(String),
 }
 
 pub struct AuthcodeService {
@@ -84,6 +105,12 @@ pub struct AuthcodeService {
     freeze: std::sync::OnceLock<Arc<crate::freeze::FreezeService>>,
     /// Code → the state last given to the freeze lifecycle.
     fed: Mutex<HashMap<String, &'static str>>,
+    /// Activations sent without an answer yet (direct mode; saved with the records).
+    in_flight: Mutex<InFlight>,
+    /// Code → (UTC day, ids already reported that day): a client seen again the same
+    /// day is not reported again (memory only: after a restart an id may be reported
+    /// twice in a day, which a count of distinct ids absorbs).
+    reported: Mutex<HashMap<String, (i64, BTreeSet<String>)>>,
 }
 
 /// The relay's own answers (relay protocol): the code belongs to another device's key,
@@ -140,12 +167,12 @@ pub fn activation_message(code: &ErrorCode) -> String {
 impl AuthcodeService {
     pub fn new(state_dir: &Path, cfg: &AuthcodeConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
         let path = state_dir.join(FILE);
-        let ((codes, clients), load_error) = match load(&path) {
+        let ((codes, clients, in_flight), load_error) = match load(&path) {
             Ok(c) => (c, None),
             Err(e) => {
                 log::error!("authcode: {e}; the file is set aside and no code is known");
                 let _ = crate::store::quarantine(&path, clock.now_secs());
-                ((BTreeMap::new(), BTreeMap::new()), Some(e))
+                ((BTreeMap::new(), BTreeMap::new(), BTreeMap::new()), Some(e))
             }
         };
         let mut queried = HashMap::new();
@@ -171,6 +198,8 @@ impl AuthcodeService {
             load_error,
             freeze: std::sync::OnceLock::new(),
             fed: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(in_flight),
+            reported: Mutex::new(HashMap::new()),
         })
     }
 
@@ -270,6 +299,12 @@ impl AuthcodeService {
         self.save_clients();
     }
 
+    /// Saves after a report removed what it delivered.
+    fn save_clients_now(&self) {
+        self.clients_dirty.store(true, Ordering::SeqCst);
+        self.save_clients();
+    }
+
     fn save_clients(&self) {
         if self.clients_dirty.swap(false, Ordering::SeqCst) {
             if let Err(e) = self.persist() {
@@ -304,6 +339,13 @@ impl AuthcodeService {
                     let _ = reply.send(r);
                 }
                 Job::Feed(code) => self.feed(&code),
+                Job::Usage(code) => match self.transport() {
+                    Ok(t) => {
+                        self.report_usage_one(&t, &code, true);
+                        self.save_clients_now();
+                    }
+                    Err(e) => log::warn!("authcode: usage report of {code} not possible: {e}"),
+                },
                 Job::Daily(codes, force, reply) => {
                     self.daily_blocking(&codes, force);
                     for c in &codes {
@@ -340,12 +382,36 @@ impl AuthcodeService {
         let req = ActivateRequest::new(code, None).map_err(|e| op_error(&e.into()))?;
         let transport = self.transport().map_err(|e| op_error(&e))?;
         let now = self.clock.now_secs();
+        let direct = matches!(transport, Transport::Direct(_));
+        let known = self.records.read().expect("records").contains_key(code);
+        // An activation of this code sent earlier whose answer never came.
+        let had_pending = self.in_flight.lock().expect("in_flight").contains_key(code);
+        if direct && !known {
+            // Durably before sending: if the answer is lost, this record is what lets a
+            // retry recover the code instead of finding it "already activated" for ever.
+            let first = self.in_flight.lock().expect("in_flight").insert(
+                code.to_string(),
+                Pending {
+                    product: product.map(str::to_string),
+                    sent_at: now,
+                },
+            );
+            if first.is_none() {
+                self.persist().map_err(|e| {
+                    self.in_flight.lock().expect("in_flight").remove(code);
+                    OpError::new(
+                        STORE_FAILED,
+                        format!("could not record the activation before sending it (nothing was sent): {e}"),
+                    )
+                })?;
+            }
+        }
         let answered = match transport.activate(&req) {
             Ok(a) => a,
             Err(ClientError::Api(ApiError::Refused {
                 code: ErrorCode::AlreadyActivated,
                 ..
-            })) if self.records.read().expect("records").contains_key(code) => {
+            })) if known => {
                 // Ours already (a repeated command, or the relay forwarding our own key).
                 let r = self.records.read().expect("records")[code].clone();
                 let mut v = self.describe(&r, now);
@@ -355,22 +421,53 @@ impl AuthcodeService {
             Err(ClientError::Api(ApiError::Refused {
                 code: ErrorCode::AlreadyActivated,
                 ..
-            })) if self.cfg().mode == super::config::Mode::Relay => {
+            })) if direct && had_pending => {
+                let pending = self.in_flight.lock().expect("in_flight").get(code).cloned();
+                let asked = product
+                    .map(str::to_string)
+                    .or(pending.and_then(|p| p.product));
+                return self.recover(&transport, code, asked.as_deref(), now);
+            }
+            Err(ClientError::Api(ApiError::Refused {
+                code: ErrorCode::AlreadyActivated,
+                ..
+            })) if !direct => {
                 // The relay forwards a second activation only from the key that made the
                 // first: this device activated it before and lost its state.
                 return self.adopt(&transport, code, product, now);
             }
             Err(e) => {
                 log::warn!("authcode: activation of {code} failed: {e}");
+                if answer_settled(&e) {
+                    self.forget_in_flight(code);
+                }
                 return Err(op_error(&e));
             }
         };
         let info = answered.value.info;
         let cfg = self.cfg();
         let product_id = info.as_ref().and_then(|i| i.product_id.clone());
+        let mapped = cfg.product_for(product_id.as_deref().unwrap_or(code));
+        let recovered = answered.value.recovered;
+        let product_name = if recovered {
+            // The relay vouches for this device; the product must still fit.
+            if info.as_ref().is_some_and(|i| i.status != "ALIVE") {
+                return Err(OpError::new(
+                    ACTIVATION_REFUSED,
+                    format!(
+                        "the code was activated before but is {} now; not recovered",
+                        info.as_ref().map_or("?", |i| i.status.as_str())
+                    ),
+                ));
+            }
+            let from_market = product_id.as_deref().map(|id| cfg.product_for(id));
+            self.recovered_product(code, product, from_market)?
+        } else {
+            mapped
+        };
         let rec = CodeRecord {
             code: code.to_string(),
-            product: cfg.product_for(product_id.as_deref().unwrap_or(code)),
+            product: product_name,
             product_id,
             order_id: info.as_ref().and_then(|i| i.order_id.clone()),
             amount: info.as_ref().and_then(|i| i.amount.clone()),
@@ -389,15 +486,141 @@ impl AuthcodeService {
             .write()
             .expect("records")
             .insert(code.to_string(), rec.clone());
+        self.in_flight.lock().expect("in_flight").remove(code);
         self.persist()
             .map_err(|e| OpError::new(STORE_FAILED, format!("activated, but not saved: {e}")))?;
         log::info!(
-            "authcode: {code} activated for product {} (via {})",
+            "authcode: {code} {} for product {} (via {})",
+            if recovered { "recovered" } else { "activated" },
             rec.product,
             answered.base
         );
         let mut v = self.describe(&rec, now);
-        v["already_activated"] = json!(false);
+        v["already_activated"] = json!(recovered);
+        if recovered {
+            v["recovered"] = json!(true);
+            v["message"] = json!(RECOVERED);
+        }
+        Ok(v)
+    }
+
+    /// Drops the in-flight record of an activation the marketplace answered (a refusal
+    /// is an answer: nothing was activated).
+    fn forget_in_flight(&self, code: &str) {
+        if self
+            .in_flight
+            .lock()
+            .expect("in_flight")
+            .remove(code)
+            .is_some()
+        {
+            if let Err(e) = self.persist() {
+                log::warn!("authcode: could not save {}: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// The product a recovered code is checked under: the one asked for (now or when the
+    /// activation was sent), the marketplace's product id when it names one (they must
+    /// agree), or the only product this agent is configured for.
+    fn recovered_product(
+        &self,
+        code: &str,
+        asked: Option<&str>,
+        from_market: Option<String>,
+    ) -> Result<String, OpError> {
+        let cfg = self.cfg();
+        let only = (cfg.products.len() == 1)
+            .then(|| cfg.products.values().next().cloned())
+            .flatten();
+        let configured = |p: &str| cfg.products.is_empty() || cfg.products.values().any(|v| v == p);
+        match (asked.filter(|p| !p.is_empty()), from_market) {
+            (Some(a), _) if !configured(a) => Err(OpError::new(
+                ACTIVATION_REFUSED,
+                format!(
+                    "product {a} is not one of this agent's products ([authcode.products]); \
+                     authorization code {code} not recovered"
+                ),
+            )),
+            (Some(a), Some(m)) if a != m => Err(OpError::new(
+                ACTIVATION_REFUSED,
+                format!("authorization code {code} is for product {m}, not {a}; not recovered"),
+            )),
+            (Some(a), _) => Ok(a.to_string()),
+            (None, Some(m)) => Ok(m),
+            (None, None) => only.ok_or_else(|| {
+                OpError::new(
+                    ACTIVATION_REFUSED,
+                    "this device activated the authorization code but its answer was lost; \
+                     say which product it is for: kooagent license activate CODE --product NAME",
+                )
+                .with_details(json!({"error_code": ErrorCode::AlreadyActivated.code()}))
+            }),
+        }
+    }
+
+    /// Direct mode, `92020003` for a code this device had an activation in flight for
+    /// (saved before an earlier attempt whose answer was lost): query it, and adopt it
+    /// when it is ALIVE and its product fits. Without such a record the code was
+    /// activated by someone else: never adopted (the caller refuses).
+    fn recover(
+        &self,
+        transport: &Transport,
+        code: &str,
+        asked: Option<&str>,
+        now: i64,
+    ) -> Result<Value, OpError> {
+        let req = HeartbeatRequest::new(code).map_err(|e| op_error(&e.into()))?;
+        let info = transport.heartbeat(&req).map_err(|e| op_error(&e))?.value;
+        if info.status != CodeStatus::Alive {
+            return Err(OpError::new(
+                ACTIVATION_REFUSED,
+                format!(
+                    "the code was activated but the marketplace reports it {:?}; not recovered",
+                    info.status
+                ),
+            ));
+        }
+        let cfg = self.cfg();
+        let from_market = info
+            .extra
+            .get("product_id")
+            .and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .map(|id| cfg.product_for(&id));
+        let product = self.recovered_product(code, asked, from_market)?;
+        let rec = CodeRecord {
+            code: code.to_string(),
+            product,
+            product_id: None,
+            order_id: None,
+            amount: None,
+            activated_at: info.activate_time_unix.unwrap_or(now),
+            expired_seen_at: None,
+            status: "ALIVE".into(),
+            expire_time: info.expire_time,
+            last_ok_at: now,
+            last_query_at: Some(now),
+            last_error: None,
+        };
+        self.records
+            .write()
+            .expect("records")
+            .insert(code.to_string(), rec.clone());
+        self.in_flight.lock().expect("in_flight").remove(code);
+        self.persist()
+            .map_err(|e| OpError::new(STORE_FAILED, format!("recovered, but not saved: {e}")))?;
+        log::info!(
+            "authcode: {code} recovered for product {} ({RECOVERED})",
+            rec.product
+        );
+        let mut v = self.describe(&rec, now);
+        v["already_activated"] = json!(true);
+        v["recovered"] = json!(true);
+        v["message"] = json!(RECOVERED);
         Ok(v)
     }
 
@@ -564,6 +787,14 @@ impl AuthcodeService {
             if ok {
                 let mut c = self.clients.lock().expect("clients");
                 if let Some(per_day) = c.get_mut(code) {
+                    if day == today {
+                        let mut r = self.reported.lock().expect("reported");
+                        let e = r.entry(code.to_string()).or_insert((day, BTreeSet::new()));
+                        if e.0 != day {
+                            *e = (day, BTreeSet::new());
+                        }
+                        e.1.extend(ids.iter().cloned());
+                    }
                     // Ids seen while the report was in flight stay for the next one.
                     if let Some(set) = per_day.get_mut(&day) {
                         for id in &ids {
@@ -581,8 +812,10 @@ impl AuthcodeService {
     fn persist(&self) -> Result<(), crate::store::StoreError> {
         // One lock at a time (status() holds the records while it reads the clients).
         let clients = self.clients.lock().expect("clients").clone();
+        let in_flight = self.in_flight.lock().expect("in_flight").clone();
         let stored = Stored {
             clients,
+            in_flight,
             version: 1,
             codes: self
                 .records
@@ -629,6 +862,16 @@ impl AuthcodeService {
     }
 
     fn note_client(&self, code: &str, client: &str, now: i64) {
+        let today = day_of(now);
+        if self
+            .reported
+            .lock()
+            .expect("reported")
+            .get(code)
+            .is_some_and(|(d, ids)| *d == today && ids.contains(client))
+        {
+            return;
+        }
         let mut c = self.clients.lock().expect("clients");
         let set = c
             .entry(code.to_string())
@@ -638,6 +881,8 @@ impl AuthcodeService {
         if !set.contains(client) {
             set.insert(client.to_string());
             self.clients_dirty.store(true, Ordering::Relaxed);
+            drop(c);
+            self.send(Job::Usage(code.to_string()));
         }
     }
 
@@ -763,7 +1008,19 @@ impl AuthcodeService {
     }
 }
 
-type Loaded = (BTreeMap<String, CodeRecord>, Clients);
+type Loaded = (BTreeMap<String, CodeRecord>, Clients, InFlight);
+
+/// Whether a failed activation was answered (so nothing is in flight any more): a
+/// refusal, a gateway error or a bad request. Timeouts and unreadable answers may hide
+/// an activation that happened.
+fn answer_settled(e: &ClientError) -> bool {
+    match e {
+        ClientError::Api(ApiError::Refused { code, .. }) => !code.is_transient(),
+        ClientError::Api(ApiError::Gateway { .. } | ApiError::Invalid(_)) => true,
+        ClientError::Config(_) => true,
+        _ => false,
+    }
+}
 
 fn load(path: &Path) -> Result<Loaded, String> {
     let Some(bytes) = crate::store::read_optional(path).map_err(|e| e.to_string())? else {
@@ -774,6 +1031,7 @@ fn load(path: &Path) -> Result<Loaded, String> {
     Ok((
         s.codes.into_iter().map(|r| (r.code.clone(), r)).collect(),
         s.clients,
+        s.in_flight,
     ))
 }
 

@@ -74,6 +74,7 @@ impl RelayClient {
     }
 
     fn post(&self, path: &str, body: &[u8]) -> Result<(String, u16, String), ClientError> {
+        // One host only: nothing is ever resent elsewhere.
         let p = self.prepare(path, body, self.clock.now_ms(), &relay_auth::new_nonce());
         let mut r = self.agent.post(&p.url);
         for (k, v) in &p.headers {
@@ -181,17 +182,28 @@ impl Transport {
         })
     }
 
+    /// An answer naming another code is an error (never applied to ours).
     pub fn activate(&self, req: &ActivateRequest) -> Result<Answered<Activation>, ClientError> {
-        self.call(api::PATH_ACTIVATE, RELAY_ACTIVATE, req, api::parse_activate)
+        let a = self.call(api::PATH_ACTIVATE, RELAY_ACTIVATE, req, api::parse_activate)?;
+        let named = a
+            .value
+            .info
+            .as_ref()
+            .and_then(|i| i.license_code.as_deref());
+        api::check_answer_code(&req.license, named)?;
+        Ok(a)
     }
 
+    /// An answer naming another code is an error (never applied to ours).
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<Answered<LicenseInfo>, ClientError> {
-        self.call(
+        let a = self.call(
             api::PATH_HEARTBEAT,
             RELAY_HEARTBEAT,
             req,
             api::parse_heartbeat,
-        )
+        )?;
+        api::check_answer_code(&req.license, Some(&a.value.license_code))?;
+        Ok(a)
     }
 
     pub fn report_usage(&self, req: &api::UsageRequest) -> Result<Answered<()>, ClientError> {

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod seller;
 pub mod service;
 pub mod store;
+mod timer;
 pub mod trusted_time;
 pub mod verdict;
 

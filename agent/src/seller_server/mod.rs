@@ -9,6 +9,8 @@
 //! - [`activities`]: request → decision, on a database transaction;
 //! - [`db`]: the storage interface, SQLite and PostgreSQL, one thread with group commit;
 //! - [`tokens`]: where status tokens come from (the freeze module);
+//! - [`devices`]: the device registry and the agents' signed license/status fetches;
+//! - [`limits`]: token buckets in the database (shared by every server process);
 //! - [`relay`]: the authorization-code relay (device signatures, trust on first use,
 //!   forwarding with the seller's AK/SK);
 //! - [`usage_relay`]: usage records from devices (device signatures), held in an outbox
@@ -22,8 +24,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod activities;
 pub mod auth;
+pub mod call;
 pub mod db;
+pub mod devices;
 pub mod http;
+pub mod limits;
 pub mod relay;
 pub mod tokens;
 pub mod usage_relay;
@@ -70,6 +75,8 @@ pub struct SellerServerConfig {
     pub marketplace_extra_ca_file: PathBuf,
     /// `[seller_server.usage]`: the usage relay (issue 19).
     pub usage: usage_relay::UsageRelayConfig,
+    /// Rate limits (`[seller_server.limits]`).
+    pub limits: limits::LimitsConfig,
 }
 
 impl Default for SellerServerConfig {
@@ -92,6 +99,7 @@ impl Default for SellerServerConfig {
                 .collect(),
             marketplace_extra_ca_file: PathBuf::new(),
             usage: Default::default(),
+            limits: limits::LimitsConfig::default(),
         }
     }
 }
@@ -205,6 +213,9 @@ impl SellerServerConfig {
             }
         }
         self.usage.validate()?;
+        self.limits
+            .validate()
+            .map_err(|m| invalid("seller_server.limits", m))?;
         let mut paths = std::collections::HashSet::new();
         for (i, p) in self.products.iter().enumerate() {
             let key = |k: &str| format!("seller_server.products[{i}].{k}");

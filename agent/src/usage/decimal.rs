@@ -151,6 +151,28 @@ fn format_units(v: i128, digits: usize) -> String {
 mod tests {
     use super::*;
 
+    /// 32-bit hazards (run on armv7 under qemu by scripts/cross-test.sh): amounts past
+    /// 2^32 and 2^53 units stay exact (i128 arithmetic is software on 32-bit targets).
+    #[test]
+    fn word_size_amounts_stay_exact() {
+        let max = parse("99999999.9999").unwrap();
+        assert_eq!(max.0, 99_999_999_999_900_000);
+        assert!(max.0 > 1 << 53);
+        assert_eq!(max.to_string(), "99999999.9999");
+        assert_eq!(max.to_wire(), "99999999.9999");
+        let past_u32 = parse("4.294967297").unwrap();
+        assert_eq!(past_u32.0, (1i128 << 32) + 1);
+        assert_eq!(past_u32.to_string(), "4.294967297");
+        let (wire, rest) = Amount(max.0 + 12_345).split_wire();
+        assert_eq!((wire, rest), (max, Amount(12_345)));
+        let sum: i128 = (0..1000).map(|_| parse("0.0001").unwrap().0).sum();
+        assert_eq!(Amount(sum).to_wire(), "0.1");
+        assert_eq!(
+            parse_json(&serde_json::json!(12_345_678u64)).unwrap().0,
+            12_345_678 * SCALE
+        );
+    }
+
     #[test]
     fn parses_plain_decimals_exactly() {
         assert_eq!(parse("1").unwrap(), Amount(SCALE));
