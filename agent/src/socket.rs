@@ -414,7 +414,7 @@ async fn connection(
 async fn stream_events(
     mut wr: tokio::net::unix::OwnedWriteHalf,
     mut rd: BufReader<OwnedReadHalf>,
-    id: &serde_json::Value,
+    id: &protocol::Id,
     mut events: mpsc::Receiver<serde_json::Value>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {

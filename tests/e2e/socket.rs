@@ -55,6 +55,23 @@ fn errors_are_answers_and_the_connection_stays_usable() {
 }
 
 #[test]
+fn big_numeric_ids_are_echoed_exactly() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    let id = "123456789012345678901234567890";
+    c.send_raw(format!("{{\"v\":1,\"id\":{id},\"op\":\"ping\"}}\n").as_bytes());
+    c.send_raw(format!("{{\"v\":1,\"id\":{id},\"op\":\"no.such\"}}\n").as_bytes());
+    for _ in 0..2 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut c.reader, &mut line).unwrap();
+        assert!(
+            line.starts_with(&format!("{{\"v\":1,\"id\":{id},")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn oversized_line_is_refused_and_the_connection_survives() {
     let a = TestAgent::start("");
     let mut c = a.connect();
