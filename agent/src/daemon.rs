@@ -282,5 +282,8 @@ fn raise_fd_limit() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    // rlim_t is 32 bits on some cross targets.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    soft
 }
