@@ -704,7 +704,8 @@ fn print_usage_status(v: &Value) {
     let torn = l["recovery"]["torn_bytes"].as_u64().unwrap_or(0);
     if torn > 0 {
         println!(
-            "            recovered from a torn write: {torn} bytes cut (kept in {})",
+            "            recovered from a torn write: {torn} bytes cut, {} whole entries among them (kept in {})",
+            l["recovery"]["torn_entries"].as_u64().unwrap_or(0),
             s(&l["recovery"]["torn_saved_as"])
         );
     }

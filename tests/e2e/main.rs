@@ -21,5 +21,6 @@ mod seller_hardening;
 #[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
+mod toolchain;
 mod upstream;
 mod usage;
