@@ -1606,7 +1606,8 @@ fn seller_call(a: &CallArgs) -> Result<ExitCode> {
         let Some(v) = body[field.as_str()].as_str() else {
             anyhow::bail!("--save {field}={file}: the answer has no string field {field:?}");
         };
-        std::fs::write(file, format!("{v}\n")).with_context(|| format!("writing {file}"))?;
+        std::fs::write(file, format!("{}\n", v.trim_end()))
+            .with_context(|| format!("writing {file}"))?;
         println!("saved {field} to {file}");
     }
     let code = answer.result_code();
