@@ -98,7 +98,9 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
         let _ = std::fs::remove_file(path);
         e
     };
-    if let Some(gid) = lookup_group(group).map_err(|m| {
+    if group.is_empty() {
+        // `socket.group = ""`: no group change (a developer's host has no kooagent group).
+    } else if let Some(gid) = lookup_group(group).map_err(|m| {
         cleanup(BindError::Group {
             group: group.into(),
             message: m,
@@ -116,7 +118,10 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
     } else if group_required {
         return Err(cleanup(BindError::Group {
             group: group.into(),
-            message: "no such group".into(),
+            message: format!(
+                "no such group (create it: groupadd {group}; or set socket.group = \"\" to \
+                 keep the agent's own group, e.g. when trying the agent on a workstation)"
+            ),
         }));
     } else {
         log::debug!("socket group {group} does not exist; keeping the process's group");

@@ -199,3 +199,19 @@ fn status_reports_what_is_configured() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("state dir:"));
 }
+
+/// Issue 20 item 5: "cannot reach the agent" names the OS error once.
+#[test]
+fn unreachable_agent_error_says_the_os_error_once() {
+    let dir = crate::harness::short_tempdir();
+    let out = std::process::Command::new(crate::harness::BIN)
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
