@@ -27,6 +27,7 @@ pub mod db;
 pub mod devices;
 pub mod http;
 pub mod limits;
+pub mod pool;
 pub mod relay;
 pub mod tokens;
 
@@ -72,6 +73,11 @@ pub struct SellerServerConfig {
     pub marketplace_extra_ca_file: PathBuf,
     /// Rate limits (`[seller_server.limits]`).
     pub limits: limits::LimitsConfig,
+    /// Relay: threads calling the marketplace, calls that may wait for one, and how long
+    /// a call may wait before it is answered busy instead of forwarded.
+    pub relay_workers: usize,
+    pub relay_queue: usize,
+    pub relay_queue_wait_secs: u64,
 }
 
 impl Default for SellerServerConfig {
@@ -94,6 +100,9 @@ impl Default for SellerServerConfig {
                 .collect(),
             marketplace_extra_ca_file: PathBuf::new(),
             limits: limits::LimitsConfig::default(),
+            relay_workers: 8,
+            relay_queue: 64,
+            relay_queue_wait_secs: 5,
         }
     }
 }
@@ -205,6 +214,24 @@ impl SellerServerConfig {
                     format!("{b:?} is not an https:// URL"),
                 ));
             }
+        }
+        if !(1..=256).contains(&self.relay_workers) {
+            return Err(invalid(
+                "seller_server.relay_workers",
+                "must be between 1 and 256",
+            ));
+        }
+        if !(1..=100_000).contains(&self.relay_queue) {
+            return Err(invalid(
+                "seller_server.relay_queue",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=60).contains(&self.relay_queue_wait_secs) {
+            return Err(invalid(
+                "seller_server.relay_queue_wait_secs",
+                "must be between 1 and 60",
+            ));
         }
         self.limits
             .validate()
