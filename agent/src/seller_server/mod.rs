@@ -78,6 +78,8 @@ pub struct SellerServerConfig {
     pub relay_workers: usize,
     pub relay_queue: usize,
     pub relay_queue_wait_secs: u64,
+    /// A request body must arrive whole within this (headers: 10 s).
+    pub body_timeout_secs: u64,
 }
 
 impl Default for SellerServerConfig {
@@ -103,6 +105,7 @@ impl Default for SellerServerConfig {
             relay_workers: 8,
             relay_queue: 64,
             relay_queue_wait_secs: 5,
+            body_timeout_secs: 10,
         }
     }
 }
@@ -225,6 +228,12 @@ impl SellerServerConfig {
             return Err(invalid(
                 "seller_server.relay_queue",
                 "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=120).contains(&self.body_timeout_secs) {
+            return Err(invalid(
+                "seller_server.body_timeout_secs",
+                "must be between 1 and 120",
             ));
         }
         if !(1..=60).contains(&self.relay_queue_wait_secs) {
