@@ -25,3 +25,7 @@ for mod in cryptography huaweicloudsdkcore; do
     echo "== installing python $mod"
     python3 -m pip install -q "$mod"
 done
+
+# Every locked package's manifest, for tests/e2e/toolchain.rs (`cargo metadata --offline`
+# reads them all, other platforms' too; the build itself fetches only what it compiles).
+cargo fetch --locked -q

@@ -303,10 +303,28 @@ enum SellerCommand {
     /// Run the seller license server (the marketplace's production interface) with the
     /// `[seller_server]` configuration given by --config (docs/seller-server.md)
     Serve,
+    /// The seller server's device registry (--config as for serve): which device key each
+    /// device code is bound to, and releasing a code so another key can bind it
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Make one signed call to a seller server as the marketplace does; prints the
     /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
     /// resultCode is 000000)
     Call(CallArgs),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Print each binding of a device code (or every binding): code, key, first and last seen
+    List {
+        #[arg(long = "device-code")]
+        device_code: Option<String>,
+    },
+    /// Release a device code: the next device key that fetches a license for it, signed,
+    /// is bound to it instead
+    Release { device_code: String },
 }
 
 #[derive(Args)]
@@ -664,7 +682,8 @@ fn print_usage_status(v: &Value) {
     let torn = l["recovery"]["torn_bytes"].as_u64().unwrap_or(0);
     if torn > 0 {
         println!(
-            "            recovered from a torn write: {torn} bytes cut (kept in {})",
+            "            recovered from a torn write: {torn} bytes cut, {} whole entries among them (kept in {})",
+            l["recovery"]["torn_entries"].as_u64().unwrap_or(0),
             s(&l["recovery"]["torn_saved_as"])
         );
     }
@@ -1235,6 +1254,53 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             crate::logging::init(level, None);
             crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
                 .map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Device { .. } => {
+            anyhow::bail!(
+                "this kooagent was built without the seller server; build it with \
+                 `cargo build --release -p kooagent --features seller-server`"
+            )
+        }
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Device { command } => {
+            let path = g.config.as_deref().context(
+                "seller device: give the server's configuration file with --config FILE",
+            )?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let db = cfg.open_db()?;
+            let canonical = |c: &str| {
+                crate::device_code::parse_code(c)
+                    .with_context(|| format!("{c:?} is not a device code"))
+            };
+            match command {
+                DeviceCommand::Release { device_code } => {
+                    let code = canonical(&device_code)?;
+                    let c = code.clone();
+                    if db.run_blocking(move |tx| tx.release_device(&c))? {
+                        println!("released {code}: the next device key to fetch its license, signed, is bound to it");
+                    } else {
+                        println!("{code} was not bound to any device key");
+                    }
+                }
+                DeviceCommand::List { device_code } => {
+                    let code = device_code.as_deref().map(canonical).transpose()?;
+                    let rows = db.run_blocking(move |tx| match &code {
+                        Some(c) => Ok(tx.device_by_code(c)?.into_iter().collect()),
+                        None => tx.all_devices(),
+                    })?;
+                    for d in rows {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            d.device_code,
+                            d.device_key,
+                            crate::clock::format_rfc3339(d.first_seen),
+                            crate::clock::format_rfc3339(d.last_seen)
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]

@@ -14,6 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Origin, Overrides};
 use crate::notify::{monotonic_usec, notify_logged};
 use crate::ops::Dispatcher;
+use crate::state_lock::StateLock;
 use crate::{logging, socket, store};
 
 pub struct RunOptions {
@@ -25,6 +26,10 @@ pub struct RunOptions {
 }
 
 pub fn run(opts: RunOptions) -> Result<()> {
+    // Everything the agent creates is its own (state, log, pidfile directory); the one
+    // thing shared with the group, the socket, gets its mode set explicitly.
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
     let cfg = loaded.config.clone();
     logging::init(cfg.log_level(), None);
@@ -38,6 +43,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     }
     raise_fd_limit();
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
+    // Before the socket: the lock, not the socket, keeps a second agent off this state.
+    let state_lock = StateLock::acquire(&cfg.agent.state_dir)?;
     let group_required = loaded.origin("socket.group") != Origin::Default;
     let mut ready_pipe: Option<std::os::unix::net::UnixStream> = None;
     let bound = socket::bind(
@@ -66,6 +73,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
             std::os::unix::net::UnixStream::pair().context("creating the readiness pipe")?;
         let d = daemonize::Daemonize::new()
             .pid_file(&cfg.agent.pidfile)
+            // Its default (027) would leave the pidfile group-readable.
+            .umask(0o077)
             .working_directory("/")
             .stderr(log);
         match d.execute() {
@@ -85,6 +94,9 @@ pub fn run(opts: RunOptions) -> Result<()> {
             }
             daemonize::Outcome::Child(Ok(_)) => {
                 drop(parent_end);
+                state_lock
+                    .record_pid()
+                    .context("recording the detached pid in the state lock")?;
                 ready_pipe = Some(child_end);
             }
         }
@@ -106,6 +118,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .context("starting the runtime")?;
     let result = rt.block_on(serve_until_signal(loaded, opts, &bound, ready_pipe));
     bound.remove();
+    // Released only once everything queued for the ledger is written.
+    drop(state_lock);
     result
 }
 
@@ -131,9 +145,21 @@ async fn serve_until_signal(
     agent.authcode.start();
     {
         let weak = Arc::downgrade(&agent);
-        crate::freeze::online::start(agent.freeze.clone(), agent.license.clone(), move || {
-            weak.upgrade().map(|a| a.config().freeze.clone())
-        });
+        let key_file = crate::authcode::transport::relay_key_path(&cfg.agent.state_dir);
+        crate::freeze::online::start(
+            agent.freeze.clone(),
+            agent.license.clone(),
+            key_file,
+            move || {
+                weak.upgrade().map(|a| {
+                    let device = match a.device.current() {
+                        crate::device_service::DeviceState::Ready(r) => Some(r),
+                        _ => None,
+                    };
+                    (a.config().freeze.clone(), device)
+                })
+            },
+        );
     }
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {

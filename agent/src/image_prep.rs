@@ -18,6 +18,8 @@ use crate::usage::ledger::{Ledger, LedgerConfig};
 pub enum PrepError {
     #[error("the agent is running (it answers on {0}); stop it first (systemctl stop kooagent), so nothing is written back")]
     AgentRunning(PathBuf),
+    #[error(transparent)]
+    Locked(#[from] crate::state_lock::LockError),
     #[error("{0} of usage not delivered yet; run `kooagent usage flush` while the agent runs, or pass --force to drop it")]
     Undelivered(String),
     #[error("usage ledger: {0}")]
@@ -56,6 +58,14 @@ pub fn run(cfg: &Config, force: bool, dry_run: bool) -> Result<Report, PrepError
         return Err(PrepError::AgentRunning(cfg.socket.path.clone()));
     }
     let state = &cfg.agent.state_dir;
+    // An agent on another socket still owns this state: the lock is the real guard, held
+    // while the files go so none can start half-way.
+    let _lock = if dry_run || !state.is_dir() {
+        crate::state_lock::StateLock::check(state)?;
+        None
+    } else {
+        Some(crate::state_lock::StateLock::acquire(state)?)
+    };
     let mut report = Report::default();
     if let Some(undelivered) = undelivered_usage(&state.join("usage"), cfg.usage.max_bytes)? {
         if !force {

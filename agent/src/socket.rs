@@ -178,7 +178,14 @@ fn bind_unlistened(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A group name, or a numeric gid (used as is: it needs no /etc/group entry to own a file).
 fn lookup_group(name: &str) -> Result<Option<u32>, String> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return name
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| "numeric gid out of range".to_string());
+    }
     let cname = std::ffi::CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];

@@ -6,6 +6,7 @@
 
 mod assets;
 mod ops;
+mod state_lock;
 mod users;
 
 use std::io;
@@ -678,6 +679,11 @@ fn uninstall(cx: &mut Ctx, args: &Args) -> io::Result<()> {
 
     if args.purge {
         println!("purge:");
+        if let Some(pid) = state_lock::holder(&cx.p(STATE_DIR))? {
+            return Err(io::Error::other(format!(
+                "{STATE_DIR} is in use by a running agent (pid {pid}); stop it before --purge"
+            )));
+        }
         cx.remove(CONFIG_DIR)?;
         cx.remove(STATE_DIR)?;
         cx.remove(RUN_DIR)?;

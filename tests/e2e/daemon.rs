@@ -85,9 +85,64 @@ fn embedded_defaults_without_a_config_file() {
 fn second_agent_on_the_same_socket_is_refused() {
     let a = TestAgent::start("");
     let err = a.run_refused();
-    assert!(err.contains("already listening"), "{err}");
+    // The state lock is taken before the socket is bound: it is what refuses.
+    assert!(err.contains("in use by another agent"), "{err}");
     // The first one is untouched.
     assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn second_agent_on_the_same_state_dir_is_refused_naming_the_holder() {
+    let a = TestAgent::start("");
+    let holder = a.child.as_ref().unwrap().id();
+    // Its own socket, the first agent's state directory.
+    let b = TestAgent::prepare(&format!("[agent]\nstate_dir = \"{}\"\n", a.state.display()));
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid {holder}")) && err.contains(&a.state.display().to_string()),
+        "{err}"
+    );
+    assert!(!b.socket.exists(), "the refused agent bound nothing");
+    // image-prep on that config is refused too, and removes nothing.
+    let per_instance = a.state.join("agent.log");
+    std::fs::write(&per_instance, b"kept").unwrap();
+    let out = b.cli(&["image-prep", "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("pid {holder}")),
+        "{err}"
+    );
+    assert!(per_instance.exists(), "a refused prep removed state");
+    assert_eq!(a.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn detached_agent_names_its_own_pid_in_the_state_lock() {
+    let a = TestAgent::prepare("");
+    run_ok(
+        Command::new(BIN)
+            .args(["run", "--daemon", "--config"])
+            .arg(&a.config),
+    );
+    let pid: u32 = std::fs::read_to_string(a.dir.path().join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let err = a.run_refused();
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while a.socket.exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(err.contains(&format!("pid {pid})")), "{err}");
 }
 
 #[test]
@@ -218,4 +273,68 @@ fn explicit_missing_socket_group_is_an_error() {
     );
     assert!(!a.socket.exists());
     a.child = None;
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn under_umask_000_state_log_and_pidfile_directory_stay_private() {
+    let mut a = TestAgent::prepare("");
+    let run = a.dir.path().join("run/sub");
+    std::fs::write(
+        &a.config,
+        crate::harness::base_config(
+            a.dir.path(),
+            &format!("[agent]\npidfile = \"{}/agent.pid\"\n", run.display()),
+        ),
+    )
+    .unwrap();
+    // A state directory left loose by someone else is tightened too.
+    std::fs::create_dir_all(&a.state).unwrap();
+    std::fs::set_permissions(&a.state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "umask 000 && exec '{BIN}' run --daemon --config '{}'",
+        a.config.display()
+    )));
+    a.wait_ready();
+    // Device key, freeze state, drop directories: created while serving the first calls.
+    a.call("license.status", json!({})).unwrap();
+    let pid: i32 = std::fs::read_to_string(run.join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let modes = [
+        ("state dir", mode(&a.state)),
+        ("agent.log", mode(&a.state.join("agent.log"))),
+        ("pidfile dir", mode(&run)),
+        ("pidfile", mode(&run.join("agent.pid"))),
+    ];
+    // SAFETY: signalling the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while a.socket.exists() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(modes[0].1, 0o700, "state dir is {:o}", modes[0].1);
+    for (what, m) in modes {
+        assert_eq!(m & 0o077, 0, "{what} is {m:o}");
+    }
+}
+
+#[test]
+fn numeric_socket_group_is_a_gid() {
+    // Root can give the socket any gid, even one without an /etc/group entry.
+    // SAFETY: plain getters.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        54321
+    } else {
+        unsafe { libc::getegid() }
+    };
+    let a = TestAgent::start(&format!("[socket]\ngroup = \"{gid}\"\n"));
+    let meta = std::fs::metadata(&a.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 }

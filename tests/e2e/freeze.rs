@@ -318,3 +318,73 @@ fn dropped_token_is_applied_and_a_bad_one_rejected() {
     }
     assert!(!dir.join("x.tok").exists());
 }
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn hostile_drops_are_set_aside_and_tokens_keep_flowing() {
+    let seller = Seller::new();
+    let mut a = TestAgent::start(&seller.config());
+    let code = device_code(&a);
+    install(
+        &a,
+        &seller.bound(
+            &code,
+            "p",
+            &["--days", "30", "--id", "L-H", "--not-before", &utc_in(-60)],
+        ),
+    )
+    .unwrap();
+    let tokens = a.state.join("tokens");
+    let licenses = a.state.join("licenses");
+    // A FIFO nobody writes (blocked the token thread for good), a symlink to an endless
+    // device, a file past the 64 KiB cap; the same in licenses/.
+    mkfifo(&tokens.join("a-fifo.tok"));
+    std::os::unix::fs::symlink("/dev/zero", tokens.join("b-zero.tok")).unwrap();
+    std::fs::write(tokens.join("c-big.tok"), vec![b'k'; 64 * 1024 + 1]).unwrap();
+    mkfifo(&licenses.join("f.lic"));
+    std::os::unix::fs::symlink("/dev/zero", licenses.join("z.lic")).unwrap();
+    // A good token sorted after the hostile ones still gets through.
+    std::fs::write(
+        tokens.join("d-good.tok"),
+        token(&seller, "L-H", "freeze", 1, &[]),
+    )
+    .unwrap();
+    wait_state(&a, "p", "frozen");
+    let t0 = Instant::now();
+    for p in [
+        tokens.join("a-fifo.tok"),
+        tokens.join("b-zero.tok"),
+        tokens.join("c-big.tok"),
+        licenses.join("f.lic"),
+        licenses.join("z.lic"),
+    ] {
+        let mut aside = p.clone().into_os_string();
+        aside.push(".rejected");
+        while std::fs::symlink_metadata(&aside).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{} not set aside; log:\n{}",
+                p.display(),
+                a.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(std::fs::symlink_metadata(&p).is_err());
+    }
+    let log = a.log();
+    assert!(
+        log.contains("symbolic link") && log.contains("FIFO"),
+        "{log}"
+    );
+    // Nothing blocked: SIGTERM is prompt.
+    let (status, took) = a.stop();
+    assert!(
+        status.success() && took < Duration::from_secs(3),
+        "{status} {took:?}"
+    );
+}

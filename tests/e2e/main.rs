@@ -17,7 +17,10 @@ mod sdk;
 #[cfg(feature = "seller-server")]
 mod seller_call;
 #[cfg(feature = "seller-server")]
+mod seller_hardening;
+#[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
+mod toolchain;
 mod upstream;
 mod usage;

@@ -42,7 +42,9 @@ impl SellerEndpoint {
                         if tls.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        // The agent adds ?device_code=... (the seller's server binds on it).
+                        let target = line.split_whitespace().nth(1).unwrap_or("");
+                        let path = target.split('?').next().unwrap_or("").to_string();
                         loop {
                             let mut hdr = String::new();
                             if tls.read_line(&mut hdr).unwrap_or(0) == 0 || hdr == "\r\n" {

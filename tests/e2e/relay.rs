@@ -16,7 +16,7 @@ use crate::authcode::{Market, AK, SK};
 use crate::harness::{short_tempdir, BIN};
 use crate::seller_server::{storages, write_private, SellerServer};
 
-struct Device(SigningKey);
+pub struct Device(pub SigningKey);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -32,7 +32,7 @@ fn random_nonce() -> String {
 }
 
 impl Device {
-    fn new() -> Device {
+    pub fn new() -> Device {
         let mut seed = [0u8; 32];
         getrandom::getrandom(&mut seed).unwrap();
         Device(SigningKey::from_bytes(&seed))
@@ -73,24 +73,34 @@ fn send(
 }
 
 /// A fresh, correctly signed call: (HTTP status, body).
-fn call(server: &SellerServer, dev: &Device, ep: &str, body: &Value) -> (u16, String) {
+pub fn call(server: &SellerServer, dev: &Device, ep: &str, body: &Value) -> (u16, String) {
     let path = format!("/v1/authcode/{ep}");
     let body = body.to_string();
     let h = dev.headers(&path, body.as_bytes(), now_ms(), &random_nonce());
     send(server, &path, &h, body.as_bytes())
 }
 
-fn code_of(text: &str) -> String {
+pub fn code_of(text: &str) -> String {
     let v: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     v["error_code"].as_str().unwrap_or_default().to_string()
 }
 
-fn start(market: &Market, storage: &str, dir: &std::path::Path) -> SellerServer {
+pub fn start(market: &Market, storage: &str, dir: &std::path::Path) -> SellerServer {
+    start_with(market, storage, "", dir)
+}
+
+/// The same with `tail` (TOML tables such as `[seller_server.limits]`) after the keys.
+pub fn start_with(
+    market: &Market,
+    storage: &str,
+    tail: &str,
+    dir: &std::path::Path,
+) -> SellerServer {
     let aksk = dir.join("aksk");
     write_private(&aksk, &format!("{AK}\n{SK}\n"));
     SellerServer::start(&format!(
         "{storage}aksk_file = \"{}\"\nmarketplace_bases = [\"https://localhost:{}\"]\n\
-         marketplace_extra_ca_file = \"{}\"\n",
+         marketplace_extra_ca_file = \"{}\"\n{tail}",
         aksk.display(),
         market.primary,
         market.ca.pem_path.display()

@@ -257,3 +257,98 @@ fn rust_client_survives_an_agent_restart() {
     let e = c.record_usage("api", "-1").unwrap_err();
     assert_eq!(e.code(), Some("invalid_value"), "{e}");
 }
+
+/// The seller application examples (Python and C, issue 20): serve while licensed,
+/// record usage while serving, stop at once on a freeze and resume on an unfreeze.
+fn seller_app_follows_the_license(app: &mut Command) {
+    use std::io::BufRead;
+    let (a, seller) = licensed_agent();
+    let lic_id = a
+        .call("license.check", json!({"product": "sku-sdk"}))
+        .unwrap()["license_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = |action: &str, seq: &str| {
+        let out = Command::new(BIN)
+            .args(["seller", "token", "--key"])
+            .arg(&seller.key)
+            .args(["--license", &lic_id, "--action", action, "--seq", seq])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut child = app
+        .args(["sku-sdk", "api"])
+        .env("KOOAGENT_SOCKET", &a.socket)
+        .env("SELLER_APP_INTERVAL", "0.05")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = vec![];
+    let mut expect = |want: &str| loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no {want:?} from the app; so far: {seen:?}"));
+        seen.push(line.clone());
+        if line.starts_with(want) {
+            return;
+        }
+    };
+    let recorded = |a: &TestAgent| {
+        let st = a.call("usage.status", json!({})).unwrap();
+        st["totals"]["api"]["value"]
+            .as_str()
+            .map(|v| v.parse::<f64>().unwrap())
+            .unwrap_or(0.0)
+    };
+    expect("serving (license ");
+    expect("recording usage of api");
+    a.call("token.apply", json!({"token": token("freeze", "1")}))
+        .unwrap();
+    expect("not serving: frozen");
+    // Frozen: nothing more is recorded (the app's loop runs every 50 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let at_freeze = recorded(&a);
+    assert!(at_freeze >= 1.0, "usage was recorded while serving");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(recorded(&a), at_freeze, "usage recorded while frozen");
+    a.call("token.apply", json!({"token": token("unfreeze", "2")}))
+        .unwrap();
+    expect("serving (license ");
+    let t0 = std::time::Instant::now();
+    while recorded(&a) <= at_freeze {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no usage after unfreeze"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn python_seller_app_serves_meters_and_follows_freezes() {
+    seller_app_follows_the_license(
+        Command::new("python3").arg(format!("{ROOT}/examples/python/seller_app.py")),
+    );
+}
+
+#[test]
+fn c_seller_app_serves_meters_and_follows_freezes() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile("seller_app", dir.path());
+    seller_app_follows_the_license(&mut Command::new(exe));
+}

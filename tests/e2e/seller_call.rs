@@ -95,7 +95,12 @@ fn seller_call_signs_both_styles_and_checks_body_sign() {
         "{out}"
     );
     assert!(out.contains("Body-Sign: verifies"), "{out}");
-    let (status, _, body) = s.request("GET", "/v1/licenses/kg-inst-call-1/status", b"");
+    // Fetched as a device does: signed with a device key, saying the device code.
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).unwrap();
+    let device_key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let target = format!("/v1/licenses/kg-inst-call-1/status?device_code={code}");
+    let (status, _, body) = s.device_get(&device_key, &target);
     assert_eq!(status, 200);
     assert!(
         body.starts_with(b"kst1."),

@@ -34,7 +34,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -217,6 +217,17 @@ impl SellerServer {
         (status, headers, raw[split + 4..].to_vec(), head)
     }
 
+    /// A GET signed with a device key as the relay protocol says (over `GET` and the
+    /// path with its query), written here from the protocol text.
+    pub fn device_get(
+        &self,
+        key: &ed25519_dalek::SigningKey,
+        target: &str,
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let h = device_headers(key, "GET", target, b"", now_ms(), &random_nonce());
+        self.request_with("GET", target, &h, b"")
+    }
+
     /// The marketplace's call: signed as §4.1 says, with a fresh nonce. Checks Body-Sign
     /// and returns (raw body, parsed).
     pub fn market(&self, body: &Value) -> (String, Value) {
@@ -257,6 +268,41 @@ impl SellerServer {
     }
 }
 
+pub fn random_nonce() -> String {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).unwrap();
+    hex(&b)
+}
+
+/// The relay protocol's four headers over `"kooagent-relay-v1\n" METHOD "\n" TARGET "\n"
+/// ts "\n" nonce "\n" hex(sha256(body))`.
+pub fn device_headers(
+    key: &ed25519_dalek::SigningKey,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    ts: i64,
+    nonce: &str,
+) -> Vec<(String, String)> {
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let digest = hex(&sha2::Sha256::digest(body));
+    let signed = format!("kooagent-relay-v1\n{method}\n{target}\n{ts}\n{nonce}\n{digest}");
+    vec![
+        (
+            "X-Kooagent-Device-Key".into(),
+            b64.encode(key.verifying_key().as_bytes()),
+        ),
+        ("X-Kooagent-Ts".into(), ts.to_string()),
+        ("X-Kooagent-Nonce".into(), nonce.into()),
+        (
+            "X-Kooagent-Signature".into(),
+            b64.encode(key.sign(signed.as_bytes()).to_bytes()),
+        ),
+    ]
+}
+
 fn rand_u16() -> u16 {
     let mut b = [0u8; 2];
     std::fs::File::open("/dev/urandom")
@@ -281,14 +327,14 @@ impl Drop for SellerServer {
     }
 }
 
-fn market_time(secs: i64) -> String {
+pub fn market_time(secs: i64) -> String {
     // The getLicense example's form: "2023-10-27 10:30:15 z".
     kooagent::clock::format_rfc3339(secs)
         .replace('T', " ")
         .replace('Z', " z")
 }
 
-fn digits14(secs: i64) -> String {
+pub fn digits14(secs: i64) -> String {
     kooagent::clock::format_rfc3339(secs)
         .chars()
         .filter(char::is_ascii_digit)
@@ -354,6 +400,14 @@ fn orders_renews_and_runs(storage: &str) {
         .as_str()
         .unwrap()
         .to_string();
+    // The agent's device key (made at its first poll): fetches are signed with it.
+    let key_file = agent.state.join("relay.key");
+    let t0 = std::time::Instant::now();
+    while !key_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no {key_file:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let device_key = kooagent::license::seller::read_signing_key(&key_file).unwrap();
     let now = now_ms() / 1000;
     let order = json!({
         "activity": "getLicense", "instanceId": "RA2-4LVS-0001", "eventId": "8e5694c8-0001",
@@ -388,8 +442,9 @@ fn orders_renews_and_runs(storage: &str) {
         "expireTime": digits14(new_expiry), "orderId": "CS-renew-1"
     }));
     assert_eq!(v["resultCode"], "000000", "{v}");
-    let (status, _, body) = server.request("GET", "/v1/licenses/kg-RA2-4LVS-0001", b"");
-    assert_eq!(status, 200);
+    let target = format!("/v1/licenses/kg-RA2-4LVS-0001?device_code={code}");
+    let (status, _, body) = server.device_get(&device_key, &target);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let renewed = String::from_utf8(body).unwrap();
     assert_eq!(renewed, v["license"].as_str().unwrap());
     assert_ne!(renewed, license);
@@ -412,8 +467,8 @@ fn orders_renews_and_runs(storage: &str) {
         "activity": "updateInstanceStatus", "instanceId": "RA2-4LVS-0001", "status": "FREEZE"
     }));
     assert_eq!(v["resultCode"], "000000", "{v}");
-    let (status, _, _) = server.request("GET", "/v1/licenses/kg-RA2-4LVS-0001/status", b"");
-    assert_eq!(status, 200);
+    let target = format!("/v1/licenses/kg-RA2-4LVS-0001/status?device_code={code}");
+    assert_eq!(server.device_get(&device_key, &target).0, 200);
     wait_agent_state(&agent, "frozen");
     let (_, v) = server.market(&json!({
         "activity": "updateInstanceStatus", "instanceId": "RA2-4LVS-0001", "status": "UNFREEZE"
@@ -481,7 +536,8 @@ fn refusals(storage: &str) {
         "000001"
     );
     assert_eq!(server.request("PUT", PATH, b"{}").0, 405);
-    assert_eq!(server.request("GET", "/v1/licenses/none", b"").0, 404);
+    // Licenses go to signed device requests only.
+    assert_eq!(server.request("GET", "/v1/licenses/none", b"").0, 401);
     // The key never reaches the log.
     assert!(!server.log().contains(KEY));
 }
@@ -622,7 +678,12 @@ fn purchases_as_the_marketplace_sends_them() {
         vec![other.clone()]
     );
     // The instance is rebound: an agent fetching it gets the license for the new code.
-    let (status, _, body) = server.request("GET", "/v1/licenses/kg-RA2-EDGE-0001", b"");
+    // (Signed with a device key, saying the code: docs/seller-server.md "Security".)
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).unwrap();
+    let device_key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let target = format!("/v1/licenses/kg-RA2-EDGE-0001?device_code={other}");
+    let (status, _, body) = server.device_get(&device_key, &target);
     assert_eq!(status, 200);
     assert_eq!(body, v["license"].as_str().unwrap().as_bytes());
     // Resends of either are answered as before; a changed term under the same pair is not.

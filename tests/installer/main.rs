@@ -375,6 +375,34 @@ fn uninstall_keeps_state_purge_removes_it() {
 }
 
 #[test]
+fn purge_refuses_while_an_agent_holds_the_state_lock() {
+    let r = Root::new(true);
+    r.ok(&["install"]);
+    let lock = r.p("/var/lib/kooagent/agent.lock");
+    fs::write(&lock, "4242\n").unwrap();
+    // The lock the agent holds for its life.
+    let held = fs::File::open(&lock).unwrap();
+    // SAFETY: flock(2) on a descriptor owned by `held`.
+    assert_eq!(
+        unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&held),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        },
+        0
+    );
+    let out = r.run(&["uninstall", "--purge"]);
+    drop(held);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pid 4242"), "{err}");
+    assert!(lock.exists(), "state removed while in use");
+    // Released: the purge goes through.
+    r.ok(&["uninstall", "--purge"]);
+    assert!(!r.p("/var/lib/kooagent").exists());
+}
+
+#[test]
 fn sysv_when_no_systemd() {
     let r = Root::new(false);
     for d in [

@@ -120,25 +120,49 @@ pub(super) fn write(cfg: &IdentityConfig, product_id: &str) -> Result<PrestartRe
     })
 }
 
-/// Atomically writes `bytes` to `path` (mode 0640) and gives it its directory's owner.
+/// Atomically writes `bytes` to `path`, mode 0640, owned like its directory. Root writes here
+/// into a directory the agent's user owns, so nothing is followed: the temporary file is
+/// created new with `O_NOFOLLOW`, given its owner and mode through its descriptor, and
+/// renamed over `path` (a rename replaces a symlink, never writes through it).
 fn hand_over(path: &Path, bytes: &[u8]) -> Result<(), DeviceError> {
-    use std::os::unix::fs::MetadataExt;
-    let err = |source: std::io::Error| DeviceError::State {
-        path: path.to_path_buf(),
-        source,
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source: std::io::Error| DeviceError::State { path: p, source }
     };
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let owner = std::fs::metadata(dir).map_err(|e| DeviceError::State {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    crate::store::atomic_write(path, bytes, 0o640)
-        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-    let me = std::fs::metadata(path).map_err(err)?;
-    if (me.uid(), me.gid()) != (owner.uid(), owner.gid()) {
-        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).map_err(err)?;
+    let owner = std::fs::symlink_metadata(dir).map_err(err(dir))?;
+    if !owner.is_dir() {
+        return Err(err(dir)(std::io::Error::other("not a directory")));
     }
-    Ok(())
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp); // a leftover; removes a symlink itself, not its target
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        let me = f.metadata()?;
+        if (me.uid(), me.gid()) != (owner.uid(), owner.gid()) {
+            std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        // Explicit: the unit's UMask=0077 would take the group's read bit away.
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(path)(e)
+    })
 }
 
 fn valid_hash(h: &str) -> bool {

@@ -1017,3 +1017,29 @@ fn the_agents_own_reading_wins_and_a_foreign_or_bad_hand_over_is_ignored() {
     );
     assert_eq!(comp(&r, "board_serial").state, ComponentState::Absent);
 }
+
+/// Root writes the hand-over into a directory the agent's user owns: links planted there
+/// (at the file or at its temporary name) are replaced, never written through.
+#[test]
+fn prestart_never_writes_through_a_planted_link() {
+    let f = Fake::vm();
+    f.mkdir("run/kooagent");
+    f.write("victim", "precious\n");
+    let victim = f.path("victim");
+    let dir = f.path("run/kooagent");
+    symlink(&victim, dir.join("identity-hashes.json")).unwrap();
+    symlink(
+        &victim,
+        dir.join(format!(".identity-hashes.json.tmp.{}", std::process::id())),
+    )
+    .unwrap();
+    symlink(&victim, dir.join("boot_id")).unwrap();
+    f.write("proc/sys/kernel/random/boot_id", "b00t\n");
+    f.resolver().prestart().unwrap();
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+    for name in ["identity-hashes.json", "boot_id"] {
+        let m = fs::symlink_metadata(dir.join(name)).unwrap();
+        assert!(m.file_type().is_file(), "{name} is {m:?}");
+        assert_eq!(m.permissions().mode() & 0o777, 0o640, "{name}");
+    }
+}

@@ -7,14 +7,58 @@
 //! Polls are spread with random jitter so a fleet does not hit the seller at once, and the
 //! poller sleeps between them (no wake-ups otherwise).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
+
 use super::{FreezeConfig, FreezeService};
+use crate::authcode::relay_auth;
+use crate::device_code::DeviceReport;
 use crate::license::store::{InstallError, Installed};
 use crate::license::LicenseService;
 use crate::source_health::SourceHealth;
+
+/// Who asks: every fetch is signed with the device key (the relay protocol's headers) and
+/// says the device code the license is bound to, so the seller's server can bind the key
+/// to the code on first use and serve nobody else (docs/seller-server.md "Security").
+pub struct Asker {
+    pub key: SigningKey,
+    /// The device's identity, when computed.
+    pub device: Option<Arc<DeviceReport>>,
+}
+
+impl Asker {
+    /// The code to say for a license bound to `devices`: the one this device accepts, else
+    /// the device's current code.
+    fn code_for(&self, devices: &[String]) -> Option<String> {
+        let report = self.device.as_ref()?;
+        devices
+            .iter()
+            .find(|d| report.accepts(d))
+            .cloned()
+            .or_else(|| report.settled.then(|| report.code.clone()))
+    }
+}
+
+/// `url` with `device_code` added to its query, and the part signed (path and query).
+fn signed_target(url: &str, code: Option<&str>) -> (String, String) {
+    let url = match code {
+        Some(c) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}device_code={c}")
+        }
+        None => url.to_string(),
+    };
+    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let target = url[after_scheme..]
+        .find('/')
+        .map(|i| url[after_scheme + i..].to_string())
+        .unwrap_or_else(|| "/".into());
+    (url, target)
+}
 
 /// What one poll did, for the log and tests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -48,9 +92,32 @@ fn agent(cfg: &FreezeConfig) -> Result<ureq::Agent, String> {
     )
 }
 
-/// GET `url`: `Ok(Some(body))` on 200, `Ok(None)` on 204/404 (nothing for this license).
-fn fetch(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
-    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+/// GET `url`, signed: `Ok(Some(body))` on 200, `Ok(None)` on 204/404 (nothing for this
+/// license).
+fn fetch(
+    agent: &ureq::Agent,
+    url: &str,
+    asker: &Asker,
+    code: Option<&str>,
+) -> Result<Option<Vec<u8>>, String> {
+    let (url, target) = signed_target(url, code);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let h = relay_auth::sign(
+        &asker.key,
+        "GET",
+        &target,
+        b"",
+        now_ms,
+        &relay_auth::new_nonce(),
+    );
+    let mut req = agent.get(&url);
+    for (k, v) in h.pairs() {
+        req = req.header(k, v);
+    }
+    let mut resp = req.call().map_err(|e| e.to_string())?;
     match resp.status().as_u16() {
         200 => resp
             .body_mut()
@@ -67,7 +134,12 @@ fn fetch(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
 /// One round over every license held (blocking). Each URL's outcome goes into the
 /// service's source health (`freeze.status` → `online`): a transport error, an HTTP error
 /// or an answer that does not verify is a failure; "nothing new" is a success.
-pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseService) -> Poll {
+pub fn poll_once(
+    cfg: &FreezeConfig,
+    freeze: &FreezeService,
+    license: &LicenseService,
+    asker: &Asker,
+) -> Poll {
     let mut out = Poll::default();
     let now = crate::source_health::now;
     let agent = match agent(cfg) {
@@ -83,20 +155,33 @@ pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseSe
             return out;
         }
     };
-    let ids: BTreeSet<String> = license
+    // Each license id once, with the device codes its license is bound to.
+    let ids: BTreeMap<String, Vec<String>> = license
         .verdicts()
         .licenses
         .iter()
-        .map(|e| e.id.clone())
+        .map(|e| {
+            let devices = e.status["devices"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (e.id.clone(), devices)
+        })
         .collect();
     // One verdict per source and round: the first failure of the round, else success.
     let mut token_err: Option<String> = None;
     let mut license_err: Option<String> = None;
-    for id in ids {
+    for (id, devices) in ids {
         out.asked += 1;
+        let code = asker.code_for(&devices);
+        let code = code.as_deref();
         if !cfg.token_url.is_empty() {
             let url = url_for(&cfg.token_url, &id);
-            match fetch(&agent, &url) {
+            match fetch(&agent, &url, asker, code) {
                 Ok(Some(body)) => {
                     match freeze.apply_token(&body, &license.trusted_keys(), license.time_view()) {
                         Ok(v) => {
@@ -131,7 +216,7 @@ pub fn poll_once(cfg: &FreezeConfig, freeze: &FreezeService, license: &LicenseSe
         }
         if !cfg.license_url.is_empty() {
             let url = url_for(&cfg.license_url, &id);
-            match fetch(&agent, &url) {
+            match fetch(&agent, &url, asker, code) {
                 Ok(Some(body)) => match license.install(&body, None) {
                     Ok((Installed::Unchanged(_), _)) => {}
                     Ok((installed, _)) => {
@@ -199,14 +284,17 @@ fn jitter(max: u64) -> u64 {
     u64::from_le_bytes(b) % (max + 1)
 }
 
-/// Starts the poller thread when an endpoint is configured. The configuration is read
-/// again before every round (SIGHUP changes take effect at the next one).
+/// Starts the poller thread when an endpoint is configured. The configuration (and the
+/// device identity) is read again before every round (SIGHUP changes take effect at the
+/// next one). `key_file`: the device key (`relay.key` in the state directory, created on
+/// first use).
 pub fn start(
     freeze: Arc<FreezeService>,
     license: Arc<LicenseService>,
-    config: impl Fn() -> Option<FreezeConfig> + Send + 'static,
+    key_file: PathBuf,
+    config: impl Fn() -> Option<(FreezeConfig, Option<Arc<DeviceReport>>)> + Send + 'static,
 ) {
-    let Some(first) = config() else { return };
+    let Some((first, _)) = config() else { return };
     if first.token_url.is_empty() && first.license_url.is_empty() {
         return;
     }
@@ -218,12 +306,22 @@ pub fn start(
             std::thread::sleep(Duration::from_millis(
                 200 + jitter(first.poll_jitter_secs.min(30) * 1000),
             ));
-            while let Some(cfg) = config() {
+            while let Some((cfg, device)) = config() {
                 if cfg.token_url.is_empty() && cfg.license_url.is_empty() {
                     return;
                 }
-                let p = poll_once(&cfg, &freeze, &license);
-                log::debug!("freeze online source: {p:?}");
+                match relay_auth::load_or_create_key(&key_file) {
+                    Ok(key) => {
+                        let p = poll_once(&cfg, &freeze, &license, &Asker { key, device });
+                        log::debug!("freeze online source: {p:?}");
+                    }
+                    Err(e) => {
+                        let e = format!("device key {}: {e}", key_file.display());
+                        let now = crate::source_health::now();
+                        freeze.online.tokens.failure(now, &e);
+                        log::warn!("freeze online source: {e}");
+                    }
+                }
                 std::thread::sleep(Duration::from_secs(
                     cfg.poll_interval_secs + jitter(cfg.poll_jitter_secs),
                 ));
@@ -248,6 +346,22 @@ mod tests {
             url_for("https://s/t/{license_id}", "a/b c"),
             "https://s/t/a%2Fb%20c"
         );
+    }
+
+    #[test]
+    fn the_signed_target_is_the_path_and_query_with_the_device_code() {
+        assert_eq!(
+            signed_target("https://s:8443/v1/licenses/L-1", Some("AB-CD")),
+            (
+                "https://s:8443/v1/licenses/L-1?device_code=AB-CD".into(),
+                "/v1/licenses/L-1?device_code=AB-CD".into()
+            )
+        );
+        assert_eq!(
+            signed_target("https://s/t?x=1", Some("C")).1,
+            "/t?x=1&device_code=C"
+        );
+        assert_eq!(signed_target("https://s/t", None).1, "/t");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct TokenRefused {
 /// Events a subscriber may fall behind by before it is dropped (it reconnects and gets
 /// the current state first).
 const SUBSCRIBER_BUFFER: usize = 1024;
+/// A status token is a few hundred bytes; a dropped file past this is not one.
+pub const MAX_TOKEN_FILE: usize = 64 * 1024;
 
 /// Meta keys of a license that ask for a lease (decimal seconds).
 pub const LEASE_SECS: &str = "lease_secs";
@@ -118,7 +120,7 @@ impl FreezeService {
         device: watch::Receiver<DeviceState>,
     ) -> Arc<FreezeService> {
         let paths = Paths::new(state_dir);
-        let _ = crate::store::ensure_dir(state_dir, 0o750);
+        let _ = crate::store::ensure_dir(state_dir, 0o700);
         let (key, created) = match state_file::device_key(&paths.key) {
             Ok(k) => k,
             Err(e) => {
@@ -433,6 +435,7 @@ impl FreezeService {
             }
         };
         let me = self.clone();
+        let dir = self.tokens_dir.clone();
         tokio::spawn(async move {
             let scan = {
                 let (me, lic) = (me.clone(), license.clone());
@@ -447,16 +450,15 @@ impl FreezeService {
                 let Ok(mut guard) = afd.readable().await else {
                     return;
                 };
-                let mut got = false;
+                let mut names = Some(BTreeSet::new());
                 while let Ok(r) =
                     guard.try_io(|fd| crate::license::service::read_fd(fd.get_ref(), &mut buf))
                 {
-                    if r.is_err() {
-                        return;
-                    }
-                    got = true;
+                    let Ok(n) = r else { return };
+                    crate::license::service::parse_inotify(&buf[..n], &mut names, &dir);
                 }
-                if got {
+                // Nothing but regular files being created (still being written): wait.
+                if names.as_ref().is_none_or(|n| !n.is_empty()) {
                     let _ = tokio::task::spawn_blocking(scan.clone()).await;
                 }
             }
@@ -474,8 +476,23 @@ impl FreezeService {
             .filter(|p| p.extension().is_some_and(|x| x == "tok"))
             .collect();
         for path in names {
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
+            let bytes = match crate::drop_dir::read(&path, MAX_TOKEN_FILE) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => {
+                    match crate::drop_dir::set_aside(&path) {
+                        Ok(to) => log::warn!(
+                            "token {} refused: {e} (kept as {})",
+                            path.display(),
+                            to.display()
+                        ),
+                        Err(re) => log::warn!(
+                            "token {} refused: {e}; could not set it aside: {re}",
+                            path.display()
+                        ),
+                    }
+                    continue;
+                }
             };
             match self.apply_token(&bytes, &license.trusted_keys(), license.time_view()) {
                 Ok(v) => {

@@ -201,7 +201,7 @@ pub fn save(
     let bytes = encode(key, generation, machine);
     store::atomic_write(&paths.primary, &bytes, 0o600)?;
     if let Some(dir) = paths.backup.parent() {
-        store::ensure_dir(dir, 0o750)?;
+        store::ensure_dir(dir, 0o700)?;
     }
     store::atomic_write(&paths.backup, &bytes, 0o600)
 }

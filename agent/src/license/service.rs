@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde_json::{json, Map, Value};
@@ -496,7 +496,7 @@ impl LicenseService {
         .expect("license load task");
         match inotify_watch(&dir) {
             Ok(fd) => {
-                tokio::spawn(watch_dir(self.clone(), fd));
+                tokio::spawn(watch_dir(self.clone(), fd, dir.clone()));
             }
             Err(e) => log::error!(
                 "cannot watch {} ({e}): dropped licenses are picked up at the next start only",
@@ -648,14 +648,21 @@ pub(crate) fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
         ))?)
     };
     let path = CString::new(dir.as_os_str().as_bytes())?;
-    let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE;
+    // IN_CREATE: a symlink or FIFO is never closed after writing; see `parse_inotify`.
+    let mask = libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_DELETE
+        | libc::IN_CREATE;
     // SAFETY: valid fd and NUL-terminated path.
     cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) })?;
     Ok(fd)
 }
 
-/// File names in a buffer of inotify events; `None` when the queue overflowed.
-pub(crate) fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
+/// File names in a buffer of inotify events; `None` when the queue overflowed. A mere
+/// creation counts only for what is not a regular file (a symlink, a FIFO: refused at
+/// once); a regular file is looked at when its writer closes it or it is moved in.
+pub(crate) fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>, dir: &Path) {
     const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
     let mut off = 0;
     while off + HEADER <= buf.len() {
@@ -667,7 +674,9 @@ pub(crate) fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>) {
         } else if let Some(set) = names.as_mut() {
             let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
             if let Ok(s) = std::str::from_utf8(name) {
-                if !s.is_empty() {
+                let created_regular = mask == libc::IN_CREATE
+                    && std::fs::symlink_metadata(dir.join(s)).map_or(true, |m| m.is_file());
+                if !s.is_empty() && !created_regular {
                     set.insert(s.to_string());
                 }
             }
@@ -698,7 +707,7 @@ pub(crate) fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
     }
 }
 
-async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
+async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd, dir: PathBuf) {
     let Some(afd) = register(fd, "cannot watch the licenses directory") else {
         return;
     };
@@ -716,7 +725,7 @@ async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
         loop {
             match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
                 Ok(Ok(n)) => {
-                    parse_inotify(&buf[..n], &mut names);
+                    parse_inotify(&buf[..n], &mut names, &dir);
                     got = true;
                 }
                 Ok(Err(e)) => {
@@ -726,7 +735,7 @@ async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd) {
                 Err(_would_block) => break,
             }
         }
-        if got {
+        if got && names.as_ref().is_none_or(|n| !n.is_empty()) {
             let me = svc.clone();
             let _ = tokio::task::spawn_blocking(move || me.files_changed(names)).await;
         }

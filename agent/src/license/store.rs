@@ -8,13 +8,13 @@
 //! bytes is restored from memory, the bad bytes kept aside.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::format::{self, FormatError, Parsed, MAX_LICENSE_BYTES};
 use super::keys::{Integrity, TrustedKeys};
+use crate::drop_dir::DropError;
 use crate::store::{self as fsstore, StoreError};
 
 /// How many rejected files `license.status` remembers.
@@ -98,20 +98,8 @@ pub struct LicenseStore {
 }
 
 /// Reads a license file; `Ok(Err(size))` when it is over the size limit (not read).
-fn read_limited(path: &Path) -> std::io::Result<Result<Vec<u8>, usize>> {
-    let f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len() as usize;
-    if len > MAX_LICENSE_BYTES {
-        return Ok(Err(len));
-    }
-    let mut buf = Vec::with_capacity(len);
-    // The file may grow while being read: never take more than the limit.
-    f.take(MAX_LICENSE_BYTES as u64 + 1).read_to_end(&mut buf)?;
-    Ok(if buf.len() > MAX_LICENSE_BYTES {
-        Err(buf.len())
-    } else {
-        Ok(buf)
-    })
+fn read_limited(path: &Path) -> Result<Vec<u8>, DropError> {
+    crate::drop_dir::read(path, MAX_LICENSE_BYTES)
 }
 
 /// Only `*.lic` files count; dot files are atomic_write's temporaries.
@@ -162,7 +150,6 @@ impl LicenseStore {
         let (installed, dropped): (Vec<_>, Vec<_>) = names.into_iter().partition(|n| {
             read_limited(&self.dir.join(n))
                 .ok()
-                .and_then(|r| r.ok())
                 .and_then(|b| format::parse(&b).ok())
                 .is_some_and(|p| p.license.file_name() == *n)
         });
@@ -317,7 +304,7 @@ impl LicenseStore {
             .find(|e| e.file == path)
             .map(|e| e.parsed.license.id.clone());
         let (bytes, vetted) = match read_limited(&path) {
-            Ok(Ok(b)) => {
+            Ok(b) => {
                 if holder
                     .as_ref()
                     .is_some_and(|id| self.entries[id].bytes == b)
@@ -327,8 +314,14 @@ impl LicenseStore {
                 let v = self.vet(&b, keys, None);
                 (Some(b), v)
             }
-            Ok(Err(size)) => (None, Err(FormatError::TooLarge(size).into())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(DropError::TooLarge { .. }) => {
+                let size = std::fs::symlink_metadata(&path).map_or(0, |m| m.len() as usize);
+                (
+                    None,
+                    Err(FormatError::TooLarge(size.max(MAX_LICENSE_BYTES + 1)).into()),
+                )
+            }
+            Err(e) if e.is_not_found() => {
                 // Deleted (or moved away): the license is removed.
                 return match holder {
                     Some(id) => {
@@ -340,8 +333,11 @@ impl LicenseStore {
                 };
             }
             Err(e) => {
-                self.reject(name, format!("cannot read it: {e}"), now);
-                return false;
+                // A symlink, FIFO or unreadable file: set aside so it is refused once.
+                self.set_aside(name, None);
+                let removed = holder.is_some_and(|id| self.entries.remove(&id).is_some());
+                self.reject(name, format!("{e} (kept as {name}.rejected)"), now);
+                return removed;
             }
         };
         let err = match vetted {

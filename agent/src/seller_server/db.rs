@@ -81,6 +81,18 @@ CREATE TABLE IF NOT EXISTS codes (
     updated_at BIGINT NOT NULL,
     device_key TEXT
 );
+CREATE TABLE IF NOT EXISTS devices (
+    device_code TEXT PRIMARY KEY,
+    device_key  TEXT NOT NULL,
+    first_seen  BIGINT NOT NULL,
+    last_seen   BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_key ON devices (device_key);
+CREATE TABLE IF NOT EXISTS buckets (
+    name  TEXT PRIMARY KEY,
+    level BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
 ";
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -198,6 +210,24 @@ pub struct UploadRow {
     pub created_at: i64,
 }
 
+/// The device registry: a device key (base64 ed25519, the relay protocol's) bound to one
+/// device code by trust on first use (docs/seller-server.md "Security"). A key may hold
+/// several codes (a device code is per product); a code has one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub device_code: String,
+    pub device_key: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// A token bucket's stored state (see `limits`): milli-tokens at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRow {
+    pub level: i64,
+    pub at_ms: i64,
+}
+
 /// The queries, inside a transaction.
 pub trait Tx {
     /// Remembers `nonce`; false if it was already seen.
@@ -232,6 +262,43 @@ pub trait Tx {
     fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError>;
     /// (not done, done) counts.
     fn count_uploads(&mut self) -> Result<(i64, i64), DbError>;
+
+    /// The binding of device code `code`, if any.
+    fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError>;
+    /// Every code bound to `key`, most recently seen first.
+    fn device_codes(&mut self, key: &str) -> Result<Vec<DeviceRow>, DbError>;
+    /// Every binding, by device code (the seller's listing).
+    fn all_devices(&mut self) -> Result<Vec<DeviceRow>, DbError>;
+    /// Inserts or replaces (by device code).
+    fn put_device(&mut self, row: &DeviceRow) -> Result<(), DbError>;
+    /// Forgets the binding of `code` (the seller's release); false: there was none.
+    fn release_device(&mut self, code: &str) -> Result<bool, DbError>;
+    /// Instances whose license is bound to device code `code`.
+    fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError>;
+    fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_bucket(&mut self, name: &str, row: BucketRow) -> Result<(), DbError>;
+    /// Forgets buckets untouched since `before_ms` (they have refilled by then).
+    fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError>;
+
+    /// The device `key`: its most recently seen binding; None: unknown key.
+    fn device(&mut self, key: &str) -> Result<Option<DeviceRow>, DbError> {
+        Ok(self.device_codes(key)?.into_iter().next())
+    }
+
+    /// The instances whose issued license is bound to a device code bound to `key`
+    /// (what a usage record from that device may bill).
+    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
+        let mut out: Vec<InstanceRow> = Vec::new();
+        for d in self.device_codes(key)? {
+            for i in self.instances_with_device(&d.device_code)? {
+                if !out.iter().any(|o| o.instance_id == i.instance_id) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A database connection with transaction control.

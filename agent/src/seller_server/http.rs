@@ -31,6 +31,8 @@ use tokio_rustls::TlsAcceptor;
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
 use super::db::Db;
+use super::devices;
+use super::limits::{self, LimitsConfig};
 use super::relay::{self, Endpoint, Gate, Relay};
 use super::tokens::StatusTokens;
 use super::{ProductConfig, SellerServerConfig};
@@ -59,6 +61,7 @@ pub struct State {
     pub relay: Option<Arc<Relay>>,
     /// `license_upload`: `getLicenseAsync` licenses go into the upload outbox.
     pub upload: bool,
+    pub limits: LimitsConfig,
     last_prune: AtomicI64,
 }
 
@@ -82,6 +85,7 @@ impl State {
             window_secs: cfg.timestamp_window_secs as i64,
             relay,
             upload: cfg.license_upload,
+            limits: cfg.limits.clone(),
             last_prune: AtomicI64::new(0),
         }
     }
@@ -183,7 +187,7 @@ async fn connection(
             return;
         }
     };
-    let service = hyper::service::service_fn(move |req| route(state.clone(), req));
+    let service = hyper::service::service_fn(move |req| route(state.clone(), peer, req));
     // Title case on the wire: hyper keeps header names lower-case, and the marketplace
     // reads `Body-Sign` case-sensitively (§4.3); title case of `body-sign` is exactly that.
     let r = hyper::server::conn::http1::Builder::new()
@@ -209,13 +213,18 @@ fn plain(status: StatusCode, text: &str) -> Resp {
     r
 }
 
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+async fn route(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/v1/licenses/") {
         if req.method() != Method::GET {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
         }
-        return Ok(agent_get(&state, rest).await);
+        let rest = rest.to_string();
+        return Ok(agent_get(&state, peer, &rest, &req).await);
     }
     if let Some(name) = path.strip_prefix(relay::PREFIX) {
         let Some(ep) = Endpoint::from_name(name) else {
@@ -224,7 +233,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infall
         if req.method() != Method::POST {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
         }
-        return Ok(relay_call(state, ep, req).await);
+        return Ok(relay_call(state, peer, ep, req).await);
     }
     let Some(i) = state.products.iter().position(|p| p.path == path) else {
         return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
@@ -383,7 +392,12 @@ fn relay_error(status: StatusCode, code: &str, msg: &str) -> Resp {
 
 /// One relayed call: device signature, body, nonce and trust on first use, then the
 /// marketplace (on a blocking thread), then the binding of a newly activated code.
-async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> Resp {
+async fn relay_call(
+    state: Arc<State>,
+    peer: SocketAddr,
+    ep: Endpoint,
+    req: Request<Incoming>,
+) -> Resp {
     let Some(rl) = state.relay.clone() else {
         return plain(
             StatusCode::NOT_FOUND,
@@ -416,11 +430,14 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
     let (c, d) = (codes.clone(), device.clone());
+    let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &state.limits);
+    let bucket_age = state.limits.longest_refill_ms();
     let gate = state.db.run(move |tx| {
         if let Some(before) = prune {
             tx.prune_nonces(before)?;
+            tx.prune_buckets(now_ms - bucket_age)?;
         }
-        relay::gate(tx, ep, &c, &d, now)
+        relay::gate(tx, ep, &c, &d, &buckets, now_ms)
     });
     match tokio::time::timeout(ANSWER_WITHIN, gate).await {
         Ok(Ok(Gate::Forward)) => {}
@@ -428,6 +445,14 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
             log::warn!("relay {path}: nonce {} replayed", device.nonce);
             let m = "x-kooagent-nonce was already used (replayed request)";
             return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, m);
+        }
+        Ok(Ok(Gate::Limited(bucket))) => {
+            log::warn!("relay {path}: over the rate limit {bucket}");
+            let m = "too many relay calls; try again later";
+            let mut r = relay_error(StatusCode::TOO_MANY_REQUESTS, relay::ERR_LIMITED, m);
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            return r;
         }
         Ok(Ok(Gate::Forbidden(m))) => {
             log::warn!("relay {path}: {m} (device key {})", device.key);
@@ -486,29 +511,89 @@ async fn relay_call(state: Arc<State>, ep: Endpoint, req: Request<Incoming>) -> 
     )
 }
 
-async fn agent_get(state: &State, rest: &str) -> Resp {
+fn device_error(status: StatusCode, code: &str, msg: &str) -> Resp {
+    json(status, relay::error_body(code, msg))
+}
+
+/// `GET /v1/licenses/<id>[/status]?device_code=CODE`, signed with the device key
+/// ([`devices`]).
+async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<Incoming>) -> Resp {
     let (id, status) = match rest.strip_suffix("/status") {
         Some(id) => (id.to_string(), true),
         None => (rest.to_string(), false),
     };
-    if id.is_empty() || id.len() > 128 || id.contains('/') {
-        return plain(StatusCode::NOT_FOUND, "no such license\n");
-    }
-    let r = if status {
-        state
-            .db
-            .run(move |tx| Ok(tx.latest_token(&id)?.map(|t| t.token)))
-            .await
-    } else {
-        state
-            .db
-            .run(move |tx| Ok(tx.instance_by_license(&id)?.map(|i| i.license)))
-            .await
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let now_ms = state.clock.now_ms();
+    let headers = req.headers();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match relay::verify(header, "GET", &target, b"", now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            let m = format!("licenses are served to signed device requests only: {e}");
+            return device_error(StatusCode::UNAUTHORIZED, devices::ERR_UNAUTHENTICATED, &m);
+        }
     };
+    let device_code = match devices::code_from_query(req.uri().query()) {
+        Ok(c) => c,
+        Err(m) => return device_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &m),
+    };
+    if id.is_empty() || id.len() > 128 || id.contains('/') {
+        return device_error(
+            StatusCode::NOT_FOUND,
+            devices::ERR_NOT_FOUND,
+            "no such license",
+        );
+    }
+    let fetch = devices::Fetch {
+        license_id: id,
+        status,
+        device_code,
+        key: device.key,
+        nonce: device.nonce,
+        address: limits::address_key(peer.ip()),
+    };
+    let lim = state.limits.clone();
+    let prune = state.prune_before(now_ms.div_euclid(1000));
+    let bucket_age = lim.longest_refill_ms();
+    let r = state
+        .db
+        .run(move |tx| {
+            if let Some(before) = prune {
+                tx.prune_nonces(before)?;
+                tx.prune_buckets(now_ms - bucket_age)?;
+            }
+            devices::fetch(tx, &fetch, &lim, now_ms)
+        })
+        .await;
     match r {
-        Ok(Some(text)) => plain(StatusCode::OK, &text),
-        Ok(None) if status => plain(StatusCode::NOT_FOUND, "no status token for this license\n"),
-        Ok(None) => plain(StatusCode::NOT_FOUND, "no such license\n"),
+        Ok(devices::Answer::Serve(text)) => plain(StatusCode::OK, &text),
+        Ok(devices::Answer::NotFound(m)) => {
+            device_error(StatusCode::NOT_FOUND, devices::ERR_NOT_FOUND, &m)
+        }
+        Ok(devices::Answer::Bound(m)) => {
+            log::warn!("{peer}: license fetch refused: {m}");
+            device_error(StatusCode::FORBIDDEN, devices::ERR_BOUND, &m)
+        }
+        Ok(devices::Answer::Limited(bucket)) => {
+            log::debug!("{peer}: license fetch over the miss limit ({bucket})");
+            let mut r = device_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                devices::ERR_LIMITED,
+                "too many requests for licenses that are not yours; try again later",
+            );
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            r
+        }
+        Ok(devices::Answer::Replay) => device_error(
+            StatusCode::UNAUTHORIZED,
+            devices::ERR_UNAUTHENTICATED,
+            "x-kooagent-nonce was already used (replayed request)",
+        ),
         Err(e) => {
             log::error!("agent request failed: {e}");
             plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")

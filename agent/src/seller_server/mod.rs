@@ -9,6 +9,8 @@
 //! - [`activities`]: request → decision, on a database transaction;
 //! - [`db`]: the storage interface, SQLite and PostgreSQL, one thread with group commit;
 //! - [`tokens`]: where status tokens come from (the freeze module);
+//! - [`devices`]: the device registry and the agents' signed license/status fetches;
+//! - [`limits`]: token buckets in the database (shared by every server process);
 //! - [`relay`]: the authorization-code relay (device signatures, trust on first use,
 //!   forwarding with the seller's AK/SK);
 //! - [`http`]: TLS, HTTP, routing, timeouts.
@@ -22,7 +24,9 @@ pub mod activities;
 pub mod auth;
 pub mod call;
 pub mod db;
+pub mod devices;
 pub mod http;
+pub mod limits;
 pub mod relay;
 pub mod tokens;
 pub mod upload;
@@ -76,6 +80,8 @@ pub struct SellerServerConfig {
     /// The first retry of a failed upload waits this long, then twice as long each
     /// time, at most an hour.
     pub license_upload_retry_secs: u64,
+    /// Rate limits (`[seller_server.limits]`).
+    pub limits: limits::LimitsConfig,
 }
 
 impl Default for SellerServerConfig {
@@ -100,6 +106,7 @@ impl Default for SellerServerConfig {
             license_upload: false,
             license_upload_path: upload::DEFAULT_PATH.into(),
             license_upload_retry_secs: 30,
+            limits: limits::LimitsConfig::default(),
         }
     }
 }
@@ -233,6 +240,9 @@ impl SellerServerConfig {
                 "must be between 1 and 3600",
             ));
         }
+        self.limits
+            .validate()
+            .map_err(|m| invalid("seller_server.limits", m))?;
         let mut paths = std::collections::HashSet::new();
         for (i, p) in self.products.iter().enumerate() {
             let key = |k: &str| format!("seller_server.products[{i}].{k}");

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::db::{CodeRow, DbError, Tx};
+use super::limits::{self, LimitsConfig, Rate};
 use crate::authcode::api::{self, ActivateRequest, HeartbeatRequest, UsageRequest};
 use crate::authcode::apig_sign::AkSk;
 use crate::authcode::client::{Client, ClientError};
@@ -32,6 +33,7 @@ pub const WINDOW_SECS: i64 = relay_auth::WINDOW_MS / 1000;
 pub const ERR_BAD_REQUEST: &str = "KOOAGENT.RELAY.0400";
 pub const ERR_UNAUTHENTICATED: &str = "KOOAGENT.RELAY.0401";
 pub const ERR_FORBIDDEN: &str = "KOOAGENT.RELAY.0403";
+pub const ERR_LIMITED: &str = "KOOAGENT.RELAY.0429";
 pub const ERR_UNREACHABLE: &str = "KOOAGENT.RELAY.0502";
 
 /// Each host gets this long before the next is tried (the agent waits for the relay).
@@ -150,6 +152,8 @@ pub enum Gate {
     Forward,
     Replay,
     Forbidden(String),
+    /// Over a rate limit: the bucket's name.
+    Limited(String),
 }
 
 /// The nonces table is shared with the marketplace's: ours are prefixed.
@@ -157,9 +161,37 @@ fn nonce_key(nonce: &str) -> String {
     format!("relay:{nonce}")
 }
 
-/// Records the nonce and checks every code is bound to `device_key` (activate: or to
-/// nobody yet).
+/// The buckets a forwarded call draws from: per device key, per source address, global.
+pub fn buckets(device: &Device, address: &str, limits: &LimitsConfig) -> Vec<(String, Rate)> {
+    vec![
+        (format!("relay:key:{}", device.key), limits.relay_per_key),
+        (format!("relay:addr:{address}"), limits.relay_per_address),
+        ("relay:all".to_string(), limits.relay_global),
+    ]
+}
+
+/// Records the nonce, checks every code is bound to `device_key` (activate: or to
+/// nobody yet), then takes a token from each of `buckets` (a call that is refused anyway
+/// costs none).
 pub fn gate(
+    tx: &mut dyn Tx,
+    ep: Endpoint,
+    codes: &[String],
+    device: &Device,
+    buckets: &[(String, Rate)],
+    now_ms: i64,
+) -> Result<Gate, DbError> {
+    match bound(tx, ep, codes, device, now_ms.div_euclid(1000))? {
+        Gate::Forward => {}
+        other => return Ok(other),
+    }
+    Ok(match limits::take_all(tx, buckets, now_ms)? {
+        None => Gate::Forward,
+        Some(b) => Gate::Limited(b),
+    })
+}
+
+fn bound(
     tx: &mut dyn Tx,
     ep: Endpoint,
     codes: &[String],
@@ -437,7 +469,7 @@ mod tests {
             };
             let run = |ep, codes: &[&str], d: Device| {
                 let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
-                db.run_blocking(move |tx| gate(tx, ep, &codes, &d, 100))
+                db.run_blocking(move |tx| gate(tx, ep, &codes, &d, &[], 100_000))
                     .unwrap()
             };
             // Unbound: activation goes through, the rest is refused.

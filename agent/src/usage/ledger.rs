@@ -68,6 +68,10 @@ impl LedgerError {
 pub struct Recovery {
     /// Bytes of a torn or corrupt tail cut off the last segment on open.
     pub torn_bytes: u64,
+    /// Whole, checksummed entries found inside that tail, after the damaged one. A crash
+    /// tears only the last, unacknowledged group, which leaves none; any here may have been
+    /// acknowledged (a second writer, or damage) and are kept for inspection.
+    pub torn_entries: u64,
     /// Where those bytes were kept.
     pub torn_saved_as: Option<PathBuf>,
     /// Segments that could not be read at all and were moved aside.
@@ -128,6 +132,23 @@ fn read_frames(data: &[u8]) -> (Vec<&[u8]>, usize) {
         pos += FRAME_HEADER + len as usize;
     }
     (frames, pos)
+}
+
+/// Whole frames inside a cut tail: scans every offset after the damaged first frame for a
+/// length and CRC that check out, skipping over each one found.
+fn intact_frames_in(tail: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut pos = 1;
+    while pos + FRAME_HEADER <= tail.len() {
+        let (frames, valid) = read_frames(&tail[pos..]);
+        if frames.is_empty() {
+            pos += 1;
+        } else {
+            n += frames.len() as u64;
+            pos += valid;
+        }
+    }
+    n
 }
 
 /// Torn tails and unreadable segments kept for inspection, newest first; older ones are
@@ -204,13 +225,26 @@ impl Log {
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(valid as u64)?;
                 f.sync_all()?;
-                log::warn!(
-                    "usage ledger: cut a torn tail of {} bytes off {} (kept in {}); \
-                     it held nothing that had been acknowledged",
-                    tail.len(),
-                    path.display(),
-                    saved.display()
-                );
+                let intact = intact_frames_in(tail);
+                if intact == 0 {
+                    log::warn!(
+                        "usage ledger: cut a torn tail of {} bytes off {} (kept in {}): \
+                         a partial entry and no whole one, so nothing acknowledged",
+                        tail.len(),
+                        path.display(),
+                        saved.display()
+                    );
+                } else {
+                    log::error!(
+                        "usage ledger: cut {} bytes off {} (kept in {}) holding {intact} \
+                         whole entries after a damaged one; they may have been acknowledged \
+                         (a second writer or disk damage), inspect the kept file",
+                        tail.len(),
+                        path.display(),
+                        saved.display()
+                    );
+                }
+                recovery.torn_entries = intact;
                 recovery.torn_bytes = tail.len() as u64;
                 recovery.torn_saved_as = Some(saved);
             }
@@ -982,6 +1016,37 @@ mod tests {
         l.prune(0).unwrap();
         assert_eq!(l.info().recovery.torn_bytes, 0);
         assert_eq!(l.state().totals["cpu"].value, 16);
+    }
+
+    #[test]
+    fn a_cut_tail_counts_the_whole_entries_it_holds() {
+        // A crash tears the last group: a partial frame, nothing whole after it.
+        let mut torn = Vec::new();
+        frame(b"{\"a\":1}", &mut torn);
+        torn.truncate(torn.len() - 3);
+        assert_eq!(intact_frames_in(&torn), 0);
+        // A second writer overwrote the middle of a frame and appended its own: two whole
+        // entries sit behind the damaged one, and the cut must say so.
+        let mut tail = vec![0x40, 0, 0, 0, 9, 9, 9, 9, 1, 2, 3];
+        frame(b"{\"b\":2}", &mut tail);
+        frame(b"{\"c\":3}", &mut tail);
+        assert_eq!(intact_frames_in(&tail), 2);
+        let d = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::new((T0 + 100) * 1000));
+        let l = start(d.path(), clock.clone(), 1 << 20);
+        rt().block_on(l.record(vec![item("cpu", T0 + 5, 10)]))
+            .unwrap();
+        l.stop();
+        let seg = d.path().join(segment_name(1));
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&tail).unwrap();
+        drop(f);
+        let l = start(d.path(), clock, 1 << 20);
+        l.prune(0).unwrap();
+        let info = l.info();
+        assert_eq!(info.recovery.torn_bytes, tail.len() as u64);
+        assert_eq!(info.recovery.torn_entries, 2);
+        l.stop();
     }
 
     #[test]

@@ -10,7 +10,8 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow,
+    Backend, BucketRow, CodeRow, DbError, DeviceRow, EventRow, InstanceRow, InstanceStatus,
+    TokenRow, Tx, UploadRow,
 };
 
 pub struct Postgres {
@@ -365,6 +366,108 @@ impl Tx for Postgres {
             )?
             .map(|r| (r.get(0), r.get(1)))
             .unwrap_or((0, 0)))
+    }
+
+    fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices WHERE device_code = $1",
+                &[&code],
+            )?
+            .map(|r| device_row(&r)))
+    }
+
+    fn device_codes(&mut self, key: &str) -> Result<Vec<DeviceRow>, DbError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices \
+                 WHERE device_key = $1 ORDER BY last_seen DESC, device_code",
+                &[&key],
+            )
+            .map_err(err)?;
+        Ok(rows.iter().map(device_row).collect())
+    }
+
+    fn all_devices(&mut self) -> Result<Vec<DeviceRow>, DbError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices ORDER BY device_code",
+                &[],
+            )
+            .map_err(err)?;
+        Ok(rows.iter().map(device_row).collect())
+    }
+
+    fn put_device(&mut self, d: &DeviceRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO devices (device_code, device_key, first_seen, last_seen) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (device_code) DO UPDATE SET \
+             device_key = excluded.device_key, first_seen = excluded.first_seen, \
+             last_seen = excluded.last_seen",
+            &[&d.device_code, &d.device_key, &d.first_seen, &d.last_seen],
+        )
+        .map(drop)
+    }
+
+    fn release_device(&mut self, code: &str) -> Result<bool, DbError> {
+        Ok(self.exec("DELETE FROM devices WHERE device_code = $1", &[&code])? > 0)
+    }
+
+    fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError> {
+        // Device codes hold no LIKE wildcards or JSON escapes (checked before they are
+        // stored); the exact match is made on the parsed list.
+        let pattern = format!("%\"{code}\"%");
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE devices LIKE $1 ORDER BY instance_id"
+                ),
+                &[&pattern],
+            )
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(i) = instance_row(Some(r))? {
+                if i.devices.iter().any(|d| d == code) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError> {
+        Ok(self
+            .opt("SELECT level, at_ms FROM buckets WHERE name = $1", &[&name])?
+            .map(|r| BucketRow {
+                level: r.get(0),
+                at_ms: r.get(1),
+            }))
+    }
+
+    fn put_bucket(&mut self, name: &str, b: BucketRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO buckets (name, level, at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET level = excluded.level, at_ms = excluded.at_ms",
+            &[&name, &b.level, &b.at_ms],
+        )
+        .map(drop)
+    }
+
+    fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError> {
+        self.exec("DELETE FROM buckets WHERE at_ms < $1", &[&before_ms])
+    }
+}
+
+fn device_row(r: &Row) -> DeviceRow {
+    DeviceRow {
+        device_code: r.get(0),
+        device_key: r.get(1),
+        first_seen: r.get(2),
+        last_seen: r.get(3),
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Backend, CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow,
+    Backend, BucketRow, CodeRow, DbError, DeviceRow, EventRow, InstanceRow, InstanceStatus,
+    TokenRow, Tx, UploadRow,
 };
 
 pub struct Sqlite {
@@ -19,6 +20,7 @@ fn err(e: rusqlite::Error) -> DbError {
 
 impl Sqlite {
     pub fn open(path: &Path) -> Result<Sqlite, DbError> {
+        private_file(path).map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
         let conn = Connection::open(path)
             .map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -29,6 +31,37 @@ impl Sqlite {
         migrate(&conn).map_err(err)?;
         Ok(Sqlite { conn })
     }
+}
+
+/// Creates the database file mode 0600, or makes an existing one 0600: it holds every
+/// license and the device registry. SQLite gives its `-wal` and `-shm` files the main
+/// file's mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode() & 0o777;
+    if mode != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        log::warn!(
+            "{}: was mode {mode:04o}, now 0600 (it holds licenses and device keys)",
+            path.display()
+        );
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Brings a database made by an older version up to [`super::SCHEMA`] (columns added
@@ -386,6 +419,130 @@ impl Tx for Sqlite {
             )
             .map_err(err)
     }
+
+    fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices WHERE device_code = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![code], device_row).optional())
+            .map_err(err)
+    }
+
+    fn device_codes(&mut self, key: &str) -> Result<Vec<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices \
+                 WHERE device_key = ?1 ORDER BY last_seen DESC, device_code",
+            )
+            .and_then(|mut s| s.query_map(params![key], device_row)?.collect())
+            .map_err(err)
+    }
+
+    fn all_devices(&mut self) -> Result<Vec<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices ORDER BY device_code",
+            )
+            .and_then(|mut s| s.query_map([], device_row)?.collect())
+            .map_err(err)
+    }
+
+    fn put_device(&mut self, d: &DeviceRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO devices (device_code, device_key, first_seen, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (device_code) DO UPDATE SET \
+                 device_key = excluded.device_key, first_seen = excluded.first_seen, \
+                 last_seen = excluded.last_seen",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    d.device_code,
+                    d.device_key,
+                    d.first_seen,
+                    d.last_seen
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn release_device(&mut self, code: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("DELETE FROM devices WHERE device_code = ?1")
+            .and_then(|mut s| s.execute(params![code]))
+            .map(|n| n > 0)
+            .map_err(err)
+    }
+
+    fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError> {
+        // Device codes hold no LIKE wildcards or JSON escapes (checked before they are
+        // stored); the exact match is made on the parsed list.
+        let pattern = format!("%\"{code}\"%");
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE devices LIKE ?1 ORDER BY instance_id"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![pattern], instance_row)?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(i) = finish_instance(Some(r))? {
+                if i.devices.iter().any(|d| d == code) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError> {
+        self.conn
+            .prepare_cached("SELECT level, at_ms FROM buckets WHERE name = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![name], |r| {
+                    Ok(BucketRow {
+                        level: r.get(0)?,
+                        at_ms: r.get(1)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_bucket(&mut self, name: &str, b: BucketRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO buckets (name, level, at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET level = excluded.level, at_ms = excluded.at_ms",
+            )
+            .and_then(|mut s| s.execute(params![name, b.level, b.at_ms]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError> {
+        self.conn
+            .prepare_cached("DELETE FROM buckets WHERE at_ms < ?1")
+            .and_then(|mut s| s.execute(params![before_ms]))
+            .map(|n| n as u64)
+            .map_err(err)
+    }
+}
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        device_code: r.get(0)?,
+        device_key: r.get(1)?,
+        first_seen: r.get(2)?,
+        last_seen: r.get(3)?,
+    })
 }
 
 const UPLOAD_COLS: &str =

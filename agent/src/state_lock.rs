@@ -1,0 +1,163 @@
+//! One agent per state directory. Two agents appending to one ledger segment, each at its
+//! own idea of the segment's length, overwrite each other's acknowledged records; the
+//! socket cannot guard against that (two configs can name one state directory and two
+//! sockets). So whatever writes the state directory takes an exclusive `flock` on
+//! `<state_dir>/agent.lock` first: the daemon for its whole life, `image-prep` while it
+//! works. The holder writes its pid into the file so a refused second agent can name it.
+//!
+//! flock rather than fcntl locks: an fcntl lock is dropped when *any* descriptor of the
+//! file is closed by the process, and it is not inherited across the `--daemon` fork.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The lock file's name inside the state directory.
+pub const LOCK_FILE: &str = "agent.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "state directory {dir} is in use by another agent (pid {pid}); stop it first, \
+         or give this one its own agent.state_dir"
+    )]
+    Held { dir: PathBuf, pid: String },
+    #[error("locking state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The held lock; released when dropped (or when the process dies, however it dies).
+#[derive(Debug)]
+pub struct StateLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock on `state_dir` without waiting, and records this process's pid in it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
+        let lock = StateLock::open(state_dir, true)?;
+        lock.record_pid().map_err(|source| LockError::Io {
+            path: lock.path.clone(),
+            source,
+        })?;
+        Ok(lock)
+    }
+
+    /// Fails with [`LockError::Held`] when an agent holds the lock; creates nothing (for
+    /// dry runs and read-only checks). The lock is released again on return.
+    pub fn check(state_dir: &Path) -> Result<(), LockError> {
+        match StateLock::open(state_dir, false) {
+            Err(LockError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    fn open(state_dir: &Path, create: bool) -> Result<StateLock, LockError> {
+        let path = state_dir.join(LOCK_FILE);
+        let io_err = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(create)
+            .create(create)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err)?;
+        loop {
+            // SAFETY: flock(2) on a descriptor owned by `file`.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(LockError::Held {
+                        dir: state_dir.to_path_buf(),
+                        pid: holder_pid(&file),
+                    })
+                }
+                _ => return Err(io_err(e)),
+            }
+        }
+        Ok(StateLock { file, path })
+    }
+
+    /// Writes this process's pid into the lock file (again after the `--daemon` fork: the
+    /// detached child inherits the lock, and its pid is the one to name).
+    pub fn record_pid(&self) -> io::Result<()> {
+        let mut f = &self.file;
+        f.set_len(0)?;
+        f.seek(io::SeekFrom::Start(0))?;
+        f.write_all(format!("{}\n", std::process::id()).as_bytes())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The pid the holder wrote. It writes right after locking, so an empty file is read again
+/// briefly before giving up.
+fn holder_pid(file: &File) -> String {
+    for _ in 0..20 {
+        let mut text = String::new();
+        let mut f = file;
+        if f.seek(io::SeekFrom::Start(0)).is_ok() && f.read_to_string(&mut text).is_ok() {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                return pid.to_string();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    "unknown".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = StateLock::acquire(dir.path()).unwrap();
+        let text = std::fs::read_to_string(held.path()).unwrap();
+        assert_eq!(text.trim(), std::process::id().to_string());
+        // A second open file description conflicts with the first, even in one process.
+        assert!(StateLock::check(dir.path()).is_err());
+        let err = StateLock::acquire(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        drop(held);
+        StateLock::check(dir.path()).unwrap();
+        StateLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(LOCK_FILE)).unwrap();
+        assert!(matches!(
+            StateLock::acquire(dir.path()),
+            Err(LockError::Io { .. })
+        ));
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+}

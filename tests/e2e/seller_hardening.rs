@@ -1,0 +1,198 @@
+//! The seller server attacked as the internet would (issue 21), on loopback: license
+//! fetches without the device's signature, by another device's key, guessing ids; the
+//! database file's mode. Each test counts or times what it sends, bounded.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+
+use crate::harness::{run_ok, BIN};
+use crate::seller_server::{
+    device_headers, digits14, market_time, now_ms, random_nonce, storages, SellerServer,
+};
+
+fn new_key() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).unwrap();
+    SigningKey::from_bytes(&seed)
+}
+
+/// A valid device code (the check symbol found by trying each).
+pub fn device_code(prefix: &str) -> String {
+    "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        .chars()
+        .map(|c| format!("{prefix}{c}"))
+        .find(|c| kooagent::device_code::parse_code(c).is_ok())
+        .unwrap()
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    v["error_code"].as_str().unwrap_or_default().to_string()
+}
+
+/// Orders a license for `code` on instance `instance`; returns its text.
+pub fn order(server: &SellerServer, instance: &str, code: &str) -> String {
+    let now = now_ms() / 1000;
+    let (_, v) = server.market(&json!({
+        "activity": "getLicense", "instanceId": instance, "eventId": format!("ev-{instance}"),
+        "effectiveTime": market_time(now - 60), "expireTime": digits14(now + 30 * 86_400),
+        "deviceFingerprint": code, "testFlag": "1"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}; log:\n{}", server.log());
+    v["license"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn licenses_go_only_to_the_device_key_bound_to_their_device_code() {
+    for storage in storages() {
+        fetch_attacks(&storage);
+    }
+}
+
+fn fetch_attacks(storage: &str) {
+    let server = SellerServer::start(&format!(
+        "{storage}[seller_server.limits]\nmiss_per_key = {{ burst = 3, per_minute = 1 }}\n\
+         miss_per_address = {{ burst = 5, per_minute = 1 }}\n"
+    ));
+    let code = device_code("HARD-0000-0000-0000-000");
+    let license = order(&server, "HARD-1", &code);
+    let target = format!("/v1/licenses/kg-HARD-1?device_code={code}");
+
+    // Without a signature: nothing, whatever the id.
+    let (status, _, body) = server.request("GET", &target, b"");
+    assert_eq!(
+        (status, error_code(&body)),
+        (401, "KOOAGENT.DEVICE.0401".into())
+    );
+    let (status, _, _) = server.request("GET", "/v1/licenses/kg-HARD-1/status", b"");
+    assert_eq!(status, 401);
+
+    // The first key to fetch it, signed, for its device code: served, and bound.
+    let (a, b) = (new_key(), new_key());
+    let (status, _, body) = server.device_get(&a, &target);
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body)),
+        (200, license.as_str().into())
+    );
+    // A replay of that very request is refused.
+    let h = device_headers(&a, "GET", &target, b"", now_ms(), &random_nonce());
+    assert_eq!(server.request_with("GET", &target, &h, b"").0, 200);
+    assert_eq!(server.request_with("GET", &target, &h, b"").0, 401);
+    // The signature covers the query: another device code under A's signature fails.
+    let other = target.replace(&code, &device_code("HARD-0000-0000-0000-111"));
+    assert_eq!(server.request_with("GET", &other, &h, b"").0, 401);
+
+    // Another key for the same code: 403 with a clear code, then over the limit: 429.
+    let (status, _, body) = server.device_get(&b, &target);
+    assert_eq!(
+        (status, error_code(&body)),
+        (403, "KOOAGENT.DEVICE.0403".into())
+    );
+    assert!(String::from_utf8_lossy(&body).contains("release"));
+    // Guessing ids: 404 while the key's miss budget lasts (3), then 429.
+    let mut answers = vec![];
+    for i in 0..4 {
+        answers.push(
+            server
+                .device_get(&b, &format!("/v1/licenses/kg-HARD-{}", i + 2))
+                .0,
+        );
+    }
+    assert_eq!(answers, [404, 404, 429, 429]);
+    // Fresh keys from the same address: the address's budget (5, two left) runs out too.
+    let answers: Vec<u16> = (0..4)
+        .map(|i| {
+            server
+                .device_get(&new_key(), &format!("/v1/licenses/kg-X-{i}"))
+                .0
+        })
+        .collect();
+    assert_eq!(answers, [404, 404, 429, 429]);
+    // The bound device is still served: hits cost nothing.
+    assert_eq!(server.device_get(&a, &target).0, 200);
+
+    // The seller releases the code: B binds it.
+    let cfg = server.dir.path().join("seller.toml");
+    let out = run_ok(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["seller", "device", "list"]),
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains(&code), "{listed}");
+    run_ok(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["seller", "device", "release", &code]),
+    );
+    assert_eq!(server.device_get(&b, &target).0, 200);
+    assert_eq!(
+        server.device_get(&a, &target).0,
+        429,
+        "A is now a stranger, out of budget"
+    );
+}
+
+#[test]
+fn the_database_file_is_private() {
+    let server = SellerServer::start("");
+    let db = server.dir.path().join("state/seller.db");
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", db.display());
+}
+
+/// Item 3: one device's burst of heartbeats, and a crowd of keys from one address, reach
+/// the marketplace only as far as the buckets allow; the rest is answered 429 at once.
+#[test]
+fn relay_calls_are_rate_limited_per_key_and_per_address() {
+    use crate::authcode::Market;
+    use crate::relay::{call, code_of, Device};
+    let market = Market::start();
+    market.add("RATE-1", true);
+    let dir = crate::harness::short_tempdir();
+    let server = crate::relay::start_with(
+        &market,
+        "",
+        "[seller_server.limits]\nrelay_per_key = { burst = 4, per_minute = 1 }\n\
+         relay_per_address = { burst = 10, per_minute = 1 }\n",
+        dir.path(),
+    );
+    let a = Device::new();
+    let (status, text) = call(&server, &a, "activate", &json!({"license": "RATE-1"}));
+    assert_eq!(status, 200, "{text}");
+    let answers: Vec<u16> = (0..6)
+        .map(|_| call(&server, &a, "heartbeat", &json!({"license": "RATE-1"})).0)
+        .collect();
+    assert_eq!(answers, [200, 200, 200, 429, 429, 429]);
+    let (_, text) = call(&server, &a, "heartbeat", &json!({"license": "RATE-1"}));
+    assert_eq!(code_of(&text), "KOOAGENT.RELAY.0429");
+    assert_eq!(
+        market.seen().len(),
+        4,
+        "only the budget reached the marketplace"
+    );
+    // Fresh keys from the same address: 6 of the address's 10 are left.
+    let answers: Vec<u16> = (0..8)
+        .map(|_| {
+            call(
+                &server,
+                &Device::new(),
+                "activate",
+                &json!({"license": "NOPE"}),
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|s| **s == 429).count(),
+        2,
+        "{answers:?}"
+    );
+    assert_eq!(market.seen().len(), 10);
+}
