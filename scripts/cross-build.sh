@@ -30,6 +30,9 @@ set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 TARGETS=${TARGETS:-"x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf riscv64gc-unknown-linux-gnu"}
 PROFILE=${PROFILE:-release}
+# cargo puts the dev profile's output in debug/.
+profile_dir=$PROFILE
+[ "$PROFILE" != dev ] || profile_dir=debug
 OUT="$here/target/cross"
 MAX_SIZE=$((6 * 1024 * 1024))
 export DEBIAN_FRONTEND=noninteractive
@@ -180,7 +183,7 @@ readelf_for() { if command -v "$1-readelf" >/dev/null 2>&1; then echo "$1-readel
 summary="  target                          linkage     kooagent (stripped)  kooagent-install  build"
 for triple in $TARGETS; do
     gp=$(gnu_prefix "$triple")
-    dir="$OUT/$triple/$PROFILE"
+    dir="$OUT/$triple/$profile_dir"
     log "building $triple ($PROFILE)"
     start=$(date +%s)
     build "$triple"

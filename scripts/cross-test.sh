@@ -18,7 +18,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 triple=${1:?usage: cross-test.sh TRIPLE [BIN]}
-bin=${2:-$here/target/cross/$triple/release/kooagent}
+bin=${2:-$here/target/cross/$triple/${PROFILE:-release}/kooagent}
 [ -x "$bin" ] || { echo "cross-test: $bin missing (run scripts/cross-build.sh first)" >&2; exit 1; }
 if [ -z "${HOST_BIN:-}" ]; then
     HOST_BIN=$here/target/release/kooagent

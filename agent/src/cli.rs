@@ -309,10 +309,32 @@ enum SellerCommand {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// The relay's enrollment tokens (--config as for serve): a device key the server
+    /// does not know yet may use the relay only with one, up to its quota
+    Enroll {
+        #[command(subcommand)]
+        command: EnrollCommand,
+    },
     /// Make one signed call to a seller server as the marketplace does; prints the
     /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
     /// resultCode is 000000)
     Call(CallArgs),
+}
+
+#[derive(Subcommand)]
+enum EnrollCommand {
+    /// Make a token (printed once; only its hash is stored) for up to --quota devices
+    Create {
+        /// A name for the token (e.g. the image it is baked into)
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        quota: u32,
+    },
+    /// Print every token: label, used/quota, created, revoked
+    List,
+    /// Revoke the tokens with this label: no more devices enroll with them
+    Revoke { label: String },
 }
 
 #[derive(Subcommand)]
@@ -1257,6 +1279,74 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Enroll { .. } => {
+            anyhow::bail!(
+                "this kooagent was built without the seller server; build it with \
+                 `cargo build --release -p kooagent --features seller-server`"
+            )
+        }
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Enroll { command } => {
+            let path = g.config.as_deref().context(
+                "seller enroll: give the server's configuration file with --config FILE",
+            )?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let db = cfg.open_db()?;
+            let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000;
+            match command {
+                EnrollCommand::Create { label, quota } => {
+                    anyhow::ensure!(quota > 0, "--quota must be at least 1");
+                    let mut raw = [0u8; 24];
+                    getrandom::getrandom(&mut raw)
+                        .map_err(|e| anyhow::anyhow!("the kernel's random source: {e}"))?;
+                    let token = format!("ket1-{}", crate::authcode::relay_auth::hex(&raw));
+                    let row = crate::seller_server::db::EnrollmentRow {
+                        token_sha256: crate::seller_server::relay::enrollment_hash(&token),
+                        label: label.clone(),
+                        quota: quota as i64,
+                        used: 0,
+                        created_at: now,
+                        revoked: false,
+                    };
+                    db.run_blocking(move |tx| tx.put_enrollment(&row))?;
+                    println!("{token}");
+                    eprintln!(
+                        "enrollment token {label:?} for up to {quota} devices: put it in the \
+                         image's authcode.enrollment_token_file (it is not shown again)"
+                    );
+                }
+                EnrollCommand::List => {
+                    for e in db.run_blocking(|tx| tx.all_enrollments())? {
+                        println!(
+                            "{}\t{}/{}\t{}\t{}",
+                            e.label,
+                            e.used,
+                            e.quota,
+                            crate::clock::format_rfc3339(e.created_at),
+                            if e.revoked { "revoked" } else { "active" }
+                        );
+                    }
+                }
+                EnrollCommand::Revoke { label } => {
+                    let l = label.clone();
+                    let n = db.run_blocking(move |tx| {
+                        let mut n = 0;
+                        for mut e in tx.all_enrollments()? {
+                            if e.label == l && !e.revoked {
+                                e.revoked = true;
+                                tx.put_enrollment(&e)?;
+                                n += 1;
+                            }
+                        }
+                        Ok(n)
+                    })?;
+                    anyhow::ensure!(n > 0, "no active enrollment token labelled {label:?}");
+                    println!("revoked {n} token(s) labelled {label:?}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
         SellerCommand::Device { .. } => {
             anyhow::bail!(
                 "this kooagent was built without the seller server; build it with \
@@ -1516,7 +1606,8 @@ fn seller_call(a: &CallArgs) -> Result<ExitCode> {
         let Some(v) = body[field.as_str()].as_str() else {
             anyhow::bail!("--save {field}={file}: the answer has no string field {field:?}");
         };
-        std::fs::write(file, format!("{v}\n")).with_context(|| format!("writing {file}"))?;
+        std::fs::write(file, format!("{}\n", v.trim_end()))
+            .with_context(|| format!("writing {file}"))?;
         println!("saved {field} to {file}");
     }
     let code = answer.result_code();

@@ -95,7 +95,8 @@ impl Default for AgentSection {
 pub struct SocketSection {
     pub path: PathBuf,
     /// Group given access to the socket (mode 0660). Missing group: an error only when the
-    /// group was configured explicitly.
+    /// group was configured explicitly. Empty: the socket keeps the agent's own group (for
+    /// trying the agent on a host without a `kooagent` group).
     pub group: String,
     /// Octal file mode of the socket, as a string ("0660").
     pub mode: String,
@@ -292,8 +293,7 @@ impl Config {
         }
         self.socket_mode()?;
         let g = &self.socket.group;
-        if g.is_empty()
-            || g.len() > 32
+        if g.len() > 32
             || !g
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))

@@ -41,7 +41,16 @@ pub fn run(opts: RunOptions) -> Result<()> {
     if let Err(e) = cfg.license.trusted_keys() {
         anyhow::bail!("config: {}: {}", e.key, e.message);
     }
-    raise_fd_limit();
+    let nofile = raise_fd_limit();
+    let max_connections = socket::connection_cap(cfg.socket.max_connections, nofile);
+    if max_connections < cfg.socket.max_connections {
+        log::warn!(
+            "socket.max_connections {} does not fit RLIMIT_NOFILE {nofile} (with {} descriptors \
+             kept for files); serving at most {max_connections} connections, the rest get `busy`",
+            cfg.socket.max_connections,
+            socket::FD_RESERVE
+        );
+    }
     store::ensure_dir(&cfg.agent.state_dir, 0o700).context("preparing the state directory")?;
     // Before the socket: the lock, not the socket, keeps a second agent off this state.
     let state_lock = StateLock::acquire(&cfg.agent.state_dir)?;
@@ -116,7 +125,13 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(serve_until_signal(loaded, opts, &bound, ready_pipe));
+    let result = rt.block_on(serve_until_signal(
+        loaded,
+        opts,
+        &bound,
+        ready_pipe,
+        max_connections,
+    ));
     bound.remove();
     // Released only once everything queued for the ledger is written.
     drop(state_lock);
@@ -128,6 +143,7 @@ async fn serve_until_signal(
     opts: RunOptions,
     bound: &socket::Bound,
     ready_pipe: Option<std::os::unix::net::UnixStream>,
+    max_connections: usize,
 ) -> Result<()> {
     // Handlers first (the signals were held pending since before the bind), then let
     // them through.
@@ -172,7 +188,7 @@ async fn serve_until_signal(
         listener,
         agent.clone(),
         dispatcher,
-        cfg.socket.max_connections,
+        max_connections,
         shutdown_rx,
     ));
     log::info!(
@@ -243,17 +259,31 @@ fn set_signal_mask(how: libc::c_int) {
     }
 }
 
-/// Thousands of idle clients need thousands of descriptors: lift the soft limit to the hard one.
-fn raise_fd_limit() {
+/// Thousands of idle clients need thousands of descriptors: lift the soft limit to the
+/// hard one (under the systemd unit, `LimitNOFILE=` has done it and setrlimit is filtered).
+/// Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain getrlimit/setrlimit on a valid struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return u64::MAX;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
         }
     }
+    // rlim_t is 32 bits on some cross targets.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    soft
 }

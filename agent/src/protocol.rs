@@ -6,6 +6,7 @@
 //!        or `{"v":1,"id":7,"ok":false,"error":{"code":"unknown_op","message":"..."}}`
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 pub const VERSION: u64 = 1;
@@ -65,25 +66,73 @@ impl std::fmt::Display for OpError {
     }
 }
 
+/// A request's `id`, kept as the exact JSON text the client sent, so it is echoed byte for
+/// byte: read into a `Value`, `123456789012345678901234567890` would come back as
+/// `1.2345678901234568e+29` and the client could not match its answer.
+#[derive(Debug, Clone)]
+pub struct Id(Box<RawValue>);
+
+impl Id {
+    /// The id of an answer to a line whose id could not be read.
+    pub fn null() -> Id {
+        Id::from_value(&Value::Null)
+    }
+
+    pub fn from_value(v: &Value) -> Id {
+        Id(RawValue::from_string(v.to_string()).expect("a Value is valid JSON"))
+    }
+
+    /// A string or a number: the only ids a request may carry.
+    fn is_valid(&self) -> bool {
+        matches!(
+            self.0.get().as_bytes().first(),
+            Some(b'"' | b'-' | b'0'..=b'9')
+        )
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl PartialEq for Id {
+    fn eq(&self, other: &Id) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl PartialEq<Value> for Id {
+    fn eq(&self, other: &Value) -> bool {
+        serde_json::from_str::<Value>(self.get()).is_ok_and(|v| v == *other)
+    }
+}
+
 /// A well-formed request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
-    pub id: Value,
+    pub id: Id,
     pub op: String,
     pub params: Value,
 }
 
 /// Parses one request line. On failure the error carries the request's `id` when it could
 /// be read, so the client can still match the answer.
-pub fn parse_request(line: &[u8]) -> Result<Request, (Value, OpError)> {
+pub fn parse_request(line: &[u8]) -> Result<Request, (Id, OpError)> {
     match serde_json::from_slice::<Fields>(line) {
         Ok(Fields {
             v: Some(Value::Number(v)),
-            id: Some(id @ (Value::String(_) | Value::Number(_))),
+            id: Some(id),
             op: Some(Value::String(op)),
             params,
             unknown: false,
         }) if v.as_u64() == Some(VERSION)
+            && id.is_valid()
             && matches!(params, None | Some(Value::Null | Value::Object(_))) =>
         {
             let params = match params {
@@ -103,7 +152,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Value, OpError)> {
 #[derive(Default)]
 struct Fields {
     v: Option<Value>,
-    id: Option<Value>,
+    id: Option<Id>,
     op: Option<Value>,
     params: Option<Value>,
     unknown: bool,
@@ -129,7 +178,10 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
         while let Some(key) = m.next_key::<Key>()? {
             let slot = match key {
                 Key::V => &mut f.v,
-                Key::Id => &mut f.id,
+                Key::Id => {
+                    f.id = Some(Id(m.next_value()?));
+                    continue;
+                }
                 Key::Op => &mut f.op,
                 Key::Params => &mut f.params,
                 Key::Other => {
@@ -177,23 +229,28 @@ impl<'de> serde::Deserialize<'de> for Key {
 
 /// Every request the fast path does not take: builds the whole object to name exactly
 /// what is wrong with it.
-fn parse_request_slow(line: &[u8]) -> Result<Request, (Value, OpError)> {
+fn parse_request_slow(line: &[u8]) -> Result<Request, (Id, OpError)> {
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         let msg = match std::str::from_utf8(line) {
             Err(_) => "request is not valid UTF-8".to_string(),
             Ok(_) => format!("request is not valid JSON: {e}"),
         };
-        (Value::Null, OpError::new(codes::PARSE_ERROR, msg))
+        (Id::null(), OpError::new(codes::PARSE_ERROR, msg))
     })?;
     let Value::Object(mut obj) = value else {
         return Err((
-            Value::Null,
+            Id::null(),
             OpError::new(codes::INVALID_REQUEST, "request must be a JSON object"),
         ));
     };
-    let id = obj.remove("id").unwrap_or(Value::Null);
+    let id_value = obj.remove("id").unwrap_or(Value::Null);
+    // The id as sent (the line is a JSON object, so this reads it again exactly).
+    let id = serde_json::from_slice::<Fields>(line)
+        .ok()
+        .and_then(|f| f.id)
+        .unwrap_or_else(|| Id::from_value(&id_value));
     let fail = |code, msg: String| Err((id.clone(), OpError::new(code, msg)));
-    if !matches!(id, Value::String(_) | Value::Number(_)) {
+    if !matches!(id_value, Value::String(_) | Value::Number(_)) {
         return fail(
             codes::INVALID_REQUEST,
             "request needs an \"id\" (a string or a number) to echo back".into(),
@@ -245,7 +302,7 @@ fn parse_request_slow(line: &[u8]) -> Result<Request, (Value, OpError)> {
 }
 
 /// Appends a success line.
-pub fn write_ok(out: &mut Vec<u8>, id: &Value, result: &Value) {
+pub fn write_ok(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), result: &Value) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
     serde_json::to_writer(&mut *out, id).expect("ids serialise");
     out.extend_from_slice(b",\"ok\":true,\"result\":");
@@ -254,7 +311,7 @@ pub fn write_ok(out: &mut Vec<u8>, id: &Value, result: &Value) {
 }
 
 /// Appends a success line whose result is already JSON text (see [`crate::ops::Reply::Json`]).
-pub fn write_ok_json(out: &mut Vec<u8>, id: &Value, result: &str) {
+pub fn write_ok_json(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), result: &str) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
     serde_json::to_writer(&mut *out, id).expect("ids serialise");
     out.extend_from_slice(b",\"ok\":true,\"result\":");
@@ -263,7 +320,7 @@ pub fn write_ok_json(out: &mut Vec<u8>, id: &Value, result: &str) {
 }
 
 /// Appends a streamed event line (for `watch`-style operations).
-pub fn write_event(out: &mut Vec<u8>, id: &Value, event: &Value) {
+pub fn write_event(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), event: &Value) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
     serde_json::to_writer(&mut *out, id).expect("ids serialise");
     out.extend_from_slice(b",\"ok\":true,\"event\":");
@@ -272,7 +329,7 @@ pub fn write_event(out: &mut Vec<u8>, id: &Value, event: &Value) {
 }
 
 /// Appends an error line.
-pub fn write_err(out: &mut Vec<u8>, id: &Value, err: &OpError) {
+pub fn write_err(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), err: &OpError) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
     serde_json::to_writer(&mut *out, id).expect("ids serialise");
     out.extend_from_slice(b",\"ok\":false,\"error\":");
@@ -301,9 +358,9 @@ mod tests {
     #[test]
     fn bad_requests_keep_the_id_when_they_can() {
         let (id, e) = parse_request(br#"{"v":2,"id":5,"op":"ping"}"#).unwrap_err();
-        assert_eq!((id, e.code), (json!(5), codes::UNSUPPORTED_VERSION));
+        assert_eq!((id.get(), e.code), ("5", codes::UNSUPPORTED_VERSION));
         let (id, e) = parse_request(br#"{"v":1,"id":5}"#).unwrap_err();
-        assert_eq!((id, e.code), (json!(5), codes::INVALID_REQUEST));
+        assert_eq!((id.get(), e.code), ("5", codes::INVALID_REQUEST));
         let (_, e) = parse_request(br#"{"v":1,"op":"ping"}"#).unwrap_err();
         assert_eq!(e.code, codes::INVALID_REQUEST);
         let (_, e) = parse_request(b"{nope").unwrap_err();
@@ -342,6 +399,30 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(c)
             );
+        }
+    }
+
+    #[test]
+    fn ids_are_echoed_exactly_as_sent() {
+        for id in [
+            "123456789012345678901234567890",
+            "-98765432109876543210",
+            "1.50",
+            "1e2",
+            "\"caf\\u00e9\"",
+        ] {
+            let line = format!(r#"{{"v":1,"id":{id},"op":"ping"}}"#);
+            let r = parse_request(line.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            write_ok(&mut out, &r.id, &json!(true));
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.starts_with(&format!("{{\"v\":1,\"id\":{id},")),
+                "{text}"
+            );
+            // Refused requests echo it exactly too.
+            let bad = format!(r#"{{"v":2,"id":{id},"op":"ping"}}"#);
+            assert_eq!(parse_request(bad.as_bytes()).unwrap_err().0.get(), id);
         }
     }
 

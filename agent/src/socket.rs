@@ -98,7 +98,9 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
         let _ = std::fs::remove_file(path);
         e
     };
-    if let Some(gid) = lookup_group(group).map_err(|m| {
+    if group.is_empty() {
+        // `socket.group = ""`: no group change (a developer's host has no kooagent group).
+    } else if let Some(gid) = lookup_group(group).map_err(|m| {
         cleanup(BindError::Group {
             group: group.into(),
             message: m,
@@ -116,7 +118,10 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
     } else if group_required {
         return Err(cleanup(BindError::Group {
             group: group.into(),
-            message: "no such group".into(),
+            message: format!(
+                "no such group (create it: groupadd {group}; or set socket.group = \"\" to \
+                 keep the agent's own group, e.g. when trying the agent on a workstation)"
+            ),
         }));
     } else {
         log::debug!("socket group {group} does not exist; keeping the process's group");
@@ -218,6 +223,52 @@ fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
     std::os::unix::fs::lchown(path, None, Some(gid))
 }
 
+/// Descriptors kept out of the connection budget: the ledger, state files, the log, inotify
+/// and timer descriptors, upstream HTTPS connections, the runtime's own.
+pub const FD_RESERVE: usize = 64;
+
+/// How many connections fit under the descriptor limit `nofile`, at most `configured`.
+pub fn connection_cap(configured: usize, nofile: u64) -> usize {
+    let fit = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE);
+    configured.min(fit).max(1)
+}
+
+/// One descriptor held back so that a connection can still be accepted, told `busy` and
+/// closed when the process is out of descriptors: otherwise it would wait in the backlog
+/// (its client hanging in `connect`) and the listener would stay readable, spinning.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn new() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare descriptor, refuses one waiting connection with `busy`, takes the
+    /// descriptor back. Whether a connection was refused.
+    fn refuse_one(&mut self, listener: &UnixListener) -> bool {
+        self.0 = None;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let refused = match listener.poll_accept(&mut cx) {
+            std::task::Poll::Ready(Ok((stream, _))) => {
+                let _ = stream.try_write(&busy_line());
+                true
+            }
+            _ => false,
+        };
+        self.0 = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+}
+
+fn busy_line() -> Vec<u8> {
+    let mut out = Vec::new();
+    let err = OpError::new(codes::BUSY, "too many connections; retry later");
+    protocol::write_err(&mut out, &serde_json::Value::Null, &err);
+    out
+}
+
 /// Serves connections until `shutdown` turns true, then waits (bounded) for in-flight
 /// requests to finish.
 pub async fn serve(
@@ -228,6 +279,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    let mut spare = Spare::new();
+    // Out-of-descriptor refusals since the last warning: one line a minute, not one per client.
+    let mut refused_for_fds = 0u64;
+    let mut last_warning: Option<std::time::Instant> = None;
     // Each connection holds a clone; when all are gone, `recv` returns None.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     loop {
@@ -237,8 +292,24 @@ pub async fn serve(
         };
         let stream = match accepted {
             Ok((s, _)) => s,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                if spare.refuse_one(&listener) {
+                    refused_for_fds += 1;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    log::warn!(
+                        "out of file descriptors ({e}): {refused_for_fds} connection(s) \
+                         answered `busy`; raise LimitNOFILE or lower socket.max_connections"
+                    );
+                    refused_for_fds = 0;
+                    last_warning = Some(std::time::Instant::now());
+                }
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
+                // Other transient failures: back off briefly instead of spinning.
                 log::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -265,10 +336,7 @@ pub async fn serve(
 }
 
 async fn refuse_busy(mut stream: UnixStream) {
-    let mut out = Vec::new();
-    let err = OpError::new(codes::BUSY, "too many connections; retry later");
-    protocol::write_err(&mut out, &serde_json::Value::Null, &err);
-    let _ = stream.write_all(&out).await;
+    let _ = stream.write_all(&busy_line()).await;
 }
 
 enum Line {
@@ -414,7 +482,7 @@ async fn connection(
 async fn stream_events(
     mut wr: tokio::net::unix::OwnedWriteHalf,
     mut rd: BufReader<OwnedReadHalf>,
-    id: &serde_json::Value,
+    id: &protocol::Id,
     mut events: mpsc::Receiver<serde_json::Value>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
@@ -438,5 +506,18 @@ async fn stream_events(
             }
             _ = shutdown.changed() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_under_the_descriptor_limit() {
+        assert_eq!(connection_cap(16_384, 1024), 1024 - FD_RESERVE);
+        assert_eq!(connection_cap(16_384, 1 << 20), 16_384);
+        assert_eq!(connection_cap(100, u64::MAX), 100);
+        assert_eq!(connection_cap(100, 10), 1);
     }
 }

@@ -29,8 +29,10 @@ pub const PROTOCOL_VERSION: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is `kooagent run` running?)")]
-    Connect { path: String, source: io::Error },
+    // `cause`, not `source`: the message already holds the OS error, and an error chain
+    // printer (anyhow's `{:#}`) would print it a second time.
+    #[error("cannot reach the agent at {path}: {cause} (is `kooagent run` running?)")]
+    Connect { path: String, cause: io::Error },
     #[error("talking to the agent: {0}")]
     Io(#[from] io::Error),
     #[error("the agent did not answer within {0:?}")]
@@ -140,9 +142,9 @@ impl Client {
     }
 
     fn open(&self) -> Result<Conn, ClientError> {
-        let s = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+        let s = UnixStream::connect(&self.path).map_err(|cause| ClientError::Connect {
             path: self.path.display().to_string(),
-            source,
+            cause,
         })?;
         s.set_read_timeout(Some(self.timeout))?;
         s.set_write_timeout(Some(self.timeout))?;
@@ -381,10 +383,10 @@ impl Watch {
         let mut stream = loop {
             match UnixStream::connect(&self.path) {
                 Ok(s) => break s,
-                Err(source) if Instant::now() + wait > deadline => {
+                Err(cause) if Instant::now() + wait > deadline => {
                     return Err(ClientError::Connect {
                         path: self.path.display().to_string(),
-                        source,
+                        cause,
                     })
                 }
                 Err(_) => {

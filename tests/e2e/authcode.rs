@@ -59,6 +59,8 @@ pub(crate) struct State {
     /// code → distinct ids, and the reported active_num totals.
     pub(crate) ids: HashMap<String, HashSet<String>>,
     pub(crate) active: HashMap<String, u64>,
+    /// Answer every request this much later (a slow marketplace).
+    pub(crate) delay: Duration,
 }
 
 pub(crate) struct Market {
@@ -193,6 +195,8 @@ fn serve(
         if down {
             return;
         }
+        let delay = st.lock().unwrap().delay;
+        std::thread::sleep(delay);
         let (status, body, lose) = {
             let mut s = st.lock().unwrap();
             let (status, body) = handle(&req, &mut s);

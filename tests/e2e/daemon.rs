@@ -272,7 +272,23 @@ fn explicit_missing_socket_group_is_an_error() {
         "{err}"
     );
     assert!(!a.socket.exists());
+    assert!(
+        err.contains("socket.group = \"\""),
+        "the way out is named: {err}"
+    );
     a.child = None;
+}
+
+/// Issue 20 item 5: on a host without a `kooagent` group, `group = ""` keeps the agent's
+/// own group instead of failing.
+#[test]
+fn empty_socket_group_keeps_the_agents_group() {
+    let a = TestAgent::start("[socket]\ngroup = \"\"\n");
+    let meta = std::fs::metadata(&a.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), unsafe {
+        libc::getegid()
+    });
+    assert!(a.call("ping", serde_json::json!({})).is_ok());
 }
 
 fn mode(p: &std::path::Path) -> u32 {

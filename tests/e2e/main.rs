@@ -8,6 +8,8 @@ mod daemon;
 mod device;
 mod docs;
 mod freeze;
+#[cfg(feature = "seller-server")]
+mod guide;
 mod image_prep;
 mod license;
 mod online;

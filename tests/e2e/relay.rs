@@ -72,12 +72,9 @@ fn send(
     (status, String::from_utf8(raw).unwrap())
 }
 
-/// A fresh, correctly signed call: (HTTP status, body).
+/// A fresh, correctly signed call from an enrolled device.
 pub fn call(server: &SellerServer, dev: &Device, ep: &str, body: &Value) -> (u16, String) {
-    let path = format!("/v1/authcode/{ep}");
-    let body = body.to_string();
-    let h = dev.headers(&path, body.as_bytes(), now_ms(), &random_nonce());
-    send(server, &path, &h, body.as_bytes())
+    call_as(server, dev, ep, body, true)
 }
 
 pub fn code_of(text: &str) -> String {
@@ -98,13 +95,51 @@ pub fn start_with(
 ) -> SellerServer {
     let aksk = dir.join("aksk");
     write_private(&aksk, &format!("{AK}\n{SK}\n"));
-    SellerServer::start(&format!(
+    let server = SellerServer::start(&format!(
         "{storage}aksk_file = \"{}\"\nmarketplace_bases = [\"https://localhost:{}\"]\n\
          marketplace_extra_ca_file = \"{}\"\n{tail}",
         aksk.display(),
         market.primary,
         market.ca.pem_path.display()
-    ))
+    ));
+    // The seller's enrollment token: test devices present it (docs/seller-server.md).
+    let out = crate::harness::run_ok(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(server.dir.path().join("seller.toml"))
+            .args([
+                "seller", "enroll", "create", "--label", "tests", "--quota", "1000",
+            ]),
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    write_private(&enrollment_file(&server), &format!("{token}\n"));
+    server
+}
+
+/// Where `start` left the server's enrollment token.
+pub fn enrollment_file(server: &SellerServer) -> std::path::PathBuf {
+    server.dir.path().join("enrollment.token")
+}
+
+/// A signed call presenting the enrollment token (or not).
+pub fn call_as(
+    server: &SellerServer,
+    dev: &Device,
+    ep: &str,
+    body: &Value,
+    enroll: bool,
+) -> (u16, String) {
+    let path = format!("/v1/authcode/{ep}");
+    let body = body.to_string();
+    let mut h = dev.headers(&path, body.as_bytes(), now_ms(), &random_nonce());
+    // (A server started without the relay has no token.)
+    if let Some(token) = enroll
+        .then(|| std::fs::read_to_string(enrollment_file(server)).ok())
+        .flatten()
+    {
+        h.push(("X-Kooagent-Enrollment".into(), token.trim().to_string()));
+    }
+    send(server, &path, &h, body.as_bytes())
 }
 
 #[test]
@@ -177,10 +212,17 @@ fn relay_round(storage: &str) {
     assert_eq!(status, 403, "{text}");
     assert_eq!(forwarded(), 3);
 
-    // The same device activating again is forwarded: the marketplace says 92020003.
+    // The same device activating again (its first answer lost): the marketplace says
+    // 92020003, the relay queries the code and answers the activation as recovered.
     let (status, text) = call(&server, &a, "activate", &json!({"license": "CODE-1"}));
-    assert_eq!((status, code_of(&text)), (200, "92020003".into()), "{text}");
-    assert_eq!(forwarded(), 4);
+    assert_eq!(
+        (status, code_of(&text)),
+        (200, api::SUCCESS.into()),
+        "{text}"
+    );
+    let act = api::parse_activate(status, &text).unwrap();
+    assert!(act.recovered, "{text}");
+    assert_eq!(forwarded(), 5, "the activation and the query");
 
     // B takes CODE-2, and A is then refused on it.
     let (status, text) = call(&server, &b, "activate", &json!({"license": "CODE-2"}));
@@ -192,7 +234,7 @@ fn relay_round(storage: &str) {
         {"license": "CODE-1", "software_usage_Info": [{"active_num": 3}]},
         {"license": "CODE-2", "software_usage_Info": [{"active_num": 4}]}]});
     assert_eq!(call(&server, &a, "usage", &both).0, 403);
-    assert_eq!(forwarded(), 5);
+    assert_eq!(forwarded(), 6);
 
     // A replayed request (same nonce, same signature) is refused.
     let path = "/v1/authcode/heartbeat";
@@ -227,7 +269,7 @@ fn relay_round(storage: &str) {
         (status, code_of(&text)),
         (400, "KOOAGENT.RELAY.0400".into())
     );
-    assert_eq!(forwarded(), 6);
+    assert_eq!(forwarded(), 7);
     assert_eq!(server.request("GET", path, b"").0, 405);
     assert_eq!(server.request("POST", "/v1/authcode/other", b"{}").0, 404);
 
@@ -310,9 +352,10 @@ fn a_real_agent_in_relay_mode_activates_and_reports_through_the_seller_server() 
     let server = start(&market, "", dir.path());
     let agent_config = format!(
         "[authcode]\nmode = \"relay\"\nrelay_url = \"https://localhost:{}\"\nextra_ca_file = \"{}\"\n\
-         [authcode.products]\n\"12345\" = \"myapp\"\n",
+         enrollment_token_file = \"{}\"\n[authcode.products]\n\"12345\" = \"myapp\"\n",
         server.port,
-        server.ca_pem.display()
+        server.ca_pem.display(),
+        enrollment_file(&server).display()
     );
     let a = crate::harness::TestAgent::start(&agent_config);
     let v = a

@@ -196,3 +196,181 @@ fn relay_calls_are_rate_limited_per_key_and_per_address() {
     );
     assert_eq!(market.seen().len(), 10);
 }
+
+/// Item 1: keys the server never issued anything to, and never enrolled, get nothing
+/// forwarded; a revoked or spent enrollment token enrolls nobody.
+#[test]
+fn unknown_device_keys_cost_the_seller_nothing() {
+    use crate::authcode::Market;
+    use crate::relay::{call, call_as, code_of, Device};
+    let market = Market::start();
+    market.add("KNOWN-1", true);
+    let dir = crate::harness::short_tempdir();
+    let server = crate::relay::start(&market, "", dir.path());
+    for i in 0..20 {
+        let (status, text) = call_as(
+            &server,
+            &Device::new(),
+            "activate",
+            &json!({"license": format!("GUESS-{i}")}),
+            false,
+        );
+        assert_eq!(
+            (status, code_of(&text)),
+            (403, "KOOAGENT.RELAY.0403".into()),
+            "{text}"
+        );
+        assert!(text.contains("unknown device key"), "{text}");
+    }
+    assert_eq!(market.seen().len(), 0, "nothing was forwarded");
+    // With the seller's token: forwarded. After revocation: refused again.
+    assert_eq!(
+        call(
+            &server,
+            &Device::new(),
+            "activate",
+            &json!({"license": "KNOWN-1"})
+        )
+        .0,
+        200
+    );
+    assert_eq!(market.seen().len(), 1);
+    run_ok(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(server.dir.path().join("seller.toml"))
+            .args(["seller", "enroll", "revoke", "tests"]),
+    );
+    let (status, text) = call(
+        &server,
+        &Device::new(),
+        "heartbeat",
+        &json!({"license": "X"}),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("revoked"), "{text}");
+    assert_eq!(market.seen().len(), 1);
+}
+
+/// Item 2: a code the marketplace already activated elsewhere binds nobody here and its
+/// details are not handed out; the rightful device can still activate through the relay.
+#[test]
+fn a_code_activated_elsewhere_binds_nobody_and_leaks_nothing() {
+    use crate::authcode::Market;
+    use crate::relay::{call, code_of, Device};
+    let market = Market::start();
+    market.add("ELSEWHERE-1", true);
+    market.with(|s| s.codes.get_mut("ELSEWHERE-1").unwrap().activated = true);
+    let dir = crate::harness::short_tempdir();
+    let server = crate::relay::start(&market, "", dir.path());
+    let (attacker, buyer) = (Device::new(), Device::new());
+    let (status, text) = call(
+        &server,
+        &attacker,
+        "activate",
+        &json!({"license": "ELSEWHERE-1"}),
+    );
+    assert_eq!((status, code_of(&text)), (200, "92020003".into()), "{text}");
+    assert!(
+        !text.contains("order_id") && !text.contains("\"data\""),
+        "{text}"
+    );
+    // Not bound to the attacker: its heartbeat is refused, the buyer's activation is
+    // forwarded (before the fix it was refused as "bound to another device").
+    assert_eq!(
+        call(
+            &server,
+            &attacker,
+            "heartbeat",
+            &json!({"license": "ELSEWHERE-1"})
+        )
+        .0,
+        403
+    );
+    let (status, text) = call(
+        &server,
+        &buyer,
+        "activate",
+        &json!({"license": "ELSEWHERE-1"}),
+    );
+    assert_eq!((status, code_of(&text)), (200, "92020003".into()), "{text}");
+    // A code that does not exist is not claimed either.
+    let (_, text) = call(
+        &server,
+        &attacker,
+        "activate",
+        &json!({"license": "NOPE-1"}),
+    );
+    assert_eq!(code_of(&text), "92020005");
+    market.add("NOPE-1", true);
+    assert_eq!(
+        call(&server, &buyer, "activate", &json!({"license": "NOPE-1"})).0,
+        200
+    );
+}
+
+/// Item 4: a slow marketplace and a crowd of enrolling devices: the queue is bounded,
+/// the overflow is answered busy at once, and a bound device is served before them.
+#[test]
+fn a_full_relay_answers_busy_at_once_and_serves_bound_devices_first() {
+    use crate::authcode::Market;
+    use crate::relay::{call, code_of, Device};
+    use std::time::{Duration, Instant};
+    let market = Market::start();
+    market.add("BOUND-1", true);
+    let dir = crate::harness::short_tempdir();
+    let server = std::sync::Arc::new(crate::relay::start_with(
+        &market,
+        "",
+        "relay_workers = 1\nrelay_queue = 2\nrelay_queue_wait_secs = 30\n",
+        dir.path(),
+    ));
+    let bound = Device::new();
+    assert_eq!(
+        call(&server, &bound, "activate", &json!({"license": "BOUND-1"})).0,
+        200
+    );
+    market.with(|s| s.delay = Duration::from_millis(1500));
+    let crowd: Vec<_> = (0..6)
+        .map(|i| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let (status, text) = call(
+                    &server,
+                    &Device::new(),
+                    "activate",
+                    &json!({"license": format!("C-{i}")}),
+                );
+                (status, code_of(&text), t0.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let t0 = Instant::now();
+    let (status, text) = call(&server, &bound, "heartbeat", &json!({"license": "BOUND-1"}));
+    let bound_took = t0.elapsed();
+    assert_eq!(status, 200, "{text}");
+    let crowd: Vec<_> = crowd.into_iter().map(|t| t.join().unwrap()).collect();
+    let busy: Vec<_> = crowd.iter().filter(|c| c.0 == 503).collect();
+    assert!(busy.len() >= 3, "{crowd:?}");
+    assert!(
+        busy.iter().all(|c| c.1 == "KOOAGENT.RELAY.0503"),
+        "{crowd:?}"
+    );
+    // Busy came at once (not after the marketplace's delay), and only one crowd call was
+    // ahead of the bound device.
+    assert!(
+        busy.iter()
+            .filter(|c| c.2 < Duration::from_millis(1000))
+            .count()
+            >= 3,
+        "{crowd:?}"
+    );
+    assert!(bound_took < Duration::from_millis(4000), "{bound_took:?}");
+    assert!(
+        market.seen().len() <= 1 + 1 + 2 + 1,
+        "{}",
+        market.seen().len()
+    );
+}

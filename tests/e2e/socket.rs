@@ -55,6 +55,23 @@ fn errors_are_answers_and_the_connection_stays_usable() {
 }
 
 #[test]
+fn big_numeric_ids_are_echoed_exactly() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    let id = "123456789012345678901234567890";
+    c.send_raw(format!("{{\"v\":1,\"id\":{id},\"op\":\"ping\"}}\n").as_bytes());
+    c.send_raw(format!("{{\"v\":1,\"id\":{id},\"op\":\"no.such\"}}\n").as_bytes());
+    for _ in 0..2 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut c.reader, &mut line).unwrap();
+        assert!(
+            line.starts_with(&format!("{{\"v\":1,\"id\":{id},")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn oversized_line_is_refused_and_the_connection_survives() {
     let a = TestAgent::start("");
     let mut c = a.connect();
@@ -130,6 +147,47 @@ fn connections_beyond_the_limit_get_busy() {
 }
 
 #[test]
+fn under_a_low_descriptor_limit_every_extra_client_gets_busy() {
+    raise_nofile();
+    let mut a = TestAgent::prepare("");
+    let log = std::fs::File::create(a.dir.path().join("agent.log")).unwrap();
+    // A hard limit of 256 descriptors and the default max_connections (16,384).
+    a.child = Some(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 256 && exec '{}' run --config '{}'",
+                crate::harness::BIN,
+                a.config.display()
+            ))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    a.wait_ready();
+    let mut conns: Vec<Conn> = (0..400).map(|_| a.connect()).collect();
+    let mut served = 0;
+    let mut busy = 0;
+    for c in &mut conns {
+        // A refused client already has `busy` waiting (its ping may meet a closed socket).
+        let _ = std::io::Write::write_all(&mut c.writer, b"{\"v\":1,\"id\":1,\"op\":\"ping\"}\n");
+        let v = c.read_json();
+        if v["ok"] == json!(true) {
+            served += 1;
+        } else {
+            assert_eq!(v["error"]["code"], json!("busy"), "{v}");
+            busy += 1;
+        }
+    }
+    // None was left hanging (read_json has a timeout), and the budget was kept.
+    assert!(served > 100 && served <= 256 - 64, "{served} served");
+    assert_eq!(served + busy, 400);
+    let log = a.log();
+    assert!(log.contains("does not fit RLIMIT_NOFILE"), "{log}");
+    assert!(log.matches("accept failed").count() < 3, "{log}");
+}
+
+#[test]
 fn status_reports_what_is_configured() {
     let a = TestAgent::start("");
     let s = a.call("agent.status", json!({})).unwrap();
@@ -140,4 +198,20 @@ fn status_reports_what_is_configured() {
     let out = a.cli(&["status"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("state dir:"));
+}
+
+/// Issue 20 item 5: "cannot reach the agent" names the OS error once.
+#[test]
+fn unreachable_agent_error_says_the_os_error_once() {
+    let dir = crate::harness::short_tempdir();
+    let out = std::process::Command::new(crate::harness::BIN)
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }

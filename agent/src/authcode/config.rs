@@ -38,6 +38,9 @@ pub struct AuthcodeConfig {
     pub aksk_file: PathBuf,
     /// A CA (PEM) trusted besides the web PKI roots (relay server or marketplace stand-in).
     pub extra_ca_file: PathBuf,
+    /// Relay mode: the seller's enrollment token (one line), sent until the seller's
+    /// server knows this device's key; "" = none (docs/seller-server.md "Security").
+    pub enrollment_token_file: PathBuf,
     pub timeout_secs: u64,
     /// Marketplace `product_id` → the product name `license.check` is asked about;
     /// a product id not listed is used as is.
@@ -60,6 +63,7 @@ impl Default for AuthcodeConfig {
                 .collect(),
             aksk_file: "/etc/kooagent/authcode-aksk".into(),
             extra_ca_file: PathBuf::new(),
+            enrollment_token_file: PathBuf::new(),
             timeout_secs: 30,
             products: BTreeMap::new(),
             grace_days: 7,
@@ -90,6 +94,11 @@ impl AuthcodeConfig {
         }
         if !self.extra_ca_file.as_os_str().is_empty() && !self.extra_ca_file.is_absolute() {
             return err("extra_ca_file", "must be an absolute path");
+        }
+        if !self.enrollment_token_file.as_os_str().is_empty()
+            && !self.enrollment_token_file.is_absolute()
+        {
+            return err("enrollment_token_file", "must be an absolute path");
         }
         if !(1..=300).contains(&self.timeout_secs) {
             return err("timeout_secs", "must be between 1 and 300");

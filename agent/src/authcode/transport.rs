@@ -18,6 +18,8 @@ use crate::clock::Clock;
 pub const RELAY_ACTIVATE: &str = "/v1/authcode/activate";
 pub const RELAY_HEARTBEAT: &str = "/v1/authcode/heartbeat";
 pub const RELAY_USAGE: &str = "/v1/authcode/usage";
+/// The seller's enrollment token (docs/seller-server.md "Security").
+pub const HEADER_ENROLLMENT: &str = "x-kooagent-enrollment";
 /// Answers are small JSON; more is not read.
 const MAX_ANSWER: u64 = 64 * 1024;
 
@@ -31,6 +33,9 @@ pub struct RelayClient {
     base: String,
     key: SigningKey,
     clock: Arc<dyn Clock>,
+    /// The seller's enrollment token, sent with every call (the server uses it only
+    /// while it does not know the key).
+    enrollment: Option<String>,
 }
 
 /// One request ready to send: URL, headers, body.
@@ -55,7 +60,27 @@ impl RelayClient {
             base,
             key,
             clock,
+            enrollment: None,
         })
+    }
+
+    /// Sends the seller's enrollment token read from `path` (one line).
+    pub fn with_enrollment_file(mut self, path: &Path) -> Result<RelayClient, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ClientError::Config(format!(
+                "authcode.enrollment_token_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let token = text.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::Config(format!(
+                "authcode.enrollment_token_file {}: not one line of printable ASCII",
+                path.display()
+            )));
+        }
+        self.enrollment = Some(token.to_string());
+        Ok(self)
     }
 
     /// The URL and headers of a POST of `body` to `path` at `now_ms` with `nonce`.
@@ -67,6 +92,9 @@ impl RelayClient {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        if let Some(t) = &self.enrollment {
+            headers.push((HEADER_ENROLLMENT.to_string(), t.clone()));
+        }
         Prepared {
             url: format!("{}{path}", self.base),
             headers,
@@ -153,13 +181,13 @@ impl Transport {
             Mode::Relay => {
                 let key = relay_auth::load_or_create_key(&relay_key_path(state_dir))
                     .map_err(|e| ClientError::Config(format!("device key: {e}")))?;
-                Ok(Transport::Relay(RelayClient::new(
-                    &cfg.relay_url,
-                    cfg.extra_ca(),
-                    timeout,
-                    key,
-                    clock,
-                )?))
+                let client = RelayClient::new(&cfg.relay_url, cfg.extra_ca(), timeout, key, clock)?;
+                let client = if cfg.enrollment_token_file.as_os_str().is_empty() {
+                    client
+                } else {
+                    client.with_enrollment_file(&cfg.enrollment_token_file)?
+                };
+                Ok(Transport::Relay(client))
             }
         }
     }

@@ -88,6 +88,19 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen   BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS devices_by_key ON devices (device_key);
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_sha256 TEXT PRIMARY KEY,
+    label        TEXT NOT NULL,
+    quota        BIGINT NOT NULL,
+    used         BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    revoked      BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrolled_keys (
+    device_key   TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL,
+    enrolled_at  BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS buckets (
     name  TEXT PRIMARY KEY,
     level BIGINT NOT NULL,
@@ -221,6 +234,18 @@ pub struct DeviceRow {
     pub last_seen: i64,
 }
 
+/// An enrollment token of the relay (stored by its SHA-256, never in clear): up to
+/// `quota` device keys may enroll with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRow {
+    pub token_sha256: String,
+    pub label: String,
+    pub quota: i64,
+    pub used: i64,
+    pub created_at: i64,
+    pub revoked: bool,
+}
+
 /// A token bucket's stored state (see `limits`): milli-tokens at `at_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketRow {
@@ -280,6 +305,16 @@ pub trait Tx {
     fn put_bucket(&mut self, name: &str, row: BucketRow) -> Result<(), DbError>;
     /// Forgets buckets untouched since `before_ms` (they have refilled by then).
     fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError>;
+
+    /// Whether `key` holds a device code (registry) or an authorization code (relay).
+    fn key_bound(&mut self, key: &str) -> Result<bool, DbError>;
+    /// Whether `key` enrolled with an enrollment token.
+    fn key_enrolled(&mut self, key: &str) -> Result<bool, DbError>;
+    fn enrollment(&mut self, token_sha256: &str) -> Result<Option<EnrollmentRow>, DbError>;
+    fn all_enrollments(&mut self) -> Result<Vec<EnrollmentRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_enrollment(&mut self, row: &EnrollmentRow) -> Result<(), DbError>;
+    fn put_enrolled_key(&mut self, key: &str, token_sha256: &str, at: i64) -> Result<(), DbError>;
 
     /// The device `key`: its most recently seen binding; None: unknown key.
     fn device(&mut self, key: &str) -> Result<Option<DeviceRow>, DbError> {

@@ -432,15 +432,16 @@ async fn relay_call(
     let (c, d) = (codes.clone(), device.clone());
     let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &state.limits);
     let bucket_age = state.limits.longest_refill_ms();
+    let enrollment = header(relay::HEADER_ENROLLMENT).map(relay::enrollment_hash);
     let gate = state.db.run(move |tx| {
         if let Some(before) = prune {
             tx.prune_nonces(before)?;
             tx.prune_buckets(now_ms - bucket_age)?;
         }
-        relay::gate(tx, ep, &c, &d, &buckets, now_ms)
+        relay::gate(tx, ep, &c, &d, enrollment.as_deref(), &buckets, now_ms)
     });
-    match tokio::time::timeout(ANSWER_WITHIN, gate).await {
-        Ok(Ok(Gate::Forward)) => {}
+    let (claimed, priority) = match tokio::time::timeout(ANSWER_WITHIN, gate).await {
+        Ok(Ok(Gate::Forward { claimed, priority })) => (claimed, priority),
         Ok(Ok(Gate::Replay)) => {
             log::warn!("relay {path}: nonce {} replayed", device.nonce);
             let m = "x-kooagent-nonce was already used (replayed request)";
@@ -454,6 +455,10 @@ async fn relay_call(
                 .insert("retry-after", "60".parse().expect("valid"));
             return r;
         }
+        Ok(Ok(Gate::Unknown(m))) => {
+            log::debug!("relay {path}: {m} (device key {})", device.key);
+            return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+        }
         Ok(Ok(Gate::Forbidden(m))) => {
             log::warn!("relay {path}: {m} (device key {})", device.key);
             return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
@@ -466,40 +471,69 @@ async fn relay_call(
             log::error!("relay {path}: no answer from the database within {ANSWER_WITHIN:?}");
             return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
         }
-    }
+    };
+    let busy = || {
+        let m = "the relay is busy; try again later";
+        let mut r = relay_error(StatusCode::SERVICE_UNAVAILABLE, relay::ERR_BUSY, m);
+        r.headers_mut()
+            .insert("retry-after", "30".parse().expect("valid"));
+        r
+    };
     let market_path = ep.market_path();
-    let sent = tokio::task::spawn_blocking(move || rl.client.post(market_path, &forward)).await;
+    let client = rl.clone();
+    let sent = rl
+        .pool
+        .run(priority, move || client.client.post(market_path, &forward))
+        .await;
     let (http, text) = match sent {
-        Ok(Ok((_, http, text))) => (http, text),
-        Ok(Err(e)) => {
+        Ok(Some(Ok((_, http, text)))) => (http, text),
+        Ok(Some(Err(e))) => {
+            // The answer may be lost after the marketplace acted: a claim stays, so the
+            // device's retry is recognised (recovery) rather than refused.
             log::warn!("relay {path}: {e}");
             let m = format!("marketplace unreachable: {e}");
             return relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, &m);
         }
-        Err(e) => {
-            log::error!("relay {path}: forwarding task: {e}");
-            let m = "marketplace unreachable: the forwarding task failed";
-            return relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, m);
+        Ok(None) | Err(_) => {
+            log::warn!(
+                "relay {path}: busy, not forwarded (device key {})",
+                device.key
+            );
+            if claimed {
+                let (code, key) = (codes[0].clone(), device.key.clone());
+                let _ = state
+                    .db
+                    .run(move |tx| relay::unclaim(tx, &code, &key, now))
+                    .await;
+            }
+            return busy();
         }
     };
-    if ep == Endpoint::Activate && relay::activated(http, &text) {
-        let (code, key) = (codes[0].clone(), device.key.clone());
-        match state
-            .db
-            .run(move |tx| relay::bind(tx, &code, &key, now))
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                let m = format!("authorization code {} is bound to another device", codes[0]);
-                log::warn!("relay {path}: {m} (device key {}, raced)", device.key);
-                return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+    if ep == Endpoint::Activate {
+        let code = codes[0].clone();
+        match relay::after_activate(http, &text, claimed) {
+            relay::AfterActivate::Pass => {}
+            how @ (relay::AfterActivate::Unclaim | relay::AfterActivate::UnclaimStripped) => {
+                let key = device.key.clone();
+                let c = code.clone();
+                if let Err(e) = state
+                    .db
+                    .run(move |tx| relay::unclaim(tx, &c, &key, now))
+                    .await
+                {
+                    log::error!("relay {path}: releasing the claim on {code}: {e}");
+                }
+                if how == relay::AfterActivate::UnclaimStripped {
+                    log::warn!(
+                        "relay {path}: {code} was already activated, not through this server \
+                         by device key {}",
+                        device.key
+                    );
+                    return json(StatusCode::OK, relay::strip_data(&text));
+                }
             }
-            Err(e) => {
-                // The marketplace activated the code; the agent's retry gets 92020003
-                // and binds then.
-                log::error!("relay {path}: recording the device key: {e}");
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+            relay::AfterActivate::Recover => {
+                return recover(&rl, &path, &code, &device.key, priority, text).await;
             }
         }
     }
@@ -509,6 +543,53 @@ async fn relay_call(
         StatusCode::from_u16(http).unwrap_or(StatusCode::BAD_GATEWAY),
         text,
     )
+}
+
+/// `92020003` for a code this very key activated through this server earlier: the first
+/// answer was lost. The code is queried; ALIVE → the activate-success shape with
+/// `kooagent_recovered: true`, else the marketplace's refusal without `data`.
+async fn recover(
+    rl: &Arc<Relay>,
+    path: &str,
+    code: &str,
+    key: &str,
+    priority: relay::Priority,
+    refusal: String,
+) -> Resp {
+    let body = match crate::authcode::api::HeartbeatRequest::new(code) {
+        Ok(req) => serde_json::to_vec(&req).expect("request types serialise"),
+        Err(_) => return json(StatusCode::OK, relay::strip_data(&refusal)),
+    };
+    let client = rl.clone();
+    let sent = rl
+        .pool
+        .run(priority, move || {
+            client
+                .client
+                .post(crate::authcode::api::PATH_HEARTBEAT, &body)
+        })
+        .await;
+    match sent {
+        Ok(Some(Ok((_, http, text)))) => match relay::recovered_answer(code, http, &text) {
+            Some(answer) => {
+                log::info!(
+                    "relay {path}: {code} recovered for device key {key} (the marketplace had \
+                     activated it; the first answer was lost)"
+                );
+                json(StatusCode::OK, answer)
+            }
+            None => json(StatusCode::OK, relay::strip_data(&refusal)),
+        },
+        Ok(Some(Err(e))) => {
+            let m = format!("marketplace unreachable: {e}");
+            relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, &m)
+        }
+        Ok(None) | Err(_) => relay_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            relay::ERR_BUSY,
+            "the relay is busy; try again later",
+        ),
+    }
 }
 
 fn device_error(status: StatusCode, code: &str, msg: &str) -> Resp {
@@ -616,12 +697,7 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
     } else {
         let ca = &cfg.marketplace_extra_ca_file;
         let ca = (!ca.as_os_str().is_empty()).then_some(ca.as_path());
-        Some(Arc::new(Relay::new(
-            &cfg.aksk_file,
-            &cfg.marketplace_bases,
-            ca,
-            clock.clone(),
-        )?))
+        Some(Arc::new(Relay::new(cfg, ca, clock.clone())?))
     };
     let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
     let db = cfg.open_db().map_err(|e| e.to_string())?;

@@ -27,6 +27,7 @@ pub mod db;
 pub mod devices;
 pub mod http;
 pub mod limits;
+pub mod pool;
 pub mod relay;
 pub mod tokens;
 pub mod upload;
@@ -82,6 +83,11 @@ pub struct SellerServerConfig {
     pub license_upload_retry_secs: u64,
     /// Rate limits (`[seller_server.limits]`).
     pub limits: limits::LimitsConfig,
+    /// Relay: threads calling the marketplace, calls that may wait for one, and how long
+    /// a call may wait before it is answered busy instead of forwarded.
+    pub relay_workers: usize,
+    pub relay_queue: usize,
+    pub relay_queue_wait_secs: u64,
 }
 
 impl Default for SellerServerConfig {
@@ -107,6 +113,9 @@ impl Default for SellerServerConfig {
             license_upload_path: upload::DEFAULT_PATH.into(),
             license_upload_retry_secs: 30,
             limits: limits::LimitsConfig::default(),
+            relay_workers: 8,
+            relay_queue: 64,
+            relay_queue_wait_secs: 5,
         }
     }
 }
@@ -238,6 +247,24 @@ impl SellerServerConfig {
             return Err(invalid(
                 "seller_server.license_upload_retry_secs",
                 "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=256).contains(&self.relay_workers) {
+            return Err(invalid(
+                "seller_server.relay_workers",
+                "must be between 1 and 256",
+            ));
+        }
+        if !(1..=100_000).contains(&self.relay_queue) {
+            return Err(invalid(
+                "seller_server.relay_queue",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=60).contains(&self.relay_queue_wait_secs) {
+            return Err(invalid(
+                "seller_server.relay_queue_wait_secs",
+                "must be between 1 and 60",
             ));
         }
         self.limits

@@ -34,6 +34,9 @@ pub const ERR_BAD_REQUEST: &str = "KOOAGENT.RELAY.0400";
 pub const ERR_UNAUTHENTICATED: &str = "KOOAGENT.RELAY.0401";
 pub const ERR_FORBIDDEN: &str = "KOOAGENT.RELAY.0403";
 pub const ERR_LIMITED: &str = "KOOAGENT.RELAY.0429";
+pub const ERR_BUSY: &str = "KOOAGENT.RELAY.0503";
+/// The seller's enrollment token, for a device key the server does not know yet.
+pub const HEADER_ENROLLMENT: &str = crate::authcode::transport::HEADER_ENROLLMENT;
 pub const ERR_UNREACHABLE: &str = "KOOAGENT.RELAY.0502";
 
 /// Each host gets this long before the next is tried (the agent waits for the relay).
@@ -146,12 +149,27 @@ pub fn parse_body(ep: Endpoint, body: &[u8]) -> Result<(Vec<String>, Vec<u8>), S
     }
 }
 
+/// Which queue a forwarded call waits in: devices already bound (a license fetched, a
+/// code activated) before devices that only enrolled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Bound,
+    Enrolled,
+}
+
 /// What the transaction decided before forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
-    Forward,
+    /// Forward. `claimed`: this activation just recorded the caller as the code's
+    /// activator (undone if the marketplace refuses it).
+    Forward {
+        claimed: bool,
+        priority: Priority,
+    },
     Replay,
     Forbidden(String),
+    /// A device key the server does not know (no binding, no enrollment).
+    Unknown(String),
     /// Over a rate limit: the bucket's name.
     Limited(String),
 }
@@ -170,37 +188,76 @@ pub fn buckets(device: &Device, address: &str, limits: &LimitsConfig) -> Vec<(St
     ]
 }
 
-/// Records the nonce, checks every code is bound to `device_key` (activate: or to
-/// nobody yet), then takes a token from each of `buckets` (a call that is refused anyway
-/// costs none).
+/// An enrollment token as stored: lowercase hex SHA-256 (the token itself is never kept).
+pub fn enrollment_hash(token: &str) -> String {
+    use sha2::Digest;
+    relay_auth::hex(&sha2::Sha256::digest(token.trim().as_bytes()))
+}
+
+/// Whether the relay may spend anything for `key`: bound already, enrolled already, or
+/// enrolling now with a valid token that has quota left (which enrolls it).
+fn known(
+    tx: &mut dyn Tx,
+    key: &str,
+    enrollment: Option<&str>,
+    now: i64,
+) -> Result<Result<Priority, String>, DbError> {
+    if tx.key_bound(key)? {
+        return Ok(Ok(Priority::Bound));
+    }
+    if tx.key_enrolled(key)? {
+        return Ok(Ok(Priority::Enrolled));
+    }
+    let Some(hash) = enrollment else {
+        return Ok(Err(format!(
+            "unknown device key: fetch a license from this server first, or enroll with the \
+             seller's enrollment token ({HEADER_ENROLLMENT})"
+        )));
+    };
+    match tx.enrollment(hash)? {
+        Some(mut e) if !e.revoked && e.used < e.quota => {
+            e.used += 1;
+            tx.put_enrollment(&e)?;
+            tx.put_enrolled_key(key, hash, now)?;
+            log::info!(
+                "relay: device key {key} enrolled with token {:?} ({}/{})",
+                e.label,
+                e.used,
+                e.quota
+            );
+            Ok(Ok(Priority::Enrolled))
+        }
+        Some(e) if e.revoked => Ok(Err(format!("enrollment token {:?} was revoked", e.label))),
+        Some(e) => Ok(Err(format!(
+            "enrollment token {:?} has no quota left ({} devices enrolled)",
+            e.label, e.used
+        ))),
+        None => Ok(Err("unknown enrollment token".into())),
+    }
+}
+
+/// Records the nonce; checks the device key is known (see [`known`]) and every code is
+/// bound to it (activate: or to nobody yet); takes a token from each of `buckets`; and,
+/// for the activation of an unbound code, records the caller as its activator before
+/// anything is forwarded. A call refused anyway costs no token.
 pub fn gate(
     tx: &mut dyn Tx,
     ep: Endpoint,
     codes: &[String],
     device: &Device,
+    enrollment: Option<&str>,
     buckets: &[(String, Rate)],
     now_ms: i64,
 ) -> Result<Gate, DbError> {
-    match bound(tx, ep, codes, device, now_ms.div_euclid(1000))? {
-        Gate::Forward => {}
-        other => return Ok(other),
-    }
-    Ok(match limits::take_all(tx, buckets, now_ms)? {
-        None => Gate::Forward,
-        Some(b) => Gate::Limited(b),
-    })
-}
-
-fn bound(
-    tx: &mut dyn Tx,
-    ep: Endpoint,
-    codes: &[String],
-    device: &Device,
-    now: i64,
-) -> Result<Gate, DbError> {
+    let now = now_ms.div_euclid(1000);
     if !tx.nonce_fresh(&nonce_key(&device.nonce), now)? {
         return Ok(Gate::Replay);
     }
+    let priority = match known(tx, &device.key, enrollment, now)? {
+        Ok(p) => p,
+        Err(m) => return Ok(Gate::Unknown(m)),
+    };
+    let mut unbound = Vec::new();
     for code in codes {
         match tx.code(code)?.and_then(|r| r.device_key) {
             Some(k) if k == device.key => {}
@@ -209,7 +266,7 @@ fn bound(
                     "authorization code {code} is bound to another device"
                 )))
             }
-            None if ep == Endpoint::Activate => {}
+            None if ep == Endpoint::Activate => unbound.push(code),
             None => {
                 return Ok(Gate::Forbidden(format!(
                     "authorization code {code} was not activated through this relay"
@@ -217,11 +274,20 @@ fn bound(
             }
         }
     }
-    Ok(Gate::Forward)
+    if let Some(b) = limits::take_all(tx, buckets, now_ms)? {
+        return Ok(Gate::Limited(b));
+    }
+    for code in &unbound {
+        bind(tx, code, &device.key, now)?;
+    }
+    Ok(Gate::Forward {
+        claimed: !unbound.is_empty(),
+        priority,
+    })
 }
 
-/// After the marketplace accepted an activation: binds the code to `device_key` unless
-/// it is already bound; false when it is bound to another key (two devices raced).
+/// Records `device_key` as the code's activator unless one is recorded; false when
+/// another key is.
 pub fn bind(tx: &mut dyn Tx, code: &str, device_key: &str, now: i64) -> Result<bool, DbError> {
     let mut row = tx.code(code)?.unwrap_or(CodeRow {
         code: code.into(),
@@ -244,16 +310,87 @@ pub fn bind(tx: &mut dyn Tx, code: &str, device_key: &str, now: i64) -> Result<b
     }
 }
 
-/// Whether an activation answer means the code is now activated (by this request, or
-/// earlier: `92020003`, which the agent reads as "already activated by us").
-pub fn activated(http: u16, body: &str) -> bool {
-    if !(200..300).contains(&http) {
-        return false;
+/// Undoes this request's claim: the marketplace refused the activation, so the code is
+/// free for its buyer's device.
+pub fn unclaim(tx: &mut dyn Tx, code: &str, device_key: &str, now: i64) -> Result<(), DbError> {
+    if let Some(mut row) = tx.code(code)? {
+        if row.device_key.as_deref() == Some(device_key) {
+            row.device_key = None;
+            row.updated_at = now;
+            tx.put_code(&row)?;
+        }
     }
+    Ok(())
+}
+
+/// What the relay does with the marketplace's answer to an activation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterActivate {
+    /// Answer it as it is.
+    Pass,
+    /// The marketplace refused: undo the claim, answer as it is.
+    Unclaim,
+    /// `92020003` for a code activated elsewhere (not by this key through this server):
+    /// undo the claim, answer without `data`.
+    UnclaimStripped,
+    /// `92020003` and this key was the recorded activator before this request: the
+    /// earlier answer was lost; query the code.
+    Recover,
+}
+
+/// Decides, from the answer's HTTP status and body, and whether this request claimed the
+/// code.
+pub fn after_activate(http: u16, body: &str, claimed: bool) -> AfterActivate {
     let code = serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["error_code"].as_str().map(str::to_string));
-    matches!(code.as_deref(), Some(api::SUCCESS) | Some("92020003"))
+    match code.as_deref() {
+        Some(api::SUCCESS) if (200..300).contains(&http) => AfterActivate::Pass,
+        Some("92020003") if !claimed => AfterActivate::Recover,
+        Some("92020003") => AfterActivate::UnclaimStripped,
+        _ if claimed => AfterActivate::Unclaim,
+        _ => AfterActivate::Pass,
+    }
+}
+
+/// The marketplace's answer without `data` (order and product ids stay with the buyer).
+pub fn strip_data(body: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("data");
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => error_body("92020003", "the code is already activated"),
+    }
+}
+
+/// The activate-success answer rebuilt from a query's answer (`data` of the heartbeat
+/// API), marked `kooagent_recovered` (docs/authorization-codes.md "Recovery"); None when
+/// the code is not ALIVE or the answer is not a query success.
+pub fn recovered_answer(code: &str, http: u16, query_body: &str) -> Option<String> {
+    let info = api::parse_heartbeat(http, query_body).ok()?;
+    if info.status != api::CodeStatus::Alive || info.license_code != code {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(query_body).ok()?;
+    let data = &v["data"];
+    let mut ci = serde_json::Map::new();
+    ci.insert("license_code".into(), code.into());
+    ci.insert("status".into(), "ALIVE".into());
+    for k in ["expire_time", "product_id", "order_id", "amount"] {
+        if !data[k].is_null() {
+            ci.insert(k.into(), data[k].clone());
+        }
+    }
+    Some(
+        serde_json::json!({
+            "error_code": api::SUCCESS,
+            "error_msg": "success",
+            "data": {"license_code_info": serde_json::Value::Object(ci).to_string()},
+            "kooagent_recovered": true,
+        })
+        .to_string(),
+    )
 }
 
 /// The relay's own JSON answer body.
@@ -264,6 +401,8 @@ pub fn error_body(code: &str, msg: &str) -> String {
 /// The forwarding side: the seller's AK/SK and the marketplace hosts.
 pub struct Relay {
     pub client: Client,
+    /// The marketplace workers and their queue.
+    pub pool: super::pool::Pool,
 }
 
 /// Reads `[seller_server] aksk_file`: two lines, the AK then the SK, mode 0600. Errors
@@ -285,14 +424,13 @@ pub fn load_aksk(path: &Path) -> Result<AkSk, String> {
 
 impl Relay {
     pub fn new(
-        aksk_file: &Path,
-        bases: &[String],
+        cfg: &super::SellerServerConfig,
         extra_ca: Option<&Path>,
         clock: Arc<dyn Clock>,
     ) -> Result<Relay, String> {
-        let key = load_aksk(aksk_file)?;
+        let key = load_aksk(&cfg.aksk_file)?;
         let client = Client::new(
-            bases,
+            &cfg.marketplace_bases,
             extra_ca,
             "seller_server.marketplace_extra_ca_file",
             MARKET_TIMEOUT,
@@ -303,7 +441,12 @@ impl Relay {
             ClientError::Config(m) => format!("seller_server.marketplace_bases: {m}"),
             e => e.to_string(),
         })?;
-        Ok(Relay { client })
+        let pool = super::pool::Pool::new(
+            cfg.relay_workers,
+            cfg.relay_queue,
+            Duration::from_secs(cfg.relay_queue_wait_secs),
+        );
+        Ok(Relay { client, pool })
     }
 }
 
@@ -459,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn first_activation_binds_and_nonces_are_single_use() {
+    fn known_keys_claim_codes_before_forwarding_and_nonces_are_single_use() {
         let dir = tempfile::tempdir().unwrap();
         for (name, b) in db::tests::backends(dir.path()) {
             let db = Db::start(b);
@@ -467,29 +610,39 @@ mod tests {
                 key: key.into(),
                 nonce: nonce.into(),
             };
-            let run = |ep, codes: &[&str], d: Device| {
+            let run = |ep, codes: &[&str], d: Device, enroll: Option<&str>| {
                 let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
-                db.run_blocking(move |tx| gate(tx, ep, &codes, &d, &[], 100_000))
+                let enroll = enroll.map(enrollment_hash);
+                db.run_blocking(move |tx| gate(tx, ep, &codes, &d, enroll.as_deref(), &[], 100_000))
                     .unwrap()
             };
-            // Unbound: activation goes through, the rest is refused.
-            assert_eq!(
-                run(Endpoint::Activate, &["C"], dev("K1", "n1")),
-                Gate::Forward,
-                "{name}"
-            );
+            let fwd = |claimed, priority| Gate::Forward { claimed, priority };
+            // An unknown key gets nothing; a token enrolls up to its quota.
             assert!(matches!(
-                run(Endpoint::Heartbeat, &["C"], dev("K1", "n2")),
-                Gate::Forbidden(_)
+                run(Endpoint::Activate, &["C"], dev("K1", "n0"), None),
+                Gate::Unknown(_)
             ));
+            db.run_blocking(|tx| {
+                tx.put_enrollment(&db::EnrollmentRow {
+                    token_sha256: enrollment_hash("TOKEN"),
+                    label: "image-1".into(),
+                    quota: 2,
+                    used: 0,
+                    created_at: 1,
+                    revoked: false,
+                })
+            })
+            .unwrap();
+            assert!(matches!(
+                run(Endpoint::Activate, &["C"], dev("K1", "n1"), Some("WRONG")),
+                Gate::Unknown(_)
+            ));
+            // K1 enrolls and claims C before anything is forwarded.
             assert_eq!(
-                run(Endpoint::Activate, &["C"], dev("K1", "n1")),
-                Gate::Replay,
+                run(Endpoint::Activate, &["C"], dev("K1", "n2"), Some("TOKEN")),
+                fwd(true, Priority::Enrolled),
                 "{name}"
             );
-            assert!(db.run_blocking(|tx| bind(tx, "C", "K1", 101)).unwrap());
-            assert!(db.run_blocking(|tx| bind(tx, "C", "K1", 102)).unwrap());
-            assert!(!db.run_blocking(|tx| bind(tx, "C", "K2", 103)).unwrap());
             assert_eq!(
                 db.run_blocking(|tx| tx.code("C"))
                     .unwrap()
@@ -499,42 +652,92 @@ mod tests {
                 Some("K1")
             );
             assert_eq!(
-                run(Endpoint::Heartbeat, &["C"], dev("K1", "n3")),
-                Gate::Forward
+                run(Endpoint::Activate, &["C"], dev("K1", "n2"), None),
+                Gate::Replay
+            );
+            // Its retry is not a fresh claim (a 92020003 then means: recover), and holding
+            // a code makes the key bound (served first).
+            assert_eq!(
+                run(Endpoint::Activate, &["C"], dev("K1", "n3"), None),
+                fwd(false, Priority::Bound)
             );
             assert_eq!(
-                run(Endpoint::Activate, &["C"], dev("K1", "n4")),
-                Gate::Forward
+                run(Endpoint::Heartbeat, &["C"], dev("K1", "n4"), None),
+                fwd(false, Priority::Bound)
             );
+            // K2 enrolls (quota 2 of 2) but C is K1's.
             assert!(matches!(
-                run(Endpoint::Activate, &["C"], dev("K2", "n5")),
+                run(Endpoint::Activate, &["C"], dev("K2", "n5"), Some("TOKEN")),
                 Gate::Forbidden(_)
             ));
-            assert!(
-                matches!(run(Endpoint::Usage, &["C", "D"], dev("K1", "n6")), Gate::Forbidden(m) if m.contains(" D "))
-            );
-            // The marketplace's own nonces do not collide with the relay's.
-            assert!(db.run_blocking(|tx| tx.nonce_fresh("n7", 100)).unwrap());
             assert_eq!(
-                run(Endpoint::Heartbeat, &["C"], dev("K1", "n7")),
-                Gate::Forward
+                run(Endpoint::Heartbeat, &["D"], dev("K2", "n6"), None).clone(),
+                Gate::Forbidden("authorization code D was not activated through this relay".into())
+            );
+            assert!(matches!(
+                run(Endpoint::Activate, &["D"], dev("K3", "n7"), Some("TOKEN")),
+                Gate::Unknown(m) if m.contains("quota")
+            ));
+            // The claim is undone when the marketplace refuses: K2 may then take D.
+            assert_eq!(
+                run(Endpoint::Activate, &["D"], dev("K2", "n8"), None),
+                fwd(true, Priority::Enrolled)
+            );
+            db.run_blocking(|tx| unclaim(tx, "D", "K2", 1)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.code("D"))
+                    .unwrap()
+                    .unwrap()
+                    .device_key,
+                None
+            );
+            assert!(matches!(
+                run(Endpoint::Usage, &["C", "D"], dev("K1", "n9"), None),
+                Gate::Forbidden(m) if m.contains(" D ")
+            ));
+            // The marketplace's own nonces do not collide with the relay's.
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("n10", 100)).unwrap());
+            assert_eq!(
+                run(Endpoint::Heartbeat, &["C"], dev("K1", "n10"), None),
+                fwd(false, Priority::Bound)
             );
         }
     }
 
     #[test]
-    fn activation_answers_that_bind() {
-        assert!(activated(
-            200,
-            r#"{"error_code":"92020000","error_msg":"success"}"#
-        ));
-        assert!(activated(
-            200,
+    fn what_an_activation_answer_does_to_the_claim() {
+        use AfterActivate::*;
+        let ok = r#"{"error_code":"92020000","error_msg":"success"}"#;
+        let again = r#"{"error_code":"92020003","error_msg":"illegal state","data":{"x":1}}"#;
+        assert_eq!(after_activate(200, ok, true), Pass);
+        assert_eq!(after_activate(200, again, true), UnclaimStripped);
+        assert_eq!(after_activate(200, again, false), Recover);
+        assert_eq!(
+            after_activate(200, r#"{"error_code":"92020005"}"#, true),
+            Unclaim
+        );
+        assert_eq!(after_activate(401, ok, true), Unclaim);
+        assert_eq!(after_activate(200, "x", false), Pass);
+        assert_eq!(
+            strip_data(again),
             r#"{"error_code":"92020003","error_msg":"illegal state"}"#
-        ));
-        assert!(!activated(200, r#"{"error_code":"92020005"}"#));
-        assert!(!activated(401, r#"{"error_code":"92020000"}"#));
-        assert!(!activated(200, "x"));
+        );
+        let q = r#"{"error_code":"92020000","error_msg":"ok","data":{"license_code":"C1","status":"ALIVE","activate_time":"20260101000000","expire_time":"20270101000000","order_id":"CS1","product_id":"P1"}}"#;
+        let a = recovered_answer("C1", 200, q).unwrap();
+        let act = api::parse_activate(200, &a).unwrap();
+        assert!(act.recovered);
+        let info = act.info.unwrap();
+        assert_eq!(
+            (
+                info.status.as_str(),
+                info.order_id.as_deref(),
+                info.product_id.as_deref()
+            ),
+            ("ALIVE", Some("CS1"), Some("P1"))
+        );
+        assert_eq!(recovered_answer("C2", 200, q), None);
+        let expired = q.replace("ALIVE", "EXPIRED");
+        assert_eq!(recovered_answer("C1", 200, &expired), None);
     }
 
     #[test]

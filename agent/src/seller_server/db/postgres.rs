@@ -10,8 +10,8 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    Backend, BucketRow, CodeRow, DbError, DeviceRow, EventRow, InstanceRow, InstanceStatus,
-    TokenRow, Tx, UploadRow,
+    Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
+    InstanceStatus, TokenRow, Tx, UploadRow,
 };
 
 pub struct Postgres {
@@ -48,7 +48,8 @@ pub fn valid_schema(s: &str) -> bool {
 }
 
 /// Columns added since the first schema, for databases made by an older version.
-const MIGRATIONS: &str = "ALTER TABLE codes ADD COLUMN IF NOT EXISTS device_key TEXT;";
+const MIGRATIONS: &str = "ALTER TABLE codes ADD COLUMN IF NOT EXISTS device_key TEXT; \
+                          CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key);";
 
 impl Postgres {
     /// Connects (a libpq-style URL or key=value string) and creates the tables in
@@ -439,6 +440,74 @@ impl Tx for Postgres {
         Ok(out)
     }
 
+    fn key_bound(&mut self, key: &str) -> Result<bool, DbError> {
+        Ok(self
+            .opt(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE device_key = $1) \
+                 OR EXISTS (SELECT 1 FROM codes WHERE device_key = $1)",
+                &[&key],
+            )?
+            .is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    fn key_enrolled(&mut self, key: &str) -> Result<bool, DbError> {
+        Ok(self
+            .opt(
+                "SELECT EXISTS (SELECT 1 FROM enrolled_keys WHERE device_key = $1)",
+                &[&key],
+            )?
+            .is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    fn enrollment(&mut self, token_sha256: &str) -> Result<Option<EnrollmentRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 WHERE token_sha256 = $1",
+                &[&token_sha256],
+            )?
+            .map(|r| enrollment_row(&r)))
+    }
+
+    fn all_enrollments(&mut self) -> Result<Vec<EnrollmentRow>, DbError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 ORDER BY created_at, label",
+                &[],
+            )
+            .map_err(err)?;
+        Ok(rows.iter().map(enrollment_row).collect())
+    }
+
+    fn put_enrollment(&mut self, e: &EnrollmentRow) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO enrollments (token_sha256, label, quota, used, created_at, revoked) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_sha256) DO UPDATE SET \
+             label = excluded.label, quota = excluded.quota, used = excluded.used, \
+             revoked = excluded.revoked",
+            &[
+                &e.token_sha256,
+                &e.label,
+                &e.quota,
+                &e.used,
+                &e.created_at,
+                &(e.revoked as i64),
+            ],
+        )
+        .map(drop)
+    }
+
+    fn put_enrolled_key(&mut self, key: &str, token_sha256: &str, at: i64) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO enrolled_keys (device_key, token_sha256, enrolled_at) \
+             VALUES ($1, $2, $3) ON CONFLICT (device_key) DO NOTHING",
+            &[&key, &token_sha256, &at],
+        )
+        .map(drop)
+    }
+
     fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError> {
         Ok(self
             .opt("SELECT level, at_ms FROM buckets WHERE name = $1", &[&name])?
@@ -459,6 +528,17 @@ impl Tx for Postgres {
 
     fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError> {
         self.exec("DELETE FROM buckets WHERE at_ms < $1", &[&before_ms])
+    }
+}
+
+fn enrollment_row(r: &Row) -> EnrollmentRow {
+    EnrollmentRow {
+        token_sha256: r.get(0),
+        label: r.get(1),
+        quota: r.get(2),
+        used: r.get(3),
+        created_at: r.get(4),
+        revoked: r.get::<_, i64>(5) != 0,
     }
 }
 

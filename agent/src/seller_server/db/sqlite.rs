@@ -6,8 +6,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Backend, BucketRow, CodeRow, DbError, DeviceRow, EventRow, InstanceRow, InstanceStatus,
-    TokenRow, Tx, UploadRow,
+    Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
+    InstanceStatus, TokenRow, Tx, UploadRow,
 };
 
 pub struct Sqlite {
@@ -74,6 +74,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch("ALTER TABLE codes ADD COLUMN device_key TEXT")?;
         log::info!("database: added codes.device_key (relay)");
     }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
     Ok(())
 }
 
@@ -501,6 +502,79 @@ impl Tx for Sqlite {
         Ok(out)
     }
 
+    fn key_bound(&mut self, key: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE device_key = ?1) \
+                 OR EXISTS (SELECT 1 FROM codes WHERE device_key = ?1)",
+            )
+            .and_then(|mut s| s.query_row(params![key], |r| r.get::<_, bool>(0)))
+            .map_err(err)
+    }
+
+    fn key_enrolled(&mut self, key: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM enrolled_keys WHERE device_key = ?1)")
+            .and_then(|mut s| s.query_row(params![key], |r| r.get::<_, bool>(0)))
+            .map_err(err)
+    }
+
+    fn enrollment(&mut self, token_sha256: &str) -> Result<Option<EnrollmentRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 WHERE token_sha256 = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![token_sha256], enrollment_row)
+                    .optional()
+            })
+            .map_err(err)
+    }
+
+    fn all_enrollments(&mut self) -> Result<Vec<EnrollmentRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 ORDER BY created_at, label",
+            )
+            .and_then(|mut s| s.query_map([], enrollment_row)?.collect())
+            .map_err(err)
+    }
+
+    fn put_enrollment(&mut self, e: &EnrollmentRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO enrollments (token_sha256, label, quota, used, created_at, revoked) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (token_sha256) DO UPDATE SET \
+                 label = excluded.label, quota = excluded.quota, used = excluded.used, \
+                 revoked = excluded.revoked",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    e.token_sha256,
+                    e.label,
+                    e.quota,
+                    e.used,
+                    e.created_at,
+                    e.revoked as i64
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn put_enrolled_key(&mut self, key: &str, token_sha256: &str, at: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO enrolled_keys (device_key, token_sha256, enrolled_at) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (device_key) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![key, token_sha256, at]))
+            .map(drop)
+            .map_err(err)
+    }
+
     fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError> {
         self.conn
             .prepare_cached("SELECT level, at_ms FROM buckets WHERE name = ?1")
@@ -534,6 +608,17 @@ impl Tx for Sqlite {
             .map(|n| n as u64)
             .map_err(err)
     }
+}
+
+fn enrollment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EnrollmentRow> {
+    Ok(EnrollmentRow {
+        token_sha256: r.get(0)?,
+        label: r.get(1)?,
+        quota: r.get(2)?,
+        used: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked: r.get::<_, i64>(5)? != 0,
+    })
 }
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
