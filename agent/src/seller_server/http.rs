@@ -59,6 +59,8 @@ pub struct State {
     pub window_secs: i64,
     /// None: no `aksk_file`, no relay.
     pub relay: Option<Arc<Relay>>,
+    /// `license_upload`: `getLicenseAsync` licenses go into the upload outbox.
+    pub upload: bool,
     pub limits: LimitsConfig,
     pub body_timeout: Duration,
     last_prune: AtomicI64,
@@ -83,6 +85,7 @@ impl State {
             clock,
             window_secs: cfg.timestamp_window_secs as i64,
             relay,
+            upload: cfg.license_upload,
             limits: cfg.limits.clone(),
             body_timeout: Duration::from_secs(cfg.body_timeout_secs),
             last_prune: AtomicI64::new(0),
@@ -352,6 +355,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             key: &state.signing_key,
             tokens: state.tokens.as_ref(),
             presigned: None,
+            upload: false,
         },
         &body,
     );
@@ -374,6 +378,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             key: &st.signing_key,
             tokens: st.tokens.as_ref(),
             presigned: presigned.as_deref(),
+            upload: st.upload,
         };
         activities::handle(tx, &ctx, &body)
     };
@@ -770,6 +775,15 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             log::info!("seller server stopping");
         };
+        if let (true, Some(rl)) = (cfg.license_upload, state.relay.clone()) {
+            let up = super::upload::Uploader {
+                relay: rl,
+                template: cfg.license_upload_path.clone(),
+                first_backoff: cfg.license_upload_retry_secs as i64,
+                clock: state.clock.clone(),
+            };
+            tokio::spawn(super::upload::run(state.db.clone(), up));
+        }
         serve(listener, tls, state, shutdown).await;
         Ok(())
     })
