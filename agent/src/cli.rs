@@ -122,11 +122,15 @@ enum Command {
         /// Drop usage that was not delivered yet
         #[arg(long)]
         force: bool,
-        /// Only print what would be removed
+        /// Only print what would be removed (never refuses; says what would stop the prep)
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]
         json: bool,
+        /// Prepare the image tree mounted at DIR instead of this machine: its
+        /// etc/kooagent/agent.toml (or --config), state and etc/machine-id inside DIR
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
     /// Usage metering: what is recorded, pending, delivered, parked
     Usage {
@@ -560,8 +564,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             force,
             dry_run,
             json,
+            root,
         } => {
-            let cfg = g.load()?.config;
+            let cfg = match &root {
+                Some(r) => crate::image_prep::config_for_root(r, g.config.as_deref())?,
+                None => g.load()?.config,
+            };
             let report = crate::image_prep::run(&cfg, force, dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -68,12 +68,21 @@ pub fn run(cfg: &Config, force: bool, dry_run: bool) -> Result<Report, PrepError
     };
     let mut report = Report::default();
     if let Some(undelivered) = undelivered_usage(&state.join("usage"), cfg.usage.max_bytes)? {
-        if !force {
+        if !force && dry_run {
+            // A dry run shows everything, the refusal included (issue 20: on a build VM
+            // with uploading off it refused before showing anything).
+            report.notes.push(format!(
+                "without --force the prep would stop here: {undelivered} of usage not \
+                 delivered yet (run `kooagent usage flush` while the agent runs, or pass \
+                 --force to drop it)"
+            ));
+        } else if !force {
             return Err(PrepError::Undelivered(undelivered));
+        } else {
+            report.notes.push(format!(
+                "dropped undelivered usage (--force): {undelivered}"
+            ));
         }
-        report.notes.push(format!(
-            "dropped undelivered usage (--force): {undelivered}"
-        ));
     }
     let mut targets: Vec<PathBuf> = PER_INSTANCE.iter().map(|p| state.join(p)).collect();
     targets.extend(bound_licenses(&state.join("licenses"), &mut report));
@@ -162,4 +171,41 @@ fn bound_licenses(dir: &Path, report: &mut Report) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The agent configuration of the image tree at `root` (`--root`): its
+/// `etc/kooagent/agent.toml` (or `file`), with every path moved inside the tree. Paths the
+/// file leaves out take the image's defaults, the FHS ones (its agent runs as root), not
+/// the defaults of whoever runs the prep.
+pub fn config_for_root(
+    root: &Path,
+    file: Option<&Path>,
+) -> Result<crate::config::Config, crate::config::ConfigError> {
+    use crate::config::{Origin, Overrides};
+    let in_tree = root.join("etc/kooagent/agent.toml");
+    let file = file
+        .map(Path::to_path_buf)
+        .or_else(|| in_tree.exists().then_some(in_tree));
+    let loaded = match &file {
+        Some(f) => crate::config::load(Some(f), &Overrides::default())?,
+        None => crate::config::load(Some(Path::new("/dev/null")), &Overrides::default())?,
+    };
+    let mut cfg = loaded.config.clone();
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let pick = |key: &str, set: &Path, fhs: &str| {
+        if loaded.origin(key) == Origin::Default {
+            inside(Path::new(fhs))
+        } else {
+            inside(set)
+        }
+    };
+    cfg.agent.state_dir = pick("agent.state_dir", &cfg.agent.state_dir, "/var/lib/kooagent");
+    cfg.socket.path = pick("socket.path", &cfg.socket.path, "/run/kooagent/agent.sock");
+    cfg.agent.pidfile = pick(
+        "agent.pidfile",
+        &cfg.agent.pidfile,
+        "/run/kooagent/kooagent.pid",
+    );
+    cfg.identity.root = inside(&cfg.identity.root);
+    Ok(cfg)
 }

@@ -67,3 +67,61 @@ fn image_prep_clears_per_instance_state() {
     let st = a.call("usage.status", json!({})).unwrap();
     assert_eq!(st["pending"]["records"], json!(0), "{st}");
 }
+
+/// Issue 20 item 3: `--dry-run` shows everything even when the prep would refuse
+/// (uploading off, usage undelivered), and `--root DIR` prepares an image tree: its own
+/// agent.toml, state and machine-id, not the host's.
+#[test]
+fn dry_run_never_refuses_and_root_prepares_an_image_tree() {
+    let mut a = TestAgent::start("[usage.meters.m]\ninstance_id = \"inst-1\"\n");
+    let now = kooagent::clock::Clock::now_secs(&kooagent::clock::SystemClock);
+    a.call(
+        "usage.record",
+        json!({"meter": "m", "value": "3", "at": now - 7200}),
+    )
+    .unwrap();
+    a.stop();
+    let out = a.cli(&["image-prep", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("would remove"), "{}", text(&out));
+    assert!(
+        text(&out).contains("without --force the prep would stop here"),
+        "{}",
+        text(&out)
+    );
+    assert!(a.state.join("usage").exists(), "a dry run removes nothing");
+
+    // An image tree: /etc/kooagent/agent.toml naming no paths (the image's defaults apply,
+    // inside the tree), a state directory with a device key, and an empty machine-id.
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    std::fs::create_dir_all(t.join("etc/kooagent")).unwrap();
+    std::fs::create_dir_all(t.join("var/lib/kooagent/licenses")).unwrap();
+    std::fs::write(
+        t.join("etc/kooagent/agent.toml"),
+        "[agent]\nproduct_id = \"sku\"\n",
+    )
+    .unwrap();
+    std::fs::write(t.join("var/lib/kooagent/device.key"), [7u8; 32]).unwrap();
+    std::fs::write(t.join("etc/machine-id"), "").unwrap();
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(["image-prep", "--root"])
+        .arg(t)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "removed {}",
+            t.join("var/lib/kooagent/device.key").display()
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(!t.join("var/lib/kooagent/device.key").exists());
+    assert!(
+        !text(&out).contains("machine-id is set"),
+        "the tree's empty machine-id is checked, not the host's: {}",
+        text(&out)
+    );
+}
