@@ -52,6 +52,8 @@ pub(crate) struct State {
     pub(crate) lose_activation_answer: Option<Duration>,
     /// Daily queries answer about this code instead of the one asked.
     pub(crate) answer_about: Option<String>,
+    /// License uploads received (path, body), `getLicenseAsync`.
+    pub(crate) uploads: Vec<(String, Value)>,
     pub(crate) seen: Vec<Seen>,
     pub(crate) violations: Vec<String>,
     /// code → distinct ids, and the reported active_num totals.
@@ -419,6 +421,15 @@ fn handle(req: &Request, s: &mut State) -> (u16, Value) {
                     }
                 }
             }
+            (200, err("92020000", "success"))
+        }
+        p if p.starts_with("/api/mkp-openapi-public/global/v1/market-event/")
+            && p.ends_with("/file") =>
+        {
+            if !body["content"].is_string() {
+                return bad();
+            }
+            s.uploads.push((p.to_string(), body.clone()));
             (200, err("92020000", "success"))
         }
         _ => (404, json!({"error_msg": "not found"})),

@@ -354,3 +354,52 @@ fn numeric_socket_group_is_a_gid() {
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 }
+
+/// Context switches of every thread of `pid`, by thread name.
+fn switches(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let n = field("voluntary_ctxt_switches:")
+            .parse::<u64>()
+            .unwrap_or(0)
+            + field("nonvoluntary_ctxt_switches:")
+                .parse::<u64>()
+                .unwrap_or(0);
+        out.push((
+            format!("{}/{}", field("Name:"), t.file_name().to_string_lossy()),
+            n,
+        ));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_idle_agent_does_not_wake_up_for_a_minute() {
+    let a = TestAgent::start("");
+    let pid = a.child.as_ref().unwrap().id();
+    // Let start-up work (identity, first scans) settle.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = switches(pid);
+    std::thread::sleep(Duration::from_secs(61));
+    let after = switches(pid);
+    let woke: Vec<String> = after
+        .iter()
+        .filter_map(|(name, n)| {
+            let was = before.iter().find(|(b, _)| b == name).map_or(0, |b| b.1);
+            (*n != was).then(|| format!("{name}: {}", n - was))
+        })
+        .collect();
+    assert!(woke.is_empty(), "threads woke while idle: {woke:?}");
+}

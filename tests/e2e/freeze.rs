@@ -84,6 +84,22 @@ fn wait_log(log: &Path, n: usize) -> Vec<String> {
     }
 }
 
+/// Waits until `freeze.status` shows the first license's actions journaled as done.
+fn wait_actions_journaled(a: &TestAgent) {
+    let t0 = Instant::now();
+    loop {
+        let s = a.call("freeze.status", json!({})).unwrap();
+        if s["licenses"][0]["actions"]["ok"] == true {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "actions never journaled: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn read_event(c: &mut crate::harness::Conn) -> Value {
     let v = c.read_json();
     assert_eq!(v["ok"], true, "{v}");
@@ -239,6 +255,9 @@ fn restart_keeps_frozen_and_tampering_does_not_unfreeze() {
     )
     .unwrap();
     assert_eq!(wait_log(&log, 2).len(), 2);
+    // Actions run at least once: the journal that says they ran is written after them, so
+    // stop only once it is (a stop in between would rightly run them again).
+    wait_actions_journaled(&a);
 
     // A restart (same boot): still frozen, and the actions do not run again.
     a.stop();

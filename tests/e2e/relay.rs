@@ -390,3 +390,58 @@ fn a_real_agent_in_relay_mode_activates_and_reports_through_the_seller_server() 
     assert!(!a.log().contains(SK) && !b.log().contains(SK));
     market.assert_no_violations();
 }
+
+/// Issue 13 item 6: `getLicenseAsync` with `license_upload` on. The license is answered
+/// as always, and uploaded from the outbox to the stand-in's (unconfirmed) upload API,
+/// AK/SK-signed; a failed attempt is retried after the configured backoff.
+#[test]
+fn async_licenses_are_uploaded_and_retried() {
+    let market = Market::start();
+    let dir = short_tempdir();
+    let server = start(
+        &market,
+        "license_upload = true\nlicense_upload_retry_secs = 1\n",
+        dir.path(),
+    );
+    // The first attempt fails (the marketplace has an internal error).
+    market.with(|s| s.inject = Some((500, "92020001".into())));
+    let code = "AAAA-BBBB-CCCC-DDDD-EEEE";
+    let code = (0..32)
+        .map(|i| "0123456789ABCDEFGHJKMNPQRSTVWXYZ".as_bytes()[i] as char)
+        .find_map(|c| kooagent::device_code::parse_code(&format!("{}{c}", &code[..23])).ok())
+        .unwrap();
+    let now = now_ms() / 1000;
+    let (_, v) = server.market(&json!({
+        "activity": "getLicenseAsync", "instanceId": "RA2-ASYNC-1", "eventId": "8e5694c8-async-1",
+        "effectiveTime": kooagent::clock::format_rfc3339(now - 60).replace('T', " ").replace('Z', " z"),
+        "deviceFingerprint": code
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    let license = v["license"].as_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    while market.with(|s| s.uploads.is_empty()) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no upload; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (path, body) = market.with(|s| s.uploads[0].clone());
+    assert_eq!(
+        path,
+        "/api/mkp-openapi-public/global/v1/market-event/8e5694c8-async-1/file"
+    );
+    assert_eq!(body["content"], license.as_str());
+    let log = server.log();
+    assert!(log.contains("attempt 1 failed"), "{log}");
+    // Uploaded once: the outbox row is done.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(market.with(|s| s.uploads.len()), 1);
+    assert!(
+        server.log().contains("uploaded after 2 attempt(s)"),
+        "{}",
+        server.log()
+    );
+    market.assert_no_violations();
+}

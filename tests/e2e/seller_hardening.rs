@@ -374,3 +374,82 @@ fn a_full_relay_answers_busy_at_once_and_serves_bound_devices_first() {
         market.seen().len()
     );
 }
+
+/// A TLS connection to the server, raw (the test writes the HTTP itself).
+fn raw_tls(
+    server: &SellerServer,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&server.ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(cfg),
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Item 5: a body that never arrives, or trickles in, is cut at the body deadline.
+#[test]
+fn stalled_and_trickling_bodies_are_cut_at_the_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let server = SellerServer::start("body_timeout_secs = 2\n");
+    let head = "POST /koogallery/sku-pro?signature=x&timestamp=1&nonce=n HTTP/1.1\r\n\
+                Host: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    for trickle in [false, true] {
+        let mut tls = raw_tls(&server);
+        tls.write_all(head.as_bytes()).unwrap();
+        tls.flush().unwrap();
+        let t0 = Instant::now();
+        let mut raw = Vec::new();
+        if trickle {
+            // One byte every 300 ms, for longer than the deadline, reading in between.
+            tls.sock
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            while t0.elapsed() < Duration::from_secs(6) {
+                if tls.write_all(b" ").and_then(|_| tls.flush()).is_err() {
+                    break;
+                }
+                match tls.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
+                if !raw.is_empty() {
+                    break;
+                }
+            }
+            tls.sock
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        raw.extend_from_slice(&rest);
+        let took = t0.elapsed();
+        let text = String::from_utf8_lossy(&raw).to_string();
+        assert!(
+            took < Duration::from_secs(8),
+            "trickle {trickle}: held {took:?}"
+        );
+        assert!(
+            text.contains("did not arrive within 2 s"),
+            "trickle {trickle}: {text}"
+        );
+    }
+}

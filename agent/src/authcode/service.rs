@@ -322,13 +322,22 @@ impl AuthcodeService {
 
     fn run(&self, rx: mpsc::Receiver<Job>) {
         loop {
-            let job = match rx.recv_timeout(CLIENTS_SAVE_EVERY) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.save_clients();
-                    continue;
+            // Idle means asleep: the save timer is armed only while something is unsaved
+            // (a usage report that could not be made leaves the clients dirty).
+            let job = if self.clients_dirty.load(Ordering::SeqCst) {
+                match rx.recv_timeout(CLIENTS_SAVE_EVERY) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.save_clients();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            } else {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(mpsc::RecvError) => return,
+                }
             };
             match job {
                 Job::Activate(code, product, reply) => {

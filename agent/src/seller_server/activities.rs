@@ -25,7 +25,7 @@ use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::db::{CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx};
+use super::db::{CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow};
 use super::tokens::{StatusTokens, TokenAction};
 use super::ProductConfig;
 use crate::license::{format, seller};
@@ -96,6 +96,9 @@ pub struct Ctx<'a> {
     /// The license [`presign`] made for this very request, if any: `getLicense` then
     /// does no signing on the database thread.
     pub presigned: Option<&'a str>,
+    /// `license_upload` is on: a `getLicenseAsync` license also goes into the upload
+    /// outbox, in the same transaction (see `super::upload`).
+    pub upload: bool,
 }
 
 /// Signs, off the database thread, the license a `getLicense` body would issue: its
@@ -615,6 +618,19 @@ fn get_license(
     tx.put_instance(&row)?;
     let body = license_answer(&row);
     remember(tx, ctx, &event_key, activity, order.digest, &body)?;
+    if let (true, "getLicenseAsync", RequestKey::Event(e)) = (ctx.upload, activity, &order.key) {
+        // Durable with the license itself: the upload cannot be forgotten by a crash.
+        tx.put_upload(&UploadRow {
+            event_id: e.clone(),
+            instance_id: instance_id.clone(),
+            license: text.clone(),
+            attempts: 0,
+            next_at: ctx.now,
+            done_at: None,
+            last_error: None,
+            created_at: ctx.now,
+        })?;
+    }
     let how = if rebind.is_some() {
         "rebound to a new device code"
     } else {

@@ -61,6 +61,17 @@ CREATE TABLE IF NOT EXISTS nonces (
     seen_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (seen_at);
+CREATE TABLE IF NOT EXISTS uploads (
+    event_id    TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    license     TEXT NOT NULL,
+    attempts    BIGINT NOT NULL,
+    next_at     BIGINT NOT NULL,
+    done_at     BIGINT,
+    last_error  TEXT,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_due ON uploads (next_at) WHERE done_at IS NULL;
 CREATE TABLE IF NOT EXISTS codes (
     code       TEXT PRIMARY KEY,
     status     TEXT NOT NULL,
@@ -196,6 +207,22 @@ pub struct CodeRow {
     pub device_key: Option<String>,
 }
 
+/// A license to upload to the marketplace (`getLicenseAsync`, §2): the outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    pub event_id: String,
+    pub instance_id: String,
+    pub license: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+    /// Not before this time (Unix seconds).
+    pub next_at: i64,
+    /// When the marketplace accepted it; None: still to do.
+    pub done_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
 /// The device registry: a device key (base64 ed25519, the relay protocol's) bound to one
 /// device code by trust on first use (docs/seller-server.md "Security"). A key may hold
 /// several codes (a device code is per product); a code has one key.
@@ -253,6 +280,13 @@ pub trait Tx {
     fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
     /// Distinct licenses issued so far (checks and the bench).
     fn count_licenses(&mut self) -> Result<i64, DbError>;
+    /// The license upload outbox (`getLicenseAsync`): inserts or replaces by event.
+    fn put_upload(&mut self, row: &UploadRow) -> Result<(), DbError>;
+    fn upload(&mut self, event_id: &str) -> Result<Option<UploadRow>, DbError>;
+    /// Uploads not done whose `next_at` has come, oldest first, at most `limit`.
+    fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError>;
+    /// (not done, done) counts.
+    fn count_uploads(&mut self) -> Result<(i64, i64), DbError>;
 
     /// The binding of device code `code`, if any.
     fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError>;
@@ -682,6 +716,40 @@ pub mod tests {
             let c2 = code.clone();
             db.run_blocking(move |tx| tx.put_code(&c2)).unwrap();
             assert_eq!(db.run_blocking(|tx| tx.code("PL1")).unwrap(), Some(code));
+
+            let up = UploadRow {
+                event_id: "ev-u".into(),
+                instance_id: "i1".into(),
+                license: "kl1.u".into(),
+                attempts: 0,
+                next_at: 100,
+                done_at: None,
+                last_error: None,
+                created_at: 90,
+            };
+            let u2 = up.clone();
+            db.run_blocking(move |tx| tx.put_upload(&u2)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(99, 10)).unwrap(),
+                vec![]
+            );
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(100, 10)).unwrap(),
+                vec![up.clone()],
+                "{name}"
+            );
+            let mut done = up.clone();
+            done.attempts = 2;
+            done.done_at = Some(120);
+            done.last_error = Some("x".into());
+            let d2 = done.clone();
+            db.run_blocking(move |tx| tx.put_upload(&d2)).unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.upload("ev-u")).unwrap(), Some(done));
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(1000, 10)).unwrap(),
+                vec![]
+            );
+            assert_eq!(db.run_blocking(|tx| tx.count_uploads()).unwrap(), (0, 1));
         }
     }
 }

@@ -59,7 +59,10 @@ pub struct State {
     pub window_secs: i64,
     /// None: no `aksk_file`, no relay.
     pub relay: Option<Arc<Relay>>,
+    /// `license_upload`: `getLicenseAsync` licenses go into the upload outbox.
+    pub upload: bool,
     pub limits: LimitsConfig,
+    pub body_timeout: Duration,
     last_prune: AtomicI64,
 }
 
@@ -82,7 +85,9 @@ impl State {
             clock,
             window_secs: cfg.timestamp_window_secs as i64,
             relay,
+            upload: cfg.license_upload,
             limits: cfg.limits.clone(),
+            body_timeout: Duration::from_secs(cfg.body_timeout_secs),
             last_prune: AtomicI64::new(0),
         }
     }
@@ -301,14 +306,35 @@ fn signed(state: &State, body: String) -> Resp {
     r
 }
 
+/// The whole body within `body_timeout` (headers have their own limit): a body that never
+/// comes, or trickles, cannot hold a connection. With bodies of at most [`MAX_BODY`] the
+/// deadline is also the minimum transfer rate (64 KiB in 10 s by default).
+async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, String> {
+    let limit = state.body_timeout;
+    match tokio::time::timeout(limit, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err(format!(
+            "request body unreadable or larger than {MAX_BODY} bytes: {e}"
+        )),
+        Err(_) => Err(format!(
+            "the request body did not arrive within {} s",
+            limit.as_secs()
+        )),
+    }
+}
+
+/// The answer, then the connection is closed (its request was not read to the end).
+fn closing(mut r: Resp) -> Resp {
+    r.headers_mut()
+        .insert("connection", "close".parse().expect("valid"));
+    r
+}
+
 async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) -> Resp {
     let query = req.uri().query().map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let msg = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
-            return signed(&state, answer(ResultCode::BadParams, &msg, &[]));
-        }
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(msg) => return closing(signed(&state, answer(ResultCode::BadParams, &msg, &[]))),
     };
     let now_ms = state.clock.now_ms();
     let (nonce, body) = match authenticate(&state, query.as_deref(), body, now_ms) {
@@ -329,6 +355,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             key: &state.signing_key,
             tokens: state.tokens.as_ref(),
             presigned: None,
+            upload: false,
         },
         &body,
     );
@@ -351,6 +378,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             key: &st.signing_key,
             tokens: st.tokens.as_ref(),
             presigned: presigned.as_deref(),
+            upload: st.upload,
         };
         activities::handle(tx, &ctx, &body)
     };
@@ -401,11 +429,14 @@ async fn relay_call(
     };
     let path = req.uri().path().to_string();
     let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let msg = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
-            return relay_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &msg);
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(msg) => {
+            return closing(relay_error(
+                StatusCode::BAD_REQUEST,
+                relay::ERR_BAD_REQUEST,
+                &msg,
+            ))
         }
     };
     let now_ms = state.clock.now_ms();
@@ -744,6 +775,15 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             log::info!("seller server stopping");
         };
+        if let (true, Some(rl)) = (cfg.license_upload, state.relay.clone()) {
+            let up = super::upload::Uploader {
+                relay: rl,
+                template: cfg.license_upload_path.clone(),
+                first_backoff: cfg.license_upload_retry_secs as i64,
+                clock: state.clock.clone(),
+            };
+            tokio::spawn(super::upload::run(state.db.clone(), up));
+        }
         serve(listener, tls, state, shutdown).await;
         Ok(())
     })

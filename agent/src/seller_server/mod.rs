@@ -30,6 +30,7 @@ pub mod limits;
 pub mod pool;
 pub mod relay;
 pub mod tokens;
+pub mod upload;
 
 /// The configuration file of `kooagent seller serve`: one `[seller_server]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +72,15 @@ pub struct SellerServerConfig {
     /// A CA certificate (PEM) trusted for those hosts besides the web PKI (tests,
     /// inspecting proxies); empty: none.
     pub marketplace_extra_ca_file: PathBuf,
+    /// Upload each `getLicenseAsync` license to the marketplace (§2) from a durable
+    /// outbox, signed with `aksk_file`. Off by default: the call is [UNCONFIRMED]
+    /// (docs/seller-server.md "License upload").
+    pub license_upload: bool,
+    /// The upload's path on `marketplace_bases`; `{event_id}` is replaced.
+    pub license_upload_path: String,
+    /// The first retry of a failed upload waits this long, then twice as long each
+    /// time, at most an hour.
+    pub license_upload_retry_secs: u64,
     /// Rate limits (`[seller_server.limits]`).
     pub limits: limits::LimitsConfig,
     /// Relay: threads calling the marketplace, calls that may wait for one, and how long
@@ -78,6 +88,8 @@ pub struct SellerServerConfig {
     pub relay_workers: usize,
     pub relay_queue: usize,
     pub relay_queue_wait_secs: u64,
+    /// A request body must arrive whole within this (headers: 10 s).
+    pub body_timeout_secs: u64,
 }
 
 impl Default for SellerServerConfig {
@@ -99,10 +111,14 @@ impl Default for SellerServerConfig {
                 .map(|b| b.to_string())
                 .collect(),
             marketplace_extra_ca_file: PathBuf::new(),
+            license_upload: false,
+            license_upload_path: upload::DEFAULT_PATH.into(),
+            license_upload_retry_secs: 30,
             limits: limits::LimitsConfig::default(),
             relay_workers: 8,
             relay_queue: 64,
             relay_queue_wait_secs: 5,
+            body_timeout_secs: 10,
         }
     }
 }
@@ -215,6 +231,27 @@ impl SellerServerConfig {
                 ));
             }
         }
+        if self.license_upload && self.aksk_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "seller_server.license_upload",
+                "needs seller_server.aksk_file (the upload is signed with the seller's AK/SK)",
+            ));
+        }
+        if !self.license_upload_path.starts_with('/')
+            || !self.license_upload_path.contains("{event_id}")
+            || self.license_upload_path.contains(['?', '#', ' '])
+        {
+            return Err(invalid(
+                "seller_server.license_upload_path",
+                "must be a URL path starting with / and holding {event_id}",
+            ));
+        }
+        if !(1..=3600).contains(&self.license_upload_retry_secs) {
+            return Err(invalid(
+                "seller_server.license_upload_retry_secs",
+                "must be between 1 and 3600",
+            ));
+        }
         if !(1..=256).contains(&self.relay_workers) {
             return Err(invalid(
                 "seller_server.relay_workers",
@@ -225,6 +262,12 @@ impl SellerServerConfig {
             return Err(invalid(
                 "seller_server.relay_queue",
                 "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=120).contains(&self.body_timeout_secs) {
+            return Err(invalid(
+                "seller_server.body_timeout_secs",
+                "must be between 1 and 120",
             ));
         }
         if !(1..=60).contains(&self.relay_queue_wait_secs) {

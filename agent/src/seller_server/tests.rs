@@ -48,6 +48,8 @@ fn product() -> ProductConfig {
 }
 
 struct Harness {
+    /// `license_upload` on.
+    upload: bool,
     db: Db,
     key: SigningKey,
     tokens: Arc<dyn StatusTokens>,
@@ -65,6 +67,7 @@ impl Harness {
                 (
                     name,
                     Harness {
+                        upload: false,
                         db: Db::start(b),
                         key: SigningKey::from_bytes(&[7; 32]),
                         tokens: tokens.clone(),
@@ -82,11 +85,12 @@ impl Harness {
 
     /// `presign`: as the server does, the license signed before the transaction.
     fn raw_with(&self, body: &[u8], presign: bool) -> Result<String, DbError> {
-        let (key, tokens, product, now) = (
+        let (key, tokens, product, now, upload) = (
             self.key.clone(),
             self.tokens.clone(),
             self.product.clone(),
             self.now,
+            self.upload,
         );
         let body = body.to_vec();
         let presigned = presign
@@ -98,6 +102,7 @@ impl Harness {
                         key: &key,
                         tokens: tokens.as_ref(),
                         presigned: None,
+                        upload: false,
                     },
                     &body,
                 )
@@ -110,6 +115,7 @@ impl Harness {
                 key: &key,
                 tokens: tokens.as_ref(),
                 presigned: presigned.as_deref(),
+                upload,
             };
             activities::handle(tx, &ctx, &body)
         })
@@ -257,6 +263,41 @@ fn purchases_without_instance_are_idempotent_by_order() {
             assert_eq!(c, "000002", "{name}");
             assert!(v["resultMsg"].as_str().unwrap().contains(missing), "{v}");
         }
+    }
+}
+
+/// `getLicenseAsync` with `license_upload` on: the license enters the upload outbox in
+/// the same transaction; `getLicense` and the option off do not.
+#[test]
+fn async_licenses_enter_the_upload_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = code("ABCD");
+    for (name, h) in Harness::all(dir.path(), Arc::new(TestTokens)) {
+        let mut a = order("inst-a", "ev-a", &dev);
+        a["activity"] = json!("getLicenseAsync");
+        h.call(a.clone());
+        assert_eq!(
+            h.db.run_blocking(|tx| tx.upload("ev-a")).unwrap(),
+            None,
+            "off by default"
+        );
+        let h = Harness { upload: true, ..h };
+        let mut b = a.clone();
+        b["eventId"] = json!("ev-b");
+        let (c, v, _) = h.call(b);
+        assert_eq!(c, "000000", "{name}: {v}");
+        let up = h.db.run_blocking(|tx| tx.upload("ev-b")).unwrap().unwrap();
+        assert_eq!(up.license, v["license"].as_str().unwrap());
+        assert_eq!(
+            (up.instance_id.as_str(), up.attempts, up.done_at),
+            ("inst-a", 0, None)
+        );
+        h.call(order("inst-c", "ev-c", &dev));
+        assert_eq!(
+            h.db.run_blocking(|tx| tx.upload("ev-c")).unwrap(),
+            None,
+            "{name}"
+        );
     }
 }
 
@@ -681,6 +722,7 @@ fn replicas_sharing_a_database_answer_one_license_per_event() {
     let dev = code("ABCD");
     for (name, a, b) in pairs {
         let mk = |backend| Harness {
+            upload: false,
             db: Db::start(backend),
             key: SigningKey::from_bytes(&[7; 32]),
             tokens: Arc::new(TestTokens),
@@ -749,6 +791,7 @@ fn a_license_signed_before_the_transaction_is_the_one_signed_inside() {
         key: &pre.key,
         tokens: pre.tokens.as_ref(),
         presigned: None,
+        upload: false,
     };
     assert!(activities::presign(&ctx, order.as_bytes()).is_some());
     for body in [

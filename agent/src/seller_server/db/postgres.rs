@@ -11,7 +11,7 @@ use postgres::{Client, NoTls, Row};
 
 use super::{
     Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx,
+    InstanceStatus, TokenRow, Tx, UploadRow,
 };
 
 pub struct Postgres {
@@ -310,6 +310,65 @@ impl Tx for Postgres {
             .unwrap_or(0))
     }
 
+    fn put_upload(&mut self, u: &UploadRow) -> Result<(), DbError> {
+        self.exec(
+            &format!(
+                "INSERT INTO uploads ({UPLOAD_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (event_id) DO UPDATE SET instance_id = excluded.instance_id, \
+                 license = excluded.license, attempts = excluded.attempts, \
+                 next_at = excluded.next_at, done_at = excluded.done_at, \
+                 last_error = excluded.last_error, created_at = excluded.created_at"
+            ),
+            &[
+                &u.event_id,
+                &u.instance_id,
+                &u.license,
+                &u.attempts,
+                &u.next_at,
+                &u.done_at,
+                &u.last_error,
+                &u.created_at,
+            ],
+        )
+        .map(drop)
+    }
+
+    fn upload(&mut self, event_id: &str) -> Result<Option<UploadRow>, DbError> {
+        Ok(self
+            .opt(
+                &format!("SELECT {UPLOAD_COLS} FROM uploads WHERE event_id = $1"),
+                &[&event_id],
+            )?
+            .map(|r| upload_row(&r)))
+    }
+
+    fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        Ok(self
+            .client
+            .query(
+                &format!(
+                    "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL AND next_at <= $1 \
+                     ORDER BY next_at LIMIT $2"
+                ),
+                &[&now, &limit],
+            )
+            .map_err(err)?
+            .iter()
+            .map(upload_row)
+            .collect())
+    }
+
+    fn count_uploads(&mut self) -> Result<(i64, i64), DbError> {
+        Ok(self
+            .opt(
+                "SELECT COUNT(*) FILTER (WHERE done_at IS NULL), \
+                 COUNT(*) FILTER (WHERE done_at IS NOT NULL) FROM uploads",
+                &[],
+            )?
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, 0)))
+    }
+
     fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
         Ok(self
             .opt(
@@ -489,6 +548,22 @@ fn device_row(r: &Row) -> DeviceRow {
         device_key: r.get(1),
         first_seen: r.get(2),
         last_seen: r.get(3),
+    }
+}
+
+const UPLOAD_COLS: &str =
+    "event_id, instance_id, license, attempts, next_at, done_at, last_error, created_at";
+
+fn upload_row(r: &Row) -> UploadRow {
+    UploadRow {
+        event_id: r.get(0),
+        instance_id: r.get(1),
+        license: r.get(2),
+        attempts: r.get(3),
+        next_at: r.get(4),
+        done_at: r.get(5),
+        last_error: r.get(6),
+        created_at: r.get(7),
     }
 }
 

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx,
+    InstanceStatus, TokenRow, Tx, UploadRow,
 };
 
 pub struct Sqlite {
@@ -363,6 +363,64 @@ impl Tx for Sqlite {
             .map_err(err)
     }
 
+    fn put_upload(&mut self, u: &UploadRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO uploads ({UPLOAD_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (event_id) DO UPDATE SET instance_id = excluded.instance_id, \
+                 license = excluded.license, attempts = excluded.attempts, \
+                 next_at = excluded.next_at, done_at = excluded.done_at, \
+                 last_error = excluded.last_error, created_at = excluded.created_at"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    u.event_id,
+                    u.instance_id,
+                    u.license,
+                    u.attempts,
+                    u.next_at,
+                    u.done_at,
+                    u.last_error,
+                    u.created_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn upload(&mut self, event_id: &str) -> Result<Option<UploadRow>, DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE event_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![event_id], upload_row).optional())
+            .map_err(err)
+    }
+
+    fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL AND next_at <= ?1 \
+                 ORDER BY next_at LIMIT ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![now, limit], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)
+    }
+
+    fn count_uploads(&mut self) -> Result<(i64, i64), DbError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FILTER (WHERE done_at IS NULL), \
+                 COUNT(*) FILTER (WHERE done_at IS NOT NULL) FROM uploads",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)
+    }
+
     fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
         self.conn
             .prepare_cached(
@@ -569,6 +627,22 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         device_key: r.get(1)?,
         first_seen: r.get(2)?,
         last_seen: r.get(3)?,
+    })
+}
+
+const UPLOAD_COLS: &str =
+    "event_id, instance_id, license, attempts, next_at, done_at, last_error, created_at";
+
+fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        event_id: r.get(0)?,
+        instance_id: r.get(1)?,
+        license: r.get(2)?,
+        attempts: r.get(3)?,
+        next_at: r.get(4)?,
+        done_at: r.get(5)?,
+        last_error: r.get(6)?,
+        created_at: r.get(7)?,
     })
 }
 
