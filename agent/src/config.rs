@@ -421,10 +421,17 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let (c, keys) = Config::parse(&on, Path::new("agent.toml")).unwrap();
-        assert!(
-            keys.contains(&"identity.metadata_url".to_string()),
-            "{keys:?}"
-        );
+        // Issue 20: the sections a seller bakes into an image are all there.
+        for key in [
+            "identity.metadata_url",
+            "license.trusted_keys",
+            "usage.key_file",
+            "freeze.token_url",
+            "freeze.license_url",
+            "freeze.poll_interval_secs",
+        ] {
+            assert!(keys.contains(&key.to_string()), "{key} missing: {keys:?}");
+        }
         c.validate().unwrap();
     }
 
