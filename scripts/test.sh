@@ -4,11 +4,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each stage prints its name on start and its duration when the next one starts (and the
+# total at the end), so a slow stage shows in CI's log.
+suite_start=$(date +%s)
+stage_start=$suite_start
+stage_name=""
+stage_done() {
+    local now
+    now=$(date +%s)
+    [ -z "$stage_name" ] || echo "== done: $stage_name ($((now - stage_start)) s)"
+    stage_start=$now
+}
+stage() {
+    stage_done
+    stage_name="$*"
+    echo "== $*"
+}
+trap 'rc=$?; stage_done; echo "== whole suite: $(($(date +%s) - suite_start)) s (exit $rc)"' EXIT
+
+stage "deps: what the tests need"
 bash scripts/deps.sh
 
-echo "== cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all --check
-echo "== cargo clippy (the shipped agent, then with the seller server)"
+stage "cargo clippy (the shipped agent, then with the seller server)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
@@ -18,35 +37,35 @@ if [ "$(id -u)" = 0 ]; then
     . scripts/pg-test.sh
     set -euo pipefail   # the sourced script leaves errexit off for interactive shells
 fi
-echo "== cargo test (all features)"
+stage "cargo test (all features)"
 cargo test --workspace --all-features 2>&1
 
 # The shipped binary is the static build (scripts/release.sh, which checks it has no
 # program interpreter): run the end-to-end tests again on it (name lookups go through its
 # pinned NSS modules: the socket group, `localhost` for the upstream test servers).
-echo "== static release binary: end-to-end tests on it"
+stage "static release binary: end-to-end tests on it"
 bash scripts/release.sh
 KOOAGENT_E2E_BIN="$PWD/target/release/kooagent" cargo test -p kooagent --test e2e 2>&1 | tail -n 3
 
 # Fuzzing, bounded: the license parser's target body under a seeded mutational driver on
 # stable, and the real cargo-fuzz (libFuzzer) target when a nightly toolchain is present.
-echo "== fuzz: license parser (stable driver, 20 s)"
+stage "fuzz: license parser (stable driver, 20 s)"
 KOOAGENT_FUZZ_SECS=20 cargo test -q -p kooagent --lib license::fuzz 2>&1 | tail -n 3
 if [ "${FUZZ:-1}" != 0 ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
-    echo "== cargo fuzz run license_parse (libFuzzer, 20 s)"
+    stage "cargo fuzz run license_parse (libFuzzer, 20 s)"
     mkdir -p fuzz/corpus/license_parse
     cargo +nightly fuzz run license_parse fuzz/corpus/license_parse fuzz/seeds -- -max_total_time=20 2>&1 | tail -n 3
 fi
 
 # The systemd unit: `systemd-analyze verify` and the offline security exposure (≤ 2.0).
-echo "== systemd unit checks"
+stage "systemd unit checks"
 bash scripts/check-units.sh
 
 # Packages: build the .deb and .rpm and check their contents (installs cargo-deb and
 # cargo-generate-rpm on first use). PACKAGES=0 skips it on a workstation.
 if [ "${PACKAGES:-1}" != 0 ]; then
-    echo "== packages (.deb, .rpm)"
+    stage "packages (.deb, .rpm)"
     cargo test -q -p kooagent-install -- --ignored 2>&1 | tail -n 3
 fi
 
@@ -58,8 +77,7 @@ fi
 # CROSS=0 skips it on a workstation; CROSS_TARGETS="…" picks the boards, CROSS_UNIT_TESTS=0
 # skips the armv7 unit tests.
 if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
-    echo "== cross builds + the same qemu test on every target (x86_64, aarch64, armv7, riscv64)"
-    start=$(date +%s)
+    stage "cross builds + the same qemu test on every target (x86_64, aarch64, armv7, riscv64)"
     TARGETS=${CROSS_TARGETS:-"aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf riscv64gc-unknown-linux-gnu"} \
         PROFILE=cross-test bash scripts/cross-build.sh
     # qemu-user-static is installed by now (cross-build.sh).
@@ -68,5 +86,4 @@ if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
         TARGETS=armv7-unknown-linux-gnueabihf PROFILE=cross-test SKIP_APT=1 TEST=0 UNIT_TESTS=1 \
             bash scripts/cross-build.sh
     fi
-    echo "== cross stage: $(($(date +%s) - start)) s"
 fi
