@@ -4,6 +4,7 @@
 //! `agent` + services → core logic (`device_code`, `clock`, `config`, `protocol`) → `store`.
 pub mod agent;
 pub mod authcode;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod client;
