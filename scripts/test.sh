@@ -68,6 +68,13 @@ bash scripts/check-units.sh
 stage "init scripts (SysV start/stop, no capability)"
 bash scripts/check-init.sh target/release/kooagent
 
+# The unit under a real systemd (a systemd-nspawn container; root; installs
+# systemd-container): starts, no capability, prestart's hand-over, online exposure, stop.
+if [ "$(id -u)" = 0 ]; then
+    stage "systemd unit started under systemd (nspawn)"
+    bash scripts/check-systemd.sh target/release/kooagent
+fi
+
 # Packages: build the .deb and .rpm and check their contents (installs cargo-deb and
 # cargo-generate-rpm on first use). PACKAGES=0 skips it on a workstation.
 if [ "${PACKAGES:-1}" != 0 ]; then
