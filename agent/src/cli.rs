@@ -1313,8 +1313,12 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                 format!("--log-level {level:?}: use error, warn, info, debug or trace")
             })?;
             crate::logging::init(level, None);
-            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
-                .map_err(anyhow::Error::msg)?;
+            crate::seller_server::http::run(
+                &cfg,
+                Some(path),
+                std::sync::Arc::new(crate::clock::SystemClock),
+            )
+            .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
