@@ -305,3 +305,105 @@ fn every_operation_is_documented_with_an_example_a_live_agent_answers() {
         }
     }
 }
+
+/// The keys docs/*.md and README.md document: dotted keys written out (`usage.batch_size`),
+/// `key = ...` lines of TOML examples under a `[section]` header, and table rows
+/// (`| \`key\` |`) under a heading that names the `[section]`. A meter's name reads `*`.
+fn documented_keys() -> (std::collections::BTreeSet<String>, String) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut files: Vec<_> = std::fs::read_dir(format!("{root}/docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    files.push(format!("{root}/README.md").into());
+    let mut keys = std::collections::BTreeSet::new();
+    let mut all = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let mut section: Option<String> = None;
+        let mut in_code = false;
+        for line in text.lines() {
+            let t = line.trim_start();
+            if t.starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            let uncommented = t.trim_start_matches('#').trim_start();
+            if uncommented.starts_with('[') && (in_code || !t.starts_with('|')) {
+                // A TOML table header (`[usage]`, `#[usage]`, `[[identity.source]]`).
+                let name = uncommented.trim_start_matches('[');
+                if let Some(end) = name.find(']') {
+                    section = Some(meter_wildcard(&name[..end]));
+                    continue;
+                }
+            }
+            if !in_code && t.starts_with('#') {
+                // A markdown heading: its section when it names one (`### Configuration: `[authcode]``).
+                section = t
+                    .split("`[")
+                    .nth(1)
+                    .and_then(|r| r.split(']').next())
+                    .map(meter_wildcard);
+                continue;
+            }
+            let Some(sec) = &section else { continue };
+            let key = if let Some(row) = t.strip_prefix("| `") {
+                row.split('`').next()
+            } else if in_code {
+                uncommented.split_once('=').map(|(k, _)| k.trim())
+            } else {
+                None
+            };
+            if let Some(k) = key.filter(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            {
+                keys.insert(format!("{sec}.{k}"));
+            }
+        }
+        all.push_str(&text);
+    }
+    (keys, all)
+}
+
+/// `usage.meters.requests` → `usage.meters.*`: a meter's name is the seller's.
+fn meter_wildcard(key: &str) -> String {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    if let Some(i) = parts.iter().position(|p| *p == "meters") {
+        if i + 1 < parts.len() {
+            parts[i + 1] = "*";
+        }
+    }
+    parts.join(".")
+}
+
+#[test]
+fn every_key_config_show_prints_is_documented() {
+    let a = TestAgent::prepare(
+        "[usage.meters.requests]\ninstance_id = \"i-1\"\npackage_instance_id = \"p-1\"\n",
+    );
+    let out = run_ok(
+        Command::new(crate::harness::BIN.path())
+            .args(["config", "show"])
+            .env("KOOAGENT_CONFIG", &a.config),
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    let (documented, text) = documented_keys();
+    let mut missing = Vec::new();
+    let mut n = 0;
+    for line in shown.lines() {
+        let Some((key, _)) = line.split_once(" = ") else {
+            continue;
+        };
+        n += 1;
+        let key = meter_wildcard(key.trim());
+        let written = key.replace('*', "<name>");
+        if !documented.contains(&key) && !text.contains(&written) {
+            missing.push(key);
+        }
+    }
+    assert!(n > 40, "config show printed too little:\n{shown}");
+    assert!(
+        missing.is_empty(),
+        "keys `kooagent config show` prints that no doc (docs/*.md, README.md) describes: {missing:?}"
+    );
+}
