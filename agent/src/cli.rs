@@ -443,10 +443,12 @@ enum SellerCommand {
         #[command(subcommand)]
         command: EnrollCommand,
     },
-    /// The server's outboxes (--config as for serve): each getLicenseAsync license
+    /// The server's outboxes: each getLicenseAsync license
     /// upload (pending, retrying or delivered, with attempts, next try and last error)
     /// and the usage relay's counts
     Outbox {
+        #[command(flatten)]
+        server: ServerFlags,
         /// Delivered uploads to list, latest first (every undelivered one is listed)
         #[arg(long, default_value_t = 20)]
         delivered: u32,
@@ -1597,12 +1599,13 @@ fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<
              `cargo build --release -p kooagent --features seller-server`"
         ),
         #[cfg(feature = "seller-server")]
-        SellerCommand::Outbox { delivered, json } => {
+        SellerCommand::Outbox {
+            server,
+            delivered,
+            json,
+        } => {
             use crate::seller_server::upload;
-            let path = g.config.as_deref().context(
-                "seller outbox: give the server's configuration file with --config FILE",
-            )?;
-            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let cfg = server.load(first)?;
             let db = cfg.open_db()?;
             let (counts, rows, usage) = db.run_blocking(move |tx| {
                 Ok((
