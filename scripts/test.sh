@@ -62,6 +62,19 @@ fi
 stage "systemd unit checks"
 bash scripts/check-units.sh
 
+# The SysV script started and stopped for real in throwaway namespaces (root) with the
+# shipped static binary (NSS pinned: the kooagent user comes from /etc/passwd), and the
+# syntax of both init scripts.
+stage "init scripts (SysV start/stop, no capability)"
+bash scripts/check-init.sh target/release/kooagent
+
+# The unit under a real systemd (a systemd-nspawn container; root; installs
+# systemd-container): starts, no capability, prestart's hand-over, online exposure, stop.
+if [ "$(id -u)" = 0 ]; then
+    stage "systemd unit started under systemd (nspawn)"
+    bash scripts/check-systemd.sh target/release/kooagent
+fi
+
 # Packages: build the .deb and .rpm and check their contents (installs cargo-deb and
 # cargo-generate-rpm on first use). PACKAGES=0 skips it on a workstation.
 if [ "${PACKAGES:-1}" != 0 ]; then
@@ -85,5 +98,14 @@ if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
     if [ "${CROSS_UNIT_TESTS:-1}" != 0 ]; then
         TARGETS=armv7-unknown-linux-gnueabihf PROFILE=cross-test SKIP_APT=1 TEST=0 UNIT_TESTS=1 \
             bash scripts/cross-build.sh
+    fi
+    # The board packages around those binaries (no rebuild): .deb arm64, armhf, riscv64 and
+    # .rpm aarch64, checked like the amd64 ones (files, modes, conffiles, scriptlets,
+    # architecture, a static binary of that machine). The shipped ones: scripts/cross-packages.sh.
+    if [ "${PACKAGES:-1}" != 0 ]; then
+        stage "board packages (.deb arm64/armhf/riscv64, .rpm aarch64; cross-test binaries)"
+        TARGETS=${CROSS_TARGETS:-"aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf riscv64gc-unknown-linux-gnu"} \
+            PROFILE=cross-test NO_BUILD=1 RPM_ARCHES=aarch64 CARGO_TARGET_DIR="$PWD/target/cross" \
+            sh scripts/package.sh | grep -E '^package: (built|contents)'
     fi
 fi

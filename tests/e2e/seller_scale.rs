@@ -160,7 +160,11 @@ fn three_processes_on_one_postgresql_answer_every_order_once() {
     // A device key's miss budget (2) is one across the processes.
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let answers: Vec<u16> = (0..4)
-        .map(|i| all(i % 3).device_get(&key, &format!("/v1/licenses/kg-NONE-{i}")).0)
+        .map(|i| {
+            all(i % 3)
+                .device_get(&key, &format!("/v1/licenses/kg-NONE-{i}"))
+                .0
+        })
         .collect();
     assert_eq!(answers, [404, 404, 429, 429]);
 
