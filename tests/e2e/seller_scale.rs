@@ -24,8 +24,10 @@ fn pg() -> Option<(String, String)> {
     Some((url, schema))
 }
 
+/// The order for `instance`, the same body every time it is made (a resend).
 fn order_body(instance: &str, code: &str) -> Value {
-    let now = now_ms() / 1000;
+    static START: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let now = *START.get_or_init(|| now_ms() / 1000);
     json!({
         "activity": "getLicense", "instanceId": instance, "eventId": format!("ev-{instance}"),
         "effectiveTime": market_time(now - 60), "expireTime": digits14(now + 30 * 86_400),
