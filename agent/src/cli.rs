@@ -320,6 +320,16 @@ enum SellerCommand {
         #[command(subcommand)]
         command: EnrollCommand,
     },
+    /// The server's outboxes (--config as for serve): each getLicenseAsync license
+    /// upload (pending, retrying or delivered, with attempts, next try and last error)
+    /// and the usage relay's counts
+    Outbox {
+        /// Delivered uploads to list, latest first (every undelivered one is listed)
+        #[arg(long, default_value_t = 20)]
+        delivered: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make one signed call to a seller server as the marketplace does; prints the
     /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
     /// resultCode is 000000)
@@ -1419,6 +1429,33 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                         );
                     }
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Outbox { .. } => anyhow::bail!(
+            "this kooagent was built without the seller server; build it with \
+             `cargo build --release -p kooagent --features seller-server`"
+        ),
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Outbox { delivered, json } => {
+            use crate::seller_server::upload;
+            let path = g.config.as_deref().context(
+                "seller outbox: give the server's configuration file with --config FILE",
+            )?;
+            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+            let db = cfg.open_db()?;
+            let (counts, rows, usage) = db.run_blocking(move |tx| {
+                Ok((
+                    tx.count_uploads()?,
+                    tx.list_uploads(delivered.into())?,
+                    tx.usage().usage_counts()?,
+                ))
+            })?;
+            if json {
+                println!("{}", upload::status_json(counts, &rows, usage));
+            } else {
+                print!("{}", upload::status_text(counts, &rows, usage));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -59,6 +59,11 @@ pub struct SellerServer {
 
 impl SellerServer {
     pub fn start(extra: &str) -> SellerServer {
+        Self::start_limited(extra, None)
+    }
+
+    /// The same, the server run with its descriptor limit (soft and hard) at `nofile`.
+    pub fn start_limited(extra: &str, nofile: Option<u64>) -> SellerServer {
         let dir = short_tempdir();
         let d = dir.path();
         // The seller's license key, made with the seller's own tool.
@@ -102,13 +107,23 @@ impl SellerServer {
         );
         std::fs::write(d.join("seller.toml"), config).unwrap();
         let log = std::fs::File::create(d.join("server.log")).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["seller", "serve", "--config"])
-            .arg(d.join("seller.toml"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut command = match nofile {
+            None => {
+                let mut c = Command::new(BIN);
+                c.args(["seller", "serve", "--config"])
+                    .arg(d.join("seller.toml"));
+                c
+            }
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!(
+                    "ulimit -n {n} && exec '{BIN}' seller serve --config '{}'",
+                    d.join("seller.toml").display()
+                ));
+                c
+            }
+        };
+        let mut child = command.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
