@@ -106,6 +106,31 @@ pub struct SellerServerConfig {
     pub marketplace_reserved_connections: usize,
 }
 
+/// The seller server's own places, apart from the agent's: as root the FHS ones
+/// (/etc/kooagent-seller, /var/lib/kooagent-seller), otherwise the user's XDG directories, so
+/// a developer trying the server needs no root and never touches a real installation.
+fn user_dirs() -> Option<directories::ProjectDirs> {
+    if crate::config::is_root() {
+        return None;
+    }
+    directories::ProjectDirs::from("", "", "kooagent-seller")
+}
+
+/// `seller serve|device|enroll` read this file when no --config is given.
+pub fn default_config_file() -> PathBuf {
+    match user_dirs() {
+        Some(d) => d.config_dir().join("server.toml"),
+        None => "/etc/kooagent-seller/server.toml".into(),
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    match user_dirs() {
+        Some(d) => d.data_local_dir().to_path_buf(),
+        None => "/var/lib/kooagent-seller".into(),
+    }
+}
+
 impl Default for SellerServerConfig {
     fn default() -> Self {
         SellerServerConfig {
@@ -114,7 +139,7 @@ impl Default for SellerServerConfig {
             key_file: PathBuf::new(),
             signing_key_file: PathBuf::new(),
             interconnection_key_file: PathBuf::new(),
-            state_dir: "/var/lib/kooagent-seller".into(),
+            state_dir: default_state_dir(),
             database_url: String::new(),
             database_schema: "public".into(),
             timestamp_window_secs: 60,
