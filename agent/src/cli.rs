@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Args, Clone, Default)]
 struct FirstFlags {
     /// Configuration file for the command that follows: the agent's, or for `seller
-    /// serve|device|enroll` the seller server's
+    /// serve|device|enroll|outbox` the seller server's
     #[arg(long)]
     config: Option<PathBuf>,
     /// Socket path (agent commands)
@@ -109,7 +109,7 @@ impl Global {
     }
 }
 
-/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`).
+/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`, `seller outbox`).
 #[derive(Args, Clone, Default)]
 struct ServerFlags {
     /// The seller server's configuration file [env: KOOAGENT_SELLER_CONFIG] (default:
