@@ -40,7 +40,9 @@ fn raise_nofile() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
-    lim.rlim_cur as u64
+    #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on armv7
+    let cur = lim.rlim_cur as u64;
+    cur
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
