@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
+use super::conns::{self, Conns, Refusal, RefusalLog, Slot};
 use super::db::Db;
 use super::devices;
 use super::limits::{self, LimitsConfig};
@@ -40,12 +41,19 @@ use super::{ProductConfig, SellerServerConfig};
 use crate::clock::Clock;
 use crate::usage::secret::Secret;
 
+/// A device request answered busy because the connections left are the marketplace's.
+pub const ERR_BUSY: &str = "KOOAGENT.SERVER.0503";
 /// Largest request body accepted (the marketplace's are well under 4 KiB).
 const MAX_BODY: usize = 64 * 1024;
 /// The marketplace gives up after 5 s; answer before that even when the database is slow.
 const ANSWER_WITHIN: Duration = Duration::from_millis(4500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a connection admitted into the marketplace's reserve: the marketplace gives
+/// up after 5 s anyway, and a stalled connection there must not hold the reserve long.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one line about refused connections per this.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often forgotten nonces are pruned (they only matter within the window).
 const PRUNE_EVERY_SECS: i64 = 60;
 
@@ -66,6 +74,8 @@ pub struct State {
     pub upload: bool,
     pub limits: LimitsConfig,
     pub body_timeout: Duration,
+    /// Open connections and their limits ([`super::conns`]).
+    pub conns: Arc<Conns>,
     last_prune: AtomicI64,
 }
 
@@ -92,6 +102,11 @@ impl State {
             upload: cfg.license_upload,
             limits: cfg.limits.clone(),
             body_timeout: Duration::from_secs(cfg.body_timeout_secs),
+            conns: Conns::new(conns::Limits {
+                max: cfg.max_connections,
+                per_address: cfg.max_connections_per_address,
+                reserve: cfg.marketplace_reserved_connections,
+            }),
             last_prune: AtomicI64::new(0),
         }
     }
@@ -148,7 +163,30 @@ pub fn private_file_mode(key: &str, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// One descriptor held back so that a connection can still be accepted and closed when the
+/// process is out of descriptors: otherwise it would wait in the backlog (its client
+/// hanging) and the listener would stay readable, the accept loop spinning.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn new() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare descriptor, accepts and closes one waiting connection, takes the
+    /// descriptor back. Whether a connection was closed.
+    fn refuse_one(&mut self, listener: &TcpListener) -> bool {
+        self.0 = None;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let refused = matches!(listener.poll_accept(&mut cx), std::task::Poll::Ready(Ok(_)));
+        self.0 = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+}
+
+/// Accepts connections until `shutdown` resolves. Connections over the limits
+/// ([`super::conns`]) are accepted and closed at once; refusals are logged at most once a
+/// minute, with counts.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -156,18 +194,44 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut spare = Spare::new();
+    let mut refusals = RefusalLog::new(REFUSAL_LOG_EVERY);
+    let mut refused = |why: Refusal| {
+        if let Some(line) = refusals.note(why, std::time::Instant::now()) {
+            log::warn!("{line}");
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
-                    let (acceptor, state) = (acceptor.clone(), state.clone());
-                    tokio::spawn(async move { connection(tcp, peer, acceptor, state).await });
+                    match state.conns.admit(&limits::address_key(peer.ip())) {
+                        Ok(slot) => {
+                            let (acceptor, state) = (acceptor.clone(), state.clone());
+                            tokio::spawn(async move {
+                                connection(tcp, peer, acceptor, state, slot).await
+                            });
+                        }
+                        Err(why) => {
+                            drop(tcp);
+                            refused(why);
+                        }
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if spare.refuse_one(&listener) {
+                        refused(Refusal::Descriptors);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait a little instead of spinning.
-                    log::warn!("accept: {e}");
+                    // Other transient failures (ECONNABORTED, ENOBUFS): back off briefly
+                    // instead of spinning, and say so at debug level only: each comes from
+                    // a client, and an attacker must not fill the log.
+                    log::debug!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -180,9 +244,17 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     state: Arc<State>,
+    slot: Slot,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // Admitted into the marketplace's reserve: shorter deadlines.
+    let limits = state.conns.limits();
+    let deadline = if state.conns.open() > limits.device_room() {
+        RESERVE_TIMEOUT
+    } else {
+        HANDSHAKE_TIMEOUT
+    };
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             log::debug!("{peer}: TLS handshake: {e}");
@@ -198,13 +270,14 @@ async fn connection(
     // reads `Body-Sign` case-sensitively (§4.3); title case of `body-sign` is exactly that.
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(deadline.min(HEADER_TIMEOUT))
         .title_case_headers(true)
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = r {
         log::debug!("{peer}: {e}");
     }
+    drop(slot);
 }
 
 pub(super) type Resp = Response<Full<Bytes>>;
@@ -225,6 +298,19 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
+    if path.starts_with("/v1/") && !state.conns.device_room() {
+        // Device traffic must leave the marketplace's share free: busy, and the connection
+        // closed to give its descriptor back.
+        log::debug!("{peer}: {path}: busy (connections kept for the marketplace)");
+        let mut r = closing(device_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ERR_BUSY,
+            "the server is busy; try again later",
+        ));
+        r.headers_mut()
+            .insert("retry-after", "30".parse().expect("valid"));
+        return Ok(r);
+    }
     if let Some(rest) = path.strip_prefix("/v1/licenses/") {
         if req.method() != Method::GET {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
@@ -718,6 +804,29 @@ async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<In
     }
 }
 
+/// The configured connection limits under the descriptor limit `nofile`, saying so when
+/// they had to be lowered.
+fn fit_connections(cfg: &SellerServerConfig, nofile: u64) -> conns::Limits {
+    let fitted = conns::Limits::fit(
+        cfg.max_connections,
+        cfg.max_connections_per_address,
+        cfg.marketplace_reserved_connections,
+        nofile,
+        cfg.relay_workers,
+    );
+    if fitted.max < cfg.max_connections {
+        log::warn!(
+            "seller_server.max_connections {} does not fit RLIMIT_NOFILE {nofile} (descriptors \
+             kept for files and marketplace calls); serving at most {} connections, {} of them \
+             kept for the marketplace; raise LimitNOFILE to serve more",
+            cfg.max_connections,
+            fitted.max,
+            fitted.reserve
+        );
+    }
+    fitted
+}
+
 /// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
 /// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
 pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String> {
@@ -755,6 +864,9 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         clock,
         relay,
     ));
+    let nofile = conns::raise_fd_limit();
+    let fitted = fit_connections(cfg, nofile);
+    state.conns.set_limits(fitted);
     super::usage_relay::start_worker(
         state.usage.clone(),
         state.db.clone(),
