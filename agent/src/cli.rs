@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Args, Clone, Default)]
 struct FirstFlags {
     /// Configuration file for the command that follows: the agent's, or for `seller
-    /// serve|device|enroll` the seller server's
+    /// serve|device|enroll|outbox` the seller server's
     #[arg(long)]
     config: Option<PathBuf>,
     /// Socket path (agent commands)
@@ -109,7 +109,7 @@ impl Global {
     }
 }
 
-/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`).
+/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`, `seller outbox`).
 #[derive(Args, Clone, Default)]
 struct ServerFlags {
     /// The seller server's configuration file [env: KOOAGENT_SELLER_CONFIG] (default:
@@ -1480,8 +1480,14 @@ fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<
                 format!("--log-level {level:?}: use error, warn, info, debug or trace")
             })?;
             crate::logging::init(level, None);
-            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
-                .map_err(anyhow::Error::msg)?;
+            // SIGHUP reads the same file again.
+            let path = server.config_file(first);
+            crate::seller_server::http::run(
+                &cfg,
+                Some(&path),
+                std::sync::Arc::new(crate::clock::SystemClock),
+            )
+            .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
