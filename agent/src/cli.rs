@@ -1480,8 +1480,14 @@ fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<
                 format!("--log-level {level:?}: use error, warn, info, debug or trace")
             })?;
             crate::logging::init(level, None);
-            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
-                .map_err(anyhow::Error::msg)?;
+            // SIGHUP reads the same file again.
+            let path = server.config_file(first);
+            crate::seller_server::http::run(
+                &cfg,
+                Some(&path),
+                std::sync::Arc::new(crate::clock::SystemClock),
+            )
+            .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
