@@ -50,7 +50,7 @@ KOOAGENT_E2E_BIN="$PWD/target/release/kooagent" cargo test -p kooagent --test e2
 # Fuzzing, bounded: the license parser's target body under a seeded mutational driver on
 # stable, and the real cargo-fuzz (libFuzzer) target when a nightly toolchain is present.
 stage "fuzz: license parser (stable driver, 20 s)"
-KOOAGENT_FUZZ_SECS=20 cargo test -q -p kooagent --lib license::fuzz 2>&1 | tail -n 3
+KOOAGENT_FUZZ_SECS=20 cargo test -q -p kooagent-core --lib license::fuzz 2>&1 | tail -n 3
 if [ "${FUZZ:-1}" != 0 ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     command -v cargo-fuzz >/dev/null || cargo install -q --locked cargo-fuzz
     stage "cargo fuzz run license_parse (libFuzzer, 20 s)"

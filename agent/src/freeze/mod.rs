@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod actions;
-pub mod lifecycle;
+pub use kooagent_core::freeze::lifecycle;
 pub mod online;
 pub mod service;
 pub mod state_file;
-pub mod token;
+pub use kooagent_core::freeze::token;
 
 pub use service::FreezeService;
 

@@ -780,9 +780,9 @@ async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::format::{parse, sign};
     use crate::license::store::Entry;
+    use kooagent_core::testing::{sample, test_key};
 
     fn entry(lic: &License) -> Entry {
         let text = sign(lic, &test_key(1)).unwrap();
