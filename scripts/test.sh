@@ -30,6 +30,10 @@ cargo fmt --all --check
 stage "cargo clippy (the shipped agent, then with the seller server)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+# Dependency creep shows in review: deps/*.txt must match the locked tree, and
+# kooagent-core must stay free of I/O crates.
+stage "dependency lists (deps/*.txt, scripts/dep-list.sh --check)"
+bash scripts/dep-list.sh --check
 
 # The seller server's storage tests also run on PostgreSQL: a throw-away local cluster
 # (root: it installs Debian's postgresql and starts it on a Unix socket).
