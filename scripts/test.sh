@@ -66,6 +66,19 @@ fi
 stage "systemd unit checks"
 bash scripts/check-units.sh
 
+# The SysV script started and stopped for real in throwaway namespaces (root) with the
+# shipped static binary (NSS pinned: the kooagent user comes from /etc/passwd), and the
+# syntax of both init scripts.
+stage "init scripts (SysV start/stop, no capability)"
+bash scripts/check-init.sh target/release/kooagent
+
+# The unit under a real systemd (a systemd-nspawn container; root; installs
+# systemd-container): starts, no capability, prestart's hand-over, online exposure, stop.
+if [ "$(id -u)" = 0 ]; then
+    stage "systemd unit started under systemd (nspawn)"
+    bash scripts/check-systemd.sh target/release/kooagent
+fi
+
 # Packages: build the .deb and .rpm and check their contents (installs cargo-deb and
 # cargo-generate-rpm on first use). PACKAGES=0 skips it on a workstation.
 if [ "${PACKAGES:-1}" != 0 ]; then

@@ -108,6 +108,7 @@ enum Command {
         command: ConfigCommand,
     },
     /// Send one raw request to the agent and print the result as JSON
+    #[command(after_help = operations_help())]
     Call {
         /// Operation name, e.g. agent.status
         op: String,
@@ -1653,4 +1654,12 @@ fn seller_call(a: &CallArgs) -> Result<ExitCode> {
         );
         Ok(ExitCode::from(1))
     }
+}
+
+/// `kooagent call --help`: the operations, from the protocol catalogue.
+fn operations_help() -> String {
+    format!(
+        "Operations (docs/protocol.md):\n{}",
+        kooagent_client::catalogue::listing("  ")
+    )
 }

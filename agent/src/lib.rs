@@ -1,7 +1,8 @@
 //! KooAgent library: everything the `kooagent` binary does, as testable modules.
 //!
 //! Layers (imports point down): `cli`/`bench` → `daemon`/`socket`/`client` → `ops` →
-//! `agent` + services → core logic (`device_code`, `clock`, `config`, `protocol`) → `store`.
+//! `agent` + services → core logic (`device_code`, `clock`, `config`) → `store`. The wire
+//! format and the operation catalogue come from `kooagent-client`.
 pub mod agent;
 pub mod authcode;
 pub mod bench;
@@ -20,7 +21,8 @@ pub mod license;
 pub mod logging;
 pub mod notify;
 pub mod ops;
-pub mod protocol;
+/// The wire format lives in the client crate (shared with the seller's software).
+pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]
 pub mod seller_server;
 pub mod socket;

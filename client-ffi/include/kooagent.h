@@ -9,6 +9,28 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+// Operations of the agent (protocol v1, docs/protocol.md), for `kooagent_call`.
+// Read-only ones are sent again after a reconnect; the others report
+// KOOAGENT_STATUS_ERR_CONNECTION_LOST when the connection broke after sending.
+//   ping                  liveness, the cheapest round trip [read-only]
+//   agent.status          version, uptime, paths, configuration, identity, license and online sources [read-only]
+//   device.code           the device identification code the buyer types into the marketplace [read-only]
+//   license.check         may the software run, and with which entitlements [read-only]
+//   license.status        every installed license, refused files and the trusted time [read-only]
+//   license.install       verify a license file's text and store it
+//   license.remove        remove an installed license [root or the agent's user only]
+//   license.activate      activate a KooGallery authorization code on this device
+//   authcode.status       the authorization codes activated here and their heartbeats [read-only]
+//   authcode.client_seen  count a client of an authorization-code product for the usage report
+//   authcode.sync         heartbeat and report usage for every code now
+//   usage.record          record usage of a meter; durable once answered
+//   usage.record_batch    record many usage records at once, all or nothing
+//   usage.status          the usage ledger: open hours, pending, delivered and parked records [read-only]
+//   usage.flush           close what can be closed and deliver it now
+//   freeze.status         each license's freeze lifecycle [read-only]
+//   token.apply           apply a seller's status token (freeze, release, ...)
+//   watch                 stream each license's state, then every lifecycle transition [read-only, stream]
+
 // Result of every call.
 typedef enum KooagentStatus {
   KOOAGENT_STATUS_OK = 0,
@@ -99,8 +121,9 @@ enum KooagentStatus kooagent_record_usage(struct KooagentClient *client,
 // `buf` of `len` bytes.
 enum KooagentStatus kooagent_device_code(struct KooagentClient *client, char *buf, uintptr_t len);
 
-// Any operation: `params_json` is a JSON object (NULL = `{}`); on success `*result_json`
-// receives the result as a JSON string to release with `kooagent_string_free`.
+// Any operation (listed at the top of this header): `params_json` is a JSON object (NULL =
+// `{}`); on success `*result_json` receives the result as a JSON string to release with
+// `kooagent_string_free`.
 enum KooagentStatus kooagent_call(struct KooagentClient *client,
                                   const char *op,
                                   const char *params_json,

@@ -16,6 +16,13 @@
 //! operations that change state (recording usage, installing a license) a lost connection
 //! after sending is reported as [`ClientError::ConnectionLost`], because the agent may or
 //! may not have applied it.
+//!
+//! [`protocol`] is the wire format (the agent parses and writes with it too) and
+//! [`catalogue`] lists every operation: its params, its answer, whether it only reads and
+//! who may call it.
+
+pub mod catalogue;
+pub mod protocol;
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -25,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = protocol::VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -75,18 +82,10 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
-/// Operations that only read state: safe to send again after a reconnect.
+/// Operations that only read state: safe to send again after a reconnect. The catalogue
+/// says which; an operation it does not know is treated as one that changes state.
 pub fn is_read_only(op: &str) -> bool {
-    matches!(
-        op,
-        "ping"
-            | "agent.status"
-            | "device.code"
-            | "license.check"
-            | "license.status"
-            | "usage.status"
-            | "freeze.status"
-    )
+    catalogue::operation(op).is_some_and(|o| o.read_only)
 }
 
 struct Conn {

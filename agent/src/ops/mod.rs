@@ -1,5 +1,8 @@
 //! Socket operations: one small module per family, each exporting `OPS`, a table of
-//! `(name, handler)`. Adding an operation is one module and one line in [`Dispatcher::new`].
+//! `(name, handler)`. What an operation is (params, answer, read-only, who may call it) is
+//! its row in the catalogue, `kooagent_client::catalogue`: adding an operation is one
+//! catalogue row, one handler here and one section in docs/protocol.md (see
+//! docs/architecture.md, "Adding a socket operation").
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,6 +12,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
+
+use kooagent_client::catalogue::{self, Caller, Operation};
 
 use crate::agent::Agent;
 use crate::protocol::{codes, OpError};
@@ -69,8 +74,24 @@ pub fn reply<T: Serialize>(value: &T) -> OpResult {
         .map_err(|e| OpError::internal(format!("could not encode result: {e}")))
 }
 
+/// A caller the catalogue does not allow for the operation ([`Caller::Owner`]).
+pub const PERMISSION_DENIED: &str = "permission_denied";
+
+/// Every family's handler table.
+const TABLES: &[&[OpSpec]] = &[
+    ping::OPS,
+    authcode::OPS,
+    status::OPS,
+    device::OPS,
+    license::OPS,
+    usage::OPS,
+    freeze::OPS,
+];
+
 pub struct Dispatcher {
-    ops: HashMap<&'static str, Handler>,
+    ops: HashMap<&'static str, (&'static Operation, Handler)>,
+    /// The agent's own uid: with root, the [`Caller::Owner`] of every operation.
+    own_uid: u32,
 }
 
 impl Default for Dispatcher {
@@ -81,21 +102,19 @@ impl Default for Dispatcher {
 
 impl Dispatcher {
     pub fn new() -> Dispatcher {
-        let tables: &[&[OpSpec]] = &[
-            ping::OPS,
-            authcode::OPS,
-            status::OPS,
-            device::OPS,
-            license::OPS,
-            usage::OPS,
-            freeze::OPS,
-        ];
         let mut ops = HashMap::new();
-        for spec in tables.iter().flat_map(|t| t.iter()) {
-            let clash = ops.insert(spec.name, spec.handler);
+        for spec in TABLES.iter().flat_map(|t| t.iter()) {
+            // A handler without a row would answer with no params, docs or resend rule.
+            let op = catalogue::operation(spec.name)
+                .unwrap_or_else(|| panic!("operation {} has no catalogue row", spec.name));
+            let clash = ops.insert(spec.name, (op, spec.handler));
             assert!(clash.is_none(), "operation {} registered twice", spec.name);
         }
-        Dispatcher { ops }
+        Dispatcher {
+            ops,
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            own_uid: unsafe { libc::geteuid() },
+        }
     }
 
     /// Names of every operation, sorted (for `agent.status` and docs).
@@ -106,12 +125,63 @@ impl Dispatcher {
     }
 
     pub fn dispatch(&self, agent: Arc<Agent>, op: &str, call: Call) -> OpFuture {
-        match self.ops.get(op) {
-            Some(h) => h(agent, call),
-            None => {
-                let err = OpError::new(codes::UNKNOWN_OP, format!("unknown operation {op:?}"));
-                Box::pin(async move { Err(err) })
-            }
+        let err = match self.ops.get(op) {
+            Some((row, h)) => match self.refuse(row, call.peer) {
+                None => return h(agent, call),
+                Some(err) => err,
+            },
+            None => OpError::new(codes::UNKNOWN_OP, format!("unknown operation {op:?}")),
+        };
+        Box::pin(async move { Err(err) })
+    }
+
+    /// Why `peer` may not call `row`, if it may not.
+    fn refuse(&self, row: &Operation, peer: Peer) -> Option<OpError> {
+        match row.caller {
+            Caller::Socket => None,
+            Caller::Owner if peer.uid == 0 || peer.uid == self.own_uid => None,
+            Caller::Owner => Some(OpError::new(
+                PERMISSION_DENIED,
+                format!(
+                    "{} needs root or the agent's user (uid {}); you are uid {}",
+                    row.name, self.own_uid, peer.uid
+                ),
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every catalogue row has a handler and every handler a row: the catalogue is the
+    /// truth the client, the C header and the docs are built from.
+    #[test]
+    fn handlers_match_the_catalogue() {
+        let d = Dispatcher::new();
+        let handled: Vec<&str> = d.names();
+        let mut listed: Vec<&str> = catalogue::OPERATIONS.iter().map(|o| o.name).collect();
+        listed.sort_unstable();
+        assert_eq!(handled, listed);
+    }
+
+    #[test]
+    fn owner_operations_refuse_other_users() {
+        let d = Dispatcher::new();
+        let remove = catalogue::operation("license.remove").unwrap();
+        let peer = |uid| Peer {
+            uid,
+            gid: 0,
+            pid: None,
+        };
+        assert!(d.refuse(remove, peer(0)).is_none());
+        assert!(d.refuse(remove, peer(d.own_uid)).is_none());
+        let other = if d.own_uid == 4242 { 4243 } else { 4242 };
+        let e = d.refuse(remove, peer(other)).unwrap();
+        assert_eq!(e.code, PERMISSION_DENIED);
+        assert!(e.message.contains("license.remove"), "{}", e.message);
+        let check = catalogue::operation("license.check").unwrap();
+        assert!(d.refuse(check, peer(other)).is_none());
     }
 }

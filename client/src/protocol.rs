@@ -1,5 +1,6 @@
 //! The local socket's wire format: newline-delimited JSON, one request per line, one
-//! response per line, in order. See docs/protocol.md.
+//! response per line, in order. See docs/protocol.md. Shared by the agent (which parses
+//! requests and writes answers) and this client.
 //!
 //! Request:  `{"v":1,"id":7,"op":"ping","params":{}}`
 //! Response: `{"v":1,"id":7,"ok":true,"result":{...}}`
@@ -310,7 +311,7 @@ pub fn write_ok(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), result: &Valu
     out.extend_from_slice(b"}\n");
 }
 
-/// Appends a success line whose result is already JSON text (see [`crate::ops::Reply::Json`]).
+/// Appends a success line whose result is already JSON text (the agent's prepared answers).
 pub fn write_ok_json(out: &mut Vec<u8>, id: &(impl Serialize + ?Sized), result: &str) {
     out.extend_from_slice(b"{\"v\":1,\"id\":");
     serde_json::to_writer(&mut *out, id).expect("ids serialise");
