@@ -116,8 +116,6 @@ enum Command {
         #[arg(default_value = "{}")]
         params: String,
     },
-    /// Start an agent and measure it; prints a table
-    Bench(crate::bench::BenchArgs),
     /// Before capturing an image: remove everything per-instance (agent stopped)
     ImagePrep {
         /// Drop usage that was not delivered yet
@@ -589,10 +587,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     println!("note: {n}");
                 }
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(args) => {
-            crate::bench::run(args, g.config.clone())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::License { command } => license_cmd(&g, command),
