@@ -1,7 +1,8 @@
 #!/bin/sh
 # Starts systemd/kooagent.service under a real systemd: boots a throwaway container with
-# systemd-nspawn (the host's /usr read-only, its own /etc, /run and /var) whose
-# multi-user.target wants the unit as shipped (only the binary's path changed), then checks:
+# systemd-nspawn (the host's /usr read-only, its own /etc, /run and /var, a private network
+# with loopback only) whose multi-user.target wants the unit as shipped (only the binary's
+# path changed), then checks:
 #   - the unit is active: `kooagent prestart` (ExecStartPre=+) ran, then the agent;
 #   - the main process runs as kooagent with no capability at all and no_new_privs;
 #   - through its socket it reports the device code root computes reading everything
@@ -91,7 +92,7 @@ EOF
 chown "0:$uid" "$r/etc/kooagent/agent.toml"
 chmod 0640 "$r/etc/kooagent/agent.toml"
 
-timeout "$TIMEOUT" systemd-nspawn --quiet -D "$r" --bind-ro=/usr --register=no --keep-unit \
+timeout "$TIMEOUT" systemd-nspawn --quiet -D "$r" --bind-ro=/usr --private-network --register=no --keep-unit \
     --boot systemd.unit=multi-user.target </dev/null >"$tmp/boot.log" 2>&1 &
 nspawn=$!
 # The container's PID 1 (systemd): timeout's child is systemd-nspawn, whose child it is.

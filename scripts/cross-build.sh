@@ -178,17 +178,28 @@ unit_tests() {
     unset RUSTC RUSTC_BOOTSTRAP
 }
 
+# CPU seconds (user + system) used so far by this shell's finished children: the build's
+# CPU time, which a shared machine's load does not inflate the way it does the wall time.
+cpu_secs() {
+    times | sed -n 2p | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%d", t }'
+}
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
 readelf_for() { if command -v "$1-readelf" >/dev/null 2>&1; then echo "$1-readelf"; else echo readelf; fi; }
 
-summary="  target                          linkage     kooagent (stripped)  kooagent-install  build"
+summary="  target                          linkage     kooagent (stripped)  kooagent-install  build: wall, CPU (load avg. at start/end)"
 for triple in $TARGETS; do
     gp=$(gnu_prefix "$triple")
     dir="$OUT/$triple/$profile_dir"
     log "building $triple ($PROFILE)"
     start=$(date +%s)
+    cpu0=$(cpu_secs)
+    load0=$(loadavg)
     build "$triple"
     secs=$(($(date +%s) - start))
-    log "$triple built in $secs s with $how"
+    cpu=$(($(cpu_secs) - cpu0))
+    load1=$(loadavg)
+    log "$triple built in $secs s wall, $cpu s CPU (load $load0 -> $load1) with $how"
     re=$(readelf_for "$gp")
     # Shipped static: a program interpreter would tie it to the board's libc.
     for b in kooagent kooagent-install; do
@@ -214,7 +225,7 @@ for triple in $TARGETS; do
         fi
     done
     summary="$summary
-$line ${secs} s"
+$line ${secs} s, ${cpu} s CPU ($load0/$load1)"
     if [ "${TEST:-1}" != 0 ]; then
         start=$(date +%s)
         PROFILE=$PROFILE bash "$here/scripts/cross-test.sh" "$triple" "$dir/kooagent"

@@ -9,6 +9,9 @@
 #                                      # after scripts/cross-build.sh: .deb arm64, armhf,
 #                                      # riscv64 and .rpm aarch64 (no rebuild)
 #   scripts/cross-packages.sh          # both steps in one command
+#   PROFILE=cross-test TARGETS="…" CARGO_TARGET_DIR=target/cross NO_BUILD=1 scripts/package.sh
+#                                      # CI: packages around the cross stage's binaries
+#                                      # (same code, no fat LTO), checked the same way
 #
 # RPM_ARCHES (default "x86_64 aarch64"): the rpm architectures built; the others get a .deb only.
 # Output: target/packages/*.deb, *.rpm. Installs cargo-deb / cargo-generate-rpm with
@@ -21,6 +24,10 @@ OUT="$here/target/packages"
 mkdir -p "$OUT"
 log() { echo "package: $*"; }
 RPM_ARCHES=${RPM_ARCHES:-"x86_64 aarch64"}
+# The cargo profile whose binary is packaged (with NO_BUILD=1; a build is always release).
+PROFILE=${PROFILE:-release}
+[ -n "${NO_BUILD:-}" ] || PROFILE=release
+[ "$PROFILE" != dev ] || { echo "package: PROFILE=dev: package a release-like profile" >&2; exit 2; }
 
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
 command -v cargo-generate-rpm >/dev/null 2>&1 || cargo install --locked cargo-generate-rpm
@@ -50,10 +57,10 @@ target_args=""
 if [ "$t" != host ]; then
     target_args="--target $t"
     triple=$t
-    bin="${CARGO_TARGET_DIR:-$here/target}/$t/release/kooagent"
+    bin="${CARGO_TARGET_DIR:-$here/target}/$t/$PROFILE/kooagent"
 else
     triple=$host_triple
-    bin="${CARGO_TARGET_DIR:-$here/target}/release/kooagent"
+    bin="${CARGO_TARGET_DIR:-$here/target}/$PROFILE/kooagent"
 fi
 # shellcheck disable=SC2046
 set -- $(arch_of "$triple")
@@ -68,12 +75,12 @@ fi
 
 rm -f "$OUT"/kooagent_*_"$deb_arch".deb "$OUT"/kooagent-*."$rpm_arch".rpm
 # shellcheck disable=SC2086
-cargo deb -p kooagent --no-build $target_args --output "$OUT/"
+cargo deb -p kooagent --no-build --profile "$PROFILE" $target_args --output "$OUT/"
 deb=$(ls "$OUT"/kooagent_*_"$deb_arch".deb)
 rpm=""
 if echo " $RPM_ARCHES " | grep -q " $rpm_arch "; then
     # shellcheck disable=SC2086
-    cargo generate-rpm -p agent $target_args ${CARGO_TARGET_DIR:+--target-dir "$CARGO_TARGET_DIR"} -o "$OUT/"
+    cargo generate-rpm -p agent --profile "$PROFILE" $target_args ${CARGO_TARGET_DIR:+--target-dir "$CARGO_TARGET_DIR"} -o "$OUT/"
     rpm=$(ls "$OUT"/kooagent-*."$rpm_arch".rpm)
 fi
 log "built $deb ${rpm:+and $rpm }in $(($(date +%s) - start)) s"

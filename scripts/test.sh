@@ -103,4 +103,13 @@ if [ "${CROSS:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
         TARGETS=armv7-unknown-linux-gnueabihf PROFILE=cross-test SKIP_APT=1 TEST=0 UNIT_TESTS=1 \
             bash scripts/cross-build.sh
     fi
+    # The board packages around those binaries (no rebuild): .deb arm64, armhf, riscv64 and
+    # .rpm aarch64, checked like the amd64 ones (files, modes, conffiles, scriptlets,
+    # architecture, a static binary of that machine). The shipped ones: scripts/cross-packages.sh.
+    if [ "${PACKAGES:-1}" != 0 ]; then
+        stage "board packages (.deb arm64/armhf/riscv64, .rpm aarch64; cross-test binaries)"
+        TARGETS=${CROSS_TARGETS:-"aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf riscv64gc-unknown-linux-gnu"} \
+            PROFILE=cross-test NO_BUILD=1 RPM_ARCHES=aarch64 CARGO_TARGET_DIR="$PWD/target/cross" \
+            sh scripts/package.sh | grep -E '^package: (built|contents)'
+    fi
 fi

@@ -260,7 +260,9 @@ fn main() {
         format!(
             "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\n\
              signing_key_file = \"{d}/seller.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
-             state_dir = \"{d}/state\"\n[[seller_server.products]]\npath = \"{PATH}\"\nproduct = \"bench\"\n",
+             state_dir = \"{d}/state\"\n\
+             # Every connection comes from 127.0.0.1 (the marketplace's stand-in).\n\
+             max_connections_per_address = 0\n[[seller_server.products]]\npath = \"{PATH}\"\nproduct = \"bench\"\n",
             d = d.display()
         ),
     )

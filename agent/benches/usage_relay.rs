@@ -178,7 +178,7 @@ fn main() {
         format!(
             "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\n\
              signing_key_file = \"{d}/seller.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
-             state_dir = \"{d}/state\"\n[seller_server.usage]\nupstreams = [\"https://127.0.0.1:9\"]\n\
+             state_dir = \"{d}/state\"\nmax_connections_per_address = 0\n[seller_server.usage]\nupstreams = [\"https://127.0.0.1:9\"]\n\
              backoff_initial_ms = 600000\nbackoff_max_ms = 600000\n\
              device_rate_per_sec = 1000000.0\ndevice_burst = 1000000\n\
              [[seller_server.products]]\npath = \"/kg/bench\"\nproduct = \"bench\"\n",

@@ -21,18 +21,41 @@ use crate::device_code::Resolver;
 )]
 struct Cli {
     #[command(flatten)]
-    global: Global,
+    first: FirstFlags,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Args, Clone)]
-struct Global {
-    /// Configuration file (default: /etc/kooagent/agent.toml as root, ~/.config/kooagent/agent.toml otherwise)
-    #[arg(long, global = true, env = "KOOAGENT_CONFIG")]
+/// Flags written before the command (`kooagent --config FILE status`). They are not global:
+/// a global flag reaches every subcommand, and the seller's commands must not offer the
+/// agent's socket, state directory or configuration path. Each command declares its own
+/// flags instead; these are the fallback for scripts that put them first.
+#[derive(Args, Clone, Default)]
+struct FirstFlags {
+    /// Configuration file for the command that follows: the agent's, or for `seller
+    /// serve|device|enroll|outbox` the seller server's
+    #[arg(long)]
     config: Option<PathBuf>,
-    /// Socket path (overrides socket.path)
-    #[arg(long, global = true, env = "KOOAGENT_SOCKET")]
+    /// Socket path (agent commands)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// State directory (agent commands)
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// error, warn, info, debug or trace
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+/// The agent's flags, accepted by every agent command (and its subcommands).
+#[derive(Args, Clone, Default)]
+struct Global {
+    /// Configuration file [env: KOOAGENT_CONFIG] (default: /etc/kooagent/agent.toml as root,
+    /// ~/.config/kooagent/agent.toml otherwise)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Socket path (overrides socket.path) [env: KOOAGENT_SOCKET]
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// State directory (overrides agent.state_dir)
     #[arg(long, global = true)]
@@ -42,7 +65,31 @@ struct Global {
     log_level: Option<String>,
 }
 
+/// An environment variable's value, unset and empty alike meaning "not given".
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 impl Global {
+    /// This command's flags, else those written before the command, else the environment
+    /// (a flag always beats the environment, wherever it is written).
+    fn merged(self, first: &FirstFlags) -> Global {
+        Global {
+            config: self
+                .config
+                .or_else(|| first.config.clone())
+                .or_else(|| env_path("KOOAGENT_CONFIG")),
+            socket: self
+                .socket
+                .or_else(|| first.socket.clone())
+                .or_else(|| env_path("KOOAGENT_SOCKET")),
+            state_dir: self.state_dir.or_else(|| first.state_dir.clone()),
+            log_level: self.log_level.or_else(|| first.log_level.clone()),
+        }
+    }
+
     fn overrides(&self) -> Overrides {
         Overrides {
             log_level: self.log_level.clone(),
@@ -62,10 +109,51 @@ impl Global {
     }
 }
 
+/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`, `seller outbox`).
+#[derive(Args, Clone, Default)]
+struct ServerFlags {
+    /// The seller server's configuration file [env: KOOAGENT_SELLER_CONFIG] (default:
+    /// /etc/kooagent-seller/server.toml as root, ~/.config/kooagent-seller/server.toml otherwise)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// error, warn, info, debug or trace (default: info)
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+}
+
+impl ServerFlags {
+    /// The server configuration file: this command's --config, else one written before
+    /// the command, else $KOOAGENT_SELLER_CONFIG, else the default path. Never the agent's
+    /// KOOAGENT_CONFIG: a developer's shell often has that set for the agent.
+    #[cfg(feature = "seller-server")]
+    fn config_file(&self, first: &FirstFlags) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| first.config.clone())
+            .or_else(|| env_path("KOOAGENT_SELLER_CONFIG"))
+            .unwrap_or_else(crate::seller_server::default_config_file)
+    }
+
+    #[cfg(feature = "seller-server")]
+    fn load(&self, first: &FirstFlags) -> Result<crate::seller_server::SellerServerConfig> {
+        let path = self.config_file(first);
+        if !path.exists() && self.config.is_none() && first.config.is_none() {
+            anyhow::bail!(
+                "no seller server configuration at {} (the default); write one \
+                 (docs/seller-server.md) or give it with --config FILE",
+                path.display()
+            );
+        }
+        Ok(crate::seller_server::SellerServerConfig::load(&path)?)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (foreground; --daemon detaches)
     Run {
+        #[command(flatten)]
+        g: Global,
         /// Detach from the terminal and write a pidfile (for boards without systemd)
         #[arg(long)]
         daemon: bool,
@@ -78,6 +166,8 @@ enum Command {
     },
     /// Print the device identification code (asks the running agent, or computes it)
     Id {
+        #[command(flatten)]
+        g: Global,
         /// List the identity sources found (hashes only) and the clone/drift verdict
         #[arg(long)]
         explain: bool,
@@ -92,24 +182,35 @@ enum Command {
     /// sources once and leave their keyed hashes and the boot id in /run/kooagent for an agent
     /// that runs with no capability
     Prestart {
+        #[command(flatten)]
+        g: Global,
         #[arg(long)]
         json: bool,
     },
     /// Show the running agent's status
     Status {
+        #[command(flatten)]
+        g: Global,
         #[arg(long)]
         json: bool,
     },
     /// Check that the agent answers
-    Ping,
+    Ping {
+        #[command(flatten)]
+        g: Global,
+    },
     /// Configuration
     Config {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: ConfigCommand,
     },
     /// Send one raw request to the agent and print the result as JSON
     #[command(after_help = operations_help())]
     Call {
+        #[command(flatten)]
+        g: Global,
         /// Operation name, e.g. agent.status
         op: String,
         /// Params as a JSON object
@@ -118,6 +219,8 @@ enum Command {
     },
     /// Before capturing an image: remove everything per-instance (agent stopped)
     ImagePrep {
+        #[command(flatten)]
+        g: Global,
         /// Drop usage that was not delivered yet
         #[arg(long)]
         force: bool,
@@ -133,31 +236,44 @@ enum Command {
     },
     /// Usage metering: what is recorded, pending, delivered, parked
     Usage {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: UsageCommand,
     },
     /// Installed licenses: install, status, check, remove
     License {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: LicenseCommand,
     },
     /// Authorization codes (KooGallery License guide 2.0)
     Authcode {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: AuthcodeCommand,
     },
     /// Freeze state of each license: state, why, since when
     Freeze {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: FreezeCommand,
     },
     /// The seller's status tokens (freeze / unfreeze / release)
     Token {
+        #[command(flatten)]
+        g: Global,
         #[command(subcommand)]
         command: TokenCommand,
     },
     /// Stream freeze-state changes as JSON lines (the current state first)
-    Watch,
+    Watch {
+        #[command(flatten)]
+        g: Global,
+    },
     /// The seller's tools: keys, issuing and inspecting licenses (no agent needed)
     Seller {
         #[command(subcommand)]
@@ -304,19 +420,38 @@ enum SellerCommand {
         json: bool,
     },
     /// Run the seller license server (the marketplace's production interface) with the
-    /// `[seller_server]` configuration given by --config (docs/seller-server.md)
-    Serve,
-    /// The seller server's device registry (--config as for serve): which device key each
+    /// `[seller_server]` configuration (docs/seller-server.md)
+    Serve {
+        #[command(flatten)]
+        server: ServerFlags,
+    },
+    /// The seller server's device registry: which device key each
     /// device code is bound to, and releasing a code so another key can bind it
     Device {
+        #[command(flatten)]
+        server: ServerFlags,
         #[command(subcommand)]
         command: DeviceCommand,
     },
-    /// The relay's enrollment tokens (--config as for serve): a device key the server
+    /// The relay's enrollment tokens: a device key the server
     /// does not know yet may use the relay only with one, up to its quota
     Enroll {
+        #[command(flatten)]
+        server: ServerFlags,
         #[command(subcommand)]
         command: EnrollCommand,
+    },
+    /// The server's outboxes: each getLicenseAsync license
+    /// upload (pending, retrying or delivered, with attempts, next try and last error)
+    /// and the usage relay's counts
+    Outbox {
+        #[command(flatten)]
+        server: ServerFlags,
+        /// Delivered uploads to list, latest first (every undelivered one is listed)
+        #[arg(long, default_value_t = 20)]
+        delivered: u32,
+        #[arg(long)]
+        json: bool,
     },
     /// Make one signed call to a seller server as the marketplace does; prints the
     /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
@@ -458,13 +593,43 @@ pub fn main() -> ExitCode {
     }
 }
 
+impl Command {
+    /// The agent's flags given to this command; None for the seller's commands.
+    fn agent_flags(&self) -> Option<&Global> {
+        match self {
+            Command::Run { g, .. }
+            | Command::Id { g, .. }
+            | Command::Prestart { g, .. }
+            | Command::Status { g, .. }
+            | Command::Ping { g }
+            | Command::Config { g, .. }
+            | Command::Call { g, .. }
+            | Command::ImagePrep { g, .. }
+            | Command::Usage { g, .. }
+            | Command::License { g, .. }
+            | Command::Authcode { g, .. }
+            | Command::Freeze { g, .. }
+            | Command::Token { g, .. }
+            | Command::Watch { g } => Some(g),
+            Command::Bench(_) | Command::Seller { .. } => None,
+        }
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let g = cli.global;
+    let first = cli.first;
+    let g = cli
+        .command
+        .agent_flags()
+        .cloned()
+        .unwrap_or_default()
+        .merged(&first);
     match cli.command {
         Command::Run {
             daemon,
             pidfile,
             log_file,
+            ..
         } => {
             let mut overrides = g.overrides();
             overrides.pidfile = pidfile;
@@ -480,8 +645,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             explain,
             json,
             local,
+            ..
         } => id(&g, explain, json, local),
-        Command::Prestart { json } => {
+        Command::Prestart { json, .. } => {
             let cfg = g.load()?.config;
             let report = Resolver::new(cfg.identity, cfg.agent.product_id, None).prestart()?;
             if json {
@@ -498,7 +664,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
+        Command::Status { json, .. } => {
             let v = g.client()?.call("agent.status", json!({}))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -507,13 +673,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ping => {
+        Command::Ping { .. } => {
             let start = std::time::Instant::now();
             g.client()?.call("ping", json!({}))?;
             println!("pong in {:.3} ms", start.elapsed().as_secs_f64() * 1e3);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { command } => {
+        Command::Config { command, .. } => {
             let loaded = g.load()?;
             match command {
                 ConfigCommand::Show => print!("{}", loaded.show()),
@@ -538,7 +704,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Call { op, params } => {
+        Command::Call { op, params, .. } => {
             let params: Value =
                 serde_json::from_str(&params).context("params must be a JSON object")?;
             match g.client()?.call(&op, params) {
@@ -558,12 +724,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Usage { command } => usage(&g, command),
+        Command::Usage { command, .. } => usage(&g, command),
         Command::ImagePrep {
             force,
             dry_run,
             json,
             root,
+            ..
         } => {
             let cfg = match &root {
                 Some(r) => crate::image_prep::config_for_root(r, g.config.as_deref())?,
@@ -589,14 +756,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::License { command } => license_cmd(&g, command),
-        Command::Authcode { command } => authcode_cmd(&g, command),
-        Command::Seller { command } => seller_cmd(&g, command),
+        Command::License { command, .. } => license_cmd(&g, command),
+        Command::Authcode { command, .. } => authcode_cmd(&g, command),
+        Command::Seller { command } => {
+            if first.socket.is_some() || first.state_dir.is_some() {
+                anyhow::bail!(
+                    "--socket and --state-dir are the agent's flags; the seller's commands do \
+                     not take them"
+                );
+            }
+            seller_cmd(&g, &first, command)
+        }
         Command::Freeze {
             command: FreezeCommand::Status { json },
+            ..
         } => freeze_status(&g, json),
         Command::Token {
             command: TokenCommand::Apply { file },
+            ..
         } => {
             let bytes = read_input(&file)?;
             crate::freeze::token::parse(&bytes).with_context(|| format!("{}", file.display()))?;
@@ -619,7 +796,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Watch => {
+        Command::Watch { .. } => {
             let c = g.client()?;
             let w = c.watch(json!({}))?;
             use std::io::Write;
@@ -1250,7 +1427,7 @@ fn freeze_status(g: &Global, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
+fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<ExitCode> {
     use crate::license::{format, keys, seller};
     match command {
         SellerCommand::Token(a) => {
@@ -1278,27 +1455,33 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Serve => {
-            let _ = g;
+        SellerCommand::Serve { .. } => {
+            let _ = first;
             anyhow::bail!(
                 "this kooagent was built without the seller server; build it with \
                  `cargo build --release -p kooagent --features seller-server`"
             )
         }
         #[cfg(feature = "seller-server")]
-        SellerCommand::Serve => {
-            let path = g
-                .config
+        SellerCommand::Serve { server } => {
+            let cfg = server.load(first)?;
+            let level = server
+                .log_level
                 .as_deref()
-                .context("seller serve: give the server's configuration file with --config FILE")?;
-            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
-            let level = g.log_level.as_deref().unwrap_or("info");
+                .or(first.log_level.as_deref())
+                .unwrap_or("info");
             let level = crate::logging::parse_level(level).with_context(|| {
                 format!("--log-level {level:?}: use error, warn, info, debug or trace")
             })?;
             crate::logging::init(level, None);
-            crate::seller_server::http::run(&cfg, std::sync::Arc::new(crate::clock::SystemClock))
-                .map_err(anyhow::Error::msg)?;
+            // SIGHUP reads the same file again.
+            let path = server.config_file(first);
+            crate::seller_server::http::run(
+                &cfg,
+                Some(&path),
+                std::sync::Arc::new(crate::clock::SystemClock),
+            )
+            .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "seller-server"))]
@@ -1309,11 +1492,8 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             )
         }
         #[cfg(feature = "seller-server")]
-        SellerCommand::Enroll { command } => {
-            let path = g.config.as_deref().context(
-                "seller enroll: give the server's configuration file with --config FILE",
-            )?;
-            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+        SellerCommand::Enroll { server, command } => {
+            let cfg = server.load(first)?;
             let db = cfg.open_db()?;
             let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000;
             match command {
@@ -1377,11 +1557,8 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
             )
         }
         #[cfg(feature = "seller-server")]
-        SellerCommand::Device { command } => {
-            let path = g.config.as_deref().context(
-                "seller device: give the server's configuration file with --config FILE",
-            )?;
-            let cfg = crate::seller_server::SellerServerConfig::load(path)?;
+        SellerCommand::Device { server, command } => {
+            let cfg = server.load(first)?;
             let db = cfg.open_db()?;
             let canonical = |c: &str| {
                 crate::device_code::parse_code(c)
@@ -1413,6 +1590,34 @@ fn seller_cmd(g: &Global, command: SellerCommand) -> Result<ExitCode> {
                         );
                     }
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::Outbox { .. } => anyhow::bail!(
+            "this kooagent was built without the seller server; build it with \
+             `cargo build --release -p kooagent --features seller-server`"
+        ),
+        #[cfg(feature = "seller-server")]
+        SellerCommand::Outbox {
+            server,
+            delivered,
+            json,
+        } => {
+            use crate::seller_server::upload;
+            let cfg = server.load(first)?;
+            let db = cfg.open_db()?;
+            let (counts, rows, usage) = db.run_blocking(move |tx| {
+                Ok((
+                    tx.count_uploads()?,
+                    tx.list_uploads(delivered.into())?,
+                    tx.usage().usage_counts()?,
+                ))
+            })?;
+            if json {
+                println!("{}", upload::status_json(counts, &rows, usage));
+            } else {
+                print!("{}", upload::status_text(counts, &rows, usage));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -19,7 +19,6 @@ pub const HOME: &str = "/nonexistent";
 pub const BIN: &str = "/usr/bin/kooagent";
 pub const CONFIG_DIR: &str = "/etc/kooagent";
 pub const CONFIG: &str = "/etc/kooagent/agent.toml";
-pub const KEYS_DIR: &str = "/etc/kooagent/keys";
 pub const MANAGED_UNITS_PATH: &str = "/etc/kooagent/managed-units";
 pub const STATE_DIR: &str = "/var/lib/kooagent";
 pub const RUN_DIR: &str = "/run/kooagent";

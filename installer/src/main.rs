@@ -35,6 +35,11 @@ Options:
                           boot integration (default: detected in the target)
   --dry-run               print every file and command, change nothing
   --no-start              install/upgrade: enable at boot but do not start or restart now
+  --config FILE           install: the agent.toml to install (0640 root:kooagent), checked
+                          first with the agent's own `kooagent config check`; a bad file
+                          changes nothing. Replaces an existing agent.toml
+  --no-config-check       with --config, when the binary cannot run here (another
+                          architecture): install FILE unchecked
   --purge                 uninstall: also remove /etc/kooagent, /var/lib/kooagent and the user
   -h, --help              this help
   -V, --version           print the version
@@ -73,6 +78,8 @@ struct Args {
     dry_run: bool,
     no_start: bool,
     purge: bool,
+    config: Option<PathBuf>,
+    no_config_check: bool,
 }
 
 fn parse_args() -> Result<Args, lexopt::Error> {
@@ -87,6 +94,8 @@ fn parse_args() -> Result<Args, lexopt::Error> {
         dry_run: false,
         no_start: false,
         purge: false,
+        config: None,
+        no_config_check: false,
     };
     while let Some(arg) = parser.next()? {
         match arg {
@@ -112,6 +121,8 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("dry-run") => args.dry_run = true,
             Long("no-start") => args.no_start = true,
             Long("purge") => args.purge = true,
+            Long("config") => args.config = Some(parser.value()?.into()),
+            Long("no-config-check") => args.no_config_check = true,
             Value(v) if cmd.is_none() => {
                 let v = v.string()?;
                 cmd = Some(match v.as_str() {
@@ -128,6 +139,17 @@ fn parse_args() -> Result<Args, lexopt::Error> {
     args.cmd = cmd.ok_or("missing command (install, upgrade, uninstall or status)")?;
     if args.purge && args.cmd != Cmd::Uninstall {
         return Err("--purge only goes with uninstall".into());
+    }
+    if args.config.is_some() && args.cmd != Cmd::Install {
+        return Err("--config only goes with install".into());
+    }
+    if args.no_config_check && args.config.is_none() {
+        return Err("--no-config-check only goes with --config FILE".into());
+    }
+    if let Some(c) = &args.config {
+        if !c.is_absolute() {
+            args.config = Some(std::env::current_dir().map_err(|e| e.to_string())?.join(c));
+        }
     }
     if !args.root.is_absolute() {
         args.root = std::env::current_dir()
@@ -307,6 +329,68 @@ fn read_binary(args: &Args) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The largest agent.toml accepted by --config (the agent's own limit is larger; a file this
+/// big is a mistake, e.g. the binary given instead of the configuration).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads FILE and has the agent being installed check it (`kooagent config check`), so that
+/// the installer and the agent never disagree about what a valid configuration is.
+fn checked_config(args: &Args, file: &Path) -> io::Result<Vec<u8>> {
+    let what = format!("--config {}", file.display());
+    let meta = std::fs::metadata(file)
+        .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}; nothing was changed")))?;
+    if !meta.is_file() || meta.len() > MAX_CONFIG_BYTES {
+        return Err(io::Error::other(format!(
+            "{what}: not a configuration file (a regular file under 1 MiB); nothing was changed"
+        )));
+    }
+    let data = std::fs::read(file)
+        .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}; nothing was changed")))?;
+    if std::str::from_utf8(&data).is_err() {
+        return Err(io::Error::other(format!(
+            "{what}: not UTF-8 text; nothing was changed"
+        )));
+    }
+    if args.no_config_check {
+        println!("  {:<12} {what} (--no-config-check)", "unchecked");
+        return Ok(data);
+    }
+    let binary = binary_source(args)?;
+    let out = std::process::Command::new(&binary)
+        .args(["config", "check", "--config"])
+        .arg(file)
+        .env_remove("KOOAGENT_CONFIG")
+        .env_remove("KOOAGENT_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            io::Error::other(format!(
+                "{what}: cannot run {} to check it ({e}); check the file with `kooagent config \
+                 check --config FILE` where that binary runs, then pass --no-config-check; \
+                 nothing was changed",
+                binary.display()
+            ))
+        })?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        let why = why.trim().trim_start_matches("kooagent: ");
+        // The check runs on this host: a file the configuration names (trusted_keys_file,
+        // usage.key_file) is looked up here, not inside the image tree.
+        let hint = if args.root != Path::new("/") && why.contains("No such file") {
+            " (files the configuration names are looked up on this host, not under --root: \
+             put the trusted keys inline, or check the file inside the image and pass \
+             --no-config-check)"
+        } else {
+            ""
+        };
+        return Err(io::Error::other(format!(
+            "{what} is not a valid agent configuration: {why}{hint}; nothing was changed"
+        )));
+    }
+    println!("  {:<12} {what} (kooagent config check)", "checked");
+    Ok(data)
+}
+
 fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
     let upgrade = args.cmd == Cmd::Upgrade;
     if upgrade && !cx.p(BIN).exists() {
@@ -317,6 +401,11 @@ fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
         )));
     }
     let binary = read_binary(args)?;
+    // Before any change: a bad configuration refuses the whole install.
+    let config = match &args.config {
+        Some(file) => Some(checked_config(args, file)?),
+        None => None,
+    };
 
     println!("user:");
     ensure_user(cx)?;
@@ -324,13 +413,24 @@ fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
     println!("files:");
     let mut restart = cx.file(BIN, &binary, 0o755, ROOT, false)?;
     cx.dir(CONFIG_DIR, 0o755, ROOT)?;
-    cx.file(
-        CONFIG,
-        DEFAULT_CONFIG.as_bytes(),
-        0o640,
-        Owner("root", GROUP),
-        true,
-    )?;
+    let config_changed = match &config {
+        // The seller's own file replaces what is there (that is what --config asks for).
+        Some(data) => cx.file(CONFIG, data, 0o640, Owner("root", GROUP), false)?,
+        // The commented template never overwrites an existing configuration.
+        None => cx.file(
+            CONFIG,
+            DEFAULT_CONFIG.as_bytes(),
+            0o640,
+            Owner("root", GROUP),
+            true,
+        )?,
+    };
+    if config_changed && config.is_some() && cx.live && cx.p(CONFIG).exists() {
+        cx.note(format!(
+            "{CONFIG} replaced: a running agent applies it at its next restart \
+             (`systemctl restart kooagent` or `/etc/init.d/kooagent restart`)"
+        ));
+    }
     cx.file(
         MANAGED_UNITS_PATH,
         MANAGED_UNITS.as_bytes(),
@@ -338,7 +438,6 @@ fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
         ROOT,
         true,
     )?;
-    cx.dir(KEYS_DIR, 0o755, ROOT)?;
     cx.dir(STATE_DIR, 0o700, Owner(USER, GROUP))?;
 
     println!("boot integration ({}):", init.name());
@@ -817,15 +916,10 @@ fn status(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
         true,
     )?;
     check(cx, MANAGED_UNITS_PATH, MANAGED_UNITS, 0o644, ROOT, true)?;
-    for (d, mode, owner) in [
-        (KEYS_DIR, 0o755, ROOT),
-        (STATE_DIR, 0o700, Owner(USER, GROUP)),
-    ] {
-        if cx.p(d).is_dir() {
-            cx.dir(d, mode, owner)?;
-        } else {
-            cx.change("missing", d);
-        }
+    if cx.p(STATE_DIR).is_dir() {
+        cx.dir(STATE_DIR, 0o700, Owner(USER, GROUP))?;
+    } else {
+        cx.change("missing", STATE_DIR);
     }
     match init {
         Init::Systemd => {

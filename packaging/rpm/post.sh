@@ -1,5 +1,5 @@
 # kooagent .rpm %post ($1: 1 = install, 2 = upgrade): directories, backoff drop-in, enable + start.
-install -d -m 0755 -o root -g root /etc/kooagent/keys
+install -d -m 0755 -o root -g root /etc/kooagent
 install -d -m 0700 -o kooagent -g kooagent /var/lib/kooagent
 dropin=/etc/systemd/system/kooagent.service.d/restart-backoff.conf
 v=$(systemctl --version 2>/dev/null | sed -n '1s/^systemd \([0-9]*\).*/\1/p')

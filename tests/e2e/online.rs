@@ -164,6 +164,22 @@ fn online_source_freezes_unfreezes_and_renews() {
         c["days_left"].as_i64().unwrap_or(0) > 80
     });
 
+    // Polls that bring the same license again change nothing and say so only at debug
+    // level: "fetched" is logged at info once, for the renewal.
+    let hits = *ep.hits.lock().unwrap();
+    wait_for("more polls of the same license", || {
+        *ep.hits.lock().unwrap() >= hits + 6
+    });
+    let log = a.log();
+    let info = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains("INFO"))
+            .count()
+    };
+    assert_eq!(info("fetched from the online source"), 1, "{log}");
+    assert_eq!(info("from the online source applied"), 2, "{log}");
+    assert!(log.contains("the online source has nothing newer"), "{log}");
+
     // A token that does not verify is never applied.
     ep.set("/tokens/L-online", "kst1.garbage.garbage");
     std::thread::sleep(Duration::from_millis(2500));

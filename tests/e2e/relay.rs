@@ -405,11 +405,7 @@ fn async_licenses_are_uploaded_and_retried() {
     );
     // The first attempt fails (the marketplace has an internal error).
     market.with(|s| s.inject = Some((500, "92020001".into())));
-    let code = "AAAA-BBBB-CCCC-DDDD-EEEE";
-    let code = (0..32)
-        .map(|i| "0123456789ABCDEFGHJKMNPQRSTVWXYZ".as_bytes()[i] as char)
-        .find_map(|c| kooagent::device_code::parse_code(&format!("{}{c}", &code[..23])).ok())
-        .unwrap();
+    let code = a_device_code();
     let now = now_ms() / 1000;
     let (_, v) = server.market(&json!({
         "activity": "getLicenseAsync", "instanceId": "RA2-ASYNC-1", "eventId": "8e5694c8-async-1",
@@ -443,5 +439,95 @@ fn async_licenses_are_uploaded_and_retried() {
         "{}",
         server.log()
     );
+    let v = outbox(&server);
+    assert_eq!(v["license_uploads"]["delivered"], 1, "{v}");
+    let row = &v["license_uploads"]["rows"][0];
+    assert_eq!(row["event_id"], "8e5694c8-async-1", "{v}");
+    assert_eq!(row["state"], "delivered", "{v}");
+    assert_eq!(row["attempts"], 2, "{v}");
+    assert!(row["delivered_at"].is_string(), "{v}");
     market.assert_no_violations();
+}
+
+/// A valid device code (the last character is a check character).
+fn a_device_code() -> String {
+    let code = "AAAA-BBBB-CCCC-DDDD-EEEE";
+    (0..32)
+        .map(|i| "0123456789ABCDEFGHJKMNPQRSTVWXYZ".as_bytes()[i] as char)
+        .find_map(|c| kooagent::device_code::parse_code(&format!("{}{c}", &code[..23])).ok())
+        .unwrap()
+}
+
+/// `kooagent seller outbox --json` against the server's database.
+fn outbox(server: &SellerServer) -> Value {
+    let out = crate::harness::run_ok(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(server.dir.path().join("seller.toml"))
+            .args(["seller", "outbox", "--json"]),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Issue 13 item 6: the outbox's status command shows an upload the marketplace keeps
+/// refusing as retrying, with its attempts, last error and next try (and the text form
+/// one line per upload).
+#[test]
+fn seller_outbox_shows_a_failing_upload_with_its_error() {
+    let market = Market::start();
+    let dir = short_tempdir();
+    let server = start(
+        &market,
+        "license_upload = true\nlicense_upload_retry_secs = 3600\n",
+        dir.path(),
+    );
+    let v = outbox(&server);
+    assert_eq!(v["license_uploads"]["not_delivered"], 0, "{v}");
+    assert_eq!(v["usage_records"]["parked"], 0, "{v}");
+    market.with(|s| s.inject = Some((500, "92020001".into())));
+    let now = now_ms() / 1000;
+    let (_, a) = server.market(&json!({
+        "activity": "getLicenseAsync", "instanceId": "RA2-ASYNC-2", "eventId": "ev-outbox-2",
+        "effectiveTime": kooagent::clock::format_rfc3339(now - 60).replace('T', " ").replace('Z', " UTC"),
+        "deviceFingerprint": a_device_code()
+    }));
+    assert_eq!(a["resultCode"], "000000", "{a}");
+    let t0 = std::time::Instant::now();
+    while !server.log().contains("attempt 1 failed") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let v = outbox(&server);
+    assert_eq!(v["license_uploads"]["not_delivered"], 1, "{v}");
+    let row = &v["license_uploads"]["rows"][0];
+    assert_eq!(row["instance_id"], "RA2-ASYNC-2", "{v}");
+    assert_eq!(row["state"], "retrying", "{v}");
+    assert_eq!(row["attempts"], 1, "{v}");
+    assert!(
+        row["last_error"].as_str().unwrap().contains("HTTP 500"),
+        "{v}"
+    );
+    let next = kooagent::clock::parse_rfc3339(row["next_try"].as_str().unwrap()).unwrap();
+    assert!((3500..3700).contains(&(next - now)), "{v}");
+    assert!(!v.to_string().contains("kl1."), "license text listed: {v}");
+    let out = crate::harness::run_ok(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(server.dir.path().join("seller.toml"))
+            .args(["seller", "outbox"]),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("license uploads: 1 not delivered, 0 delivered"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ev-outbox-2\tRA2-ASYNC-2\tretrying\t1\t"),
+        "{text}"
+    );
 }

@@ -59,6 +59,11 @@ pub struct SellerServer {
 
 impl SellerServer {
     pub fn start(extra: &str) -> SellerServer {
+        Self::start_limited(extra, None)
+    }
+
+    /// The same, the server run with its descriptor limit (soft and hard) at `nofile`.
+    pub fn start_limited(extra: &str, nofile: Option<u64>) -> SellerServer {
         let dir = short_tempdir();
         let d = dir.path();
         // The seller's license key, made with the seller's own tool.
@@ -102,13 +107,23 @@ impl SellerServer {
         );
         std::fs::write(d.join("seller.toml"), config).unwrap();
         let log = std::fs::File::create(d.join("server.log")).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["seller", "serve", "--config"])
-            .arg(d.join("seller.toml"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut command = match nofile {
+            None => {
+                let mut c = Command::new(BIN);
+                c.args(["seller", "serve", "--config"])
+                    .arg(d.join("seller.toml"));
+                c
+            }
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!(
+                    "ulimit -n {n} && exec '{BIN}' seller serve --config '{}'",
+                    d.join("seller.toml").display()
+                ));
+                c
+            }
+        };
+        let mut child = command.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -850,5 +865,72 @@ fn serve_refuses_a_readable_key_file_naming_it() {
     assert!(
         err.contains("seller_server.interconnection_key_file") && err.contains("chmod 600"),
         "{err}"
+    );
+}
+
+/// Issue 20 item 5: `seller serve` is the seller's command, not the agent's: its help offers
+/// neither the agent's configuration path nor the agent's socket or state directory, and
+/// without --config it reads its own default file, never the agent's (even with
+/// KOOAGENT_CONFIG set, as a developer's shell often has).
+#[test]
+fn seller_serve_has_its_own_flags_and_config_default() {
+    let help = run_ok(Command::new(BIN).args(["seller", "serve", "--help"]));
+    let help = String::from_utf8_lossy(&help.stdout);
+    for agent_only in ["agent.toml", "--socket", "--state-dir", "KOOAGENT_CONFIG"] {
+        assert!(!help.contains(agent_only), "{agent_only} in:\n{help}");
+    }
+    assert!(
+        help.contains("--config") && help.contains("/etc/kooagent-seller/server.toml"),
+        "{help}"
+    );
+    // The agent's commands still take the agent's flags, before or after the command.
+    let status = run_ok(Command::new(BIN).args(["status", "--help"]));
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("--socket") && status.contains("agent.toml"),
+        "{status}"
+    );
+
+    let home = short_tempdir();
+    let agent_cfg = home.path().join("agent.toml");
+    std::fs::write(&agent_cfg, "[agent]\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["seller", "serve"])
+        .env("KOOAGENT_CONFIG", &agent_cfg)
+        .env_remove("KOOAGENT_SELLER_CONFIG")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join("cfg"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // SAFETY: geteuid cannot fail.
+    let default = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/etc/kooagent-seller/server.toml")
+    } else {
+        home.path().join("cfg/kooagent-seller/server.toml")
+    };
+    assert!(
+        err.contains(&format!(
+            "no seller server configuration at {} (the default)",
+            default.display()
+        )) && err.contains("--config FILE"),
+        "{err}"
+    );
+    // The agent's flags are refused by the seller's commands, wherever they are written.
+    let out = Command::new(BIN)
+        .args(["seller", "serve", "--socket", "/tmp/x.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args(["--state-dir", "/tmp/x", "seller", "serve"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the agent's flags"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

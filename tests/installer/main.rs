@@ -157,7 +157,8 @@ fn install_writes_files_modes_owners_and_user() {
     assert_eq!(r.mode("/usr/bin/kooagent"), 0o755);
     assert_eq!(r.mode("/etc/kooagent"), 0o755);
     assert_eq!(r.mode("/etc/kooagent/agent.toml"), 0o640);
-    assert_eq!(r.mode("/etc/kooagent/keys"), 0o755);
+    // Trusted keys live in agent.toml (docs/operations.md): no keys directory.
+    assert!(!r.p("/etc/kooagent/keys").exists());
     assert_eq!(r.mode("/var/lib/kooagent"), 0o700);
     assert_eq!(r.mode("/usr/lib/systemd/system/kooagent.service"), 0o644);
     assert_eq!(
@@ -250,7 +251,6 @@ fn dry_run_writes_nothing_and_lists_everything() {
     for p in [
         "/usr/bin/kooagent",
         "/etc/kooagent/agent.toml",
-        "/etc/kooagent/keys",
         "/var/lib/kooagent",
         "/usr/lib/systemd/system/kooagent.service",
         "/etc/systemd/system/multi-user.target.wants/kooagent.service",
@@ -284,7 +284,7 @@ fn upgrade_replaces_binary_keeps_config_and_state() {
     )
     .unwrap();
     fs::write(r.p("/var/lib/kooagent/device.json"), "{}").unwrap();
-    fs::write(r.p("/etc/kooagent/keys/seller.pub"), "key").unwrap();
+    fs::write(r.p("/etc/kooagent/seller.pub"), "key").unwrap();
     // An old unit on disk.
     fs::write(
         r.p("/usr/lib/systemd/system/kooagent.service"),
@@ -307,13 +307,111 @@ fn upgrade_replaces_binary_keeps_config_and_state() {
         "[agent]\nlog_level = \"debug\"\n"
     );
     assert!(r.p("/var/lib/kooagent/device.json").is_file());
-    assert!(r.p("/etc/kooagent/keys/seller.pub").is_file());
+    assert!(r.p("/etc/kooagent/seller.pub").is_file());
 
     // Install after an edit keeps the config too.
     r.ok(&["install"]);
     assert!(fs::read_to_string(r.p("/etc/kooagent/agent.toml"))
         .unwrap()
         .contains("debug"));
+}
+
+/// A stand-in for the agent's `kooagent config check --config FILE`: refuses a file with
+/// an unknown key the way the agent does (exit 1, the key named on stderr).
+fn checking_binary(r: &Root) {
+    fs::write(
+        &r.binary,
+        "#!/bin/sh\n\
+         [ \"$1 $2 $3\" = \"config check --config\" ] || { echo \"unexpected: $*\" >&2; exit 9; }\n\
+         if grep -q '^bogus' \"$4\"; then echo \"kooagent: $4: unknown field \\`bogus\\`\" >&2; exit 1; fi\n\
+         echo \"configuration OK ($4)\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&r.binary, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn install_config_checks_and_installs_the_sellers_file() {
+    let r = Root::new(true);
+    checking_binary(&r);
+    r.ok(&["install"]);
+    let template = fs::read(r.p("/etc/kooagent/agent.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A bad file: refused, the problem named, nothing changed (the template stays).
+    let bad = dir.path().join("bad.toml");
+    fs::write(&bad, "[agent]\nbogus = 1\n").unwrap();
+    let before = r.snapshot();
+    let out = r.run(&["install", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a valid agent configuration") && err.contains("unknown field `bogus`"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_eq!(before, r.snapshot());
+    let missing = dir.path().join("missing.toml");
+    let out = r.run(&["install", "--config", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    assert_eq!(before, r.snapshot());
+
+    // A good file replaces the template, 0640 root:kooagent; a dry run only says so.
+    let good = dir.path().join("agent.toml");
+    let text = "[agent]\nproduct_id = \"sku-pro\"\n";
+    fs::write(&good, text).unwrap();
+    fs::set_permissions(&good, fs::Permissions::from_mode(0o644)).unwrap();
+    let dry = r.ok(&["install", "--dry-run", "--config", good.to_str().unwrap()]);
+    assert!(
+        dry.contains("would update /etc/kooagent/agent.toml"),
+        "{dry}"
+    );
+    assert_eq!(fs::read(r.p("/etc/kooagent/agent.toml")).unwrap(), template);
+    let out = r.ok(&["install", "--config", good.to_str().unwrap()]);
+    assert!(out.contains("checked"), "{out}");
+    assert_eq!(
+        fs::read_to_string(r.p("/etc/kooagent/agent.toml")).unwrap(),
+        text
+    );
+    assert_eq!(r.mode("/etc/kooagent/agent.toml"), 0o640);
+    if am_root() {
+        let m = fs::metadata(r.p("/etc/kooagent/agent.toml")).unwrap();
+        let gid = user_id(&r, "/etc/group", "kooagent");
+        assert_eq!((m.uid(), m.gid()), (0, gid));
+    }
+    // Again: nothing to do. --config belongs to install only.
+    let again = r.ok(&["install", "--config", good.to_str().unwrap()]);
+    assert!(again.contains("nothing to do"), "{again}");
+    let out = r.run(&["upgrade", "--config", good.to_str().unwrap()]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn install_config_needs_a_binary_that_runs_or_no_config_check() {
+    // The stand-in ELF cannot run here, as a binary for another architecture could not.
+    let r = Root::new(true);
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("agent.toml");
+    fs::write(&good, "[agent]\n").unwrap();
+    let out = r.run(&["install", "--config", good.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot run") && err.contains("--no-config-check"),
+        "{err}"
+    );
+    assert!(!r.p("/usr/bin/kooagent").exists(), "nothing installed");
+    r.ok(&[
+        "install",
+        "--config",
+        good.to_str().unwrap(),
+        "--no-config-check",
+    ]);
+    assert_eq!(
+        fs::read_to_string(r.p("/etc/kooagent/agent.toml")).unwrap(),
+        "[agent]\n"
+    );
 }
 
 #[test]

@@ -218,7 +218,10 @@ pub fn poll_once(
             let url = url_for(&cfg.license_url, &id);
             match fetch(&agent, &url, asker, code) {
                 Ok(Some(body)) => match license.install(&body, None) {
-                    Ok((Installed::Unchanged(_), _)) => {}
+                    // The same license as installed: every poll of a quiet endpoint.
+                    Ok((Installed::Unchanged(_), _)) => {
+                        log::debug!("license {id}: the online source has nothing newer")
+                    }
                     Ok((installed, _)) => {
                         log::info!("license {} fetched from the online source", installed.id());
                         out.licenses_installed += 1;

@@ -67,6 +67,10 @@ struct Inner {
     save_error: Option<String>,
     event_seq: u64,
     subscribers: Vec<mpsc::Sender<Value>>,
+    /// Transition events not sent yet: they go out once the license verdict table shows
+    /// them ([`FreezeHook::verdicts_updated`]), so a watcher that reacts to `frozen` by
+    /// calling `license.check` never reads the verdict from before the freeze.
+    unpublished: Vec<Value>,
     /// The last trusted time seen (tokens are judged against it).
     now: i64,
     tolerance: i64,
@@ -162,6 +166,7 @@ impl FreezeService {
                 save_error: None,
                 event_seq: 0,
                 subscribers: vec![],
+                unpublished: vec![],
                 now,
                 tolerance: 86_400,
             }),
@@ -224,6 +229,8 @@ impl FreezeService {
             Err(e) => log::warn!("freeze: marketplace status for {id} not applied: {e}"),
         }
         self.after(&mut inner, &out);
+        // Codes are not in the license verdict table: nothing to wait for.
+        publish(&mut inner);
     }
 
     pub fn reconfigure(&self, cfg: &FreezeConfig) {
@@ -255,7 +262,7 @@ impl FreezeService {
                 "since": format_rfc3339(t.since),
                 "causes": t.causes,
             });
-            inner.subscribers.retain(|s| s.try_send(ev.clone()).is_ok());
+            inner.unpublished.push(ev);
         }
         // The action thread compares with its journal: only what is not done yet runs.
         let wants: Vec<Want> = inner
@@ -280,7 +287,8 @@ impl FreezeService {
             .send(wants);
     }
 
-    /// Applies a status token (blocking). The caller refreshes the license verdicts after.
+    /// Applies a status token (blocking). The caller refreshes the license verdicts after;
+    /// the token's watch events go out with that refresh.
     pub fn apply_token(
         &self,
         bytes: &[u8],
@@ -350,6 +358,8 @@ impl FreezeService {
     /// transition in order, every event with an increasing `seq`.
     pub fn subscribe(&self) -> mpsc::Receiver<Value> {
         let mut inner = self.lock();
+        // Older events first, to the older subscribers: the new one's snapshot has them.
+        publish(&mut inner);
         let present: Vec<String> = inner.machine.present().cloned().collect();
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + present.len());
         for id in present {
@@ -514,7 +524,18 @@ impl FreezeService {
     }
 }
 
+/// Sends the queued transition events to the subscribers, in order.
+fn publish(inner: &mut Inner) {
+    for ev in std::mem::take(&mut inner.unpublished) {
+        inner.subscribers.retain(|s| s.try_send(ev.clone()).is_ok());
+    }
+}
+
 impl FreezeHook for FreezeService {
+    fn verdicts_updated(&self) {
+        publish(&mut self.lock());
+    }
+
     fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView {
         let now = time.now.max(time.trusted);
         let facts: Vec<LicenseFacts> = licenses
@@ -606,5 +627,74 @@ fn action_thread(
         if let Err(e) = actions::save_journal(&path, &j) {
             log::error!("freeze: cannot save the action journal: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::license::format::tests::{sample, test_key};
+    use crate::license::LicenseConfig;
+
+    /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
+    /// verdict: no event is out before the verdict table shows it.
+    #[test]
+    fn watch_events_go_out_after_the_verdicts_show_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key(1);
+        let mut lic = sample();
+        lic.unbound = true;
+        lic.devices.clear();
+        let now = lic.not_before + 3600;
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let cfg = LicenseConfig {
+            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
+            ..Default::default()
+        };
+        let clock = Arc::new(FakeClock::new(now * 1000));
+        let license = LicenseService::new(dir.path(), &cfg, clock, device.clone());
+        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
+        license.set_freeze_hook(freeze.clone());
+        let text = crate::license::format::sign(&lic, &key).unwrap();
+        license.install(text.as_bytes(), None).unwrap();
+        let allowed = |l: &LicenseService| {
+            l.verdicts().check("sku-pro", None, now).unwrap()["allowed"].clone()
+        };
+        assert_eq!(allowed(&license), json!(true));
+
+        let mut events = freeze.subscribe();
+        while events.try_recv().is_ok() {}
+        let token = token::issue(
+            &token::TokenRequest {
+                license_id: lic.id.clone(),
+                action: token::Action::Freeze,
+                seq: 1,
+                issued_at: now,
+                devices: vec![],
+                reason: Some("unpaid".into()),
+            },
+            &key,
+        )
+        .unwrap();
+        freeze
+            .apply_token(
+                token.as_bytes(),
+                &license.trusted_keys(),
+                license.time_view(),
+            )
+            .unwrap();
+        // Applied, but the verdict table is not refreshed yet: nothing may be out.
+        if let Ok(ev) = events.try_recv() {
+            assert_eq!(
+                allowed(&license),
+                json!(false),
+                "event {ev} sent while license.check still allows"
+            );
+        }
+        license.refresh_blocking();
+        let ev = events.try_recv().expect("the transition after the refresh");
+        assert_eq!(ev["state"], json!("frozen"), "{ev}");
+        assert_eq!(allowed(&license), json!(false));
     }
 }

@@ -44,6 +44,9 @@ pub type FreezeView = (HashMap<String, FreezeVerdict>, Option<i64>);
 /// installed license and its verdict before any freeze, which are frozen.
 pub trait FreezeHook: Send + Sync {
     fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView;
+    /// The verdict table now shows what the last `observe` decided (watch events wait
+    /// for this).
+    fn verdicts_updated(&self) {}
 }
 
 /// One license's verdict, with its answers prepared.
@@ -454,6 +457,9 @@ impl LicenseService {
         let persist = inner.time.next_persist();
         v.wake_at = Some(v.next_boundary.map_or(persist, |b| b.min(persist)));
         *self.verdicts.write().expect("verdicts lock") = Arc::new(v);
+        if let Some(hook) = self.freeze.get() {
+            hook.verdicts_updated();
+        }
         self.rearm.notify_one();
     }
 

@@ -288,6 +288,9 @@ pub trait Tx {
     fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError>;
     /// (not done, done) counts.
     fn count_uploads(&mut self) -> Result<(i64, i64), DbError>;
+    /// The outbox for `seller outbox`: every row not done (next try first), then at most
+    /// `done_limit` done rows (latest first).
+    fn list_uploads(&mut self, done_limit: i64) -> Result<Vec<UploadRow>, DbError>;
 
     /// The binding of device code `code`, if any.
     fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError>;
@@ -747,12 +750,38 @@ pub mod tests {
             done.last_error = Some("x".into());
             let d2 = done.clone();
             db.run_blocking(move |tx| tx.put_upload(&d2)).unwrap();
-            assert_eq!(db.run_blocking(|tx| tx.upload("ev-u")).unwrap(), Some(done));
+            assert_eq!(
+                db.run_blocking(|tx| tx.upload("ev-u")).unwrap(),
+                Some(done.clone())
+            );
             assert_eq!(
                 db.run_blocking(|tx| tx.due_uploads(1000, 10)).unwrap(),
                 vec![]
             );
             assert_eq!(db.run_blocking(|tx| tx.count_uploads()).unwrap(), (0, 1));
+
+            // The status listing: pending by next try, then the latest done ones.
+            let pending = |id: &str, next_at: i64| UploadRow {
+                event_id: id.into(),
+                next_at,
+                ..up.clone()
+            };
+            let (p1, p2) = (pending("ev-p1", 500), pending("ev-p2", 400));
+            let mut d3 = pending("ev-d3", 0);
+            d3.done_at = Some(130);
+            for r in [p1.clone(), p2.clone(), d3.clone()] {
+                db.run_blocking(move |tx| tx.put_upload(&r)).unwrap();
+            }
+            assert_eq!(
+                db.run_blocking(|tx| tx.list_uploads(10)).unwrap(),
+                vec![p2.clone(), p1.clone(), d3.clone(), done.clone()],
+                "{name}"
+            );
+            assert_eq!(
+                db.run_blocking(|tx| tx.list_uploads(1)).unwrap(),
+                vec![p2, p1, d3],
+                "{name}"
+            );
         }
     }
 }

@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::activities::{self, answer, Ctx, ResultCode};
 use super::auth;
+use super::conns::{self, Conns, Refusal, RefusalLog, Slot};
 use super::db::Db;
 use super::devices;
 use super::limits::{self, LimitsConfig};
@@ -40,12 +41,19 @@ use super::{ProductConfig, SellerServerConfig};
 use crate::clock::Clock;
 use crate::usage::secret::Secret;
 
+/// A device request answered busy because the connections left are the marketplace's.
+pub const ERR_BUSY: &str = "KOOAGENT.SERVER.0503";
 /// Largest request body accepted (the marketplace's are well under 4 KiB).
 const MAX_BODY: usize = 64 * 1024;
 /// The marketplace gives up after 5 s; answer before that even when the database is slow.
 const ANSWER_WITHIN: Duration = Duration::from_millis(4500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a connection admitted into the marketplace's reserve: the marketplace gives
+/// up after 5 s anyway, and a stalled connection there must not hold the reserve long.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one line about refused connections per this.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often forgotten nonces are pruned (they only matter within the window).
 const PRUNE_EVERY_SECS: i64 = 60;
 
@@ -57,15 +65,16 @@ pub struct State {
     pub tokens: Arc<dyn StatusTokens>,
     pub db: Db,
     pub clock: Arc<dyn Clock>,
-    pub window_secs: i64,
     /// None: no `aksk_file`, no relay.
     pub relay: Option<Arc<Relay>>,
     /// The usage relay (`POST /v1/usage/records`).
     pub usage: Arc<super::usage_relay::UsageRelay>,
     /// `license_upload`: `getLicenseAsync` licenses go into the upload outbox.
     pub upload: bool,
-    pub limits: LimitsConfig,
-    pub body_timeout: Duration,
+    /// What SIGHUP may change ([`Live`]).
+    live: std::sync::RwLock<Arc<Live>>,
+    /// Open connections and their limits ([`super::conns`]).
+    pub conns: Arc<Conns>,
     last_prune: AtomicI64,
 }
 
@@ -86,14 +95,28 @@ impl State {
             tokens,
             db,
             clock,
-            window_secs: cfg.timestamp_window_secs as i64,
             relay,
             usage: Arc::new(super::usage_relay::UsageRelay::new(&cfg.usage)),
             upload: cfg.license_upload,
-            limits: cfg.limits.clone(),
-            body_timeout: Duration::from_secs(cfg.body_timeout_secs),
+            live: std::sync::RwLock::new(Arc::new(Live::from(cfg))),
+            conns: Conns::new(conns::Limits {
+                max: cfg.max_connections,
+                per_address: cfg.max_connections_per_address,
+                reserve: cfg.marketplace_reserved_connections,
+            }),
             last_prune: AtomicI64::new(0),
         }
+    }
+
+    /// The settings in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a reloaded configuration's [`Live`] part and connection limits.
+    fn set_live(&self, live: Live, conns: conns::Limits) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        self.conns.set_limits(conns);
     }
 
     /// Once a minute (to one caller): the time before which nonces can be forgotten,
@@ -105,8 +128,79 @@ impl State {
                 .last_prune
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        due.then(|| now - 2 * self.window_secs.max(relay::WINDOW_SECS) - 1)
+        let window = self.live().window_secs;
+        due.then(|| now - 2 * window.max(relay::WINDOW_SECS) - 1)
     }
+}
+
+/// The settings a SIGHUP reload changes in place (with the TLS certificate and the
+/// connection limits); every other key needs a restart ([`restart_keys`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub window_secs: i64,
+    pub limits: LimitsConfig,
+    pub body_timeout: Duration,
+}
+
+impl From<&SellerServerConfig> for Live {
+    fn from(cfg: &SellerServerConfig) -> Live {
+        Live {
+            window_secs: cfg.timestamp_window_secs as i64,
+            limits: cfg.limits.clone(),
+            body_timeout: Duration::from_secs(cfg.body_timeout_secs),
+        }
+    }
+}
+
+/// The keys that differ between `old` and `new` but take effect only at a restart: the
+/// listener, the database, the keys and secrets shared with background workers, the
+/// relay's pool and the outboxes' workers are built once.
+pub fn restart_keys(old: &SellerServerConfig, new: &SellerServerConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            keys.push(key);
+        }
+    };
+    check("listen", old.listen == new.listen);
+    check("state_dir", old.state_dir == new.state_dir);
+    check("database_url", old.database_url == new.database_url);
+    check(
+        "database_schema",
+        old.database_schema == new.database_schema,
+    );
+    check(
+        "signing_key_file",
+        old.signing_key_file == new.signing_key_file,
+    );
+    check(
+        "interconnection_key_file",
+        old.interconnection_key_file == new.interconnection_key_file,
+    );
+    check("products", old.products == new.products);
+    check("aksk_file", old.aksk_file == new.aksk_file);
+    check(
+        "marketplace_bases",
+        old.marketplace_bases == new.marketplace_bases,
+    );
+    check(
+        "marketplace_extra_ca_file",
+        old.marketplace_extra_ca_file == new.marketplace_extra_ca_file,
+    );
+    check("usage", old.usage == new.usage);
+    check(
+        "license_upload",
+        old.license_upload == new.license_upload
+            && old.license_upload_path == new.license_upload_path
+            && old.license_upload_retry_secs == new.license_upload_retry_secs,
+    );
+    check(
+        "relay_workers/relay_queue/relay_queue_wait_secs",
+        old.relay_workers == new.relay_workers
+            && old.relay_queue == new.relay_queue
+            && old.relay_queue_wait_secs == new.relay_queue_wait_secs,
+    );
+    keys
 }
 
 /// The TLS configuration from PEM files. The private key must not be readable by others.
@@ -148,26 +242,112 @@ pub fn private_file_mode(key: &str, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// The TLS configuration new connections get; a reload replaces it, connections already
+/// open keep theirs.
+pub struct TlsSlot(std::sync::RwLock<TlsAcceptor>);
+
+impl TlsSlot {
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Arc<TlsSlot> {
+        Arc::new(TlsSlot(std::sync::RwLock::new(TlsAcceptor::from(tls))))
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, tls: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(tls);
+    }
+}
+
+/// SIGHUP: reads `path` again and applies what can change in place (the TLS certificate
+/// and key, `[seller_server.limits]`, the connection limits, `body_timeout_secs`,
+/// `timestamp_window_secs`), all or nothing: a file that does not load, a key that does
+/// not validate or a certificate that does not read leaves everything as it was. Returns
+/// the keys changed in the file that need a restart.
+pub fn reload(
+    path: &Path,
+    started: &SellerServerConfig,
+    state: &State,
+    tls: &TlsSlot,
+    nofile: u64,
+) -> Result<Vec<&'static str>, String> {
+    let new = SellerServerConfig::load(path).map_err(|e| e.to_string())?;
+    let cert = tls_config(&new.cert_file, &new.key_file)?;
+    let limits = fit_connections(&new, nofile);
+    state.set_live(Live::from(&new), limits);
+    tls.replace(cert);
+    Ok(restart_keys(started, &new))
+}
+
+/// One descriptor held back so that a connection can still be accepted and closed when the
+/// process is out of descriptors: otherwise it would wait in the backlog (its client
+/// hanging) and the listener would stay readable, the accept loop spinning.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn new() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare descriptor, accepts and closes one waiting connection, takes the
+    /// descriptor back. Whether a connection was closed.
+    fn refuse_one(&mut self, listener: &TcpListener) -> bool {
+        self.0 = None;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let refused = matches!(listener.poll_accept(&mut cx), std::task::Poll::Ready(Ok(_)));
+        self.0 = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+}
+
+/// Accepts connections until `shutdown` resolves. Connections over the limits
+/// ([`super::conns`]) are accepted and closed at once; refusals are logged at most once a
+/// minute, with counts.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<TlsSlot>,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    let mut spare = Spare::new();
+    let mut refusals = RefusalLog::new(REFUSAL_LOG_EVERY);
+    let mut refused = |why: Refusal| {
+        if let Some(line) = refusals.note(why, std::time::Instant::now()) {
+            log::warn!("{line}");
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
-                    let (acceptor, state) = (acceptor.clone(), state.clone());
-                    tokio::spawn(async move { connection(tcp, peer, acceptor, state).await });
+                    match state.conns.admit(&limits::address_key(peer.ip())) {
+                        Ok(slot) => {
+                            let (acceptor, state) = (tls.acceptor(), state.clone());
+                            tokio::spawn(async move {
+                                connection(tcp, peer, acceptor, state, slot).await
+                            });
+                        }
+                        Err(why) => {
+                            drop(tcp);
+                            refused(why);
+                        }
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if spare.refuse_one(&listener) {
+                        refused(Refusal::Descriptors);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait a little instead of spinning.
-                    log::warn!("accept: {e}");
+                    // Other transient failures (ECONNABORTED, ENOBUFS): back off briefly
+                    // instead of spinning, and say so at debug level only: each comes from
+                    // a client, and an attacker must not fill the log.
+                    log::debug!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -180,9 +360,17 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     state: Arc<State>,
+    slot: Slot,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // Admitted into the marketplace's reserve: shorter deadlines.
+    let limits = state.conns.limits();
+    let deadline = if state.conns.open() > limits.device_room() {
+        RESERVE_TIMEOUT
+    } else {
+        HANDSHAKE_TIMEOUT
+    };
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             log::debug!("{peer}: TLS handshake: {e}");
@@ -198,13 +386,14 @@ async fn connection(
     // reads `Body-Sign` case-sensitively (§4.3); title case of `body-sign` is exactly that.
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(deadline.min(HEADER_TIMEOUT))
         .title_case_headers(true)
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = r {
         log::debug!("{peer}: {e}");
     }
+    drop(slot);
 }
 
 pub(super) type Resp = Response<Full<Bytes>>;
@@ -225,6 +414,19 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
+    if path.starts_with("/v1/") && !state.conns.device_room() {
+        // Device traffic must leave the marketplace's share free: busy, and the connection
+        // closed to give its descriptor back.
+        log::debug!("{peer}: {path}: busy (connections kept for the marketplace)");
+        let mut r = closing(device_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ERR_BUSY,
+            "the server is busy; try again later",
+        ));
+        r.headers_mut()
+            .insert("retry-after", "30".parse().expect("valid"));
+        return Ok(r);
+    }
     if let Some(rest) = path.strip_prefix("/v1/licenses/") {
         if req.method() != Method::GET {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
@@ -270,7 +472,7 @@ fn authenticate(
     let pairs = auth::query_pairs(query);
     if pairs.iter().any(|(k, _)| k == "signature") || !has_auth_token(&pairs, &body) {
         let params = auth::Params::from_query(query);
-        let nonce = auth::verify(key, &params, &body, now_ms, state.window_secs)?;
+        let nonce = auth::verify(key, &params, &body, now_ms, state.live().window_secs)?;
         return Ok((nonce, body));
     }
     // Legacy: every parameter, from the query and from a JSON object body.
@@ -291,7 +493,7 @@ fn authenticate(
             (k.clone(), v)
         })
         .collect();
-    let nonce = auth::legacy_verify(key, &params, now_ms, state.window_secs)?;
+    let nonce = auth::legacy_verify(key, &params, now_ms, state.live().window_secs)?;
     let merged = serde_json::Value::Object(fields).to_string();
     Ok((nonce, Bytes::from(merged)))
 }
@@ -320,7 +522,7 @@ fn signed(state: &State, body: String) -> Resp {
 /// comes, or trickles, cannot hold a connection. With bodies of at most [`MAX_BODY`] the
 /// deadline is also the minimum transfer rate (64 KiB in 10 s by default).
 async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, String> {
-    let limit = state.body_timeout;
+    let limit = state.live().body_timeout;
     match tokio::time::timeout(limit, Limited::new(req.into_body(), MAX_BODY).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(e)) => Err(format!(
@@ -466,8 +668,9 @@ async fn relay_call(
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
     let (c, d) = (codes.clone(), device.clone());
-    let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &state.limits);
-    let bucket_age = state.limits.longest_refill_ms();
+    let live = state.live();
+    let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &live.limits);
+    let bucket_age = live.limits.longest_refill_ms();
     let enrollment = header(relay::HEADER_ENROLLMENT).map(relay::enrollment_hash);
     let gate = state.db.run(move |tx| {
         if let Some(before) = prune {
@@ -673,7 +876,7 @@ async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<In
         nonce: device.nonce,
         address: limits::address_key(peer.ip()),
     };
-    let lim = state.limits.clone();
+    let lim = state.live().limits.clone();
     let prune = state.prune_before(now_ms.div_euclid(1000));
     let bucket_age = lim.longest_refill_ms();
     let r = state
@@ -718,9 +921,37 @@ async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<In
     }
 }
 
+/// The configured connection limits under the descriptor limit `nofile`, saying so when
+/// they had to be lowered.
+fn fit_connections(cfg: &SellerServerConfig, nofile: u64) -> conns::Limits {
+    let fitted = conns::Limits::fit(
+        cfg.max_connections,
+        cfg.max_connections_per_address,
+        cfg.marketplace_reserved_connections,
+        nofile,
+        cfg.relay_workers,
+    );
+    if fitted.max < cfg.max_connections {
+        log::warn!(
+            "seller_server.max_connections {} does not fit RLIMIT_NOFILE {nofile} (descriptors \
+             kept for files and marketplace calls); serving at most {} connections, {} of them \
+             kept for the marketplace; raise LimitNOFILE to serve more",
+            cfg.max_connections,
+            fitted.max,
+            fitted.reserve
+        );
+    }
+    fitted
+}
+
 /// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
 /// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
-pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String> {
+/// `config_path`: the file SIGHUP reads again (None: SIGHUP is logged and ignored).
+pub fn run(
+    cfg: &SellerServerConfig,
+    config_path: Option<&Path>,
+    clock: Arc<dyn Clock>,
+) -> Result<(), String> {
     private_file_mode("seller_server.signing_key_file", &cfg.signing_key_file)?;
     let signing_key = crate::license::seller::read_signing_key(&cfg.signing_key_file)
         .map_err(|e| format!("seller_server.signing_key_file: {e}"))?;
@@ -735,7 +966,7 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         let ca = (!ca.as_os_str().is_empty()).then_some(ca.as_path());
         Some(Arc::new(Relay::new(cfg, ca, clock.clone())?))
     };
-    let tls = tls_config(&cfg.cert_file, &cfg.key_file)?;
+    let tls = TlsSlot::new(tls_config(&cfg.cert_file, &cfg.key_file)?);
     let db = cfg.open_db().map_err(|e| e.to_string())?;
     // The delivery worker's own copy of the interconnection key (read with the same
     // checks: mode 0600, owner; never logged).
@@ -755,6 +986,9 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         clock,
         relay,
     ));
+    let nofile = conns::raise_fd_limit();
+    let fitted = fit_connections(cfg, nofile);
+    state.conns.set_limits(fitted);
     super::usage_relay::start_worker(
         state.usage.clone(),
         state.db.clone(),
@@ -767,6 +1001,42 @@ pub fn run(cfg: &SellerServerConfig, clock: Arc<dyn Clock>) -> Result<(), String
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     rt.block_on(async move {
+        // Before the listener: from then on SIGHUP reloads instead of killing the server.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
+        let (hup_state, hup_tls, started) = (state.clone(), tls.clone(), cfg.clone());
+        let path = config_path.map(Path::to_path_buf);
+        tokio::spawn(async move {
+            let mut hangup = hangup;
+            while hangup.recv().await.is_some() {
+                let Some(path) = &path else {
+                    log::warn!("SIGHUP: no configuration file to read again; ignored");
+                    continue;
+                };
+                match reload(path, &started, &hup_state, &hup_tls, nofile) {
+                    Ok(pending) => {
+                        log::info!(
+                            "SIGHUP: reloaded {}: TLS certificate, limits, connection limits, \
+                             body_timeout_secs, timestamp_window_secs",
+                            path.display()
+                        );
+                        if !pending.is_empty() {
+                            log::warn!(
+                                "SIGHUP: {} changed in {} but take effect only at a restart; \
+                                 still running with the values the server started with",
+                                pending.join(", "),
+                                path.display()
+                            );
+                        }
+                    }
+                    Err(e) => log::error!(
+                        "SIGHUP: reloading {} failed, still serving the previous \
+                         configuration: {e}",
+                        path.display()
+                    ),
+                }
+            }
+        });
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| format!("seller_server.listen {}: {e}", cfg.listen))?;

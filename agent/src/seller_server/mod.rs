@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub mod activities;
 pub mod auth;
 pub mod call;
+pub mod conns;
 pub mod db;
 pub mod devices;
 pub mod http;
@@ -95,6 +96,39 @@ pub struct SellerServerConfig {
     pub relay_queue_wait_secs: u64,
     /// A request body must arrive whole within this (headers: 10 s).
     pub body_timeout_secs: u64,
+    /// Connections held at once, at most; lowered at start to fit `RLIMIT_NOFILE`
+    /// (docs/seller-server.md "Connections").
+    pub max_connections: usize,
+    /// Connections from one source address (IPv6: one /64); 0: no cap.
+    pub max_connections_per_address: usize,
+    /// Of `max_connections`, this many are kept for the marketplace's calls: device
+    /// requests are answered busy when fewer are free.
+    pub marketplace_reserved_connections: usize,
+}
+
+/// The seller server's own places, apart from the agent's: as root the FHS ones
+/// (/etc/kooagent-seller, /var/lib/kooagent-seller), otherwise the user's XDG directories, so
+/// a developer trying the server needs no root and never touches a real installation.
+fn user_dirs() -> Option<directories::ProjectDirs> {
+    if crate::config::is_root() {
+        return None;
+    }
+    directories::ProjectDirs::from("", "", "kooagent-seller")
+}
+
+/// `seller serve|device|enroll` read this file when no --config is given.
+pub fn default_config_file() -> PathBuf {
+    match user_dirs() {
+        Some(d) => d.config_dir().join("server.toml"),
+        None => "/etc/kooagent-seller/server.toml".into(),
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    match user_dirs() {
+        Some(d) => d.data_local_dir().to_path_buf(),
+        None => "/var/lib/kooagent-seller".into(),
+    }
 }
 
 impl Default for SellerServerConfig {
@@ -105,7 +139,7 @@ impl Default for SellerServerConfig {
             key_file: PathBuf::new(),
             signing_key_file: PathBuf::new(),
             interconnection_key_file: PathBuf::new(),
-            state_dir: "/var/lib/kooagent-seller".into(),
+            state_dir: default_state_dir(),
             database_url: String::new(),
             database_schema: "public".into(),
             timestamp_window_secs: 60,
@@ -125,6 +159,9 @@ impl Default for SellerServerConfig {
             relay_queue: 64,
             relay_queue_wait_secs: 5,
             body_timeout_secs: 10,
+            max_connections: 4096,
+            max_connections_per_address: 64,
+            marketplace_reserved_connections: 64,
         }
     }
 }
@@ -275,6 +312,24 @@ impl SellerServerConfig {
             return Err(invalid(
                 "seller_server.body_timeout_secs",
                 "must be between 1 and 120",
+            ));
+        }
+        if !(2..=1_000_000).contains(&self.max_connections) {
+            return Err(invalid(
+                "seller_server.max_connections",
+                "must be between 2 and 1000000",
+            ));
+        }
+        if self.max_connections_per_address > 1_000_000 {
+            return Err(invalid(
+                "seller_server.max_connections_per_address",
+                "must be at most 1000000 (0: no cap)",
+            ));
+        }
+        if self.marketplace_reserved_connections * 2 > self.max_connections {
+            return Err(invalid(
+                "seller_server.marketplace_reserved_connections",
+                "must be at most half of max_connections",
             ));
         }
         if !(1..=60).contains(&self.relay_queue_wait_secs) {

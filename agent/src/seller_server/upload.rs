@@ -156,6 +156,83 @@ async fn send(db: &Db, up: &Uploader, row: UploadRow) {
     }
 }
 
+/// One outbox row's state for `seller outbox`: `pending` (not tried yet), `retrying` (a
+/// failed attempt, waiting for `next_at`), `delivered`. Uploads are never given up, so
+/// there is no parked state (a failing one keeps retrying at most hourly, logged).
+pub fn state(row: &UploadRow) -> &'static str {
+    match (row.done_at, row.attempts) {
+        (Some(_), _) => "delivered",
+        (None, 0) => "pending",
+        (None, _) => "retrying",
+    }
+}
+
+/// What `seller outbox --json` prints: the counts, then one object per row (the license
+/// text itself is left out: it is in the licenses table and can be long).
+pub fn status_json(
+    counts: (i64, i64),
+    rows: &[UploadRow],
+    usage: super::db::usage::OutboxCounts,
+) -> Value {
+    let t = crate::clock::format_rfc3339;
+    json!({
+        "license_uploads": {
+            "not_delivered": counts.0,
+            "delivered": counts.1,
+            "rows": rows.iter().map(|r| json!({
+                "event_id": r.event_id,
+                "instance_id": r.instance_id,
+                "state": state(r),
+                "attempts": r.attempts,
+                "next_try": r.done_at.is_none().then(|| t(r.next_at)),
+                "delivered_at": r.done_at.map(t),
+                "last_error": r.last_error,
+                "created_at": t(r.created_at),
+            })).collect::<Vec<_>>(),
+        },
+        "usage_records": usage,
+    })
+}
+
+/// The same for people: a summary line each, then one tab-separated line per upload.
+pub fn status_text(
+    counts: (i64, i64),
+    rows: &[UploadRow],
+    usage: super::db::usage::OutboxCounts,
+) -> String {
+    let t = crate::clock::format_rfc3339;
+    let mut out = format!(
+        "license uploads: {} not delivered, {} delivered\n\
+         usage records:   {} pending, {} delivered, {} parked\n",
+        counts.0, counts.1, usage.pending, usage.delivered, usage.parked
+    );
+    if !rows.is_empty() {
+        out.push_str("event\tinstance\tstate\tattempts\tnext try / delivered\tlast error\n");
+    }
+    for r in rows {
+        let when = match r.done_at {
+            Some(d) => t(d),
+            None => t(r.next_at),
+        };
+        let err: String = r
+            .last_error
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(200)
+            .collect();
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{when}\t{err}\n",
+            r.event_id,
+            r.instance_id,
+            state(r),
+            r.attempts
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +270,53 @@ mod tests {
         assert!(accepted(401, r#"{"error_code":"APIGW.0301"}"#)
             .unwrap_err()
             .contains("401"));
+    }
+
+    #[test]
+    fn status_names_each_state_and_hides_license_text() {
+        let row = |id: &str, attempts, done_at, err: Option<&str>| UploadRow {
+            event_id: id.into(),
+            instance_id: "i".into(),
+            license: "kl1.secret-ish".into(),
+            attempts,
+            next_at: 60,
+            done_at,
+            last_error: err.map(str::to_string),
+            created_at: 0,
+        };
+        let rows = [
+            row("e1", 0, None, None),
+            row("e2", 2, None, Some("HTTP 500:\nboom")),
+            row("e3", 1, Some(120), None),
+        ];
+        let usage = crate::seller_server::db::usage::OutboxCounts {
+            pending: 1,
+            delivered: 2,
+            parked: 3,
+        };
+        let v = status_json((2, 1), &rows, usage);
+        let states: Vec<_> = v["license_uploads"]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["pending", "retrying", "delivered"]);
+        assert_eq!(v["license_uploads"]["rows"][1]["attempts"], 2);
+        assert_eq!(
+            v["license_uploads"]["rows"][1]["next_try"],
+            "1970-01-01T00:01:00Z"
+        );
+        assert_eq!(v["license_uploads"]["rows"][2]["next_try"], Value::Null);
+        assert_eq!(v["usage_records"]["parked"], 3);
+        assert!(!v.to_string().contains("secret-ish"));
+        let text = status_text((2, 1), &rows, usage);
+        assert!(text.contains("2 not delivered, 1 delivered"), "{text}");
+        assert!(text.contains("1 pending, 2 delivered, 3 parked"), "{text}");
+        assert!(
+            text.contains("e2\ti\tretrying\t2\t1970-01-01T00:01:00Z\tHTTP 500: boom\n"),
+            "{text}"
+        );
+        assert!(!text.contains("secret-ish"));
     }
 }

@@ -362,6 +362,34 @@ impl Tx for Postgres {
             .collect())
     }
 
+    fn list_uploads(&mut self, done_limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        let mut rows: Vec<UploadRow> = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL \
+                     ORDER BY next_at, event_id"
+                ),
+                &[],
+            )
+            .map_err(err)?
+            .iter()
+            .map(upload_row)
+            .collect();
+        let done = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NOT NULL \
+                     ORDER BY done_at DESC, event_id LIMIT $1"
+                ),
+                &[&done_limit],
+            )
+            .map_err(err)?;
+        rows.extend(done.iter().map(upload_row));
+        Ok(rows)
+    }
+
     fn count_uploads(&mut self) -> Result<(i64, i64), DbError> {
         Ok(self
             .opt(

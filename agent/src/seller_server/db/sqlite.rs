@@ -425,6 +425,33 @@ impl Tx for Sqlite {
             .map_err(err)
     }
 
+    fn list_uploads(&mut self, done_limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        let mut rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL \
+                 ORDER BY next_at, event_id"
+            ))
+            .and_then(|mut s| {
+                s.query_map([], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)?;
+        let done = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NOT NULL \
+                 ORDER BY done_at DESC, event_id LIMIT ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![done_limit], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)?;
+        rows.extend(done);
+        Ok(rows)
+    }
+
     fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
         self.conn
             .prepare_cached(
