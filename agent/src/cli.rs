@@ -611,7 +611,7 @@ impl Command {
             | Command::Freeze { g, .. }
             | Command::Token { g, .. }
             | Command::Watch { g } => Some(g),
-            Command::Bench(_) | Command::Seller { .. } => None,
+            Command::Seller { .. } => None,
         }
     }
 }

@@ -634,8 +634,8 @@ fn action_thread(
 mod tests {
     use super::*;
     use crate::clock::FakeClock;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::LicenseConfig;
+    use kooagent_core::testing::{sample, test_key};
 
     /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
     /// verdict: no event is out before the verdict table shows it.
