@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod authcode;
 pub mod bench;
+pub mod bench_conns;
 pub mod cli;
 pub mod client;
 pub use kooagent_core::clock;
@@ -26,6 +27,7 @@ pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]
 pub mod seller_server;
 pub mod socket;
+pub mod socket_limits;
 pub mod source_health;
 pub mod state_lock;
 pub mod store;

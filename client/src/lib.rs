@@ -532,6 +532,16 @@ mod tests {
     }
 
     #[test]
+    fn the_resend_rule_is_the_catalogue() {
+        for op in catalogue::OPERATIONS {
+            assert_eq!(is_read_only(op.name), op.read_only, "{}", op.name);
+        }
+        // Read-only operations the hand-kept list of earlier versions missed.
+        assert!(is_read_only("authcode.status") && is_read_only("watch"));
+        assert!(!is_read_only("no.such.op"));
+    }
+
+    #[test]
     fn unreachable_agent_is_a_connect_error() {
         let e = Client::connect(Path::new("/nonexistent/agent.sock"))
             .err()

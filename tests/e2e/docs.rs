@@ -274,9 +274,11 @@ fn every_operation_is_documented_with_an_example_a_live_agent_answers() {
     );
 
     // An agent the examples can talk to: the seller's key trusted, a meter, two licenses.
+    // An hour closes an hour after it ends, so the hour `usage.record` writes into is still
+    // open when `usage.status` shows it, whatever the time of day the test runs.
     let seller = Seller::new();
     let a = TestAgent::start(&format!(
-        "{}[usage.meters.requests]\ninstance_id = \"inst-1\"\n",
+        "{}[usage]\nlateness_secs = 3600\n[usage.meters.requests]\ninstance_id = \"inst-1\"\n",
         seller.config()
     ));
     let code = device_code(&a);

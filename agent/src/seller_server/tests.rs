@@ -802,3 +802,35 @@ fn a_license_signed_before_the_transaction_is_the_one_signed_inside() {
         assert_eq!(activities::presign(&ctx, body.as_bytes()), None, "{body}");
     }
 }
+
+#[test]
+fn a_reload_names_the_keys_that_need_a_restart_and_applies_the_rest() {
+    use super::http::{restart_keys, Live};
+    use super::SellerServerConfig;
+    let a = SellerServerConfig::default();
+    let mut b = a.clone();
+    b.body_timeout_secs = 30;
+    b.timestamp_window_secs = 120;
+    b.limits.miss_per_key = super::limits::Rate::new(1, 1);
+    b.max_connections = 10;
+    b.max_connections_per_address = 0;
+    b.cert_file = "/new/tls.crt".into();
+    assert!(restart_keys(&a, &b).is_empty());
+    let live = Live::from(&b);
+    assert_eq!(live.body_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(live.window_secs, 120);
+    assert_eq!(live.limits.miss_per_key, super::limits::Rate::new(1, 1));
+    b.listen = "127.0.0.1:1".into();
+    b.relay_queue = 3;
+    b.usage.batch_size = 5;
+    b.license_upload_retry_secs = 7;
+    assert_eq!(
+        restart_keys(&a, &b),
+        [
+            "listen",
+            "usage",
+            "license_upload",
+            "relay_workers/relay_queue/relay_queue_wait_secs"
+        ]
+    );
+}
