@@ -466,6 +466,8 @@ fn the_bench_is_its_own_binary_and_measures_the_agent() {
         "--starts",
         "1",
         "--no-redis",
+        "--idle-connections",
+        "0",
         "--json",
     ]));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
