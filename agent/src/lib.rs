@@ -5,6 +5,7 @@
 //! format and the operation catalogue come from `kooagent-client`.
 pub mod agent;
 pub mod authcode;
+pub mod backoff;
 pub mod bench;
 pub mod bench_conns;
 pub mod cli;
