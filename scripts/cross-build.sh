@@ -180,8 +180,11 @@ unit_tests() {
 
 # CPU seconds (user + system) used so far by this shell's finished children: the build's
 # CPU time, which a shared machine's load does not inflate the way it does the wall time.
+# `times` runs in this shell (a $(…) subshell would report its own, childless, times): call
+# it as a plain command, then read the file.
+cpu_mark() { times >"$OUT/.times"; }
 cpu_secs() {
-    times | sed -n 2p | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%d", t }'
+    sed -n 2p "$OUT/.times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } printf "%d", t }'
 }
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
 
@@ -193,10 +196,12 @@ for triple in $TARGETS; do
     dir="$OUT/$triple/$profile_dir"
     log "building $triple ($PROFILE)"
     start=$(date +%s)
+    cpu_mark
     cpu0=$(cpu_secs)
     load0=$(loadavg)
     build "$triple"
     secs=$(($(date +%s) - start))
+    cpu_mark
     cpu=$(($(cpu_secs) - cpu0))
     load1=$(loadavg)
     log "$triple built in $secs s wall, $cpu s CPU (load $load0 -> $load1) with $how"

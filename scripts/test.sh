@@ -47,6 +47,11 @@ stage "static release binary: end-to-end tests on it"
 bash scripts/release.sh
 KOOAGENT_E2E_BIN="$PWD/target/release/kooagent" cargo test -p kooagent --test e2e 2>&1 | tail -n 3
 
+# Crash soak, bounded (about 30 s here): kill -9 during mixed ingest, nothing acknowledged
+# lost (scripts/soak.sh; the long run and its last result are in docs/operations.md).
+stage "soak: 10 kill -9 cycles during usage ingest"
+CYCLES=10 bash scripts/soak.sh
+
 # Fuzzing, bounded: the license parser's target body under a seeded mutational driver on
 # stable, and the real cargo-fuzz (libFuzzer) target when a nightly toolchain is present.
 stage "fuzz: license parser (stable driver, 20 s)"

@@ -3,6 +3,10 @@
 //! Prints a table: duplicates (must be 0), and latency percentiles.
 //!
 //! `cargo bench -p kooagent --bench seller_serve` (optionally `-- N` for N orders).
+//! With `KOOAGENT_BENCH_PG_URL` set (e.g. what scripts/pg-test.sh exports), the servers
+//! store in PostgreSQL, `KOOAGENT_BENCH_PROCESSES` of them (default 1) on one database,
+//! the orders spread over them round-robin; the CPU columns then add up every server
+//! process, and a "db µs" column gives PostgreSQL's own (its processes' CPU clocks).
 //!
 //! Two rounds: "warm" opens and handshakes every connection first, then sends all
 //! requests at once (the request latency the marketplace sees on a kept-alive
@@ -116,21 +120,24 @@ struct Round {
     /// answer: in the warm round the requests alone, in the cold round handshakes too.
     server_cpu_us: f64,
     client_cpu_us: f64,
+    /// PostgreSQL's processes (0 with SQLite, which runs inside the server).
+    db_cpu_us: f64,
 }
 
 async fn round(
     n: usize,
-    port: u16,
+    ports: &[u16],
     connector: TlsConnector,
     name: &'static str,
     warm: bool,
-    server_pid: u32,
+    server_pids: &[u32],
 ) -> Round {
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for i in 0..n {
         let (connector, barrier) = (connector.clone(), barrier.clone());
         let req = request(i, name);
+        let port = ports[i % ports.len()];
         tasks.push(tokio::spawn(async move {
             let connect = || async {
                 let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -157,7 +164,7 @@ async fn round(
     }
     barrier.wait().await;
     let t0 = Instant::now();
-    let (server0, client0) = (proc_cpu_us(server_pid), self_cpu_us());
+    let (server0, client0, db0) = (servers_cpu_us(server_pids), self_cpu_us(), db_cpu_us());
     let mut latencies = Vec::new();
     let mut bodies = Vec::new();
     let mut kept = Vec::new();
@@ -176,8 +183,11 @@ async fn round(
             monotonic_s()
         );
     }
-    let (server_cpu_us, client_cpu_us) =
-        (proc_cpu_us(server_pid) - server0, self_cpu_us() - client0);
+    let (server_cpu_us, client_cpu_us, db_cpu_us) = (
+        servers_cpu_us(server_pids) - server0,
+        self_cpu_us() - client0,
+        db_cpu_us() - db0,
+    );
     if warm {
         // Let the server finish closing them before the next round.
         drop(kept);
@@ -190,7 +200,27 @@ async fn round(
         bodies,
         server_cpu_us,
         client_cpu_us,
+        db_cpu_us,
     }
+}
+
+fn servers_cpu_us(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| proc_cpu_us(*p)).sum()
+}
+
+/// CPU time of every process named `postgres` on this machine (the bench's database;
+/// connections are opened before the timed windows, so none come or go inside them).
+fn db_cpu_us() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(kooagent::bench::process_cpu_us)
+        .sum()
 }
 
 /// CPU time (user + system, all threads) of process `pid` so far, in µs.
@@ -237,6 +267,19 @@ fn main() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
     }
+    let pg = std::env::var("KOOAGENT_BENCH_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let processes: usize = std::env::var("KOOAGENT_BENCH_PROCESSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let schema = format!("bench_{}_{}", std::process::id(), now_ms());
+    let storage = match &pg {
+        Some(url) => format!("database_url = \"{url}\"\ndatabase_schema = \"{schema}\"\n"),
+        None => String::new(),
+    };
     let dir = tempfile::Builder::new()
         .prefix("kb")
         .tempdir_in("/tmp")
@@ -260,7 +303,7 @@ fn main() {
         format!(
             "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\n\
              signing_key_file = \"{d}/seller.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
-             state_dir = \"{d}/state\"\n\
+             state_dir = \"{d}/state\"\n{storage}\
              # Every connection comes from 127.0.0.1 (the marketplace's stand-in).\n\
              max_connections_per_address = 0\n[[seller_server.products]]\npath = \"{PATH}\"\nproduct = \"bench\"\n",
             d = d.display()
@@ -271,23 +314,30 @@ fn main() {
     // the same client.
     let server = std::env::var_os("KOOAGENT_BENCH_SERVER")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_kooagent").into());
-    let mut child = Command::new(server)
-        .args(["--log-level", "warn", "seller", "serve", "--config"])
-        .arg(d.join("s.toml"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .expect("listening line");
+    let mut children = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..processes {
+        let mut child = Command::new(&server)
+            .args(["--log-level", "warn", "seller", "serve", "--config"])
+            .arg(d.join("s.toml"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        ports.push(
+            line.trim()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .expect("listening line"),
+        );
+        children.push(child);
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
@@ -304,9 +354,13 @@ fn main() {
         .build()
         .unwrap();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("seller serve: {n} concurrent getLicense orders, SQLite (WAL, synchronous=FULL), TLS on loopback, {cpus} CPUs shared by client and server");
+    let store = match &pg {
+        Some(_) => format!("PostgreSQL, {processes} server process(es)"),
+        None => "SQLite (WAL, synchronous=FULL)".to_string(),
+    };
+    println!("seller serve: {n} concurrent getLicense orders, {store}, TLS on loopback, {cpus} CPUs shared by client, server and database");
     println!(
-        "{:<8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10}",
+        "{:<8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}",
         "round",
         "ok",
         "dups",
@@ -316,12 +370,13 @@ fn main() {
         "wall ms",
         "orders/s",
         "server µs",
-        "client µs"
+        "client µs",
+        "db µs"
     );
     let mut all_texts = std::collections::HashSet::new();
     let mut total_ok = 0;
     for (name, warm) in [("warm", true), ("cold", false)] {
-        let r = rt.block_on(round(n, port, connector.clone(), name, warm, child.id()));
+        let r = rt.block_on(round(n, &ports, connector.clone(), name, warm, &pids));
         let (server_cpu, client_cpu) = (r.server_cpu_us / n as f64, r.client_cpu_us / n as f64);
         let mut ok = 0;
         let mut dups = 0;
@@ -338,7 +393,7 @@ fn main() {
         }
         total_ok += ok;
         println!(
-            "{:<8} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>9.0} {:>10.0} {:>10.0}",
+            "{:<8} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.0} {:>9.0} {:>10.0} {:>10.0} {:>10.0}",
             name,
             ok,
             dups,
@@ -348,22 +403,34 @@ fn main() {
             r.wall.as_secs_f64() * 1000.0,
             n as f64 / r.wall.as_secs_f64(),
             server_cpu,
-            client_cpu
+            client_cpu,
+            r.db_cpu_us / n as f64
         );
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    for mut child in children {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
     // What the database holds: one license per order, no more.
-    let db = rusqlite::Connection::open(d.join("state/seller.db")).unwrap();
-    let (rows, ids, events): (i64, i64, i64) = db
-        .query_row(
-            "SELECT (SELECT COUNT(*) FROM licenses), (SELECT COUNT(DISTINCT license_id) FROM licenses), \
-             (SELECT COUNT(*) FROM events)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM licenses), \
+        (SELECT COUNT(DISTINCT license_id) FROM licenses), (SELECT COUNT(*) FROM events)";
+    let (rows, ids, events): (i64, i64, i64) = match &pg {
+        Some(url) => {
+            let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+            c.batch_execute(&format!("SET search_path TO {schema}"))
+                .unwrap();
+            let r = c.query_one(COUNTS, &[]).unwrap();
+            let out = (r.get(0), r.get(1), r.get(2));
+            c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .unwrap();
+            out
+        }
+        None => rusqlite::Connection::open(d.join("state/seller.db"))
+            .unwrap()
+            .query_row(COUNTS, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap(),
+    };
     println!(
         "database: {rows} licenses, {ids} distinct license ids, {events} events; answered {total_ok}"
     );

@@ -44,6 +44,9 @@ impl Agent {
             device.subscribe(),
         );
         license.set_freeze_hook(freeze.clone());
+        if let Some(t) = freeze.anchored_time() {
+            license.restore_trusted_time(t);
+        }
         // Where a meter's usage is billed: `[usage.meters]` first, then the installed
         // license's instance id.
         let usage = UsageService::new(Box::new(Chain(vec![

@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Idle connections held to measure their memory (0: skip)
+    #[arg(long, default_value_t = crate::bench_conns::IDLE_CONNECTIONS)]
+    pub idle_connections: usize,
+    /// Measure only the idle connections' memory
+    #[arg(long)]
+    pub connections_only: bool,
 }
 
 /// One operation to measure: a name for the table, the request's op and params.
@@ -119,10 +125,12 @@ pub struct Report {
     pub license_install_inproc_us: f64,
     /// `license.install` over the socket: verify, fsync, verdicts rebuilt (median).
     pub license_install_socket_us: f64,
+    /// RSS before, with and after many idle connections.
+    pub idle_connections: Option<crate::bench_conns::ConnMemory>,
 }
 
-struct Agent {
-    child: Child,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
     socket: PathBuf,
 }
 
@@ -135,9 +143,14 @@ impl Drop for Agent {
 }
 
 fn write_config(dir: &Path, trust: &str) -> Result<PathBuf> {
+    write_config_with(dir, trust, "")
+}
+
+/// The bench's config with `socket_extra` lines in its `[socket]` section.
+pub(crate) fn write_config_with(dir: &Path, trust: &str, socket_extra: &str) -> Result<PathBuf> {
     let cfg = dir.join("agent.toml");
     let text = format!(
-        "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n[identity]\nmetadata = false\n\
+        "[agent]\nstate_dir = \"{}\"\nlog_level = \"warn\"\npidfile = \"{}\"\n[socket]\npath = \"{}\"\n{socket_extra}[identity]\nmetadata = false\n\
          [license]\ntrusted_keys = [\"{trust}\"]\n[usage.meters.bench]\ninstance_id = \"bench-instance\"\n",
         dir.join("state").display(),
         dir.join("agent.pid").display(),
@@ -177,7 +190,7 @@ fn seed_authcode(state: &Path) -> Result<()> {
 }
 
 /// Starts the agent and returns it with the time from exec to a successful connect.
-fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(Agent, Duration)> {
+pub(crate) fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(Agent, Duration)> {
     let _ = std::fs::remove_file(socket);
     let t0 = Instant::now();
     let child = Command::new(exe)
@@ -239,7 +252,7 @@ fn measured_row(
     Ok(r)
 }
 
-fn proc_stat(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn proc_stat(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss = status
         .lines()
@@ -391,6 +404,26 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
     let exe = std::env::current_exe().context("locating the kooagent binary")?;
     let dir = tempdir()?;
     let seller_key = crate::license::seller::generate()?;
+    let trust = crate::license::keys::entry_for(&seller_key.verifying_key());
+    let idle_connections = match args.idle_connections {
+        0 => None,
+        n => Some(crate::bench_conns::measure(
+            &exe,
+            &dir.join("conns"),
+            &trust,
+            n,
+        )?),
+    };
+    if args.connections_only {
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = idle_connections.context("--connections-only needs --idle-connections > 0")?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        } else {
+            crate::bench_conns::print_table(&m, &mut std::io::stdout())?;
+        }
+        return Ok(());
+    }
     let config = write_config(
         &dir,
         &crate::license::keys::entry_for(&seller_key.verifying_key()),
@@ -496,6 +529,7 @@ pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
         license_verify_us,
         license_install_inproc_us,
         license_install_socket_us,
+        idle_connections,
     };
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
@@ -584,6 +618,10 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "| license.install over the socket (median) | {:.1} µs |",
         r.license_install_socket_us
     )?;
+    if let Some(m) = &r.idle_connections {
+        writeln!(out)?;
+        crate::bench_conns::print_table(m, out)?;
+    }
     Ok(())
 }
 
@@ -699,7 +737,7 @@ fn license_in_process(
     Ok((median_us(verify), median_us(install)))
 }
 
-fn tempdir() -> Result<PathBuf> {
+pub(crate) fn tempdir() -> Result<PathBuf> {
     // Short path: Unix socket paths are limited to 107 bytes.
     let base = std::env::temp_dir().join(format!("kooagent-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;

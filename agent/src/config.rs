@@ -134,6 +134,26 @@ pub struct SocketSection {
     pub mode: String,
     /// Connections beyond this are answered with a `busy` error and closed.
     pub max_connections: usize,
+    /// Connections one uid may hold at once (by SO_PEERCRED); beyond it, `busy`. Unset: a
+    /// quarter of `max_connections`, so one local user cannot take every slot.
+    pub max_connections_per_uid: Option<usize>,
+    /// A connection that sends no request for this many seconds is closed; 0: never.
+    /// `watch` streams are exempt (they wait for events, not requests).
+    pub idle_timeout_secs: u64,
+}
+
+impl SocketSection {
+    /// The per-uid cap for `max_connections` connections in all (after fitting it under
+    /// the descriptor limit).
+    pub fn per_uid_cap(&self, max_connections: usize) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or(max_connections / 4)
+            .clamp(1, max_connections.max(1))
+    }
+
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.idle_timeout_secs))
+    }
 }
 
 impl Default for SocketSection {
@@ -143,6 +163,8 @@ impl Default for SocketSection {
             group: "kooagent".into(),
             mode: "0660".into(),
             max_connections: 16_384,
+            max_connections_per_uid: None,
+            idle_timeout_secs: 600,
         }
     }
 }
@@ -337,6 +359,12 @@ impl Config {
         }
         if self.socket.max_connections == 0 {
             return Err(invalid("socket.max_connections", "must be at least 1"));
+        }
+        if self.socket.max_connections_per_uid == Some(0) {
+            return Err(invalid(
+                "socket.max_connections_per_uid",
+                "must be at least 1",
+            ));
         }
         self.identity
             .validate()

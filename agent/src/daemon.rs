@@ -184,11 +184,16 @@ async fn serve_until_signal(
         tokio::net::UnixListener::from_std(std_listener)?
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let limits = socket::Limits {
+        max_connections,
+        per_uid: cfg.socket.per_uid_cap(max_connections),
+        idle_timeout: cfg.socket.idle_timeout(),
+    };
     let server = tokio::spawn(socket::serve(
         listener,
         agent.clone(),
         dispatcher,
-        max_connections,
+        limits,
         shutdown_rx,
     ));
     log::info!(

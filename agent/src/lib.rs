@@ -5,7 +5,9 @@
 //! format and the operation catalogue come from `kooagent-client`.
 pub mod agent;
 pub mod authcode;
+pub mod backoff;
 pub mod bench;
+pub mod bench_conns;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -26,6 +28,7 @@ pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]
 pub mod seller_server;
 pub mod socket;
+pub mod socket_limits;
 pub mod source_health;
 pub mod state_lock;
 pub mod store;

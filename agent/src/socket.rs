@@ -1,7 +1,10 @@
 //! The local Unix socket server: binds safely (refuses a live second agent, replaces a
 //! stale socket file), then serves newline-delimited JSON with one task per connection.
-//! Responses to pipelined requests are batched into one write; idle connections cost a
-//! parked task and a small buffer, never a thread or a poll loop.
+//! Responses to pipelined requests are batched into one write; an idle connection costs a
+//! parked task and no buffer (buffers are taken when bytes arrive and given back once a
+//! request is answered), never a thread or a poll loop. Connections idle longer than
+//! `socket.idle_timeout_secs` are closed (`watch` streams excepted), and one uid may hold at
+//! most `socket.max_connections_per_uid` of them.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -10,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -269,16 +272,29 @@ fn busy_line() -> Vec<u8> {
     out
 }
 
+/// What bounds the connections [`serve`] accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// All connections together (already fitted under the descriptor limit).
+    pub max_connections: usize,
+    /// Connections one uid may hold at once.
+    pub per_uid: usize,
+    /// A connection with no request for this long is closed; None: never.
+    pub idle_timeout: Option<Duration>,
+}
+
 /// Serves connections until `shutdown` turns true, then waits (bounded) for in-flight
 /// requests to finish.
 pub async fn serve(
     listener: UnixListener,
     agent: Arc<Agent>,
     dispatcher: Arc<Dispatcher>,
-    max_connections: usize,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_uid = Arc::new(crate::socket_limits::PerUid::new(limits.per_uid));
+    let live = Arc::new(crate::socket_limits::Live::default());
     let mut spare = Spare::new();
     // Out-of-descriptor refusals since the last warning: one line a minute, not one per client.
     let mut refused_for_fds = 0u64;
@@ -316,18 +332,30 @@ pub async fn serve(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
+            tokio::spawn(refuse_busy(stream, busy_line()));
+            continue;
+        };
+        let peer = peer_of(&stream);
+        let Some(uid_slot) = per_uid.try_take(peer.uid) else {
+            log::debug!("uid {} is at its connection cap; answered `busy`", peer.uid);
+            tokio::spawn(refuse_busy(stream, busy_uid_line(peer.uid, limits.per_uid)));
             continue;
         };
         let agent = agent.clone();
         let dispatcher = dispatcher.clone();
         let shutdown = shutdown.clone();
         let alive = alive_tx.clone();
+        let open = live.opened();
+        let idle_timeout = limits.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, agent, dispatcher, shutdown).await {
+            if let Err(e) =
+                connection(stream, peer, agent, dispatcher, idle_timeout, shutdown).await
+            {
                 log::debug!("connection ended: {e}");
             }
+            drop(uid_slot);
             drop(permit);
+            drop(open);
             drop(alive);
         });
     }
@@ -335,8 +363,40 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_millis(900), alive_rx.recv()).await;
 }
 
-async fn refuse_busy(mut stream: UnixStream) {
-    let _ = stream.write_all(&busy_line()).await;
+async fn refuse_busy(mut stream: UnixStream, line: Vec<u8>) {
+    let _ = stream.write_all(&line).await;
+}
+
+fn busy_uid_line(uid: u32, cap: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let err = OpError::new(
+        codes::BUSY,
+        format!(
+            "too many connections from uid {uid} (at most {cap}, socket.max_connections_per_uid); \
+             retry later"
+        ),
+    );
+    protocol::write_err(&mut out, &serde_json::Value::Null, &err);
+    out
+}
+
+/// The connecting process's credentials (SO_PEERCRED), or nobody's when unavailable.
+fn peer_of(stream: &UnixStream) -> Peer {
+    match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            log::debug!("peer credentials unavailable: {e}");
+            Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            }
+        }
+    }
 }
 
 enum Line {
@@ -345,14 +405,108 @@ enum Line {
     /// The line exceeded MAX_LINE; it was discarded up to its newline.
     TooLong,
     Eof,
+    /// Nothing arrived for the idle timeout.
+    Idle,
+}
+
+/// Bytes read from a connection but not yet consumed. Holds no memory while empty: a
+/// buffer is taken only once the socket is readable and given back when drained, so an
+/// idle connection costs its task and nothing more.
+struct Reader {
+    rd: OwnedReadHalf,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// Bytes read per read(2): one page-sized chunk covers almost every request.
+const CHUNK: usize = 4 * 1024;
+
+impl Reader {
+    fn new(rd: OwnedReadHalf) -> Reader {
+        Reader {
+            rd,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos >= self.buf.len() {
+            self.release();
+        }
+    }
+
+    /// Gives the buffer's memory back (the connection is between requests).
+    fn release(&mut self) {
+        self.buf = Vec::new();
+        self.pos = 0;
+    }
+
+    /// Waits for bytes (at most `idle` when nothing is buffered) and returns what is
+    /// buffered; empty at end of stream. None: the idle timeout passed.
+    async fn fill(&mut self, idle: Option<Duration>) -> io::Result<Option<&[u8]>> {
+        if self.pos < self.buf.len() {
+            return Ok(Some(&self.buf[self.pos..]));
+        }
+        self.release();
+        loop {
+            // Wait without a buffer: readiness first, memory only once bytes are there.
+            match idle {
+                Some(t) => match tokio::time::timeout(t, self.rd.readable()).await {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(None),
+                },
+                None => self.rd.readable().await?,
+            }
+            // Exactly one chunk: a Vec grown by push would round its capacity up.
+            self.buf.reserve_exact(CHUNK);
+            self.buf.resize(CHUNK, 0);
+            match self.rd.try_read(&mut self.buf) {
+                Ok(n) => {
+                    self.buf.truncate(n);
+                    if n == 0 {
+                        self.release();
+                    }
+                    return Ok(Some(&self.buf[..]));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.release();
+                    continue;
+                }
+                Err(e) => {
+                    self.release();
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Reads one line into `line` (newline stripped), refusing to buffer more than MAX_LINE.
-async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io::Result<Line> {
+/// `idle` bounds only the wait for the first byte of a request.
+async fn read_line(
+    rd: &mut Reader,
+    line: &mut Vec<u8>,
+    idle: Option<Duration>,
+) -> io::Result<Line> {
     line.clear();
     let mut too_long = false;
+    let mut first = true;
     loop {
-        let buf = rd.fill_buf().await?;
+        let wait = if first && rd.buffered().is_empty() {
+            idle
+        } else {
+            None
+        };
+        first = false;
+        let Some(buf) = rd.fill(wait).await? else {
+            return Ok(Line::Idle);
+        };
         if buf.is_empty() {
             return Ok(if too_long {
                 Line::TooLong
@@ -382,7 +536,7 @@ async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io:
                     line.extend_from_slice(buf);
                 } else {
                     too_long = true;
-                    line.clear();
+                    *line = Vec::new();
                 }
                 rd.consume(n);
             }
@@ -392,25 +546,12 @@ async fn read_line(rd: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> io:
 
 async fn connection(
     stream: UnixStream,
+    peer: Peer,
     agent: Arc<Agent>,
     dispatcher: Arc<Dispatcher>,
+    idle_timeout: Option<Duration>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
-            uid: c.uid(),
-            gid: c.gid(),
-            pid: c.pid(),
-        },
-        Err(e) => {
-            log::debug!("peer credentials unavailable: {e}");
-            Peer {
-                uid: u32::MAX,
-                gid: u32::MAX,
-                pid: None,
-            }
-        }
-    };
     log::debug!(
         "connection from uid={} gid={} pid={:?}",
         peer.uid,
@@ -418,20 +559,29 @@ async fn connection(
         peer.pid
     );
     let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(8 * 1024, rd);
-    let mut line = Vec::with_capacity(256);
-    let mut out = Vec::with_capacity(1024);
+    let mut rd = Reader::new(rd);
+    // Both grow on demand and are given back whenever the connection goes idle.
+    let mut line = Vec::new();
+    let mut out = Vec::new();
     loop {
-        if *shutdown.borrow() && rd.buffer().is_empty() {
+        if *shutdown.borrow() && rd.buffered().is_empty() {
             break;
         }
         let read = tokio::select! {
             biased;
-            r = read_line(&mut rd, &mut line) => r?,
-            _ = shutdown.changed(), if rd.buffer().is_empty() => break,
+            r = read_line(&mut rd, &mut line, idle_timeout) => r?,
+            _ = shutdown.changed(), if rd.buffered().is_empty() => break,
         };
         match read {
             Line::Eof => break,
+            Line::Idle => {
+                log::debug!(
+                    "closing a connection of uid={} idle for {:?} (socket.idle_timeout_secs)",
+                    peer.uid,
+                    idle_timeout.unwrap_or_default()
+                );
+                break;
+            }
             Line::TooLong => {
                 let err = OpError::new(
                     codes::LINE_TOO_LONG,
@@ -459,7 +609,8 @@ async fn connection(
                             Err(e) => protocol::write_err(&mut out, &req.id, &e),
                             Ok(Reply::Stream(events)) => {
                                 wr.write_all(&out).await?;
-                                out.clear();
+                                drop(out);
+                                drop(line);
                                 return stream_events(wr, rd, &req.id, events, shutdown).await;
                             }
                         }
@@ -468,9 +619,14 @@ async fn connection(
             }
         }
         // Pipelined requests already buffered are answered in one write.
-        if rd.buffer().is_empty() || out.len() >= 64 * 1024 {
+        if rd.buffered().is_empty() || out.len() >= 64 * 1024 {
             wr.write_all(&out).await?;
             out.clear();
+        }
+        if rd.buffered().is_empty() {
+            // Between requests: hold no memory while waiting for the next one.
+            line = Vec::new();
+            out = Vec::new();
         }
     }
     if !out.is_empty() {
@@ -479,9 +635,10 @@ async fn connection(
     Ok(())
 }
 
+/// A `watch` stream: exempt from the idle timeout (it waits for events, not requests).
 async fn stream_events(
     mut wr: tokio::net::unix::OwnedWriteHalf,
-    mut rd: BufReader<OwnedReadHalf>,
+    mut rd: Reader,
     id: &protocol::Id,
     mut events: mpsc::Receiver<serde_json::Value>,
     mut shutdown: watch::Receiver<bool>,
@@ -499,7 +656,7 @@ async fn stream_events(
                 None => return Ok(()),
             },
             // The client closing its side ends the stream.
-            r = read_line(&mut rd, &mut sink) => {
+            r = read_line(&mut rd, &mut sink, None) => {
                 if matches!(r?, Line::Eof) {
                     return Ok(());
                 }

@@ -4,7 +4,8 @@
 //! whether it only reads (so a client may send it again after a reconnect), who may call
 //! it and which error codes of its own it answers with. The agent's dispatcher refuses to
 //! start with a handler the catalogue does not list (and a unit test checks the reverse),
-//! the dispatcher enforces [`Caller`], [`crate::Client`] resends by [`Operation::read_only`],
+//! the dispatcher enforces [`Caller`] and refuses params a row does not list,
+//! [`crate::Client`] resends by [`Operation::read_only`],
 //! the C header and `kooagent call --help` list the table, and a test fails when
 //! docs/protocol.md lacks a section (with an example it sends to a live agent) for a row.
 

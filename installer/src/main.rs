@@ -413,6 +413,7 @@ fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
     println!("files:");
     let mut restart = cx.file(BIN, &binary, 0o755, ROOT, false)?;
     cx.dir(CONFIG_DIR, 0o755, ROOT)?;
+    let had_config = cx.p(CONFIG).exists();
     let config_changed = match &config {
         // The seller's own file replaces what is there (that is what --config asks for).
         Some(data) => cx.file(CONFIG, data, 0o640, Owner("root", GROUP), false)?,
@@ -425,7 +426,7 @@ fn install(cx: &mut Ctx, args: &Args, init: Init) -> io::Result<ExitCode> {
             true,
         )?,
     };
-    if config_changed && config.is_some() && cx.live && cx.p(CONFIG).exists() {
+    if config_changed && config.is_some() && had_config && cx.live && cx.apply() {
         cx.note(format!(
             "{CONFIG} replaced: a running agent applies it at its next restart \
              (`systemctl restart kooagent` or `/etc/init.d/kooagent restart`)"

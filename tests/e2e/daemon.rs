@@ -44,6 +44,47 @@ fn config_show_names_origins() {
     );
 }
 
+/// The agent's flags are the agent commands' own (not clap globals, which would leak into
+/// `seller`): written before or after the command they work alike, and a flag beats
+/// `KOOAGENT_CONFIG` wherever it is written.
+#[test]
+fn config_flag_before_or_after_the_command_beats_the_environment() {
+    let a = TestAgent::prepare("");
+    let cfg = a.config.to_str().unwrap();
+    let check = |args: &[&str], env: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(args).env_remove("KOOAGENT_CONFIG");
+        if let Some(e) = env {
+            c.env("KOOAGENT_CONFIG", e);
+        }
+        String::from_utf8_lossy(&run_ok(&mut c).stdout).into_owned()
+    };
+    let missing = "/nonexistent/agent.toml";
+    for args in [
+        &["--config", cfg, "config", "check"][..],
+        &["config", "check", "--config", cfg][..],
+    ] {
+        let out = check(args, Some(missing));
+        assert!(
+            out.contains(&format!("configuration OK ({cfg})")),
+            "{args:?}: {out}"
+        );
+    }
+    let out = check(&["config", "check"], Some(cfg));
+    assert!(out.contains(&format!("configuration OK ({cfg})")), "{out}");
+    // The socket flag after a nested command reaches it too.
+    let out = Command::new(BIN)
+        .args(["license", "status", "--socket", "/nonexistent/x.sock"])
+        .args(["--config", cfg])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.sock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn embedded_defaults_without_a_config_file() {
     // With no file at all the agent still has a full configuration: FHS paths as root,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use kooagent_client::catalogue::{self, Answer, Caller, Operation};
+use kooagent_client::catalogue::{self, Answer, Caller, Kind, Operation};
 use serde_json::{json, Value};
 
 use crate::harness::{run_ok, Conn, TestAgent};
@@ -274,9 +274,11 @@ fn every_operation_is_documented_with_an_example_a_live_agent_answers() {
     );
 
     // An agent the examples can talk to: the seller's key trusted, a meter, two licenses.
+    // An hour closes an hour after it ends, so the hour `usage.record` writes into is still
+    // open when `usage.status` shows it, whatever the time of day the test runs.
     let seller = Seller::new();
     let a = TestAgent::start(&format!(
-        "{}[usage.meters.requests]\ninstance_id = \"inst-1\"\n",
+        "{}[usage]\nlateness_secs = 3600\n[usage.meters.requests]\ninstance_id = \"inst-1\"\n",
         seller.config()
     ));
     let code = device_code(&a);
@@ -302,6 +304,39 @@ fn every_operation_is_documented_with_an_example_a_live_agent_answers() {
     for (op, examples) in order {
         for (request, answer) in examples {
             run_example(&a, op, &request, &answer, &subst);
+        }
+    }
+
+    // The catalogue's params are the handlers' params: each listed one is understood, and
+    // anything else is refused (as the page says), whatever the operation.
+    for op in catalogue::OPERATIONS {
+        let send = |params: Value| {
+            let mut conn = Conn::open(&a.socket);
+            let line = json!({"v": 1, "id": 1, "op": op.name, "params": params});
+            conn.send_raw(format!("{line}\n").as_bytes());
+            conn.read_json()
+        };
+        let answer = send(json!({"no_such_param": 1}));
+        assert_eq!(
+            answer["error"]["code"], "invalid_params",
+            "{}: {answer}",
+            op.name
+        );
+        for p in op.params {
+            let sample = match p.kind {
+                Kind::Bool => json!(false),
+                Kind::String | Kind::Decimal => json!("1"),
+                Kind::Time => json!(0),
+                Kind::Array => json!([]),
+            };
+            let answer = send(json!({ p.name: sample }));
+            let message = answer["error"]["message"].as_str().unwrap_or("");
+            assert!(
+                !message.contains("unknown"),
+                "{}: the catalogue lists param {} but the agent does not know it: {answer}",
+                op.name,
+                p.name
+            );
         }
     }
 }

@@ -407,3 +407,158 @@ fn hostile_drops_are_set_aside_and_tokens_keep_flowing() {
         "{status} {took:?}"
     );
 }
+
+/// An agent with license `L-R` for product `p` installed (issued an hour ago), stopped
+/// after a snapshot of both lifecycle copies was taken, restarted, then frozen by a token.
+/// Returns the agent (running, frozen) and the pre-freeze copies.
+fn frozen_after_snapshot(seller: &Seller) -> (TestAgent, Vec<u8>, Vec<u8>) {
+    let mut a = TestAgent::start(&seller.config());
+    let code = device_code(&a);
+    let lic = seller.bound(
+        &code,
+        "p",
+        &[
+            "--days",
+            "30",
+            "--id",
+            "L-R",
+            "--not-before",
+            &utc_in(-60),
+            "--issued-at",
+            &utc_in(-3600),
+        ],
+    );
+    install(&a, &lic).unwrap();
+    assert_eq!(check(&a, "p")["state"], "valid");
+    a.stop();
+    let primary = std::fs::read(a.state.join("lifecycle.json")).unwrap();
+    let backup = std::fs::read(a.state.join("licenses/.lifecycle.json")).unwrap();
+    a.spawn(&[]);
+    apply(
+        &a,
+        &token(seller, "L-R", "freeze", 1, &["--issued-at", &utc_in(-1800)]),
+    )
+    .unwrap();
+    assert_eq!(check(&a, "p")["state"], "frozen");
+    (a, primary, backup)
+}
+
+fn assert_stays_frozen_as_tampered(a: &TestAgent) {
+    let v = check(a, "p");
+    assert_eq!(
+        (v["state"].as_str(), v["allowed"].as_bool()),
+        (Some("frozen"), Some(false)),
+        "{v}"
+    );
+    let s = a.call("freeze.status", json!({})).unwrap();
+    assert_eq!(s["tampered"], true, "{s}");
+    assert!(
+        s.to_string().contains("older copy was put back"),
+        "the reason does not say what happened: {s}"
+    );
+}
+
+#[test]
+fn putting_back_both_pre_freeze_lifecycle_copies_is_detected() {
+    let seller = Seller::new();
+    let (mut a, primary, backup) = frozen_after_snapshot(&seller);
+    a.stop();
+    std::fs::write(a.state.join("lifecycle.json"), &primary).unwrap();
+    std::fs::write(a.state.join("licenses/.lifecycle.json"), &backup).unwrap();
+    a.spawn(&[]);
+    assert_stays_frozen_as_tampered(&a);
+    // Still so after another restart (the tamper mark is saved past the high-water mark).
+    a.stop();
+    a.spawn(&[]);
+    assert_eq!(check(&a, "p")["state"], "frozen");
+    // A token issued now lifts it.
+    let r = apply(&a, &token(&seller, "L-R", "unfreeze", 2, &[])).unwrap();
+    assert_eq!(r["state"], "active", "{r}");
+    assert_eq!(check(&a, "p")["state"], "valid");
+}
+
+#[test]
+fn one_pre_freeze_copy_put_back_and_the_other_deleted_is_detected() {
+    let seller = Seller::new();
+    for keep_primary in [true, false] {
+        let (mut a, primary, backup) = frozen_after_snapshot(&seller);
+        a.stop();
+        if keep_primary {
+            std::fs::write(a.state.join("lifecycle.json"), &primary).unwrap();
+            std::fs::remove_file(a.state.join("licenses/.lifecycle.json")).unwrap();
+        } else {
+            std::fs::remove_file(a.state.join("lifecycle.json")).unwrap();
+            std::fs::write(a.state.join("licenses/.lifecycle.json"), &backup).unwrap();
+        }
+        a.spawn(&[]);
+        assert_stays_frozen_as_tampered(&a);
+    }
+}
+
+#[test]
+fn removing_the_anchors_with_the_restore_is_detected_too() {
+    let seller = Seller::new();
+    let (mut a, primary, backup) = frozen_after_snapshot(&seller);
+    a.stop();
+    std::fs::write(a.state.join("lifecycle.json"), &primary).unwrap();
+    std::fs::write(a.state.join("licenses/.lifecycle.json"), &backup).unwrap();
+    std::fs::remove_file(a.state.join("usage/freeze.anchor")).unwrap();
+    std::fs::remove_file(a.state.join("time.json")).unwrap();
+    a.spawn(&[]);
+    let v = check(&a, "p");
+    assert_eq!(v["allowed"], false, "{v}");
+    let s = a.call("freeze.status", json!({})).unwrap();
+    assert_eq!(s["tampered"], true, "{s}");
+    assert!(s.to_string().contains("anchor"), "{s}");
+}
+
+#[test]
+fn a_license_that_expired_during_a_clock_rollback_stays_expired_without_time_json() {
+    let seller = Seller::new();
+    let mut a = TestAgent::start(&seller.config());
+    let code = device_code(&a);
+    // Valid for one more day by this machine's clock.
+    let lic = seller.bound(
+        &code,
+        "p",
+        &[
+            "--days",
+            "2",
+            "--not-before",
+            &utc_in(-86_400),
+            "--issued-at",
+            &utc_in(-86_400),
+        ],
+    );
+    install(&a, &lic).unwrap();
+    assert_eq!(check(&a, "p")["state"], "valid");
+    // The seller's clock says three days from now: this clock was rolled back, and by the
+    // trusted time `p` has expired.
+    let future = seller.bound(
+        &code,
+        "q",
+        &[
+            "--days",
+            "30",
+            "--issued-at",
+            &utc_in(3 * 86_400),
+            "--not-before",
+            &utc_in(-60),
+        ],
+    );
+    let r = install(&a, &future).unwrap();
+    assert_eq!(r["state"], "clock_rollback");
+    a.call("license.remove", json!({"license_id": r["license_id"]}))
+        .unwrap();
+    let st = a.call("freeze.status", json!({})).unwrap();
+    assert!(
+        st.to_string().contains("grace period ended"),
+        "the expired license is not tracked: {st}"
+    );
+    a.stop();
+    std::fs::remove_file(a.state.join("time.json")).unwrap();
+    a.spawn(&[]);
+    let v = check(&a, "p");
+    assert_eq!(v["allowed"], false, "came back usable: {v}");
+    assert_ne!(v["state"], "valid", "{v}");
+}

@@ -106,39 +106,7 @@ impl SellerServer {
             d = d.display()
         );
         std::fs::write(d.join("seller.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("server.log")).unwrap();
-        let mut command = match nofile {
-            None => {
-                let mut c = Command::new(BIN);
-                c.args(["seller", "serve", "--config"])
-                    .arg(d.join("seller.toml"));
-                c
-            }
-            Some(n) => {
-                let mut c = Command::new("sh");
-                c.arg("-c").arg(format!(
-                    "ulimit -n {n} && exec '{BIN}' seller serve --config '{}'",
-                    d.join("seller.toml").display()
-                ));
-                c
-            }
-        };
-        let mut child = command.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on 127.0.0.1:")
-            .unwrap_or_else(|| {
-                panic!(
-                    "no listening line ({line:?}); log:\n{}",
-                    std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
-                )
-            })
-            .parse()
-            .unwrap();
+        let (child, port) = spawn(d, nofile);
         SellerServer {
             ca_pem: dir.path().join("ca.pem"),
             dir,
@@ -146,6 +114,39 @@ impl SellerServer {
             port,
             trust,
             roots: Arc::new(roots),
+        }
+    }
+
+    /// Another `seller serve` process with this one's keys, certificate and database (a
+    /// replica behind a load balancer: meaningful with PostgreSQL storage).
+    pub fn replica(&self) -> SellerServer {
+        let dir = short_tempdir();
+        let (from, d) = (self.dir.path(), dir.path());
+        for f in [
+            "seller.key",
+            "tls.crt",
+            "tls.key",
+            "ca.pem",
+            "interconnection.key",
+        ] {
+            std::fs::copy(from.join(f), d.join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(from.join("seller.toml")).unwrap();
+        let cfg = cfg
+            .replace(&from.display().to_string(), &d.display().to_string())
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                "listen = \"127.0.0.1:0\"",
+            );
+        std::fs::write(d.join("seller.toml"), cfg).unwrap();
+        let (child, port) = spawn(d, None);
+        SellerServer {
+            ca_pem: d.join("ca.pem"),
+            dir,
+            child,
+            port,
+            trust: self.trust.clone(),
+            roots: self.roots.clone(),
         }
     }
 
@@ -318,6 +319,45 @@ impl SellerServer {
     }
 }
 
+/// Starts `seller serve` on `d/seller.toml`, logging to `d/server.log` (with its
+/// descriptor limit at `nofile` if given): the child and the port it listens on.
+fn spawn(d: &Path, nofile: Option<u64>) -> (Child, u16) {
+    let log = std::fs::File::create(d.join("server.log")).unwrap();
+    let mut command = match nofile {
+        None => {
+            let mut c = Command::new(BIN);
+            c.args(["seller", "serve", "--config"])
+                .arg(d.join("seller.toml"));
+            c
+        }
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!(
+                "ulimit -n {n} && exec '{BIN}' seller serve --config '{}'",
+                d.join("seller.toml").display()
+            ));
+            c
+        }
+    };
+    let mut child = command.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening on 127.0.0.1:")
+        .unwrap_or_else(|| {
+            panic!(
+                "no listening line ({line:?}); log:\n{}",
+                std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+            )
+        })
+        .parse()
+        .unwrap();
+    (child, port)
+}
+
 pub fn random_nonce() -> String {
     let mut b = [0u8; 16];
     getrandom::getrandom(&mut b).unwrap();
@@ -363,7 +403,7 @@ fn rand_u16() -> u16 {
 }
 
 /// §4.1 as documented, written independently of the server's code.
-fn sign(key: &str, nonce: &str, ts: &str, body: &str) -> String {
+pub fn sign(key: &str, nonce: &str, ts: &str, body: &str) -> String {
     let inner = hex(&hmac(key.as_bytes(), body.as_bytes())).to_lowercase();
     let canonical = format!("{key}{nonce}{ts}{inner}");
     hex(&hmac(key.as_bytes(), canonical.as_bytes())).to_uppercase()

@@ -132,7 +132,7 @@ fn thousands_of_idle_connections_do_not_starve_an_active_one() {
 
 #[test]
 fn connections_beyond_the_limit_get_busy() {
-    let a = TestAgent::start("[socket]\nmax_connections = 4\n");
+    let a = TestAgent::start("[socket]\nmax_connections = 4\nmax_connections_per_uid = 4\n");
     let _held: Vec<Conn> = (0..4)
         .map(|_| {
             let mut c = a.connect();
@@ -149,7 +149,8 @@ fn connections_beyond_the_limit_get_busy() {
 #[test]
 fn under_a_low_descriptor_limit_every_extra_client_gets_busy() {
     raise_nofile();
-    let mut a = TestAgent::prepare("");
+    // One uid may take every slot here (the per-uid cap is another test's subject).
+    let mut a = TestAgent::prepare("[socket]\nmax_connections_per_uid = 16384\n");
     let log = std::fs::File::create(a.dir.path().join("agent.log")).unwrap();
     // A hard limit of 256 descriptors and the default max_connections (16,384).
     a.child = Some(
@@ -214,4 +215,84 @@ fn unreachable_agent_error_says_the_os_error_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach the agent"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_timeout_but_watch_streams_stay() {
+    let a = TestAgent::start("[socket]\nidle_timeout_secs = 1\n");
+    let mut idle = a.connect();
+    let mut busy = a.connect();
+    let mut w = a.connect();
+    w.send_raw(b"{\"v\":1,\"id\":\"w\",\"op\":\"watch\",\"params\":{}}\n");
+    // A connection that keeps asking is never idle for a whole second.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(busy.call("ping", json!({})).unwrap(), json!({"pong": true}));
+    }
+    assert!(idle.closed(), "the idle connection was not closed");
+    // The watch stream is still open: a read waits (times out) instead of seeing EOF.
+    w.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut w.reader, &mut b);
+    assert!(
+        matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "watch stream ended: {r:?}"
+    );
+    assert!(a.log().contains("socket.idle_timeout_secs"), "{}", a.log());
+}
+
+#[test]
+fn idle_timeout_default_keeps_connections_open() {
+    let a = TestAgent::start("");
+    let mut c = a.connect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.call("ping", json!({})).unwrap(), json!({"pong": true}));
+}
+
+#[test]
+fn one_uid_gets_at_most_a_quarter_of_the_connections() {
+    let a = TestAgent::start("[socket]\nmax_connections = 12\n");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let mut held: Vec<Conn> = (0..3)
+        .map(|_| {
+            let mut c = a.connect();
+            c.call("ping", json!({})).unwrap();
+            c
+        })
+        .collect();
+    let mut extra = a.connect();
+    let v = extra.read_json();
+    assert_eq!(v["error"]["code"], json!("busy"), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("uid {uid}")) && msg.contains("at most 3"),
+        "{msg}"
+    );
+    assert!(extra.closed());
+    // A slot given back is usable again.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = a.connect();
+    assert_eq!(
+        again.call("ping", json!({})).unwrap(),
+        json!({"pong": true})
+    );
+}
+
+#[test]
+fn the_per_uid_cap_is_configurable() {
+    let a = TestAgent::start("[socket]\nmax_connections = 12\nmax_connections_per_uid = 5\n");
+    let _held: Vec<Conn> = (0..5)
+        .map(|_| {
+            let mut c = a.connect();
+            c.call("ping", json!({})).unwrap();
+            c
+        })
+        .collect();
+    let mut extra = a.connect();
+    assert_eq!(extra.read_json()["error"]["code"], json!("busy"));
 }

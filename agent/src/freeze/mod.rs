@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod actions;
+pub mod anchor;
 pub mod lifecycle;
 pub mod online;
 pub mod service;

@@ -16,6 +16,7 @@ use ed25519_dalek::SigningKey;
 
 use super::{FreezeConfig, FreezeService};
 use crate::authcode::relay_auth;
+use crate::backoff::jitter;
 use crate::device_code::DeviceReport;
 use crate::license::store::{InstallError, Installed};
 use crate::license::LicenseService;
@@ -277,14 +278,6 @@ impl Default for OnlineHealth {
             licenses: SourceHealth::new("license refresh (freeze.license_url)"),
         }
     }
-}
-
-fn jitter(max: u64) -> u64 {
-    let mut b = [0u8; 8];
-    if max == 0 || getrandom::getrandom(&mut b).is_err() {
-        return 0;
-    }
-    u64::from_le_bytes(b) % (max + 1)
 }
 
 /// Starts the poller thread when an endpoint is configured. The configuration (and the

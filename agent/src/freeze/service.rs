@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::actions::{self, ActionConfig, Journal, Side, Want};
+use super::anchor;
 use super::lifecycle::{External, Input, Lease, LicenseFacts, Machine, Outcome, Phase, Refusal};
 use super::state_file::{self, Paths};
 use super::token::{self, TokenError};
@@ -74,6 +75,10 @@ struct Inner {
     /// The last trusted time seen (tokens are judged against it).
     now: i64,
     tolerance: i64,
+    /// Places known to hold an anchor (listed in the next save).
+    anchors: Vec<String>,
+    /// The anchor sealed at the last save (the trusted-time file takes it from here).
+    sealed: Option<String>,
 }
 
 pub struct FreezeService {
@@ -87,6 +92,8 @@ pub struct FreezeService {
     device: watch::Receiver<DeviceState>,
     /// The online source's health (the poller in `online.rs` updates it).
     pub online: super::online::OnlineHealth,
+    /// The highest trusted time the anchors recorded at start.
+    anchored_time: Option<i64>,
 }
 
 fn lease_of(lic: &License) -> Option<Lease> {
@@ -136,7 +143,15 @@ impl FreezeService {
                 (k, false)
             }
         };
-        let loaded = state_file::load(&paths, &key, created, now);
+        let mut loaded = state_file::load(&paths, &key, created, now);
+        let (anchors, anchored_time) = if created {
+            // Nothing sealed under the old key can be verified; the lifecycle copies
+            // already tell a deleted key from a first start.
+            (vec![], None)
+        } else {
+            check_anchors(state_dir, &paths, &key, &mut loaded, now)
+        };
+        let now = anchored_time.map_or(now, |t| t.max(now));
         if let Some(t) = &loaded.tamper {
             log::warn!("freeze state tampered with: {t}; affected licenses stay frozen until a status token or a license issued from now on arrives");
         }
@@ -169,12 +184,15 @@ impl FreezeService {
                 unpublished: vec![],
                 now,
                 tolerance: 86_400,
+                anchors,
+                sealed: None,
             }),
             journal,
             actions_tx: Mutex::new(tx),
             action_cfg,
             device,
             online: Default::default(),
+            anchored_time,
         });
         // Written at once: the next start expects the files (missing means deleted).
         let mut inner = svc.lock();
@@ -189,13 +207,50 @@ impl FreezeService {
 
     fn save(&self, inner: &mut Inner) {
         inner.generation += 1;
-        match state_file::save(&self.paths, &self.key, inner.generation, &inner.machine) {
+        match state_file::save(
+            &self.paths,
+            &self.key,
+            inner.generation,
+            &inner.machine,
+            &inner.anchors,
+        ) {
             Ok(()) => inner.save_error = None,
             Err(e) => {
                 log::error!("freeze: cannot save the state: {e}");
                 inner.save_error = Some(e.to_string());
+                return;
             }
         }
+        // Only after the state: an anchor ahead of the state means an older state was put
+        // back, so it must never be ahead after a crash.
+        let sealed = anchor::seal(
+            &self.key,
+            &anchor::Anchor {
+                generation: inner.generation,
+                time_mark: inner.now,
+                stopped: inner
+                    .machine
+                    .records
+                    .iter()
+                    .filter(|(_, r)| !r.phase.running())
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            },
+        );
+        match state_file::write_anchor(&self.paths.anchor, &sealed) {
+            Ok(()) => {
+                if !inner.anchors.iter().any(|a| a == anchor::USAGE) {
+                    inner.anchors.push(anchor::USAGE.into());
+                }
+            }
+            Err(e) => log::error!("freeze: cannot write the state's anchor: {e}"),
+        }
+        inner.sealed = Some(sealed);
+    }
+
+    /// The highest trusted time the freeze anchors recorded (the time file may be behind).
+    pub fn anchored_time(&self) -> Option<i64> {
+        self.anchored_time
     }
 
     /// A marketplace status for an authorization code (`facts.id` = `code:<CODE>`), which
@@ -543,9 +598,15 @@ impl FreezeHook for FreezeService {
         let facts: Vec<LicenseFacts> = licenses
             .iter()
             .filter(|(_, s)| {
+                // A rolled-back clock does not take a license out of tracking: its expiry
+                // is judged on the trusted time (`now` below), and freezing is sticky.
                 matches!(
                     s,
-                    State::Valid | State::Grace | State::Expired | State::NotYetValid
+                    State::Valid
+                        | State::Grace
+                        | State::Expired
+                        | State::NotYetValid
+                        | State::ClockRollback
                 )
             })
             .map(|(l, _)| LicenseFacts {
@@ -587,6 +648,53 @@ impl FreezeHook for FreezeService {
             .collect();
         (frozen, inner.machine.next_boundary(now))
     }
+
+    fn anchor(&self) -> Option<String> {
+        self.lock().sealed.clone()
+    }
+}
+
+/// Reads both anchors and judges the loaded state against them: marks every license
+/// tampered when a subset of the state was put back or removed, and raises the generation
+/// past the high-water mark. Returns the places holding a valid anchor and the highest
+/// trusted time they recorded.
+fn check_anchors(
+    state_dir: &Path,
+    paths: &Paths,
+    key: &[u8; 32],
+    loaded: &mut state_file::Loaded,
+    now: i64,
+) -> (Vec<String>, Option<i64>) {
+    use anchor::Found;
+    let time =
+        match crate::license::trusted_time::read_anchor(&crate::license::time_file(state_dir)) {
+            Ok(None) => Found::Missing,
+            Ok(Some(text)) => anchor::unseal(key, &text).map_or_else(Found::Bad, Found::Good),
+            Err(e) => Found::Bad(e),
+        };
+    let usage = state_file::read_anchor(&paths.anchor, key);
+    let found = [(anchor::TIME, time), (anchor::USAGE, usage)];
+    let held = found
+        .iter()
+        .filter(|(_, f)| matches!(f, Found::Good(_)))
+        .map(|(p, _)| p.to_string())
+        .collect();
+    let j = anchor::judge(loaded.generation, &loaded.anchors, &found);
+    loaded.generation = j.high_water;
+    if let Some(why) = j.tamper {
+        let at = j.time_mark.map_or(now, |t| t.max(now));
+        // Every license the state knew stays frozen until a newer token or license; those
+        // it did not know (issued before now) start frozen.
+        for rec in loaded.machine.records.values_mut() {
+            rec.tampered_at = Some(at);
+        }
+        loaded.machine.tampered_at = Some(at);
+        loaded.tamper = Some(match loaded.tamper.take() {
+            Some(t) => format!("{t}; {why}"),
+            None => why,
+        });
+    }
+    (held, j.time_mark)
 }
 
 fn action_thread(

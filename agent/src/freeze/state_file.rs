@@ -23,6 +23,8 @@ pub struct Paths {
     pub key: PathBuf,
     pub primary: PathBuf,
     pub backup: PathBuf,
+    /// The usage directory's anchor (see `anchor.rs`); the other is in the time file.
+    pub anchor: PathBuf,
 }
 
 impl Paths {
@@ -31,6 +33,7 @@ impl Paths {
             key: state_dir.join("device.key"),
             primary: state_dir.join("lifecycle.json"),
             backup: crate::license::licenses_dir(state_dir).join(".lifecycle.json"),
+            anchor: state_dir.join("usage").join("freeze.anchor"),
         }
     }
 }
@@ -41,6 +44,9 @@ struct Body {
     v: u32,
     generation: u64,
     machine: Machine,
+    /// The places that held an anchor when this was written (all must still hold one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    anchors: Vec<String>,
 }
 
 /// What was found on disk.
@@ -50,6 +56,8 @@ pub struct Loaded {
     pub generation: u64,
     /// Tampering detected: what was wrong (for status and the log).
     pub tamper: Option<String>,
+    /// The anchor places the state lists.
+    pub anchors: Vec<String>,
 }
 
 /// One copy's verdict.
@@ -57,7 +65,7 @@ pub struct Loaded {
 enum Copy {
     Missing,
     Bad(String),
-    Good(u64, Machine),
+    Good(u64, Machine, Vec<String>),
 }
 
 fn mac(key: &[u8; 32], body: &[u8]) -> HmacSha256 {
@@ -82,11 +90,12 @@ pub fn device_key(path: &Path) -> Result<([u8; 32], bool), StoreError> {
     Ok((k, true))
 }
 
-fn encode(key: &[u8; 32], generation: u64, machine: &Machine) -> Vec<u8> {
+fn encode(key: &[u8; 32], generation: u64, machine: &Machine, anchors: &[String]) -> Vec<u8> {
     let body = serde_json::to_vec(&Body {
         v: 1,
         generation,
         machine: machine.clone(),
+        anchors: anchors.to_vec(),
     })
     .expect("state encodes");
     let tag = mac(key, &body).finalize().into_bytes();
@@ -97,7 +106,9 @@ fn encode(key: &[u8; 32], generation: u64, machine: &Machine) -> Vec<u8> {
     out
 }
 
-fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(u64, Machine), String> {
+type Decoded = (u64, Machine, Vec<String>);
+
+fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Decoded, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let mut lines = text.split('\n');
     let (Some(body), Some(tag)) = (lines.next(), lines.next()) else {
@@ -119,14 +130,14 @@ fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(u64, Machine), String> {
         "the MAC does not match: the file was edited or written with another key".to_string()
     })?;
     let b: Body = serde_json::from_str(body).map_err(|e| format!("unreadable: {e}"))?;
-    Ok((b.generation, b.machine))
+    Ok((b.generation, b.machine, b.anchors))
 }
 
 fn read_copy(path: &Path, key: &[u8; 32]) -> Copy {
     match store::read_optional(path) {
         Ok(None) => Copy::Missing,
         Ok(Some(b)) => match decode(key, &b) {
-            Ok((g, m)) => Copy::Good(g, m),
+            Ok((g, m, a)) => Copy::Good(g, m, a),
             Err(e) => Copy::Bad(format!("{}: {e}", path.display())),
         },
         Err(e) => Copy::Bad(e.to_string()),
@@ -142,25 +153,29 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
         machine: Machine::tampered(now),
         generation: 0,
         tamper: Some(why),
+        anchors: vec![],
     };
     match (a, b) {
         (Copy::Missing, Copy::Missing) if key_created => Loaded {
             machine: Machine::default(),
             generation: 0,
             tamper: None,
+            anchors: vec![],
         },
         (Copy::Missing, Copy::Missing) => {
             lost("both copies of the freeze state were deleted".into())
         }
-        (Copy::Good(g1, m1), Copy::Good(g2, m2)) => {
-            let (generation, machine) = if g1 >= g2 { (g1, m1) } else { (g2, m2) };
+        (Copy::Good(g1, m1, a1), Copy::Good(g2, m2, a2)) => {
+            let (generation, machine, anchors) = if g1 >= g2 { (g1, m1, a1) } else { (g2, m2, a2) };
             Loaded {
                 machine,
                 generation,
                 tamper: None,
+                anchors,
             }
         }
-        (Copy::Good(generation, machine), other) | (other, Copy::Good(generation, machine)) => {
+        (Copy::Good(generation, machine, anchors), other)
+        | (other, Copy::Good(generation, machine, anchors)) => {
             let what = match other {
                 Copy::Missing => "one copy of the freeze state was deleted".to_string(),
                 Copy::Bad(e) => e,
@@ -173,6 +188,7 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
                 machine,
                 generation,
                 tamper: Some(format!("{what}; restored from the other copy")),
+                anchors,
             }
         }
         (a, b) => {
@@ -191,19 +207,41 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
     }
 }
 
-/// Writes both copies (primary first).
+/// Writes both copies (primary first). `anchors`: the places holding an anchor already.
 pub fn save(
     paths: &Paths,
     key: &[u8; 32],
     generation: u64,
     machine: &Machine,
+    anchors: &[String],
 ) -> Result<(), StoreError> {
-    let bytes = encode(key, generation, machine);
+    let bytes = encode(key, generation, machine, anchors);
     store::atomic_write(&paths.primary, &bytes, 0o600)?;
     if let Some(dir) = paths.backup.parent() {
         store::ensure_dir(dir, 0o700)?;
     }
     store::atomic_write(&paths.backup, &bytes, 0o600)
+}
+
+/// The usage directory's anchor as found at start.
+pub fn read_anchor(path: &Path, key: &[u8; 32]) -> super::anchor::Found {
+    use super::anchor::{unseal, Found};
+    match store::read_optional(path) {
+        Ok(None) => Found::Missing,
+        Ok(Some(b)) => match std::str::from_utf8(&b) {
+            Ok(t) => unseal(key, t).map_or_else(Found::Bad, Found::Good),
+            Err(_) => Found::Bad("not UTF-8 text".into()),
+        },
+        Err(e) => Found::Bad(e.to_string()),
+    }
+}
+
+/// Writes the usage directory's anchor (its directory made 0700 if missing).
+pub fn write_anchor(path: &Path, sealed: &str) -> Result<(), StoreError> {
+    if let Some(dir) = path.parent() {
+        store::ensure_dir(dir, 0o700)?;
+    }
+    store::atomic_write(path, format!("{sealed}\n").as_bytes(), 0o600)
 }
 
 #[cfg(test)]
@@ -243,7 +281,7 @@ mod tests {
         let l = load(&p, &k, true, 1000);
         assert!(l.tamper.is_none() && l.machine.records.is_empty());
         let m = frozen_machine();
-        save(&p, &k, 3, &m).unwrap();
+        save(&p, &k, 3, &m, &[]).unwrap();
         let l = load(&p, &k, false, 1000);
         assert_eq!((l.generation, l.tamper), (3, None));
         assert_eq!(l.machine.records, m.records);
@@ -253,7 +291,7 @@ mod tests {
     fn edited_truncated_or_deleted_is_tamper() {
         let (_d, p, k) = setup();
         let m = frozen_machine();
-        save(&p, &k, 1, &m).unwrap();
+        save(&p, &k, 1, &m, &[]).unwrap();
         // Edit the primary to say active: the backup keeps it frozen, tamper noted.
         let text = std::fs::read_to_string(&p.primary).unwrap();
         std::fs::write(&p.primary, text.replace("\"frozen\"", "\"active\"")).unwrap();
@@ -275,7 +313,7 @@ mod tests {
         let l = load(&p, &k, false, 1000);
         assert!(l.tamper.unwrap().contains("deleted"));
         // A forged file with a fresh key (the old key deleted) does not verify either.
-        save(&p, &[9; 32], 5, &Machine::default()).unwrap();
+        save(&p, &[9; 32], 5, &Machine::default(), &[]).unwrap();
         let l = load(&p, &k, true, 1000);
         assert_eq!(l.machine.tampered_at, Some(1000));
     }

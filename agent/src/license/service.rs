@@ -49,6 +49,10 @@ pub trait FreezeHook: Send + Sync {
     /// The verdict table now shows what the last `observe` decided (watch events wait
     /// for this).
     fn verdicts_updated(&self) {}
+    /// The freeze state's sealed high-water mark, kept in the trusted-time file too.
+    fn anchor(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One license's verdict, with its answers prepared.
@@ -440,7 +444,11 @@ impl LicenseService {
                         states.get(l.id.as_str()).map(|s| (l, *s))
                     })
                     .collect();
-                hook.observe(&list, time)
+                let view = hook.observe(&list, time);
+                // After the lifecycle files: an anchor never runs ahead of the state.
+                inner.time.set_anchor(hook.anchor());
+                inner.time.persist_if_due();
+                view
             }
             None => (HashMap::new(), None),
         };
@@ -627,6 +635,18 @@ impl LicenseService {
             "time_file_error": v.time_error,
             "next_boundary": opt_time(v.next_boundary),
         })
+    }
+
+    /// Raises the trusted time to a mark the freeze anchors kept (before the first
+    /// verdicts; no rebuild).
+    pub fn restore_trusted_time(&self, t: i64) {
+        let mut inner = self.lock();
+        if inner.time.observe(t, Source::FreezeAnchor) {
+            log::warn!(
+                "trusted time restored from the freeze anchors to {} (the time file was behind)",
+                format_rfc3339(t)
+            );
+        }
     }
 
     /// Feeds a trustworthy time seen elsewhere (the `Date` of an upstream HTTPS answer).

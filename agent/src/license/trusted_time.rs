@@ -18,6 +18,8 @@ pub enum Source {
     SystemClock,
     LicenseIssueTime,
     UpstreamDate,
+    /// The freeze state's sealed anchor (the time file was removed or put back older).
+    FreezeAnchor,
 }
 
 /// How far the in-memory mark may run ahead of the file before it is written again: the
@@ -33,6 +35,9 @@ struct File {
     /// For people reading the file; `mark` is authoritative.
     mark_utc: String,
     source: Source,
+    /// The freeze state's high-water mark, sealed under the device key (freeze/anchor.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    freeze_anchor: Option<String>,
 }
 
 #[derive(Debug)]
@@ -41,8 +46,23 @@ pub struct TrustedTime {
     mark: i64,
     source: Source,
     persisted: i64,
+    /// The freeze anchor to write with the mark, and the one last written.
+    anchor: Option<String>,
+    persisted_anchor: Option<String>,
     /// A problem with the file found at load time (kept for `status`).
     pub load_error: Option<String>,
+}
+
+/// The freeze anchor kept in the time file at `path`: None when the file or the field is
+/// missing, Err when the file is unreadable.
+pub fn read_anchor(path: &Path) -> Result<Option<String>, String> {
+    match store::read_optional(path) {
+        Ok(None) => Ok(None),
+        Ok(Some(bytes)) => serde_json::from_slice::<File>(&bytes)
+            .map(|f| f.freeze_anchor)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl TrustedTime {
@@ -55,6 +75,8 @@ impl TrustedTime {
             mark: i64::MIN,
             source: Source::SystemClock,
             persisted: i64::MIN,
+            anchor: None,
+            persisted_anchor: None,
             load_error: None,
         };
         match store::read_optional(path) {
@@ -64,6 +86,8 @@ impl TrustedTime {
                     t.mark = f.mark;
                     t.source = f.source;
                     t.persisted = f.mark;
+                    t.anchor = f.freeze_anchor.clone();
+                    t.persisted_anchor = f.freeze_anchor;
                 }
                 Ok(f) => t.load_error = Some(format!("unknown version {}", f.v)),
                 Err(e) => t.load_error = Some(e.to_string()),
@@ -102,10 +126,18 @@ impl TrustedTime {
         }
     }
 
-    /// Whether the file is behind the mark by enough to be written.
+    /// Sets the freeze anchor written with the mark (at once: see [`Self::needs_persist`]).
+    pub fn set_anchor(&mut self, anchor: Option<String>) {
+        if anchor.is_some() {
+            self.anchor = anchor;
+        }
+    }
+
+    /// Whether the file is behind the mark by enough to be written, or behind the anchor.
     pub fn needs_persist(&self) -> bool {
         self.mark.saturating_sub(self.persisted) >= PERSIST_STEP
             || (self.source != Source::SystemClock && self.mark > self.persisted)
+            || self.anchor != self.persisted_anchor
     }
 
     /// When the mark (driven by a running clock) will next need writing.
@@ -120,11 +152,13 @@ impl TrustedTime {
             mark: self.mark,
             mark_utc: format_rfc3339(self.mark),
             source: self.source,
+            freeze_anchor: self.anchor.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&f).expect("time file serialises");
         bytes.push(b'\n');
         store::atomic_write(&self.path, &bytes, 0o600)?;
         self.persisted = self.mark;
+        self.persisted_anchor = self.anchor.clone();
         Ok(())
     }
 

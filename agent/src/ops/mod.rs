@@ -126,7 +126,10 @@ impl Dispatcher {
 
     pub fn dispatch(&self, agent: Arc<Agent>, op: &str, call: Call) -> OpFuture {
         let err = match self.ops.get(op) {
-            Some((row, h)) => match self.refuse(row, call.peer) {
+            Some((row, h)) => match self
+                .refuse(row, call.peer)
+                .or_else(|| unknown_param(row, &call.params))
+            {
                 None => return h(agent, call),
                 Some(err) => err,
             },
@@ -135,7 +138,7 @@ impl Dispatcher {
         Box::pin(async move { Err(err) })
     }
 
-    /// Why `peer` may not call `row`, if it may not.
+    /// Why `peer` may not call `row`, if it may not (the peer's uid, from SO_PEERCRED).
     fn refuse(&self, row: &Operation, peer: Peer) -> Option<OpError> {
         match row.caller {
             Caller::Socket => None,
@@ -149,6 +152,28 @@ impl Dispatcher {
             )),
         }
     }
+}
+
+/// A param the catalogue row does not list: refused for every operation alike (handlers
+/// that take no params would otherwise ignore it, and a typo would pass unnoticed).
+fn unknown_param(row: &Operation, params: &Value) -> Option<OpError> {
+    let Value::Object(map) = params else {
+        return None;
+    };
+    let k = map
+        .keys()
+        .find(|k| !row.params.iter().any(|p| p.name == k.as_str()))?;
+    let expected = match row.params {
+        [] => "it takes none".to_string(),
+        ps => {
+            let names: Vec<&str> = ps.iter().map(|p| p.name).collect();
+            format!("expected {}", names.join(", "))
+        }
+    };
+    Some(OpError::invalid_params(format!(
+        "unknown param {k:?} for {} ({expected})",
+        row.name
+    )))
 }
 
 #[cfg(test)]
@@ -183,5 +208,27 @@ mod tests {
         assert!(e.message.contains("license.remove"), "{}", e.message);
         let check = catalogue::operation("license.check").unwrap();
         assert!(d.refuse(check, peer(other)).is_none());
+    }
+
+    #[test]
+    fn params_the_catalogue_does_not_list_are_refused() {
+        let ping = catalogue::operation("ping").unwrap();
+        assert!(unknown_param(ping, &serde_json::json!({})).is_none());
+        let e = unknown_param(ping, &serde_json::json!({"x": 1})).unwrap();
+        assert_eq!(e.code, codes::INVALID_PARAMS);
+        assert!(
+            e.message.contains("\"x\"") && e.message.contains("takes none"),
+            "{}",
+            e.message
+        );
+        let check = catalogue::operation("license.check").unwrap();
+        let ok = serde_json::json!({"product": "p", "feature": "f"});
+        assert!(unknown_param(check, &ok).is_none());
+        let e = unknown_param(check, &serde_json::json!({"product": "p", "feture": "f"})).unwrap();
+        assert!(
+            e.message.contains("expected product, feature"),
+            "{}",
+            e.message
+        );
     }
 }

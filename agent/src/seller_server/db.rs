@@ -3,14 +3,16 @@
 //! SQLite (embedded default, one file under the state directory) and PostgreSQL (for
 //! several replicas behind a load balancer).
 //!
-//! All database work runs on one dedicated thread per server process ([`Db`]), never on
-//! the async workers. The thread commits in groups: it takes every request waiting,
-//! runs them in one transaction and commits once, so a burst of orders costs one durable
-//! commit, not one each. A request that fails is rolled back alone: when one fails, the
-//! batch is rolled back and run again with each request in its own savepoint (savepoints
-//! are not free: SQLite copies every page a savepoint changes, so the common case, where
-//! all succeed, goes without). A batch the database refuses to serialise (PostgreSQL,
-//! concurrent replicas) is run again from the start.
+//! All database work runs on dedicated threads ([`Db`]: one for SQLite, one per
+//! connection for PostgreSQL), never on the async workers. A thread commits in groups: it
+//! takes every request waiting, runs them in one transaction and commits once, so a burst
+//! of orders costs one durable commit, not one each. A request that fails is rolled back
+//! alone: when one fails, the batch is rolled back and run again with each request in its
+//! own savepoint (savepoints are not free: SQLite copies every page a savepoint changes,
+//! so the common case, where all succeed, goes without). A batch the database refuses to
+//! serialise (PostgreSQL, concurrent replicas) is run again one request per transaction,
+//! retrying only the requests that collide, after a pause with jitter; batches then shrink
+//! while conflicts last (docs/seller-server.md "Several processes").
 
 use std::any::Any;
 use std::sync::mpsc;
@@ -374,10 +376,15 @@ impl Job {
 
 /// Most requests one transaction takes.
 const MAX_BATCH: usize = 512;
-/// Times a batch is run again after serialization conflicts before giving up.
-const MAX_RETRIES: usize = 20;
+/// Times a request is run again after serialization conflicts before giving up.
+const MAX_RETRIES: u32 = 20;
+/// The pause before the first retry after a conflict, and the most it grows to (equal
+/// jitter, `crate::backoff`): replicas whose transactions collided must not collide again
+/// at once.
+const RETRY_INITIAL_MS: u64 = 2;
+const RETRY_MAX_MS: u64 = 250;
 
-/// The handle to the database thread; cheap to clone.
+/// The handle to the database threads; cheap to clone.
 #[derive(Clone)]
 pub struct Db {
     jobs: mpsc::Sender<Job>,
@@ -386,11 +393,23 @@ pub struct Db {
 impl Db {
     /// Starts the database thread on `backend`.
     pub fn start(backend: Box<dyn Backend>) -> Db {
+        Self::start_pool(vec![backend])
+    }
+
+    /// Starts one database thread per connection in `backends` (at least one), taking
+    /// jobs from one queue: a transaction stalled on a lock held by another replica holds
+    /// up its own batch, not every request of this process.
+    pub fn start_pool(backends: Vec<Box<dyn Backend>>) -> Db {
+        assert!(!backends.is_empty(), "a database pool needs a connection");
         let (jobs, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("seller-db".into())
-            .spawn(move || db_thread(backend, rx))
-            .expect("spawn the database thread");
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for (i, backend) in backends.into_iter().enumerate() {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("seller-db-{i}"))
+                .spawn(move || db_thread(backend, &rx))
+                .expect("spawn a database thread");
+        }
         Db { jobs }
     }
 
@@ -429,16 +448,32 @@ impl Db {
     }
 }
 
-fn db_thread(mut backend: Box<dyn Backend>, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+/// The batch size adapts (additive increase, multiplicative decrease): every conflict
+/// halves the most the next batch takes, every clean commit raises it by one. One
+/// process alone never conflicts and keeps group commit's full batches; replicas that
+/// collide settle on small batches, so one conflict re-runs few requests.
+fn db_thread(mut backend: Box<dyn Backend>, rx: &std::sync::Mutex<mpsc::Receiver<Job>>) {
+    let mut limit = MAX_BATCH;
+    loop {
+        let mut batch = {
+            // The queue is held while a batch is gathered, never while it runs.
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(first) = rx.recv() else { return };
+            let mut batch = vec![first];
+            while batch.len() < limit {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
             }
-        }
-        let results = run_batch(backend.as_mut(), &mut batch);
+            batch
+        };
+        let (results, conflicts) = run_batch(backend.as_mut(), &mut batch);
+        limit = if conflicts > 0 {
+            (limit / 2).max(1)
+        } else {
+            (limit + 1).min(MAX_BATCH)
+        };
         for (job, r) in batch.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }
@@ -447,15 +482,40 @@ fn db_thread(mut backend: Box<dyn Backend>, rx: mpsc::Receiver<Job>) {
 
 type JobResult = Result<Box<dyn Any + Send>, DbError>;
 
-fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Vec<JobResult> {
+/// Runs a batch; also returns how many serialization conflicts it met. After a conflict a
+/// batch of several requests is not run again whole: each request then runs in a
+/// transaction of its own, so only those that really collide are retried (after a
+/// pause), and rows are locked one request at a time (no lock-order cycle between two
+/// replicas' batches).
+fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> (Vec<JobResult>, u32) {
+    match run_together(b, batch) {
+        Ok(results) => (results, 0),
+        Err(()) if batch.len() == 1 => {
+            let (r, conflicts) = run_alone(b, &mut batch[0], 1);
+            (vec![r], conflicts)
+        }
+        Err(()) => {
+            let mut conflicts = 1;
+            let mut results = Vec::with_capacity(batch.len());
+            for job in batch.iter_mut() {
+                let (r, c) = run_alone(b, job, 0);
+                conflicts += c;
+                results.push(r);
+            }
+            (results, conflicts)
+        }
+    }
+}
+
+/// The batch in one transaction; Err(()) after a serialization conflict (rolled back).
+fn run_together(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>, ()> {
     let fail_all = |e: DbError, n: usize| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
     // First without savepoints: almost every job succeeds, and a savepoint per job costs
     // a copy of every page it changes (SQLite's sub-journal) besides its statements.
     let mut savepoints = false;
-    let mut conflicts = 0;
     loop {
         match try_batch(b, batch, savepoints) {
-            Ok(Attempt::Done(results)) => return results,
+            Ok(Attempt::Done(results)) => return Ok(results),
             Ok(Attempt::JobFailed) => {
                 // A job failed after (maybe) writing: only its own savepoint can undo
                 // its work alone, so the batch runs again, each job in one.
@@ -464,19 +524,36 @@ fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> Vec<JobResult> {
             }
             Err(DbError::Retry) => {
                 b.rollback();
-                conflicts += 1;
-                if conflicts == MAX_RETRIES {
-                    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
-                    return fail_all(
-                        DbError::Backend("too many serialization conflicts".into()),
-                        batch.len(),
-                    );
-                }
+                return Err(());
             }
             Err(e) => {
                 log::error!("{e}");
                 b.rollback();
-                return fail_all(e, batch.len());
+                return Ok(fail_all(e, batch.len()));
+            }
+        }
+    }
+}
+
+/// One job in transactions of its own until it commits, fails, or meets
+/// [`MAX_RETRIES`] conflicts (`conflicts` already met), pausing with jitter before each
+/// retry. Returns its result and the conflicts met here.
+fn run_alone(b: &mut dyn Backend, job: &mut Job, mut conflicts: u32) -> (JobResult, u32) {
+    let first = conflicts;
+    loop {
+        if conflicts > 0 {
+            let ms = crate::backoff::equal_jitter(RETRY_INITIAL_MS, RETRY_MAX_MS, conflicts);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        match run_together(b, std::slice::from_mut(job)) {
+            Ok(mut r) => return (r.pop().expect("one result"), conflicts - first),
+            Err(()) => {
+                conflicts += 1;
+                if conflicts >= MAX_RETRIES {
+                    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+                    let e = DbError::Backend("too many serialization conflicts".into());
+                    return (Err(e), conflicts - first);
+                }
             }
         }
     }
@@ -569,7 +646,7 @@ pub mod tests {
             });
             let (j3, _) = job(|tx| tx.nonce_fresh("c", 1));
             let mut batch = vec![j1, j2, j3];
-            let r = run_batch(b.as_mut(), &mut batch);
+            let r = run_batch(b.as_mut(), &mut batch).0;
             let r: Vec<_> = r
                 .into_iter()
                 .map(|r| r.map(|v| *v.downcast::<bool>().unwrap()))
@@ -583,7 +660,7 @@ pub mod tests {
                 tx.nonce_fresh("d", 1)?;
                 Err(DbError::Abort("no".into()))
             });
-            let r = run_batch(b.as_mut(), &mut [alone]);
+            let r = run_batch(b.as_mut(), &mut [alone]).0;
             assert_eq!(r.len(), 1);
             assert!(r[0].is_err(), "{name}");
             let (check, _) = job(|tx| {
@@ -592,7 +669,7 @@ pub mod tests {
                     && !tx.nonce_fresh("c", 2)?
                     && tx.nonce_fresh("d", 2)?)
             });
-            let r = run_batch(b.as_mut(), &mut [check]);
+            let r = run_batch(b.as_mut(), &mut [check]).0;
             assert!(
                 *r.into_iter()
                     .next()

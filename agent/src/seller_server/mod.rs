@@ -64,6 +64,9 @@ pub struct SellerServerConfig {
     pub database_url: String,
     /// PostgreSQL schema holding the tables.
     pub database_schema: String,
+    /// PostgreSQL connections this process opens, each with its own database thread (a
+    /// transaction waiting on another replica's lock holds up only its own). SQLite: one.
+    pub database_connections: usize,
     /// How far the marketplace's `timestamp` may be from our clock.
     pub timestamp_window_secs: u64,
     /// One entry per marketplace product: the URL path its production interface calls.
@@ -142,6 +145,7 @@ impl Default for SellerServerConfig {
             state_dir: default_state_dir(),
             database_url: String::new(),
             database_schema: "public".into(),
+            database_connections: 4,
             timestamp_window_secs: 60,
             products: vec![],
             aksk_file: PathBuf::new(),
@@ -246,6 +250,12 @@ impl SellerServerConfig {
             return Err(invalid(
                 "seller_server.database_schema",
                 "lower-case letters, digits and _, not starting with a digit",
+            ));
+        }
+        if !(1..=64).contains(&self.database_connections) {
+            return Err(invalid(
+                "seller_server.database_connections",
+                "must be between 1 and 64",
             ));
         }
         if !(1..=3600).contains(&self.timestamp_window_secs) {
@@ -386,17 +396,20 @@ impl SellerServerConfig {
 
     /// Opens the configured database.
     pub fn open_db(&self) -> Result<db::Db, db::DbError> {
-        let backend: Box<dyn db::Backend> = if self.database_url.is_empty() {
+        if self.database_url.is_empty() {
             crate::store::ensure_dir(&self.state_dir, 0o700)
                 .map_err(|e| db::DbError::Backend(format!("{}: {e}", self.state_dir.display())))?;
-            Box::new(db::sqlite::Sqlite::open(&self.sqlite_path())?)
-        } else {
-            Box::new(db::postgres::Postgres::connect(
+            let backend = db::sqlite::Sqlite::open(&self.sqlite_path())?;
+            return Ok(db::Db::start(Box::new(backend)));
+        }
+        let mut pool: Vec<Box<dyn db::Backend>> = Vec::new();
+        for _ in 0..self.database_connections.max(1) {
+            pool.push(Box::new(db::postgres::Postgres::connect(
                 &self.database_url,
                 &self.database_schema,
-            )?)
-        };
-        Ok(db::Db::start(backend))
+            )?));
+        }
+        Ok(db::Db::start_pool(pool))
     }
 }
 

@@ -660,6 +660,10 @@ fn config_is_checked_naming_the_key() {
             base(&format!("database_schema = \"X\"\n{prod}")),
             "database_schema",
         ),
+        (
+            base(&format!("database_connections = 0\n{prod}")),
+            "seller_server.database_connections",
+        ),
         (base(&format!("colour = 1\n{prod}")), "colour"),
         (
             base(&format!("marketplace_bases = []\n{prod}")),

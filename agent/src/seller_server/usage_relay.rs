@@ -6,7 +6,8 @@
 //! - [`store`]: the per-request decision, in one database transaction: nonce, known
 //!   device, every record's instance bound to that device, meter allowed for the
 //!   instance's product, resends answered from the stored row. Any refusal stores nothing.
-//! - [`Limiter`]: requests per device key (token bucket, in memory, per process).
+//! - requests per device key: a token bucket in the database (`limits`), shared by every
+//!   server process.
 //! - [`worker`]: the delivery thread: claims due rows, uploads them with the agent's own
 //!   delivery code (`usage::upload`: fallback host, 413 splitting, parking on refusals),
 //!   backs off on transient failures.
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::db::usage::{OutboxRow, OutboxState};
 use super::db::{Db, DbError, Tx};
+use super::limits::{self, Rate};
 use crate::clock::Clock;
 use crate::usage::hours::HourRecord;
 use crate::usage::relay::{self, codes, RecordResult};
@@ -127,60 +129,29 @@ impl UsageRelayConfig {
     }
 }
 
-/// Requests per device key: a token bucket each, refilled at `rate` per second up to
-/// `burst`. In memory: replicas each allow the rate (documented).
-pub struct Limiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, i64)>>,
-}
-
-/// Buckets kept before idle full ones are dropped.
-const MAX_BUCKETS: usize = 100_000;
-
-impl Limiter {
-    pub fn new(rate: f64, burst: u32) -> Limiter {
-        Limiter {
-            rate,
-            burst: burst as f64,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Ok, or the seconds to wait.
-    pub fn take(&self, key: &str, now_ms: i64) -> Result<(), u64> {
-        let mut b = self.buckets.lock().expect("limiter lock");
-        if b.len() >= MAX_BUCKETS {
-            let (rate, burst) = (self.rate, self.burst);
-            b.retain(|_, (t, at)| *t + (now_ms - *at) as f64 / 1000.0 * rate < burst);
-        }
-        let (tokens, at) = b.entry(key.to_string()).or_insert((self.burst, now_ms));
-        let refill = (now_ms - *at).max(0) as f64 / 1000.0 * self.rate;
-        *tokens = (*tokens + refill).min(self.burst);
-        *at = now_ms;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
-        }
-    }
-}
-
 /// The relay's state in the server.
 pub struct UsageRelay {
     pub cfg: UsageRelayConfig,
-    pub limiter: Limiter,
     wake: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl UsageRelay {
     pub fn new(cfg: &UsageRelayConfig) -> UsageRelay {
         UsageRelay {
-            limiter: Limiter::new(cfg.device_rate_per_sec, cfg.device_burst),
             cfg: cfg.clone(),
             wake: Mutex::new(None),
         }
+    }
+
+    /// The requests one device key may make: a token bucket in the database (`limits`),
+    /// so every server process draws from the same one.
+    pub fn device_rate(&self) -> Rate {
+        Rate::new(
+            self.cfg.device_burst,
+            (self.cfg.device_rate_per_sec * 60.0)
+                .round()
+                .clamp(1.0, u32::MAX as f64) as u32,
+        )
     }
 
     /// Tells the delivery worker new records are due.
@@ -196,6 +167,8 @@ impl UsageRelay {
 pub enum Decision {
     /// Every record is held: its state.
     Held(Vec<RecordResult>),
+    /// Over the device's rate: retry after this many seconds. Nothing stored.
+    Limited(u64),
     Refused {
         http: u16,
         code: &'static str,
@@ -230,7 +203,7 @@ fn result_of(row: &OutboxRow) -> RecordResult {
 }
 
 /// Decides one request in a transaction and stores what it accepts. Checks, in order: the
-/// nonce; the device key is known; each record's instance is bound to this device and
+/// device key's rate (`rate`, a bucket in the database); the nonce; the device key is known; each record's instance is bound to this device and
 /// its meter allowed for the instance's product; a `metering_sn` already held must hold
 /// the same record from the same device. Nothing is written when anything is refused.
 pub fn store(
@@ -239,9 +212,15 @@ pub fn store(
     nonce: &str,
     records: &[HourRecord],
     meters: &BTreeMap<String, Vec<String>>,
+    rate: Rate,
     now_ms: i64,
 ) -> Result<Decision, DbError> {
     let now = now_ms.div_euclid(1000);
+    if limits::take_all(tx, &[(format!("usage:{device_key}"), rate)], now_ms)?.is_some() {
+        // A whole token comes back in 60 / per_minute seconds.
+        let secs = (60 + rate.per_minute as u64 - 1) / rate.per_minute.max(1) as u64;
+        return Ok(Decision::Limited(secs.max(1)));
+    }
     if !tx.nonce_fresh(&nonce_key(nonce), now)? {
         let m = "x-kooagent-nonce was already used (replayed request)".to_string();
         return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
@@ -277,44 +256,58 @@ pub fn store(
             }
         }
     }
-    let sns: Vec<&str> = records.iter().map(|r| r.sn.as_str()).collect();
-    let held: HashMap<String, OutboxRow> = tx
+    // Insert-or-ignore first, then read only the records already held: a fresh record
+    // costs one insert, a resend one lookup.
+    let inserted = tx
         .usage()
-        .usage_get(&sns)?
-        .into_iter()
-        .map(|r| (r.rec.sn.clone(), r))
+        .usage_insert_new(records, device_key, now, now_ms)?;
+    let resent: Vec<&str> = records
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, new)| !**new)
+        .map(|(r, _)| r.sn.as_str())
         .collect();
+    let held: HashMap<String, OutboxRow> = if resent.is_empty() {
+        HashMap::new()
+    } else {
+        tx.usage()
+            .usage_get(&resent)?
+            .into_iter()
+            .map(|r| (r.rec.sn.clone(), r))
+            .collect()
+    };
     let mut results = Vec::with_capacity(records.len());
-    let mut fresh = Vec::new();
-    for r in records {
+    for (r, new) in records.iter().zip(&inserted) {
+        if *new {
+            results.push(RecordResult {
+                metering_sn: r.sn.clone(),
+                state: "pending".into(),
+                reason: None,
+            });
+            continue;
+        }
         match held.get(&r.sn) {
             Some(row) if row.rec == *r && row.device_key == device_key => {
                 results.push(result_of(row))
             }
             Some(_) => {
+                // Refused whole: this request's own inserts are taken back.
+                let mine: Vec<&str> = records
+                    .iter()
+                    .zip(&inserted)
+                    .filter(|(_, new)| **new)
+                    .map(|(r, _)| r.sn.as_str())
+                    .collect();
+                tx.usage().usage_forget(&mine)?;
                 let m = format!(
                     "record {}: this metering_sn is already held with other values",
                     r.sn
                 );
                 return Ok(refused(409, codes::CONFLICT, m, Some(&r.sn)));
             }
-            None => {
-                results.push(RecordResult {
-                    metering_sn: r.sn.clone(),
-                    state: "pending".into(),
-                    reason: None,
-                });
-                fresh.push(OutboxRow {
-                    rec: r.clone(),
-                    device_key: device_key.to_string(),
-                    state: OutboxState::Pending,
-                    accepted_at: now,
-                });
-            }
+            // Skipped as held but not visible: only a concurrent writer can do that.
+            None => return Err(DbError::Retry),
         }
-    }
-    if !fresh.is_empty() {
-        tx.usage().usage_insert(&fresh, now_ms)?;
     }
     Ok(Decision::Held(results))
 }
@@ -345,22 +338,23 @@ pub fn parse(
         );
         return Err((413, codes::TOO_LARGE, m, None));
     }
-    let mut seen = HashSet::new();
+    let max_age = max_age_days as i64 * 86_400;
     let mut out = Vec::with_capacity(req.records.len());
-    for (i, w) in req.records.iter().enumerate() {
-        let r = relay::check_record(w, now, max_age_days as i64 * 86_400).map_err(|e| {
-            (
-                400,
-                codes::INVALID,
-                format!("records[{i}] ({}): {e}", w.metering_sn),
-                Some(w.metering_sn.clone()),
-            )
-        })?;
-        if !seen.insert(r.sn.clone()) {
-            let m = format!("records[{i}]: metering_sn {} appears twice", r.sn);
-            return Err((400, codes::INVALID, m, Some(r.sn)));
+    for (i, w) in req.records.into_iter().enumerate() {
+        match relay::check_fields(&w, now, max_age) {
+            Ok((begin, record_time)) => out.push(w.into_record(begin, record_time)),
+            Err(e) => {
+                let m = format!("records[{i}] ({}): {e}", w.metering_sn);
+                return Err((400, codes::INVALID, m, Some(w.metering_sn)));
+            }
         }
-        out.push(r);
+    }
+    let mut seen = HashSet::with_capacity(out.len());
+    for (i, r) in out.iter().enumerate() {
+        if !seen.insert(r.sn.as_str()) {
+            let m = format!("records[{i}]: metering_sn {} appears twice", r.sn);
+            return Err((400, codes::INVALID, m, Some(r.sn.clone())));
+        }
     }
     Ok(out)
 }
@@ -410,17 +404,6 @@ pub async fn handle(
         }
     };
     let usage = state.usage.clone();
-    if let Err(secs) = usage.limiter.take(&device.key, now_ms) {
-        let mut r = relay_answer(
-            429,
-            codes::RATE_LIMITED,
-            &format!("too many requests from this device; retry in {secs} s"),
-            None,
-        );
-        r.headers_mut()
-            .insert("retry-after", secs.to_string().parse().expect("digits"));
-        return r;
-    }
     let records = match parse(&body, now_ms.div_euclid(1000), usage.cfg.max_age_days) {
         Ok(r) => r,
         Err((http, code, msg, sn)) => {
@@ -430,9 +413,10 @@ pub async fn handle(
     };
     let meters = usage.cfg.meters.clone();
     let key = device.key.clone();
+    let rate = usage.device_rate();
     let job = state
         .db
-        .run(move |tx| store(tx, &key, &device.nonce, &records, &meters, now_ms));
+        .run(move |tx| store(tx, &key, &device.nonce, &records, &meters, rate, now_ms));
     match tokio::time::timeout(ANSWER_WITHIN, job).await {
         Ok(Ok(Decision::Held(results))) => {
             if results.iter().any(|r| r.state == "pending") {
@@ -442,6 +426,17 @@ pub async fn handle(
                 hyper::StatusCode::OK,
                 answer_body(codes::OK, "", &results, None),
             )
+        }
+        Ok(Ok(Decision::Limited(secs))) => {
+            let mut r = relay_answer(
+                429,
+                codes::RATE_LIMITED,
+                &format!("too many requests from this device; retry in {secs} s"),
+                None,
+            );
+            r.headers_mut()
+                .insert("retry-after", secs.to_string().parse().expect("digits"));
+            r
         }
         Ok(Ok(Decision::Refused {
             http,
@@ -627,18 +622,7 @@ fn worker(
 
 /// Exponential backoff with equal jitter (the agent's rule).
 fn backoff_ms(cfg: &UsageRelayConfig, attempt: u32) -> i64 {
-    let exp = cfg
-        .backoff_initial_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
-        .min(cfg.backoff_max_ms);
-    let mut b = [0u8; 8];
-    let r = if getrandom::getrandom(&mut b).is_ok() {
-        u64::from_le_bytes(b)
-    } else {
-        0
-    };
-    let half = exp / 2;
-    (half + if half > 0 { r % (half + 1) } else { 0 }) as i64
+    crate::backoff::equal_jitter(cfg.backoff_initial_ms, cfg.backoff_max_ms, attempt) as i64
 }
 
 #[cfg(test)]
@@ -697,14 +681,25 @@ mod tests {
         let mut meters = BTreeMap::new();
         meters.insert("metered".to_string(), vec!["cpu".to_string()]);
         let nonce = nonce.to_string();
-        db.run_blocking(move |tx| store(tx, key, &nonce, &recs, &meters, NOW_MS))
-            .unwrap()
+        db.run_blocking(move |tx| {
+            store(
+                tx,
+                key,
+                &nonce,
+                &recs,
+                &meters,
+                Rate::new(1000, 1000),
+                NOW_MS,
+            )
+        })
+        .unwrap()
     }
 
     fn code_of(d: &Decision) -> &'static str {
         match d {
             Decision::Refused { code, .. } => code,
             Decision::Held(_) => codes::OK,
+            Decision::Limited(_) => codes::RATE_LIMITED,
         }
     }
 
@@ -763,6 +758,16 @@ mod tests {
             );
             let d = run(&db, "KA", "n5", vec![rec("s1", "i-a", "cpu", "2")]);
             assert_eq!(code_of(&d), codes::CONFLICT, "{name}");
+            // A fresh record before the conflicting one is not kept either.
+            let d = run(
+                &db,
+                "KA",
+                "n5b",
+                vec![rec("s7", "i-a", "cpu", "1"), rec("s1", "i-a", "cpu", "2")],
+            );
+            assert_eq!(code_of(&d), codes::CONFLICT, "{name}");
+            let c = db.run_blocking(|tx| tx.usage().usage_counts()).unwrap();
+            assert_eq!(c.pending, 2, "{name}: a refused request left a record");
             // Delivery outcomes show in the answers to resends.
             let now = NOW_MS;
             let claimed = db
@@ -865,14 +870,45 @@ mod tests {
     }
 
     #[test]
-    fn the_limiter_allows_the_burst_then_the_rate() {
-        let l = Limiter::new(2.0, 3);
-        for _ in 0..3 {
-            l.take("k", 1000).unwrap();
+    fn the_device_rate_is_a_bucket_in_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in db::tests::backends(dir.path()) {
+            let db = Db::start(b);
+            db.run_blocking(|tx| tx.put_instance(&instance("i-a", "metered", "DEV-A")))
+                .unwrap();
+            bind_device(&db, "KA", "DEV-A");
+            let meters = BTreeMap::new();
+            // Burst 2, one a minute: two requests, then a wait of a minute, nothing stored.
+            let rate = Rate::new(2, 1);
+            let go = |nonce: &str, sn: &str, at: i64| {
+                let (nonce, recs, m) = (
+                    nonce.to_string(),
+                    vec![rec(sn, "i-a", "cpu", "1")],
+                    meters.clone(),
+                );
+                db.run_blocking(move |tx| store(tx, "KA", &nonce, &recs, &m, rate, at))
+                    .unwrap()
+            };
+            assert!(
+                matches!(go("r1", "t1", NOW_MS), Decision::Held(_)),
+                "{name}"
+            );
+            assert!(
+                matches!(go("r2", "t2", NOW_MS), Decision::Held(_)),
+                "{name}"
+            );
+            assert_eq!(
+                go("r3", "t3", NOW_MS + 1000),
+                Decision::Limited(60),
+                "{name}"
+            );
+            let c = db.run_blocking(|tx| tx.usage().usage_counts()).unwrap();
+            assert_eq!(c.pending, 2, "{name}");
+            // The nonce of a limited request was not used up.
+            assert!(
+                matches!(go("r3", "t3", NOW_MS + 61_000), Decision::Held(_)),
+                "{name}"
+            );
         }
-        assert_eq!(l.take("k", 1000), Err(1));
-        l.take("other", 1000).unwrap();
-        l.take("k", 1500).unwrap();
-        assert!(l.take("k", 1500).is_err());
     }
 }

@@ -122,6 +122,12 @@ pub struct Answer {
 /// most 99999999.9999, a `record_time` not before the hour's end nor in the future, an
 /// hour not older than `max_age_secs`. The error names the field.
 pub fn check_record(r: &WireRecord, now: i64, max_age_secs: i64) -> Result<HourRecord, String> {
+    let (begin, record_time) = check_fields(r, now, max_age_secs)?;
+    Ok(r.clone().into_record(begin, record_time))
+}
+
+/// [`check_record`]'s checks alone: the hour's start and the record time, parsed.
+pub fn check_fields(r: &WireRecord, now: i64, max_age_secs: i64) -> Result<(i64, i64), String> {
     let id = |name: &str, v: &str| {
         if valid_id(v) {
             Ok(())
@@ -169,17 +175,25 @@ pub fn check_record(r: &WireRecord, now: i64, max_age_secs: i64) -> Result<HourR
             v.to_wire()
         ));
     }
-    Ok(HourRecord {
-        sn: r.metering_sn.clone(),
-        key: Key {
-            instance: r.instance_id.clone(),
-            meter: r.meter.clone(),
-            pkg: r.relate_pkg_instance.clone(),
-        },
-        begin,
-        record_time,
-        usage_value: r.usage_value.clone(),
-    })
+    Ok((begin, record_time))
+}
+
+impl WireRecord {
+    /// The record, its strings moved rather than copied (the relay takes up to 1000 per
+    /// request); `begin` and `record_time` as [`check_fields`] parsed them.
+    pub fn into_record(self, begin: i64, record_time: i64) -> HourRecord {
+        HourRecord {
+            sn: self.metering_sn,
+            key: Key {
+                instance: self.instance_id,
+                meter: self.meter,
+                pkg: self.relate_pkg_instance,
+            },
+            begin,
+            record_time,
+            usage_value: self.usage_value,
+        }
+    }
 }
 
 /// What one POST to the relay ended as.

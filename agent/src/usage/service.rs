@@ -755,18 +755,7 @@ fn next_close_ms(now_ms: i64, lateness_ms: i64) -> i64 {
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so many
 /// agents that lost the upstream together do not come back together.
 fn backoff_ms(cfg: &UsageConfig, attempt: u32) -> i64 {
-    let exp = cfg
-        .backoff_initial_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
-        .min(cfg.backoff_max_ms);
-    let mut b = [0u8; 8];
-    let r = if getrandom::getrandom(&mut b).is_ok() {
-        u64::from_le_bytes(b)
-    } else {
-        0
-    };
-    let half = exp / 2;
-    (half + if half > 0 { r % (half + 1) } else { 0 }) as i64
+    crate::backoff::equal_jitter(cfg.backoff_initial_ms, cfg.backoff_max_ms, attempt) as i64
 }
 
 #[cfg(test)]

@@ -1,7 +1,13 @@
 //! The PostgreSQL backend, for sellers running several server replicas behind a load
-//! balancer: every batch runs SERIALIZABLE, and a batch PostgreSQL refuses to serialise
-//! against another replica's is run again (the database thread does that), so sequence
-//! numbers and `eventId` answers stay single across replicas.
+//! balancer. Every batch runs REPEATABLE READ (snapshot isolation, first updater wins):
+//! every rule the server keeps across requests is a row both writers write or a unique
+//! key both insert (the `eventId` answer, the instance and its sequence number, a token's
+//! `(license_id, seq)`, a nonce, a device code's binding, a bucket, an enrollment's
+//! count), and PostgreSQL refuses the second writer of such a row or key; the database
+//! thread runs that request again and it then sees the winner. SERIALIZABLE would add
+//! predicate locks, which on these small, insert-heavy indexes lock whole pages: with
+//! three replicas, unrelated orders inserting into the same index page kept failing each
+//! other (issue 16), so it is not used.
 //!
 //! The connection is plain TCP or a Unix socket (`host=/run/postgresql`): put the
 //! database on the same host or a private network, or in front of it a TLS tunnel.
@@ -96,7 +102,7 @@ impl Postgres {
 impl Backend for Postgres {
     fn begin(&mut self) -> Result<(), DbError> {
         self.client
-            .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .map_err(err)
     }
     fn savepoint(&mut self) -> Result<(), DbError> {

@@ -77,8 +77,21 @@ pub struct OutboxCounts {
 pub trait UsageOutbox {
     /// The rows of those of `sns` that exist.
     fn usage_get(&mut self, sns: &[&str]) -> Result<Vec<OutboxRow>, DbError>;
-    /// Inserts new pending rows, due at `next_at` (ms).
-    fn usage_insert(&mut self, rows: &[OutboxRow], next_at: i64) -> Result<(), DbError>;
+    /// Inserts `recs` as pending rows handed over by `device_key`, due at `next_at` (ms),
+    /// skipping each whose `metering_sn` is already held: per record, whether it was
+    /// inserted. One pass and no lookup first: a fresh record (the common case) costs
+    /// its insert only, and a concurrent replica's insert of the same record is not a
+    /// conflict to retry.
+    fn usage_insert_new(
+        &mut self,
+        recs: &[HourRecord],
+        device_key: &str,
+        accepted_at: i64,
+        next_at: i64,
+    ) -> Result<Vec<bool>, DbError>;
+    /// Deletes pending rows among `sns` (a request's own inserts, undone when a later
+    /// record of the same request is refused).
+    fn usage_forget(&mut self, sns: &[&str]) -> Result<(), DbError>;
     /// Up to `limit` pending rows due at `now_ms`, oldest hour first, and makes them due
     /// again only at `lease_until` (ms): another worker (a replica) does not take them
     /// meanwhile, and a worker killed mid-delivery has them sent again after the lease.
@@ -223,29 +236,52 @@ mod sqlite_impl {
             Ok(out)
         }
 
-        fn usage_insert(&mut self, rows: &[OutboxRow], next_at: i64) -> Result<(), DbError> {
+        fn usage_insert_new(
+            &mut self,
+            recs: &[HourRecord],
+            device_key: &str,
+            accepted_at: i64,
+            next_at: i64,
+        ) -> Result<Vec<bool>, DbError> {
             let mut st = self
                 .conn
                 .prepare_cached(
                     "INSERT INTO usage_outbox (metering_sn, instance_id, meter, pkg, begin_time, \
                      record_time, usage_value, device_key, state, accepted_at, attempts, next_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, 0, ?10) \
+                     ON CONFLICT (metering_sn) DO NOTHING",
                 )
                 .map_err(err)?;
-            for r in rows {
-                st.execute(params![
-                    r.rec.sn,
-                    r.rec.key.instance,
-                    r.rec.key.meter,
-                    r.rec.key.pkg,
-                    r.rec.begin,
-                    r.rec.record_time,
-                    r.rec.usage_value,
-                    r.device_key,
-                    r.accepted_at,
-                    next_at
-                ])
+            let mut out = Vec::with_capacity(recs.len());
+            for r in recs {
+                let n = st
+                    .execute(params![
+                        r.sn,
+                        r.key.instance,
+                        r.key.meter,
+                        r.key.pkg,
+                        r.begin,
+                        r.record_time,
+                        r.usage_value,
+                        device_key,
+                        accepted_at,
+                        next_at
+                    ])
+                    .map_err(err)?;
+                out.push(n == 1);
+            }
+            Ok(out)
+        }
+
+        fn usage_forget(&mut self, sns: &[&str]) -> Result<(), DbError> {
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM usage_outbox WHERE metering_sn = ?1 AND state = 'pending'",
+                )
                 .map_err(err)?;
+            for sn in sns {
+                st.execute(params![sn]).map_err(err)?;
             }
             Ok(())
         }
@@ -406,27 +442,54 @@ mod postgres_impl {
             rows.iter().map(read).collect()
         }
 
-        fn usage_insert(&mut self, rows: &[OutboxRow], next_at: i64) -> Result<(), DbError> {
+        fn usage_insert_new(
+            &mut self,
+            recs: &[HourRecord],
+            device_key: &str,
+            accepted_at: i64,
+            next_at: i64,
+        ) -> Result<Vec<bool>, DbError> {
             // One statement for the whole batch: a round trip per record would cost more
             // than the insert.
-            let col = |f: &dyn Fn(&OutboxRow) -> String| rows.iter().map(f).collect::<Vec<_>>();
-            let sn = col(&|r| r.rec.sn.clone());
-            let inst = col(&|r| r.rec.key.instance.clone());
-            let meter = col(&|r| r.rec.key.meter.clone());
-            let pkg: Vec<Option<String>> = rows.iter().map(|r| r.rec.key.pkg.clone()).collect();
-            let begin: Vec<i64> = rows.iter().map(|r| r.rec.begin).collect();
-            let rt: Vec<i64> = rows.iter().map(|r| r.rec.record_time).collect();
-            let val = col(&|r| r.rec.usage_value.clone());
-            let dev = col(&|r| r.device_key.clone());
-            let acc: Vec<i64> = rows.iter().map(|r| r.accepted_at).collect();
-            self.client
-                .execute(
+            let sn: Vec<&str> = recs.iter().map(|r| r.sn.as_str()).collect();
+            let inst: Vec<&str> = recs.iter().map(|r| r.key.instance.as_str()).collect();
+            let meter: Vec<&str> = recs.iter().map(|r| r.key.meter.as_str()).collect();
+            let pkg: Vec<Option<&str>> = recs.iter().map(|r| r.key.pkg.as_deref()).collect();
+            let begin: Vec<i64> = recs.iter().map(|r| r.begin).collect();
+            let rt: Vec<i64> = recs.iter().map(|r| r.record_time).collect();
+            let val: Vec<&str> = recs.iter().map(|r| r.usage_value.as_str()).collect();
+            let rows = self
+                .client
+                .query(
                     "INSERT INTO usage_outbox (metering_sn, instance_id, meter, pkg, begin_time, \
                      record_time, usage_value, device_key, state, accepted_at, attempts, next_at) \
-                     SELECT a, b, c, d, e, f, g, h, 'pending', i, 0, $10 FROM \
+                     SELECT a, b, c, d, e, f, g, $8, 'pending', $9, 0, $10 FROM \
                      UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                     $6::bigint[], $7::text[], $8::text[], $9::bigint[]) AS t(a, b, c, d, e, f, g, h, i)",
-                    &[&sn, &inst, &meter, &pkg, &begin, &rt, &val, &dev, &acc, &next_at],
+                     $6::bigint[], $7::text[]) AS t(a, b, c, d, e, f, g) \
+                     ON CONFLICT (metering_sn) DO NOTHING RETURNING metering_sn",
+                    &[
+                        &sn,
+                        &inst,
+                        &meter,
+                        &pkg,
+                        &begin,
+                        &rt,
+                        &val,
+                        &device_key,
+                        &accepted_at,
+                        &next_at,
+                    ],
+                )
+                .map_err(err)?;
+            let new: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+            Ok(recs.iter().map(|r| new.contains(&r.sn)).collect())
+        }
+
+        fn usage_forget(&mut self, sns: &[&str]) -> Result<(), DbError> {
+            self.client
+                .execute(
+                    "DELETE FROM usage_outbox WHERE metering_sn = ANY($1) AND state = 'pending'",
+                    &[&sns],
                 )
                 .map_err(err)?;
             Ok(())
