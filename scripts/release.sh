@@ -6,7 +6,8 @@
 #
 #   bash scripts/release.sh              # builds target/release/kooagent
 #   bash scripts/release.sh run          # builds, then runs the agent on its embedded defaults
-#   bash scripts/release.sh bench        # builds, then any other kooagent command
+#   bash scripts/release.sh status       # builds, then any other kooagent command
+#   bash scripts/release.sh bench        # builds, then kooagent-bench measures the static binary
 #
 # Only the final link differs from `cargo build --release` (`cargo rustc` passes the flag
 # to the binary alone: a workspace-wide +crt-static would also hit proc-macro crates, which
@@ -27,4 +28,11 @@ if readelf -l "$bin" | grep -q "program interpreter"; then
     echo "release: $bin is not statically linked" >&2
     exit 1
 fi
-[ $# -eq 0 ] || exec "$bin" "$@"
+[ $# -eq 0 ] && exit 0
+if [ "$1" = bench ]; then
+    # The bench is its own binary (never shipped); it measures the static agent just built.
+    shift
+    "${CARGO:-cargo}" build --release --locked -p kooagent --bin kooagent-bench "${target_args[@]}"
+    exec "$(dirname "$bin")/kooagent-bench" --agent "$bin" "$@"
+fi
+exec "$bin" "$@"

@@ -1,4 +1,5 @@
-//! `kooagent bench`: starts a private agent on a temporary directory and prints a table of
+//! `kooagent-bench` (its own binary, src/bin/kooagent-bench.rs, so none of this ships in
+//! `kooagent`): starts a private agent on a temporary directory and prints a table of
 //! what it measured: round trips per second and latency percentiles per operation and
 //! client count, time from exec to a connectable socket, idle RSS and idle CPU. When
 //! `redis-server` is installed it is measured in the same run (PING over a Unix socket)
@@ -400,8 +401,9 @@ impl Drop for Redis {
     }
 }
 
-pub fn run(args: BenchArgs, _config: Option<PathBuf>) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the kooagent binary")?;
+/// Measures the agent binary `exe`.
+pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
+    let exe = exe.to_path_buf();
     let dir = tempdir()?;
     let seller_key = crate::license::seller::generate()?;
     let trust = crate::license::keys::entry_for(&seller_key.verifying_key());

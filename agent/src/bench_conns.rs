@@ -1,4 +1,4 @@
-//! `kooagent bench`'s connection-memory measurement: a private agent's RSS before, with
+//! `kooagent-bench`'s connection-memory measurement: a private agent's RSS before, with
 //! many idle connections (each has made one request, then sits idle) and after they close,
 //! beside the targets of issue 14 (≤ 4 KiB per idle connection; back within 2 MiB).
 

@@ -217,8 +217,6 @@ enum Command {
         #[arg(default_value = "{}")]
         params: String,
     },
-    /// Start an agent and measure it; prints a table
-    Bench(crate::bench::BenchArgs),
     /// Before capturing an image: remove everything per-instance (agent stopped)
     ImagePrep {
         #[command(flatten)]
@@ -613,7 +611,7 @@ impl Command {
             | Command::Freeze { g, .. }
             | Command::Token { g, .. }
             | Command::Watch { g } => Some(g),
-            Command::Bench(_) | Command::Seller { .. } => None,
+            Command::Seller { .. } => None,
         }
     }
 }
@@ -756,10 +754,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     println!("note: {n}");
                 }
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(args) => {
-            crate::bench::run(args, first.config.clone())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::License { command, .. } => license_cmd(&g, command),

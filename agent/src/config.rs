@@ -25,8 +25,7 @@ pub struct DefaultPaths {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    crate::sys::is_root()
 }
 
 /// The unprivileged user the packages, `kooagent-install` and the init scripts run the agent
@@ -34,35 +33,9 @@ pub fn is_root() -> bool {
 /// (every key commented out) would point the service at `/nonexistent/.local/share`.
 pub const SERVICE_USER: &str = "kooagent";
 
-/// The effective user's name from the password database (`None`: no entry).
-fn effective_user_name() -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes only into `pw` and
-    // `buf` (its length passed), and `result` points at `pw` or is null.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            libc::geteuid(),
-            &mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() || pw.pw_name.is_null() {
-            return None;
-        }
-        Some(
-            std::ffi::CStr::from_ptr(pw.pw_name)
-                .to_string_lossy()
-                .into_owned(),
-        )
-    }
-}
-
 impl DefaultPaths {
     pub fn detect() -> DefaultPaths {
-        if is_root() || effective_user_name().as_deref() == Some(SERVICE_USER) {
+        if is_root() || crate::sys::effective_user_name().as_deref() == Some(SERVICE_USER) {
             return DefaultPaths {
                 config_file: "/etc/kooagent/agent.toml".into(),
                 state_dir: "/var/lib/kooagent".into(),

@@ -28,15 +28,14 @@ pub struct RunOptions {
 pub fn run(opts: RunOptions) -> Result<()> {
     // Everything the agent creates is its own (state, log, pidfile directory); the one
     // thing shared with the group, the socket, gets its mode set explicitly.
-    // SAFETY: umask only swaps the process's file mode mask.
-    unsafe { libc::umask(0o077) };
+    crate::sys::set_umask(0o077);
     let loaded = config::load(opts.config.as_deref(), &opts.overrides)?;
     let cfg = loaded.config.clone();
     logging::init(cfg.log_level(), None);
     // Clients can connect as soon as the socket is bound, before the runtime has installed
     // its signal handlers; hold SIGTERM/SIGINT/SIGHUP pending until then, so an early
     // SIGHUP reloads instead of killing the agent with the default action.
-    set_signal_mask(libc::SIG_BLOCK);
+    crate::sys::set_signal_mask(libc::SIG_BLOCK);
     // The config check lets an unreadable keys file pass (for CLI users); the agent needs it.
     if let Err(e) = cfg.license.trusted_keys() {
         anyhow::bail!("config: {}: {}", e.key, e.message);
@@ -150,7 +149,7 @@ async fn serve_until_signal(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    set_signal_mask(libc::SIG_UNBLOCK);
+    crate::sys::set_signal_mask(libc::SIG_UNBLOCK);
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
@@ -250,45 +249,9 @@ fn reload(agent: &Arc<Agent>, opts: &RunOptions) {
     }
 }
 
-/// Blocks or unblocks the signals the daemon handles, for the calling thread (threads
-/// started later inherit it; a blocked signal stays pending for a thread that unblocks it).
-fn set_signal_mask(how: libc::c_int) {
-    // SAFETY: the sigset is initialised by sigemptyset before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
-    }
-}
-
 /// Thousands of idle clients need thousands of descriptors: lift the soft limit to the
 /// hard one (under the systemd unit, `LimitNOFILE=` has done it and setrlimit is filtered).
 /// Returns the soft limit in force.
 fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return u64::MAX;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    // rlim_t is 32 bits on some cross targets.
-    #[allow(clippy::unnecessary_cast)]
-    let soft = lim.rlim_cur as u64;
-    soft
+    crate::sys::raise_fd_limit()
 }

@@ -92,10 +92,9 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
     }
     // Bind under a tight umask, set mode and group, and only then listen: a client can
     // never connect while the socket still has the wrong mode or group.
-    // SAFETY: umask only swaps the process's file mode mask.
-    let old = unsafe { libc::umask(0o177) };
+    let old = crate::sys::set_umask(0o177);
     let bound = bind_unlistened(path);
-    unsafe { libc::umask(old) };
+    crate::sys::set_umask(old);
     let fd = bound.map_err(io_err("bind", path))?;
     let cleanup = |e: BindError| {
         let _ = std::fs::remove_file(path);

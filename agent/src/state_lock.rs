@@ -10,7 +10,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,22 +74,11 @@ impl StateLock {
             .mode(0o600)
             .open(&path)
             .map_err(io_err)?;
-        loop {
-            // SAFETY: flock(2) on a descriptor owned by `file`.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => {
-                    return Err(LockError::Held {
-                        dir: state_dir.to_path_buf(),
-                        pid: holder_pid(&file),
-                    })
-                }
-                _ => return Err(io_err(e)),
-            }
+        if !crate::sys::try_lock_exclusive(&file).map_err(io_err)? {
+            return Err(LockError::Held {
+                dir: state_dir.to_path_buf(),
+                pid: holder_pid(&file),
+            });
         }
         Ok(StateLock { file, path })
     }

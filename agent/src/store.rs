@@ -5,7 +5,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,17 +110,8 @@ impl FileLock {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
-        loop {
-            // SAFETY: flock(2) on a descriptor we own for the lifetime of the call.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(FileLock(f));
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        crate::sys::lock_exclusive(&f)?;
+        Ok(FileLock(f))
     }
 }
 

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    kooagent::license::fuzz_parse(data);
+    kooagent_core::license::fuzz_parse(data);
 });

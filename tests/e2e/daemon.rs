@@ -444,3 +444,38 @@ fn an_idle_agent_does_not_wake_up_for_a_minute() {
         .collect();
     assert!(woke.is_empty(), "threads woke while idle: {woke:?}");
 }
+
+/// The bench is not part of the shipped binary: `kooagent bench` is unknown, and the
+/// separate `kooagent-bench` measures the agent binary it is given.
+#[test]
+fn the_bench_is_its_own_binary_and_measures_the_agent() {
+    let out = Command::new(BIN).arg("bench").output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand 'bench'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_ok(Command::new(env!("CARGO_BIN_EXE_kooagent-bench")).args([
+        "--agent",
+        BIN.path(),
+        "--seconds",
+        "0.05",
+        "--clients",
+        "1",
+        "--starts",
+        "1",
+        "--no-redis",
+        "--idle-connections",
+        "0",
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["scenario"] == "ping" && r["requests"].as_u64().unwrap() > 0),
+        "{report}"
+    );
+    assert!(report["idle_rss_kib"].as_u64().unwrap() > 0, "{report}");
+}

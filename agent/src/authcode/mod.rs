@@ -6,8 +6,7 @@
 //! - `api`: request/answer types, validation and pure parsing, typed errors (B1, B2, B4, B5).
 //! - `client`: the blocking HTTPS client with host fallback.
 //! - `relay_auth`: device-key signing and verification of the relay protocol (agent ↔ seller server).
-pub mod api;
-pub mod apig_sign;
+pub use kooagent_core::authcode::{api, apig_sign};
 pub mod client;
 pub mod config;
 pub mod logic;

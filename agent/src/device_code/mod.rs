@@ -13,10 +13,7 @@
 //!   `/proc/cpuinfo`).
 
 mod baseline;
-mod derive;
-mod encode;
 mod metadata;
-mod normalize;
 mod privileged;
 mod sources;
 mod vendor;
@@ -30,7 +27,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use encode::{canonical, parse_code, CodeError};
+// The pure rules live in kooagent-core; the hardware reads and the baseline file stay here.
+pub use kooagent_core::device_code::{canonical, derive, encode, normalize, parse_code, CodeError};
 pub use privileged::{PrestartReport, BOOT_ID_FILE, HASHES_FILE};
 
 use baseline::{Baseline, CachedInstance, Component, IdentityFile};

@@ -221,9 +221,9 @@ pub(crate) fn devicetree_serial(root: &Path) -> Raw {
     first
 }
 
-/// CPU vendor + brand. `/proc/cpuinfo` is read through the root because sysinfo hard-codes
-/// `/proc/cpuinfo`; sysinfo is only the fallback on the real root when that file is missing
-/// (non-Linux systems).
+/// CPU vendor + brand from `/proc/cpuinfo`, read through the root. (There used to be a
+/// `sysinfo` fallback for systems without that file: on Linux, the only system the agent
+/// supports, sysinfo reads the same file, so it could only ever find nothing.)
 pub(crate) fn cpu(root: &Path) -> Raw {
     let abs = "/proc/cpuinfo";
     match read_small(&rooted(root, abs)) {
@@ -236,24 +236,8 @@ pub(crate) fn cpu(root: &Path) -> Raw {
             ),
         },
         Err(e) => Raw::new("cpu", abs, Reading::Unreadable(e)),
-        Ok(None) if root == Path::new("/") => cpu_from_sysinfo(),
         Ok(None) => Raw::new("cpu", abs, Reading::Absent(None)),
     }
-}
-
-fn cpu_from_sysinfo() -> Raw {
-    use sysinfo::{CpuRefreshKind, RefreshKind, System};
-    let sys =
-        System::new_with_specifics(RefreshKind::nothing().with_cpu(CpuRefreshKind::nothing()));
-    let reading = match sys.cpus().first() {
-        Some(c) if !(c.vendor_id().is_empty() && c.brand().is_empty()) => Reading::Found(format!(
-            "{}\n{}",
-            c.vendor_id().trim(),
-            c.brand().split_whitespace().collect::<Vec<_>>().join(" ")
-        )),
-        _ => Reading::Absent(None),
-    };
-    Raw::new("cpu", "sysinfo", reading)
 }
 
 /// Permanent MAC addresses of physical NICs (entries of `/sys/class/net` that have a `device`

@@ -402,7 +402,7 @@ fn unreadable_dmi_files() {
     let p = g.path("sys/class/dmi/id/product_uuid");
     fs::set_permissions(&p, fs::Permissions::from_mode(0o000)).unwrap();
     let r = g.resolver().resolve(1, false).unwrap();
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::sys::is_root() {
         let c = comp(&r, "dmi_product_uuid");
         assert_eq!(c.state, ComponentState::Unreadable);
         assert!(c.note.as_deref().unwrap().contains("permission denied"));

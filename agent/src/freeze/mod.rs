@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod actions;
 pub mod anchor;
-pub mod lifecycle;
+pub use kooagent_core::freeze::lifecycle;
 pub mod online;
 pub mod service;
 pub mod state_file;
-pub mod token;
+pub use kooagent_core::freeze::token;
 
 pub use service::FreezeService;
 

@@ -492,7 +492,7 @@ impl FreezeService {
             log::error!("freeze: {e}; dropped tokens are not picked up");
             return;
         }
-        let fd = match crate::license::service::inotify_watch(&self.tokens_dir) {
+        let fd = match crate::sys::inotify_watch(&self.tokens_dir) {
             Ok(fd) => fd,
             Err(e) => {
                 log::error!("cannot watch {}: {e}", self.tokens_dir.display());
@@ -507,7 +507,7 @@ impl FreezeService {
                 move || me.scan_drop_dir(&lic)
             };
             let _ = tokio::task::spawn_blocking(scan.clone()).await;
-            let Some(afd) = crate::license::service::register(fd, "tokens directory watch") else {
+            let Some(afd) = crate::sys::register(fd, "tokens directory watch") else {
                 return;
             };
             let mut buf = vec![0u8; 16 * 1024];
@@ -516,11 +516,9 @@ impl FreezeService {
                     return;
                 };
                 let mut names = Some(BTreeSet::new());
-                while let Ok(r) =
-                    guard.try_io(|fd| crate::license::service::read_fd(fd.get_ref(), &mut buf))
-                {
+                while let Ok(r) = guard.try_io(|fd| crate::sys::read_fd(fd.get_ref(), &mut buf)) {
                     let Ok(n) = r else { return };
-                    crate::license::service::parse_inotify(&buf[..n], &mut names, &dir);
+                    crate::sys::parse_inotify(&buf[..n], &mut names, &dir);
                 }
                 // Nothing but regular files being created (still being written): wait.
                 if names.as_ref().is_none_or(|n| !n.is_empty()) {
@@ -744,8 +742,8 @@ fn action_thread(
 mod tests {
     use super::*;
     use crate::clock::FakeClock;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::LicenseConfig;
+    use kooagent_core::testing::{sample, test_key};
 
     /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
     /// verdict: no event is out before the verdict table shows it.

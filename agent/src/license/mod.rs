@@ -6,15 +6,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub mod format;
-pub mod fuzz;
-pub mod keys;
+pub use kooagent_core::license::{format, fuzz, keys};
 pub mod seller;
 pub mod service;
 pub mod store;
 mod timer;
 pub mod trusted_time;
-pub mod verdict;
+pub use kooagent_core::license::verdict;
 
 pub use fuzz::fuzz_parse;
 pub use service::LicenseService;
@@ -55,7 +53,8 @@ impl LicenseConfig {
 
     /// Builds the trusted key set (reads `trusted_keys_file`).
     pub fn trusted_keys(&self) -> Result<keys::TrustedKeys, keys::KeyConfigError> {
-        keys::TrustedKeys::new(&self.trusted_keys, self.keys_file(), &self.revoked_key_ids)
+        let file = self.keys_file().map(|p| (p, std::fs::read_to_string(p)));
+        keys::TrustedKeys::new(&self.trusted_keys, file, &self.revoked_key_ids)
     }
 
     /// Checks every value: `Err((key, message))`. A keys file this process may not read

@@ -52,21 +52,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SellerError + '_ {
 
 /// A new key from the kernel's CSPRNG.
 pub fn generate() -> Result<SigningKey, SellerError> {
-    let mut seed = [0u8; 32];
-    let mut filled = 0;
-    while filled < seed.len() {
-        // SAFETY: writes at most the remaining length into our buffer.
-        let n =
-            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(SellerError::Invalid(format!("getrandom failed: {e}")));
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
+    let seed: [u8; 32] = crate::sys::random_array()
+        .map_err(|e| SellerError::Invalid(format!("getrandom failed: {e}")))?;
     Ok(SigningKey::from_bytes(&seed))
 }
 

@@ -10,14 +10,11 @@
 //! once. Idle, nothing runs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde_json::{json, Map, Value};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
 
 use super::format::License;
@@ -29,6 +26,7 @@ use super::verdict::{self, DeviceView, State, TimeView};
 use super::LicenseConfig;
 use crate::clock::{format_rfc3339, Clock};
 use crate::device_service::DeviceState;
+use crate::sys::{inotify_watch, parse_inotify, read_fd, register};
 
 /// The freeze capability's say about one license: why it may not run, since when, and its
 /// lifecycle phase (`frozen` or `released`).
@@ -658,81 +656,6 @@ impl LicenseService {
     }
 }
 
-fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-pub(crate) fn inotify_watch(dir: &Path) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscalls; the fd is owned right away.
-    let fd = unsafe {
-        OwnedFd::from_raw_fd(cvt(libc::inotify_init1(
-            libc::IN_NONBLOCK | libc::IN_CLOEXEC,
-        ))?)
-    };
-    let path = CString::new(dir.as_os_str().as_bytes())?;
-    // IN_CREATE: a symlink or FIFO is never closed after writing; see `parse_inotify`.
-    let mask = libc::IN_CLOSE_WRITE
-        | libc::IN_MOVED_TO
-        | libc::IN_MOVED_FROM
-        | libc::IN_DELETE
-        | libc::IN_CREATE;
-    // SAFETY: valid fd and NUL-terminated path.
-    cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) })?;
-    Ok(fd)
-}
-
-/// File names in a buffer of inotify events; `None` when the queue overflowed. A mere
-/// creation counts only for what is not a regular file (a symlink, a FIFO: refused at
-/// once); a regular file is looked at when its writer closes it or it is moved in.
-pub(crate) fn parse_inotify(buf: &[u8], names: &mut Option<BTreeSet<String>>, dir: &Path) {
-    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
-    let mut off = 0;
-    while off + HEADER <= buf.len() {
-        let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().expect("4 bytes"));
-        let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().expect("4 bytes")) as usize;
-        let name = &buf[(off + HEADER).min(buf.len())..(off + HEADER + len).min(buf.len())];
-        if mask & libc::IN_Q_OVERFLOW != 0 {
-            *names = None;
-        } else if let Some(set) = names.as_mut() {
-            let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
-            if let Ok(s) = std::str::from_utf8(name) {
-                let created_regular = mask == libc::IN_CREATE
-                    && std::fs::symlink_metadata(dir.join(s)).map_or(true, |m| m.is_file());
-                if !s.is_empty() && !created_regular {
-                    set.insert(s.to_string());
-                }
-            }
-        }
-        off += HEADER + len;
-    }
-}
-
-pub(crate) fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: reads into our buffer within its length.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Registers `fd` with the runtime's reactor; `what` names it in the error log.
-pub(crate) fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
-    match unsafe { AsyncFd::register(fd) } {
-        Ok(a) => Some(a),
-        Err(e) => {
-            log::error!("{what}: {e}");
-            None
-        }
-    }
-}
-
 async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd, dir: PathBuf) {
     let Some(afd) = register(fd, "cannot watch the licenses directory") else {
         return;
@@ -806,9 +729,9 @@ async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::format::{parse, sign};
     use crate::license::store::Entry;
+    use kooagent_core::testing::{sample, test_key};
 
     fn entry(lic: &License) -> Entry {
         let text = sign(lic, &test_key(1)).unwrap();

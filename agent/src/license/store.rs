@@ -442,8 +442,8 @@ impl LicenseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::format::{sign, License};
+    use kooagent_core::testing::{sample, test_key};
 
     fn keys() -> TrustedKeys {
         TrustedKeys::from_keys([test_key(1).verifying_key()], &[])

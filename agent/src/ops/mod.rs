@@ -112,8 +112,7 @@ impl Dispatcher {
         }
         Dispatcher {
             ops,
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            own_uid: unsafe { libc::geteuid() },
+            own_uid: crate::sys::euid(),
         }
     }
 

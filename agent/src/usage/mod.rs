@@ -13,8 +13,7 @@
 //! - `service`: meters, the upload thread, status.
 //! - `config`: the `[usage]` section.
 pub mod config;
-pub mod decimal;
-pub mod hours;
+pub use kooagent_core::usage::{decimal, hours};
 pub mod ledger;
 pub mod license_meters;
 pub mod relay;

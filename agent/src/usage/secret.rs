@@ -33,8 +33,7 @@ impl Secret {
                  run chmod 600 on it"
             ));
         }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = crate::sys::euid();
         if meta.uid() != me && meta.uid() != 0 {
             return Err(format!(
                 "{key} {name}: owned by uid {}, not by root or the agent (uid {me})",

@@ -247,7 +247,7 @@ pub fn human_secs(s: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::sample;
+    use crate::testing::sample;
 
     const HERE: &str = "AAAA-BBBB-CCCC-DDDD-EEEE";
     const DAY: i64 = 86_400;

@@ -596,34 +596,9 @@ pub fn sign(license: &License, key: &SigningKey) -> Result<String, FormatError> 
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    pub fn test_key(seed: u8) -> SigningKey {
-        SigningKey::from_bytes(&[seed; 32])
-    }
-
-    pub fn sample() -> License {
-        License {
-            key_id: String::new(),
-            id: "L-1".into(),
-            product: "sku-pro".into(),
-            instance: "inst-1".into(),
-            unbound: false,
-            devices: vec!["AAAA-BBBB-CCCC-DDDD-EEEE".into()],
-            not_before: 1_800_000_000,
-            not_after: Some(1_800_000_000 + 30 * 86_400),
-            grace_secs: 7 * 86_400,
-            features: vec!["export".into(), "sso".into()],
-            limits: [("cores".to_string(), 8u64), ("users".into(), 100)]
-                .into_iter()
-                .collect(),
-            issued_at: 1_799_999_000,
-            meta: [("order".to_string(), "CS123".to_string())]
-                .into_iter()
-                .collect(),
-        }
-    }
+    use crate::testing::{sample, test_key};
 
     fn envelope(payload: &[u8], key: &SigningKey) -> String {
         let sig = key.sign(&signed_bytes(payload));

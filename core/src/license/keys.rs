@@ -91,9 +91,11 @@ pub struct KeyConfigError {
 }
 
 impl TrustedKeys {
+    /// `file`: the keys file's path and what reading it gave (the caller reads it; core
+    /// does no I/O).
     pub fn new(
         inline: &[String],
-        file: Option<&Path>,
+        file: Option<(&Path, std::io::Result<String>)>,
         revoked: &[String],
     ) -> Result<TrustedKeys, KeyConfigError> {
         let mut keys = BTreeMap::new();
@@ -105,13 +107,13 @@ impl TrustedKeys {
             })?;
             keys.insert(kid, key);
         }
-        if let Some(path) = file {
+        if let Some((path, text)) = file {
             let err = |message: String| KeyConfigError {
                 key: "license.trusted_keys_file".into(),
                 message: format!("{}: {message}", path.display()),
                 unreadable: false,
             };
-            let text = std::fs::read_to_string(path).map_err(|e| KeyConfigError {
+            let text = text.map_err(|e| KeyConfigError {
                 unreadable: e.kind() == std::io::ErrorKind::PermissionDenied,
                 ..err(e.to_string())
             })?;
@@ -176,8 +178,8 @@ impl TrustedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::{sample, test_key};
     use crate::license::format::{parse, sign};
+    use crate::testing::{sample, test_key};
 
     #[test]
     fn entries_round_trip_and_mismatched_kid_is_refused() {
@@ -232,21 +234,30 @@ mod tests {
         assert_eq!(e.key, "license.trusted_keys[0]");
         let e = TrustedKeys::new(&[], None, &["XYZ".into()]).unwrap_err();
         assert_eq!(e.key, "license.revoked_key_ids[0]");
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("keys");
-        std::fs::write(
-            &f,
-            format!(
-                "# seller keys\n{}\n\nbad line\n",
-                entry_for(&test_key(1).verifying_key())
-            ),
-        )
-        .unwrap();
-        let e = TrustedKeys::new(&[], Some(&f), &[]).unwrap_err();
+        let f = Path::new("/etc/kooagent/keys");
+        let text = format!(
+            "# seller keys\n{}\n\nbad line\n",
+            entry_for(&test_key(1).verifying_key())
+        );
+        let e = TrustedKeys::new(&[], Some((f, Ok(text))), &[]).unwrap_err();
         assert_eq!(e.key, "license.trusted_keys_file");
         assert!(e.message.contains("line 4"), "{}", e.message);
-        std::fs::write(&f, entry_for(&test_key(1).verifying_key())).unwrap();
-        let k = TrustedKeys::new(&[], Some(&f), &[]).unwrap();
+        assert!(
+            e.message.starts_with("/etc/kooagent/keys: "),
+            "{}",
+            e.message
+        );
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = TrustedKeys::new(&[], Some((f, Err(denied))), &[]).unwrap_err();
+        assert!(e.unreadable);
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(
+            !TrustedKeys::new(&[], Some((f, Err(missing))), &[])
+                .unwrap_err()
+                .unreadable
+        );
+        let text = entry_for(&test_key(1).verifying_key());
+        let k = TrustedKeys::new(&[], Some((f, Ok(text))), &[]).unwrap();
         assert_eq!(k.active_ids().len(), 1);
     }
 }

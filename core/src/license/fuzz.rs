@@ -125,7 +125,7 @@ fn mutate_bytes(rng: &mut Rng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::format::tests::{sample, test_key};
+    use crate::testing::{sample, test_key};
     use std::time::{Duration, Instant};
 
     fn corpus() -> Vec<Vec<u8>> {

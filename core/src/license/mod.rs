@@ -1,0 +1,7 @@
+//! Offline license rules: the signed format, the trusted seller keys and the verdict.
+pub mod format;
+pub mod fuzz;
+pub mod keys;
+pub mod verdict;
+
+pub use fuzz::fuzz_parse;

@@ -1,0 +1,4 @@
+//! Usage metering rules: exact decimals, hour records and the marketplace's request signing.
+pub mod decimal;
+pub mod hours;
+pub mod sign;
