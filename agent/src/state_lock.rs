@@ -41,8 +41,23 @@ pub struct StateLock {
 
 impl StateLock {
     /// Takes the lock on `state_dir` without waiting, and records this process's pid in it.
+    ///
+    /// When the holder named in the file has already exited, the lock is waited for a moment
+    /// (up to [`DEAD_HOLDER_WAIT`]): a child the old agent was starting (a freeze action, a
+    /// hook) shares its descriptors between fork and exec, so on a loaded machine a restart
+    /// can find the lock still held for a few milliseconds after the old agent is gone.
     pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
-        let lock = StateLock::open(state_dir, true)?;
+        let deadline = std::time::Instant::now() + DEAD_HOLDER_WAIT;
+        let lock = loop {
+            match StateLock::open(state_dir, true) {
+                Err(LockError::Held { pid, .. })
+                    if !holder_alive(&pid) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         lock.record_pid().map_err(|source| LockError::Io {
             path: lock.path.clone(),
             source,
@@ -97,6 +112,18 @@ impl StateLock {
     }
 }
 
+/// How long a start waits for a lock whose named holder has exited.
+pub const DEAD_HOLDER_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether the process `pid` (as the holder wrote it) still exists; "unknown" counts as
+/// alive, so only a holder known to be gone is waited for.
+fn holder_alive(pid: &str) -> bool {
+    match pid.parse::<u32>() {
+        Ok(pid) => Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => true,
+    }
+}
+
 /// The pid the holder wrote. It writes right after locking, so an empty file is read again
 /// briefly before giving up.
 fn holder_pid(file: &File) -> String {
@@ -134,6 +161,37 @@ mod tests {
         drop(held);
         StateLock::check(dir.path()).unwrap();
         StateLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_lock_left_by_an_exited_holder_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another open file description holds the lock, and the pid it names has exited
+        // (a child of the old agent between fork and exec holds it like this).
+        let held = StateLock::open(dir.path(), true).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        std::fs::write(held.path(), format!("{}\n", gone.id())).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let t0 = std::time::Instant::now();
+        StateLock::acquire(dir.path()).unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(150));
+        release.join().unwrap();
+    }
+
+    #[test]
+    fn a_live_holder_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = StateLock::acquire(dir.path()).unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(matches!(
+            StateLock::acquire(dir.path()),
+            Err(LockError::Held { .. })
+        ));
+        assert!(t0.elapsed() < DEAD_HOLDER_WAIT);
     }
 
     #[test]
