@@ -380,26 +380,10 @@ fn a_full_relay_answers_busy_at_once_and_serves_bound_devices_first() {
 fn raw_tls(
     server: &SellerServer,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&server.ca_pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let conn = rustls::ClientConnection::new(
-        std::sync::Arc::new(cfg),
-        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+    tls_over(
+        server,
+        std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap(),
     )
-    .unwrap();
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    rustls::StreamOwned::new(conn, tcp)
 }
 
 /// Item 5: a body that never arrives, or trickles in, is cut at the body deadline.
