@@ -114,28 +114,11 @@ fn three_processes_on_one_postgresql_answer_every_order_once() {
     });
 
     // (b) 1,000 distinct orders spread over the three, 12 at a time.
-    let next = AtomicUsize::new(0);
-    let licenses: Vec<(usize, String)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..12)
-            .map(|_| {
-                let next = &next;
-                let all = &all;
-                sc.spawn(move || {
-                    let mut got = Vec::new();
-                    loop {
-                        let n = next.fetch_add(1, Ordering::SeqCst);
-                        if n >= 1000 {
-                            return got;
-                        }
-                        let code = device_code(&format!("MANY-0000-0000-{n:04}-000"));
-                        let (_, v) = all(n % 3).market(&order_body(&format!("MANY-{n}"), &code));
-                        assert_eq!(v["resultCode"], "000000", "order {n}: {v}");
-                        got.push((n, v["license"].as_str().unwrap().to_string()));
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    let licenses = spread(12, 1000, |n| {
+        let code = device_code(&format!("MANY-0000-0000-{n:04}-000"));
+        let (_, v) = all(n % 3).market(&order_body(&format!("MANY-{n}"), &code));
+        assert_eq!(v["resultCode"], "000000", "order {n}: {v}");
+        v["license"].as_str().unwrap().to_string()
     });
     assert_eq!(licenses.len(), 1000);
     // Resent to another process: the same bytes.
@@ -180,33 +163,18 @@ fn three_processes_on_one_postgresql_answer_every_order_once() {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         })
     };
-    let next = AtomicUsize::new(0);
-    let answered: HashMap<usize, String> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..9)
-            .map(|_| {
-                let next = &next;
-                let all = &all;
-                sc.spawn(move || {
-                    let mut got = Vec::new();
-                    loop {
-                        let n = next.fetch_add(1, Ordering::SeqCst);
-                        if n >= 300 {
-                            return got;
-                        }
-                        let code = device_code(&format!("DEAD-0000-0000-{n:04}-000"));
-                        let body = order_body(&format!("DEAD-{n}"), &code);
-                        // The marketplace retries an order that got no answer elsewhere.
-                        let v = (0..3)
-                            .find_map(|k| try_market(all((n + k) % 3), &body))
-                            .unwrap_or_else(|| panic!("order {n}: no process answered"));
-                        assert_eq!(v["resultCode"], "000000", "order {n}: {v}");
-                        got.push((n, v["license"].as_str().unwrap().to_string()));
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let answered: HashMap<usize, String> = spread(9, 300, |n| {
+        let code = device_code(&format!("DEAD-0000-0000-{n:04}-000"));
+        let body = order_body(&format!("DEAD-{n}"), &code);
+        // The marketplace retries an order that got no answer elsewhere.
+        let v = (0..3)
+            .find_map(|k| try_market(all((n + k) % 3), &body))
+            .unwrap_or_else(|| panic!("order {n}: no process answered"));
+        assert_eq!(v["resultCode"], "000000", "order {n}: {v}");
+        v["license"].as_str().unwrap().to_string()
+    })
+    .into_iter()
+    .collect();
     killer.join().unwrap();
     assert_eq!(answered.len(), 300);
     for (n, text) in answered.iter().filter(|(n, _)| *n % 13 == 0) {
@@ -218,4 +186,32 @@ fn three_processes_on_one_postgresql_answer_every_order_once() {
     assert_eq!(per.len(), 1350);
     assert!(per.values().all(|c| *c == 1), "a second license: {per:?}");
     assert_eq!(orphans, 0, "an instance without its license or event");
+}
+
+/// Orders `0..count` sent by `threads` threads taking the next number from one counter;
+/// each order's license, by order number.
+fn spread(
+    threads: usize,
+    count: usize,
+    order: impl Fn(usize) -> String + Sync,
+) -> Vec<(usize, String)> {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                let (next, order) = (&next, &order);
+                sc.spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        if n >= count {
+                            return got;
+                        }
+                        got.push((n, order(n)));
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
 }
