@@ -405,7 +405,7 @@ impl Drop for Redis {
 pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
     let exe = exe.to_path_buf();
     let dir = tempdir()?;
-    let seller_key = crate::license::seller::generate()?;
+    let seller_key = kooagent_edge::keyfile::generate()?;
     let trust = crate::license::keys::entry_for(&seller_key.verifying_key());
     let idle_connections = match args.idle_connections {
         0 => None,
@@ -661,7 +661,7 @@ fn bench_license(
     id: &str,
     age: i64,
 ) -> Result<String> {
-    use crate::license::seller::{issue, IssueRequest, Term};
+    use kooagent_core::license::issue::{issue, IssueRequest, Term};
     let now = crate::clock::Clock::now_secs(&crate::clock::SystemClock);
     let req = IssueRequest {
         id: Some(id.to_string()),

@@ -109,45 +109,6 @@ impl Global {
     }
 }
 
-/// The seller server's flags (`seller serve`, `seller device`, `seller enroll`, `seller outbox`).
-#[derive(Args, Clone, Default)]
-struct ServerFlags {
-    /// The seller server's configuration file [env: KOOAGENT_SELLER_CONFIG] (default:
-    /// /etc/kooagent-seller/server.toml as root, ~/.config/kooagent-seller/server.toml otherwise)
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// error, warn, info, debug or trace (default: info)
-    #[arg(long, global = true)]
-    log_level: Option<String>,
-}
-
-impl ServerFlags {
-    /// The server configuration file: this command's --config, else one written before
-    /// the command, else $KOOAGENT_SELLER_CONFIG, else the default path. Never the agent's
-    /// KOOAGENT_CONFIG: a developer's shell often has that set for the agent.
-    #[cfg(feature = "seller-server")]
-    fn config_file(&self, first: &FirstFlags) -> PathBuf {
-        self.config
-            .clone()
-            .or_else(|| first.config.clone())
-            .or_else(|| env_path("KOOAGENT_SELLER_CONFIG"))
-            .unwrap_or_else(crate::seller_server::default_config_file)
-    }
-
-    #[cfg(feature = "seller-server")]
-    fn load(&self, first: &FirstFlags) -> Result<crate::seller_server::SellerServerConfig> {
-        let path = self.config_file(first);
-        if !path.exists() && self.config.is_none() && first.config.is_none() {
-            anyhow::bail!(
-                "no seller server configuration at {} (the default); write one \
-                 (docs/seller-server.md) or give it with --config FILE",
-                path.display()
-            );
-        }
-        Ok(crate::seller_server::SellerServerConfig::load(&path)?)
-    }
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (foreground; --daemon detaches)
@@ -274,10 +235,12 @@ enum Command {
         #[command(flatten)]
         g: Global,
     },
-    /// The seller's tools: keys, issuing and inspecting licenses (no agent needed)
+    /// The seller's tools and license server: runs `kooagent-seller ARGS` (installed next
+    /// to kooagent, or in PATH; `kooagent seller --help` lists its commands)
+    #[command(disable_help_flag = true)]
     Seller {
-        #[command(subcommand)]
-        command: SellerCommand,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -368,210 +331,6 @@ enum FreezeCommand {
 enum TokenCommand {
     /// Apply a status token file (`-` reads standard input)
     Apply { file: PathBuf },
-}
-
-#[derive(Args)]
-struct TokenArgs {
-    /// The seller's private key (PKCS#8 PEM)
-    #[arg(long)]
-    key: PathBuf,
-    /// The license id the token is about
-    #[arg(long)]
-    license: String,
-    /// freeze, unfreeze or release
-    #[arg(long)]
-    action: crate::freeze::token::Action,
-    /// Sequence number, strictly increasing per license
-    #[arg(long)]
-    seq: u64,
-    /// Device code the token is bound to (repeatable; none: any device holding the license)
-    #[arg(long = "device-code")]
-    device_code: Vec<String>,
-    /// Reason shown to the buyer
-    #[arg(long)]
-    reason: Option<String>,
-    /// Issue time, UTC (default: now)
-    #[arg(long)]
-    issued_at: Option<String>,
-    /// Output file (default: standard output)
-    #[arg(long, short)]
-    out: Option<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum SellerCommand {
-    /// Issue a signed status token (freeze / unfreeze / release a license)
-    Token(TokenArgs),
-    /// Write a new key pair: FILE (private, PKCS#8 PEM, mode 0600) and FILE.pub (trust line)
-    Keygen {
-        #[arg(long, short)]
-        out: PathBuf,
-    },
-    /// Issue a signed license; the same inputs give the same bytes
-    Issue(Box<IssueArgs>),
-    /// Print a license's contents and whether it verifies
-    Inspect {
-        file: PathBuf,
-        /// Key to verify with: a .pub trust line, a PEM public key or the private key
-        /// (default: the agent configuration's trusted keys)
-        #[arg(long)]
-        key: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run the seller license server (the marketplace's production interface) with the
-    /// `[seller_server]` configuration (docs/seller-server.md)
-    Serve {
-        #[command(flatten)]
-        server: ServerFlags,
-    },
-    /// The seller server's device registry: which device key each
-    /// device code is bound to, and releasing a code so another key can bind it
-    Device {
-        #[command(flatten)]
-        server: ServerFlags,
-        #[command(subcommand)]
-        command: DeviceCommand,
-    },
-    /// The relay's enrollment tokens: a device key the server
-    /// does not know yet may use the relay only with one, up to its quota
-    Enroll {
-        #[command(flatten)]
-        server: ServerFlags,
-        #[command(subcommand)]
-        command: EnrollCommand,
-    },
-    /// The server's outboxes: each getLicenseAsync license
-    /// upload (pending, retrying or delivered, with attempts, next try and last error)
-    /// and the usage relay's counts
-    Outbox {
-        #[command(flatten)]
-        server: ServerFlags,
-        /// Delivered uploads to list, latest first (every undelivered one is listed)
-        #[arg(long, default_value_t = 20)]
-        delivered: u32,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make one signed call to a seller server as the marketplace does; prints the
-    /// request, the answer and whether its Body-Sign verifies (exit 0: it does and
-    /// resultCode is 000000)
-    Call(CallArgs),
-}
-
-#[derive(Subcommand)]
-enum EnrollCommand {
-    /// Make a token (printed once; only its hash is stored) for up to --quota devices
-    Create {
-        /// A name for the token (e.g. the image it is baked into)
-        #[arg(long)]
-        label: String,
-        #[arg(long)]
-        quota: u32,
-    },
-    /// Print every token: label, used/quota, created, revoked
-    List,
-    /// Revoke the tokens with this label: no more devices enroll with them
-    Revoke { label: String },
-}
-
-#[derive(Subcommand)]
-enum DeviceCommand {
-    /// Print each binding of a device code (or every binding): code, key, first and last seen
-    List {
-        #[arg(long = "device-code")]
-        device_code: Option<String>,
-    },
-    /// Release a device code: the next device key that fetches a license for it, signed,
-    /// is bound to it instead
-    Release { device_code: String },
-}
-
-#[derive(Args)]
-struct CallArgs {
-    /// The activity (getLicense, refreshLicense, expireLicense, releaseLicense,
-    /// updateInstanceStatus, ...): the body's `activity` field
-    activity: String,
-    /// The product's production URL, e.g. https://licenses.example.com:8443/koogallery/sku-pro
-    #[arg(long)]
-    url: String,
-    /// The interconnection key file (the key itself on one line, mode 0600), the
-    /// server's seller_server.interconnection_key_file
-    #[arg(long)]
-    key: PathBuf,
-    /// A request field, name=value (repeatable), e.g. --set instanceId=i-1
-    #[arg(long = "set", value_name = "NAME=VALUE")]
-    set: Vec<String>,
-    /// Signature style: v2 (§4.1: POST, signature/timestamp/nonce) or legacy (§4.2: GET,
-    /// timeStamp/authToken)
-    #[arg(long, default_value = "v2", value_parser = ["v2", "legacy"])]
-    style: String,
-    /// A CA or self-signed certificate (PEM) to trust besides the web PKI roots
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Write an answer field to a file, FIELD=FILE (repeatable), e.g. --save license=my.lic
-    #[arg(long, value_name = "FIELD=FILE")]
-    save: Vec<String>,
-    /// Seconds to wait for the answer
-    #[arg(long, default_value_t = 10)]
-    timeout: u64,
-}
-
-#[derive(Args)]
-#[command(group(clap::ArgGroup::new("term").required(true).args(["days", "not_after", "perpetual"])))]
-#[command(group(clap::ArgGroup::new("binding").required(true).args(["device_code", "unbound"])))]
-struct IssueArgs {
-    /// The seller's private key (PKCS#8 PEM)
-    #[arg(long)]
-    key: PathBuf,
-    /// Device identification code to bind to (repeatable)
-    #[arg(long = "device-code")]
-    device_code: Vec<String>,
-    /// Valid on any device (must be explicit)
-    #[arg(long)]
-    unbound: bool,
-    /// Product / SKU code
-    #[arg(long)]
-    product: String,
-    /// Marketplace instance id
-    #[arg(long)]
-    instance: String,
-    /// Valid for N days from --not-before
-    #[arg(long)]
-    days: Option<u64>,
-    /// Valid until this UTC time (YYYY-MM-DDTHH:MM:SSZ)
-    #[arg(long)]
-    not_after: Option<String>,
-    /// Never expires
-    #[arg(long)]
-    perpetual: bool,
-    /// Valid from this UTC time (default: the issue time)
-    #[arg(long)]
-    not_before: Option<String>,
-    /// Grace period after expiry, in days
-    #[arg(long, conflicts_with = "grace_secs")]
-    grace_days: Option<u64>,
-    /// Grace period after expiry, in seconds
-    #[arg(long)]
-    grace_secs: Option<u64>,
-    /// Entitled feature (repeatable)
-    #[arg(long)]
-    feature: Vec<String>,
-    /// Numeric limit, name=value (repeatable)
-    #[arg(long)]
-    limit: Vec<String>,
-    /// Seller metadata, key=value (repeatable)
-    #[arg(long)]
-    meta: Vec<String>,
-    /// License id (default: derived from the other inputs)
-    #[arg(long)]
-    id: Option<String>,
-    /// Issue time, UTC (default: now); give it to reproduce a license byte for byte
-    #[arg(long)]
-    issued_at: Option<String>,
-    /// Output file (default: standard output)
-    #[arg(long, short)]
-    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -758,14 +517,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::License { command, .. } => license_cmd(&g, command),
         Command::Authcode { command, .. } => authcode_cmd(&g, command),
-        Command::Seller { command } => {
+        Command::Seller { args } => {
             if first.socket.is_some() || first.state_dir.is_some() {
                 anyhow::bail!(
                     "--socket and --state-dir are the agent's flags; the seller's commands do \
                      not take them"
                 );
             }
-            seller_cmd(&g, &first, command)
+            Err(seller_forward(&first, args))
         }
         Command::Freeze {
             command: FreezeCommand::Status { json },
@@ -1376,12 +1135,6 @@ fn license_cmd(g: &Global, command: LicenseCommand) -> Result<ExitCode> {
     }
 }
 
-fn utc(flag: &str, s: &str) -> Result<i64> {
-    crate::clock::parse_rfc3339(s)
-        .filter(|_| s.ends_with('Z'))
-        .with_context(|| format!("{flag}: {s:?} is not a UTC time written YYYY-MM-DDTHH:MM:SSZ"))
-}
-
 fn freeze_status(g: &Global, json: bool) -> Result<ExitCode> {
     let v = g.client()?.call("freeze.status", json!({}))?;
     if json {
@@ -1427,431 +1180,33 @@ fn freeze_status(g: &Global, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<ExitCode> {
-    use crate::license::{format, keys, seller};
-    match command {
-        SellerCommand::Token(a) => {
-            let key = seller::read_signing_key(&a.key)?;
-            let req = crate::freeze::token::TokenRequest {
-                license_id: a.license.clone(),
-                action: a.action,
-                seq: a.seq,
-                issued_at: match &a.issued_at {
-                    Some(s) => utc("--issued-at", s)?,
-                    None => crate::clock::Clock::now_secs(&crate::clock::SystemClock),
-                },
-                devices: a.device_code.clone(),
-                reason: a.reason.clone(),
-            };
-            let text = crate::freeze::token::issue(&req, &key)?;
-            match &a.out {
-                Some(p) => {
-                    std::fs::write(p, format!("{text}\n"))
-                        .with_context(|| format!("writing {}", p.display()))?;
-                    eprintln!("token written to {}", p.display());
-                }
-                None => println!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Serve { .. } => {
-            let _ = first;
-            anyhow::bail!(
-                "this kooagent was built without the seller server; build it with \
-                 `cargo build --release -p kooagent --features seller-server`"
-            )
-        }
-        #[cfg(feature = "seller-server")]
-        SellerCommand::Serve { server } => {
-            let cfg = server.load(first)?;
-            let level = server
-                .log_level
-                .as_deref()
-                .or(first.log_level.as_deref())
-                .unwrap_or("info");
-            let level = crate::logging::parse_level(level).with_context(|| {
-                format!("--log-level {level:?}: use error, warn, info, debug or trace")
-            })?;
-            crate::logging::init(level, None);
-            // SIGHUP reads the same file again.
-            let path = server.config_file(first);
-            crate::seller_server::http::run(
-                &cfg,
-                Some(&path),
-                std::sync::Arc::new(crate::clock::SystemClock),
-            )
-            .map_err(anyhow::Error::msg)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Enroll { .. } => {
-            anyhow::bail!(
-                "this kooagent was built without the seller server; build it with \
-                 `cargo build --release -p kooagent --features seller-server`"
-            )
-        }
-        #[cfg(feature = "seller-server")]
-        SellerCommand::Enroll { server, command } => {
-            let cfg = server.load(first)?;
-            let db = cfg.open_db()?;
-            let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000;
-            match command {
-                EnrollCommand::Create { label, quota } => {
-                    anyhow::ensure!(quota > 0, "--quota must be at least 1");
-                    let mut raw = [0u8; 24];
-                    getrandom::getrandom(&mut raw)
-                        .map_err(|e| anyhow::anyhow!("the kernel's random source: {e}"))?;
-                    let token = format!("ket1-{}", crate::authcode::relay_auth::hex(&raw));
-                    let row = crate::seller_server::db::EnrollmentRow {
-                        token_sha256: crate::seller_server::relay::enrollment_hash(&token),
-                        label: label.clone(),
-                        quota: quota as i64,
-                        used: 0,
-                        created_at: now,
-                        revoked: false,
-                    };
-                    db.run_blocking(move |tx| tx.put_enrollment(&row))?;
-                    println!("{token}");
-                    eprintln!(
-                        "enrollment token {label:?} for up to {quota} devices: put it in the \
-                         image's authcode.enrollment_token_file (it is not shown again)"
-                    );
-                }
-                EnrollCommand::List => {
-                    for e in db.run_blocking(|tx| tx.all_enrollments())? {
-                        println!(
-                            "{}\t{}/{}\t{}\t{}",
-                            e.label,
-                            e.used,
-                            e.quota,
-                            crate::clock::format_rfc3339(e.created_at),
-                            if e.revoked { "revoked" } else { "active" }
-                        );
-                    }
-                }
-                EnrollCommand::Revoke { label } => {
-                    let l = label.clone();
-                    let n = db.run_blocking(move |tx| {
-                        let mut n = 0;
-                        for mut e in tx.all_enrollments()? {
-                            if e.label == l && !e.revoked {
-                                e.revoked = true;
-                                tx.put_enrollment(&e)?;
-                                n += 1;
-                            }
-                        }
-                        Ok(n)
-                    })?;
-                    anyhow::ensure!(n > 0, "no active enrollment token labelled {label:?}");
-                    println!("revoked {n} token(s) labelled {label:?}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Device { .. } => {
-            anyhow::bail!(
-                "this kooagent was built without the seller server; build it with \
-                 `cargo build --release -p kooagent --features seller-server`"
-            )
-        }
-        #[cfg(feature = "seller-server")]
-        SellerCommand::Device { server, command } => {
-            let cfg = server.load(first)?;
-            let db = cfg.open_db()?;
-            let canonical = |c: &str| {
-                crate::device_code::parse_code(c)
-                    .with_context(|| format!("{c:?} is not a device code"))
-            };
-            match command {
-                DeviceCommand::Release { device_code } => {
-                    let code = canonical(&device_code)?;
-                    let c = code.clone();
-                    if db.run_blocking(move |tx| tx.release_device(&c))? {
-                        println!("released {code}: the next device key to fetch its license, signed, is bound to it");
-                    } else {
-                        println!("{code} was not bound to any device key");
-                    }
-                }
-                DeviceCommand::List { device_code } => {
-                    let code = device_code.as_deref().map(canonical).transpose()?;
-                    let rows = db.run_blocking(move |tx| match &code {
-                        Some(c) => Ok(tx.device_by_code(c)?.into_iter().collect()),
-                        None => tx.all_devices(),
-                    })?;
-                    for d in rows {
-                        println!(
-                            "{}\t{}\t{}\t{}",
-                            d.device_code,
-                            d.device_key,
-                            crate::clock::format_rfc3339(d.first_seen),
-                            crate::clock::format_rfc3339(d.last_seen)
-                        );
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Outbox { .. } => anyhow::bail!(
-            "this kooagent was built without the seller server; build it with \
-             `cargo build --release -p kooagent --features seller-server`"
-        ),
-        #[cfg(feature = "seller-server")]
-        SellerCommand::Outbox {
-            server,
-            delivered,
-            json,
-        } => {
-            use crate::seller_server::upload;
-            let cfg = server.load(first)?;
-            let db = cfg.open_db()?;
-            let (counts, rows, usage) = db.run_blocking(move |tx| {
-                Ok((
-                    tx.count_uploads()?,
-                    tx.list_uploads(delivered.into())?,
-                    tx.usage().usage_counts()?,
-                ))
-            })?;
-            if json {
-                println!("{}", upload::status_json(counts, &rows, usage));
-            } else {
-                print!("{}", upload::status_text(counts, &rows, usage));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(not(feature = "seller-server"))]
-        SellerCommand::Call(_) => anyhow::bail!(
-            "this kooagent was built without the seller server's tools; build it with \
-             `cargo build --release -p kooagent --features seller-server`"
-        ),
-        #[cfg(feature = "seller-server")]
-        SellerCommand::Call(a) => seller_call(&a),
-        SellerCommand::Keygen { out } => {
-            let (pub_path, line) = seller::write_keypair(&out)?;
-            println!("private key: {} (mode 0600; keep it secret)", out.display());
-            println!("public key:  {}", pub_path.display());
-            println!("trust it in the agent config:\n[license]\ntrusted_keys = [\"{line}\"]");
-            Ok(ExitCode::SUCCESS)
-        }
-        SellerCommand::Issue(a) => {
-            let key = seller::read_signing_key(&a.key)?;
-            let pairs = |flag: &str, list: &[String]| -> Result<Vec<(String, String)>> {
-                list.iter()
-                    .map(|s| seller::parse_pair(s).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
-                    .collect()
-            };
-            let mut limits = std::collections::BTreeMap::new();
-            for (k, v) in pairs("--limit", &a.limit)? {
-                let n: u64 = v.parse().with_context(|| {
-                    format!("--limit {k}={v}: the value must be a whole number")
-                })?;
-                limits.insert(k, n);
-            }
-            let req = seller::IssueRequest {
-                id: a.id.clone(),
-                product: a.product.clone(),
-                instance: a.instance.clone(),
-                devices: a.device_code.clone(),
-                unbound: a.unbound,
-                issued_at: match &a.issued_at {
-                    Some(s) => utc("--issued-at", s)?,
-                    None => crate::clock::Clock::now_secs(&crate::clock::SystemClock),
-                },
-                not_before: a
-                    .not_before
-                    .as_deref()
-                    .map(|s| utc("--not-before", s))
-                    .transpose()?,
-                term: match (a.days, &a.not_after) {
-                    (Some(d), _) => seller::Term::Days(d),
-                    (None, Some(t)) => seller::Term::Until(utc("--not-after", t)?),
-                    (None, None) => seller::Term::Perpetual,
-                },
-                grace_secs: a
-                    .grace_secs
-                    .unwrap_or(a.grace_days.unwrap_or(0).saturating_mul(86_400)),
-                features: a.feature.clone(),
-                limits,
-                meta: pairs("--meta", &a.meta)?.into_iter().collect(),
-            };
-            let text = seller::issue(&req, &key)?;
-            match &a.out {
-                Some(p) => {
-                    std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
-                    let id = format::parse(text.as_bytes())?.license.id;
-                    eprintln!("license {id} written to {}", p.display());
-                }
-                None => print!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        SellerCommand::Inspect { file, key, json } => {
-            let bytes = read_input(&file)?;
-            let parsed = format::parse(&bytes).with_context(|| format!("{}", file.display()))?;
-            let (verdict, ok) = match &key {
-                Some(k) => {
-                    let vk = seller::read_verifying_key(k)?;
-                    let kid = format::key_id(&vk);
-                    if parsed.license.key_id != kid {
-                        let signer = &parsed.license.key_id;
-                        (
-                            format!("NOT VERIFIED: signed by key {signer}, not by key {kid}"),
-                            false,
-                        )
-                    } else {
-                        let t = keys::TrustedKeys::from_keys([vk], &[]);
-                        integrity_text(&t.check(&parsed), &format!("key {kid}"))
-                    }
-                }
-                None => match g.load().map(|l| l.config.license.trusted_keys()) {
-                    Ok(Ok(t)) if !t.active_ids().is_empty() => {
-                        integrity_text(&t.check(&parsed), "the agent's trusted keys")
-                    }
-                    _ => (
-                        "not checked: no --key and no trusted key configured".to_string(),
-                        true,
-                    ),
-                },
-            };
-            let l = &parsed.license;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "license": serde_json::from_slice::<Value>(&parsed.payload)?,
-                        "signature": verdict,
-                        "verified": ok,
-                    }))?
-                );
-            } else {
-                let t = crate::clock::format_rfc3339;
-                println!("license    {}", l.id);
-                println!("product    {}", l.product);
-                println!("instance   {}", l.instance);
-                if l.unbound {
-                    println!("devices    any (unbound)");
-                } else {
-                    println!("devices    {}", l.devices.join(", "));
-                }
-                println!(
-                    "valid      {} .. {}",
-                    t(l.not_before),
-                    l.not_after.map(t).unwrap_or_else(|| "perpetual".into())
-                );
-                println!(
-                    "grace      {}",
-                    crate::license::verdict::human_secs(l.grace_secs as i64)
-                );
-                println!("features   {}", l.features.join(", "));
-                for (k, v) in &l.limits {
-                    println!("limit      {k} = {v}");
-                }
-                println!("issued     {}", t(l.issued_at));
-                for (k, v) in &l.meta {
-                    println!("meta       {k} = {v}");
-                }
-                println!("key id     {}", l.key_id);
-                println!("signature  {verdict}");
-            }
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
-        }
+/// `kooagent seller ARGS`: the seller's tools left the device binary for their own,
+/// `kooagent-seller` (docs/seller-server.md); this runs it with the same arguments, the
+/// flags written before `seller` first, so that scripts keep working. Only returns on
+/// failure.
+fn seller_forward(first: &FirstFlags, args: Vec<std::ffi::OsString>) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    const SELLER_BIN: &str = "kooagent-seller";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(SELLER_BIN)))
+        .filter(|p| p.is_file());
+    let program = beside.clone().unwrap_or_else(|| PathBuf::from(SELLER_BIN));
+    let mut cmd = std::process::Command::new(&program);
+    if let Some(c) = &first.config {
+        cmd.arg("--config").arg(c);
     }
-}
-
-fn integrity_text(i: &crate::license::keys::Integrity, against: &str) -> (String, bool) {
-    use crate::license::keys::Integrity;
-    match i {
-        Integrity::Verified => (format!("valid ({against})"), true),
-        Integrity::BadSignature => (format!("INVALID: does not verify with {against}"), false),
-        Integrity::UntrustedKey(why) => (format!("NOT VERIFIED: {why}"), false),
+    if let Some(l) = &first.log_level {
+        cmd.arg("--log-level").arg(l);
     }
-}
-
-#[cfg(feature = "seller-server")]
-fn seller_call(a: &CallArgs) -> Result<ExitCode> {
-    use crate::seller_server::call;
-    let key = crate::usage::secret::Secret::load_as(&a.key, "--key").map_err(anyhow::Error::msg)?;
-    let pairs = |flag: &str, list: &[String]| -> Result<Vec<(String, String)>> {
-        list.iter()
-            .map(|s| {
-                crate::license::seller::parse_pair(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
-            })
-            .collect()
-    };
-    let fields = pairs("--set", &a.set)?;
-    if fields.iter().any(|(k, _)| k == "activity") {
-        anyhow::bail!("--set activity=...: the activity is the first argument");
-    }
-    let saves = pairs("--save", &a.save)?;
-    let spec = call::CallSpec {
-        url: a.url.clone(),
-        activity: a.activity.clone(),
-        fields,
-        style: if a.style == "legacy" {
-            call::Style::Legacy
-        } else {
-            call::Style::V2
-        },
-    };
-    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-    let p = call::prepare(key.expose(), &spec, now, &call::nonce());
-    println!("> {} {}", p.method, p.url);
-    if let Some(body) = &p.body {
-        println!("> Content-Type: application/json;charset=utf8");
-        println!(">");
-        println!("> {body}");
-    }
-    let answer = call::send(
-        &p,
-        a.ca.as_deref(),
-        std::time::Duration::from_secs(a.timeout),
-    )
-    .map_err(anyhow::Error::msg)?;
-    println!("< HTTP {}", answer.status);
-    match &answer.body_sign {
-        Some(h) => println!("< Body-Sign: {h}"),
-        None => println!("< (no Body-Sign header)"),
-    }
-    println!("<");
-    println!("< {}", answer.body);
-    let verifies = answer.body_sign_verifies(key.expose());
-    println!(
-        "Body-Sign: {}",
-        if verifies {
-            "verifies (HMAC-SHA256 of the body under the interconnection key)"
-        } else {
-            "DOES NOT VERIFY with this key"
-        }
-    );
-    let body: Value = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
-    for (field, file) in &saves {
-        let Some(v) = body[field.as_str()].as_str() else {
-            anyhow::bail!("--save {field}={file}: the answer has no string field {field:?}");
-        };
-        std::fs::write(file, format!("{}\n", v.trim_end()))
-            .with_context(|| format!("writing {file}"))?;
-        println!("saved {field} to {file}");
-    }
-    let code = answer.result_code();
-    if verifies && code.as_deref() == Some("000000") {
-        Ok(ExitCode::SUCCESS)
+    let e = cmd.args(args).exec();
+    if e.kind() == std::io::ErrorKind::NotFound && beside.is_none() {
+        anyhow::anyhow!(
+            "the seller's commands are the {SELLER_BIN} binary, found neither next to kooagent \
+             nor in PATH: install it (docs/seller-server.md) or run it directly"
+        )
     } else {
-        eprintln!(
-            "the call did not succeed: resultCode {}, Body-Sign {}",
-            code.as_deref().unwrap_or("missing"),
-            if verifies {
-                "verifies"
-            } else {
-                "does not verify"
-            }
-        );
-        Ok(ExitCode::from(1))
+        anyhow::anyhow!("running {}: {e}", program.display())
     }
 }
 

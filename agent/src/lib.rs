@@ -4,8 +4,10 @@
 //! `agent` + services → core logic (`device_code`, `clock`, `config`) → `store`. The wire
 //! format and the operation catalogue come from `kooagent-client`.
 pub mod agent;
+/// The I/O both the agent and the seller crate do (HTTPS, marketplace clients, key and
+/// secret files, logging) lives in `kooagent-edge`, re-exported at the agent's old paths.
+pub use kooagent_edge::{backoff, https, logging};
 pub mod authcode;
-pub mod backoff;
 pub mod bench;
 pub mod bench_conns;
 pub mod cli;
@@ -17,16 +19,12 @@ pub mod device_code;
 pub mod device_service;
 pub mod drop_dir;
 pub mod freeze;
-pub mod https;
 pub mod image_prep;
 pub mod license;
-pub mod logging;
 pub mod notify;
 pub mod ops;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
-#[cfg(feature = "seller-server")]
-pub mod seller_server;
 pub mod socket;
 pub mod socket_limits;
 pub mod source_health;

@@ -32,3 +32,12 @@ pub fn sample() -> License {
             .collect(),
     }
 }
+
+/// A device code with a valid check symbol, starting with `prefix` (4 symbols).
+pub fn test_code(prefix: &str) -> String {
+    "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        .chars()
+        .map(|c| format!("{prefix}-EFGH-JKMN-PQRS-TVW{c}"))
+        .find(|c| crate::device_code::parse_code(c).is_ok())
+        .expect("one check symbol fits")
+}

@@ -85,6 +85,59 @@ fn config_flag_before_or_after_the_command_beats_the_environment() {
     );
 }
 
+/// The seller's commands left the device binary: `kooagent seller ARGS` runs the
+/// `kooagent-seller` beside it with the flags written before `seller` and the same ARGS
+/// (its exit code and output are the seller binary's), and says what to install when
+/// there is none beside it nor in PATH.
+#[test]
+fn seller_commands_run_the_seller_binary_beside_the_agent() {
+    let dir = short_tempdir();
+    let key = dir.path().join("seller.key");
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "seller", "keygen", "--out"])
+            .arg(&key),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("trusted_keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(key.is_file());
+    // The seller binary's own help and its refusals come through unchanged.
+    let out = run_ok(Command::new(BIN).args(["seller", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("kooagent-seller") && help.contains("serve"),
+        "{help}"
+    );
+    let out = Command::new(BIN)
+        .args(["seller", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A kooagent alone (no kooagent-seller beside it, none in PATH).
+    let alone = dir.path().join("kooagent");
+    std::fs::copy(BIN.path(), &alone).unwrap();
+    let out = Command::new(&alone)
+        .args(["seller", "keygen", "--out"])
+        .arg(dir.path().join("other.key"))
+        .env("PATH", dir.path().join("empty"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("kooagent-seller") && err.contains("PATH"),
+        "{err}"
+    );
+}
+
 #[test]
 fn embedded_defaults_without_a_config_file() {
     // With no file at all the agent still has a full configuration: FHS paths as root,

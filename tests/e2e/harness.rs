@@ -18,11 +18,46 @@ pub struct Bin;
 impl Bin {
     pub fn path(self) -> &'static str {
         static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        PATH.get_or_init(|| {
-            std::env::var("KOOAGENT_E2E_BIN")
-                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kooagent").to_string())
+        PATH.get_or_init(|| match std::env::var("KOOAGENT_E2E_BIN") {
+            Ok(bin) => bin,
+            Err(_) => {
+                let bin = env!("CARGO_BIN_EXE_kooagent");
+                build_seller_beside(Path::new(bin));
+                bin.to_string()
+            }
         })
     }
+}
+
+/// `kooagent seller ARGS` runs the `kooagent-seller` beside it (another package's binary,
+/// which cargo builds for this package's tests only as a library): build it, up to date,
+/// before the first test uses the agent. Cargo holds no lock while tests run. With
+/// `KOOAGENT_E2E_BIN` the caller provides it (beside that binary or in PATH).
+fn build_seller_beside(bin: &Path) {
+    let dir = bin.parent().expect("the binary's directory");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "kooagent-seller",
+            "--bin",
+            "kooagent-seller",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if dir.file_name() == Some("release".as_ref()) {
+        cargo.arg("--release");
+    }
+    let status = cargo
+        .status()
+        .expect("running cargo to build kooagent-seller");
+    let seller = dir.join("kooagent-seller");
+    assert!(
+        status.success() && seller.is_file(),
+        "the e2e tests need {} (cargo build -p kooagent-seller)",
+        seller.display()
+    );
 }
 
 impl AsRef<std::ffi::OsStr> for Bin {

@@ -452,7 +452,7 @@ fn typed_codes_identical_reinstalls_and_oversized_licenses() {
     let seller = Seller::new();
     let a = TestAgent::start(&seller.config());
     let code = device_code(&a);
-    let key = kooagent::license::seller::read_signing_key(&seller.key).unwrap();
+    let key = kooagent_seller::issue::read_signing_key(&seller.key).unwrap();
     let base =
         kooagent::license::format::parse(seller.bound(&code, "p", &["--days", "30"]).as_bytes())
             .unwrap()
@@ -685,7 +685,7 @@ fn documented_example_is_exact() {
     assert_eq!(kid, parsed.license.key_id);
     assert!(parsed.verify(&pk));
     assert_eq!(
-        kooagent::license::seller::read_verifying_key(&key).unwrap(),
+        kooagent_seller::issue::read_verifying_key(&key).unwrap(),
         pk,
         "the trust line belongs to the seed"
     );

@@ -8,25 +8,18 @@ mod daemon;
 mod device;
 mod docs;
 mod freeze;
-#[cfg(feature = "seller-server")]
 mod guide;
 mod image_prep;
 mod license;
 mod online;
-#[cfg(feature = "seller-server")]
 mod relay;
 mod sdk;
-#[cfg(feature = "seller-server")]
 mod seller_call;
-#[cfg(feature = "seller-server")]
 mod seller_hardening;
-#[cfg(feature = "seller-server")]
 mod seller_scale;
-#[cfg(feature = "seller-server")]
 mod seller_server;
 mod socket;
 mod toolchain;
 mod upstream;
 mod usage;
-#[cfg(feature = "seller-server")]
 mod usage_relay;

@@ -497,7 +497,7 @@ fn orders_renews_and_runs(storage: &str) {
         assert!(t0.elapsed() < Duration::from_secs(30), "no {key_file:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let device_key = kooagent::license::seller::read_signing_key(&key_file).unwrap();
+    let device_key = kooagent_seller::issue::read_signing_key(&key_file).unwrap();
     let now = now_ms() / 1000;
     let order = json!({
         "activity": "getLicense", "instanceId": "RA2-4LVS-0001", "eventId": "8e5694c8-0001",

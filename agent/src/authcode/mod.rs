@@ -7,7 +7,7 @@
 //! - `client`: the blocking HTTPS client with host fallback.
 //! - `relay_auth`: device-key signing and verification of the relay protocol (agent ↔ seller server).
 pub use kooagent_core::authcode::{api, apig_sign};
-pub mod client;
+pub use kooagent_edge::marketplace as client;
 pub mod config;
 pub mod logic;
 pub mod relay_auth;

@@ -16,12 +16,12 @@ pub fn new_nonce() -> String {
 /// The device key at `path` (PKCS#8 PEM, mode 0600), created on first use.
 pub fn load_or_create_key(path: &Path) -> Result<SigningKey, String> {
     if path.exists() {
-        return crate::license::seller::read_signing_key(path).map_err(|e| e.to_string());
+        return kooagent_edge::keyfile::read_signing_key(path).map_err(|e| e.to_string());
     }
-    let key = crate::license::seller::generate().map_err(|e| e.to_string())?;
+    let key = kooagent_edge::keyfile::generate().map_err(|e| e.to_string())?;
     crate::store::atomic_write(
         path,
-        crate::license::seller::private_pem(&key).as_bytes(),
+        kooagent_edge::keyfile::private_pem(&key).as_bytes(),
         0o600,
     )
     .map_err(|e| e.to_string())?;

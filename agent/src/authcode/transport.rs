@@ -18,8 +18,7 @@ use crate::clock::Clock;
 pub const RELAY_ACTIVATE: &str = "/v1/authcode/activate";
 pub const RELAY_HEARTBEAT: &str = "/v1/authcode/heartbeat";
 pub const RELAY_USAGE: &str = "/v1/authcode/usage";
-/// The seller's enrollment token (docs/seller-server.md "Security").
-pub const HEADER_ENROLLMENT: &str = "x-kooagent-enrollment";
+pub use kooagent_core::authcode::relay_auth::HEADER_ENROLLMENT;
 /// Answers are small JSON; more is not read.
 const MAX_ANSWER: u64 = 64 * 1024;
 

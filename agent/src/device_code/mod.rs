@@ -802,14 +802,3 @@ fn describe(
         ),
     }
 }
-
-/// A well-formed device code `{prefix}-EFGH-JKMN-PQRS-TVW?` with its valid check symbol,
-/// for tests elsewhere that need a code this agent would accept.
-#[cfg(test)]
-pub(crate) fn test_code(prefix: &str) -> String {
-    "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-        .chars()
-        .map(|c| format!("{prefix}-EFGH-JKMN-PQRS-TVW{c}"))
-        .find(|c| parse_code(c).is_ok())
-        .expect("one check symbol fits")
-}

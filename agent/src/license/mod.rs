@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use kooagent_core::license::{format, fuzz, keys};
-pub mod seller;
 pub mod service;
 pub mod store;
 mod timer;

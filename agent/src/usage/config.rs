@@ -16,11 +16,8 @@ pub struct MeterConfig {
     pub package_instance_id: Option<String>,
 }
 
-pub const DEFAULT_UPSTREAMS: &[&str] = &[
-    "https://mkt.myhuaweicloud.com",
-    // The documented fallback when the first host cannot be reached.
-    "https://mkt.myhuaweicloud.cn",
-];
+/// The marketplace's usage-data hosts (shared with the seller server's relay).
+pub use kooagent_edge::upload::DEFAULT_UPSTREAMS;
 
 /// How closed hours reach the marketplace (docs/usage.md "Relay mode").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -94,16 +91,7 @@ impl Default for UsageConfig {
 }
 
 /// The marketplace's string fields: 1..=64 printable ASCII characters.
-pub fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic())
-}
-
-pub fn valid_meter_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
-}
+pub use kooagent_core::usage::names::{valid_id, valid_meter_name};
 
 impl UsageConfig {
     /// Checks every value; the error is (key, message).

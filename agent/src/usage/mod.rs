@@ -17,7 +17,7 @@ pub use kooagent_core::usage::{decimal, hours};
 pub mod ledger;
 pub mod license_meters;
 pub mod relay;
-pub mod secret;
+pub use kooagent_edge::secret;
 pub mod service;
 pub mod sign;
 pub mod state;

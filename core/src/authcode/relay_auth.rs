@@ -16,6 +16,9 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 /// Base64 (standard) of the 32-byte ed25519 public key.
+/// The header carrying the seller's enrollment token (docs/seller-server.md "Security").
+pub const HEADER_ENROLLMENT: &str = "x-kooagent-enrollment";
+
 pub const HEADER_DEVICE_KEY: &str = "x-kooagent-device-key";
 /// Unix milliseconds, decimal.
 pub const HEADER_TS: &str = "x-kooagent-ts";

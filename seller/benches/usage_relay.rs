@@ -1,0 +1,443 @@
+//! Load measurement of the usage relay (issue 19): records/s `kooagent-seller serve`
+//! (release build, SQLite WAL synchronous=FULL, TLS on loopback) accepts into its outbox,
+//! and the server's CPU time per record. Two loads:
+//!
+//! - "1 device": one device key sends batches of 1000 records, one request after the
+//!   other on one kept-alive connection (a device catching up after being offline);
+//! - "N devices": N device keys (default 1000) each send one hour's records (4 meters) at
+//!   once, each on its own warmed-up connection (the hourly close of a fleet).
+//!
+//! `cargo bench -p kooagent-seller --bench usage_relay` (optionally
+//! `-- BATCHES DEVICES`). The marketplace host is unreachable on purpose: the delivery
+//! worker backs off and the timed window measures acceptance (signature, checks, the
+//! durable insert), which is what a device waits for.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use ed25519_dalek::SigningKey;
+use kooagent_core::usage::relay::{Request, WireRecord, PATH};
+use kooagent_seller::server::db::{self, Db, InstanceRow, InstanceStatus};
+use rcgen::{CertificateParams, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+fn private(p: &Path, text: &str) {
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn device(n: usize) -> (SigningKey, String, String) {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(n as u64).to_le_bytes());
+    let k = SigningKey::from_bytes(&seed);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(k.verifying_key().as_bytes());
+    (k, b64, format!("DEV-{n}"))
+}
+
+/// One signed request of `records` as raw HTTP/1.1.
+fn request(key: &SigningKey, records: Vec<WireRecord>) -> Vec<u8> {
+    let body = serde_json::to_vec(&Request { records }).unwrap();
+    let h = kooagent_core::authcode::relay_auth::sign(
+        key,
+        "POST",
+        PATH,
+        &body,
+        now_ms(),
+        &kooagent_core::authcode::relay_auth::nonce_from(kooagent_edge::random::array().unwrap()),
+    );
+    let mut head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in h.pairs() {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+fn record(sn: String, instance: &str, meter: usize, begin: i64, now: i64) -> WireRecord {
+    use kooagent_core::clock::format_compact;
+    WireRecord {
+        metering_sn: sn,
+        instance_id: instance.into(),
+        meter: format!("m{meter}"),
+        begin_time: format_compact(begin),
+        end_time: format_compact(begin + 3600),
+        record_time: format_compact(now),
+        usage_value: "1.25".into(),
+        relate_pkg_instance: None,
+    }
+}
+
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return (status, buf[end + 4..end + 4 + len].to_vec());
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn held(status: u16, body: &[u8]) -> usize {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["error_code"], "KOOAGENT.USAGE.0000", "{v}");
+    v["results"].as_array().unwrap().len()
+}
+
+async fn connect(connector: TlsConnector, port: u16) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+fn cpu_us(pid: u32) -> f64 {
+    common::process_cpu_us(pid).expect("the process's CPU clock")
+}
+
+struct Row {
+    name: String,
+    requests: usize,
+    records: usize,
+    wall: Duration,
+    server_us: f64,
+    client_us: f64,
+}
+
+fn main() {
+    let mut args = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse::<usize>().ok());
+    let batches = args.next().unwrap_or(100);
+    let devices = args.next().unwrap_or(1000);
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ku")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let key = kooagent_edge::keyfile::generate().unwrap();
+    private(
+        &d.join("seller.key"),
+        &kooagent_edge::keyfile::private_pem(&key),
+    );
+    private(&d.join("ik"), "bench-interconnection-key");
+    let tls_key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&tls_key)
+        .unwrap();
+    std::fs::write(d.join("tls.crt"), cert.pem()).unwrap();
+    private(&d.join("tls.key"), &tls_key.serialize_pem());
+    std::fs::write(
+        d.join("s.toml"),
+        format!(
+            "[seller_server]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\n\
+             signing_key_file = \"{d}/seller.key\"\ninterconnection_key_file = \"{d}/ik\"\n\
+             state_dir = \"{d}/state\"\nmax_connections_per_address = 0\n[seller_server.usage]\nupstreams = [\"https://127.0.0.1:9\"]\n\
+             backoff_initial_ms = 600000\nbackoff_max_ms = 600000\n\
+             device_rate_per_sec = 1000000.0\ndevice_burst = 1000000\n\
+             [[seller_server.products]]\npath = \"/kg/bench\"\nproduct = \"bench\"\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    // The registry: device i bound to instance inst-i (what a signed license fetch does).
+    std::fs::create_dir_all(d.join("state")).unwrap();
+    {
+        let db = Db::start(Box::new(
+            db::sqlite::Sqlite::open(&d.join("state/seller.db")).unwrap(),
+        ));
+        let n = devices.max(1);
+        db.run_blocking(move |tx| {
+            for i in 0..n {
+                let (_, key, code) = device(i);
+                tx.put_instance(&InstanceRow {
+                    instance_id: format!("inst-{i}"),
+                    product: "bench".into(),
+                    license_id: format!("kg-{i}"),
+                    devices: vec![code.clone()],
+                    not_before: 0,
+                    not_after: None,
+                    status: InstanceStatus::Active,
+                    frozen: false,
+                    license: "kl1.x".into(),
+                    seq: 0,
+                    updated_at: 0,
+                })?;
+                tx.put_device(&db::DeviceRow {
+                    device_code: code,
+                    device_key: key,
+                    first_seen: 0,
+                    last_seen: 0,
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    let (server, serve) = common::server();
+    let mut child = Command::new(server)
+        .args(["--log-level", "error"])
+        .args(serve)
+        .arg("--config")
+        .arg(d.join("s.toml"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let pid = child.id();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = TlsConnector::from(Arc::new(cfg));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let now = now_ms() / 1000;
+    let hour = now / 3600 * 3600;
+    let mut rows = Vec::new();
+
+    // One device, batches of 1000 records, one after the other.
+    {
+        let (k, _, _) = device(0);
+        let reqs: Vec<Vec<u8>> = (0..batches)
+            .map(|b| {
+                let recs = (0..1000)
+                    .map(|j| {
+                        let n = b * 1000 + j;
+                        // 200 meters × up to 500 hours: all distinct, all inside 35 days.
+                        record(
+                            format!("one-{n}"),
+                            "inst-0",
+                            n % 200,
+                            hour - 3600 * (1 + (n / 200) as i64 % 800),
+                            now,
+                        )
+                    })
+                    .collect();
+                request(&k, recs)
+            })
+            .collect();
+        let r = rt.block_on(async {
+            let mut s = connect(connector.clone(), port).await;
+            let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
+            let t0 = Instant::now();
+            let mut n = 0;
+            for req in &reqs {
+                s.write_all(req).await.unwrap();
+                let (st, body) = read_response(&mut s).await;
+                n += held(st, &body);
+            }
+            let wall = t0.elapsed();
+            (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0)
+        });
+        rows.push(Row {
+            name: "1 device, 1000/request".into(),
+            requests: batches,
+            records: r.0,
+            wall: r.1,
+            server_us: r.2,
+            client_us: r.3,
+        });
+    }
+
+    // 8 devices catching up at once, each with batches of 1000 one after the other: the
+    // server's intake when requests overlap (group commit shares the fsync).
+    {
+        const K: usize = 8;
+        let per = (batches / K).max(1);
+        let r = rt.block_on(async {
+            let mut tasks = Vec::new();
+            let barrier = Arc::new(tokio::sync::Barrier::new(K + 1));
+            for dev in 0..K {
+                let (k, _, _) = device(dev);
+                let reqs: Vec<Vec<u8>> = (0..per)
+                    .map(|b| {
+                        let recs = (0..1000)
+                            .map(|j| {
+                                let n = b * 1000 + j;
+                                record(
+                                    format!("many-{dev}-{n}"),
+                                    &format!("inst-{dev}"),
+                                    n % 200,
+                                    hour - 3600 * (1 + (n / 200) as i64 % 800),
+                                    now,
+                                )
+                            })
+                            .collect();
+                        request(&k, recs)
+                    })
+                    .collect();
+                let (connector, barrier) = (connector.clone(), barrier.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut s = connect(connector, port).await;
+                    barrier.wait().await;
+                    let mut n = 0;
+                    for req in &reqs {
+                        s.write_all(req).await.unwrap();
+                        let (st, body) = read_response(&mut s).await;
+                        n += held(st, &body);
+                    }
+                    n
+                }));
+            }
+            barrier.wait().await;
+            let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
+            let t0 = Instant::now();
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.unwrap();
+            }
+            let wall = t0.elapsed();
+            (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0)
+        });
+        rows.push(Row {
+            name: format!("{K} devices, 1000/request"),
+            requests: per * K,
+            records: r.0,
+            wall: r.1,
+            server_us: r.2,
+            client_us: r.3,
+        });
+    }
+
+    // N devices, one hour's records each (4 meters), all at once on warm connections.
+    if devices > 0 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(devices + 1));
+        let r = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..devices {
+                let (k, _, _) = device(i);
+                let recs = (0..4)
+                    .map(|m| {
+                        record(
+                            format!("fleet-{i}-{m}"),
+                            &format!("inst-{i}"),
+                            m,
+                            hour - 3600,
+                            now,
+                        )
+                    })
+                    .collect();
+                let req = request(&k, recs);
+                let (connector, barrier) = (connector.clone(), barrier.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut s = connect(connector, port).await;
+                    barrier.wait().await;
+                    s.write_all(&req).await.unwrap();
+                    let (st, body) = read_response(&mut s).await;
+                    (held(st, &body), s)
+                }));
+            }
+            barrier.wait().await;
+            let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
+            let t0 = Instant::now();
+            let mut n = 0;
+            let mut kept = Vec::new();
+            for t in tasks {
+                let (h, s) = t.await.unwrap();
+                n += h;
+                kept.push(s);
+            }
+            let wall = t0.elapsed();
+            let out = (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0);
+            drop(kept);
+            out
+        });
+        rows.push(Row {
+            name: format!("{devices} devices, 4/request"),
+            requests: devices,
+            records: r.0,
+            wall: r.1,
+            server_us: r.2,
+            client_us: r.3,
+        });
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("usage relay: records accepted into the outbox by one `seller serve` (SQLite WAL, synchronous=FULL), TLS on loopback, {cpus} CPUs shared by client and server");
+    println!(
+        "{:<26} {:>8} {:>9} {:>9} {:>11} {:>13} {:>13}",
+        "load", "requests", "records", "wall ms", "records/s", "server µs/rec", "client µs/rec"
+    );
+    for r in &rows {
+        println!(
+            "{:<26} {:>8} {:>9} {:>9.0} {:>11.0} {:>13.2} {:>13.2}",
+            r.name,
+            r.requests,
+            r.records,
+            r.wall.as_secs_f64() * 1000.0,
+            r.records as f64 / r.wall.as_secs_f64(),
+            r.server_us / r.records as f64,
+            r.client_us / r.records as f64
+        );
+    }
+    let db = rusqlite::Connection::open(d.join("state/seller.db")).unwrap();
+    let held: i64 = db
+        .query_row("SELECT COUNT(*) FROM usage_outbox", [], |r| r.get(0))
+        .unwrap();
+    let want: usize = rows.iter().map(|r| r.records).sum();
+    println!("outbox: {held} records held (answered {want})");
+    assert_eq!(held as usize, want);
+}

@@ -1,0 +1,898 @@
+//! The marketplace's activities (koogallery.md §2, §3.3, Part B §B3): from a request body
+//! and the stored state to an answer, inside one database transaction. No I/O here but
+//! through [`Tx`], so every rule is tested on both backends without a server.
+//!
+//! Idempotency (the marketplace resends after timeouts, and retries failed calls 60
+//! times every 2 minutes):
+//! - license requests are remembered with a digest of their content and the exact
+//!   response body, under their key: `eventId` together with the (canonical)
+//!   `deviceFingerprint` (§2), or for the synchronous new purchase without `instanceId`
+//!   (§2.1) the `orderId`. A resend gets the same bytes (so the same license and the same
+//!   `Body-Sign`); the same key with another fingerprint is a new request (a buyer
+//!   correcting a mistyped code): a new license bound to the new code, for the same
+//!   instance; the same key and fingerprint with other content is refused `000002`;
+//! - `refreshLicense` with an `eventId` is remembered the same way;
+//! - the others are idempotent by state: expiring an expired instance, freezing a frozen
+//!   one, renewing to the expiry already in force... succeed without a new license or token.
+//!
+//! [UNCONFIRMED] response fields: the pages do not show what `getLicense` returns besides
+//! `resultCode`/`resultMsg`. We answer the license text in `license` (and `licenseId`,
+//! `instanceId`); renaming the field is a change to [`license_answer`] only.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::SigningKey;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::db::{CodeRow, DbError, EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow};
+use super::tokens::{StatusTokens, TokenAction};
+use super::ProductConfig;
+use crate::issue as seller;
+use kooagent_core::license::format;
+
+/// `resultCode` values (§5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultCode {
+    Success,
+    AuthFailed,
+    BadParams,
+    NotFound,
+    Internal,
+}
+
+impl ResultCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultCode::Success => "000000",
+            ResultCode::AuthFailed => "000001",
+            ResultCode::BadParams => "000002",
+            ResultCode::NotFound => "000003",
+            ResultCode::Internal => "000005",
+        }
+    }
+}
+
+/// A response body: `resultCode`, `resultMsg`, then `extra` in order.
+pub fn answer(code: ResultCode, msg: &str, extra: &[(&str, Value)]) -> String {
+    let mut out = String::from("{\"resultCode\":");
+    out.push_str(&Value::from(code.as_str()).to_string());
+    out.push_str(",\"resultMsg\":");
+    // resultMsg is at most 255 characters.
+    let msg: String = msg.chars().take(255).collect();
+    out.push_str(&Value::from(msg).to_string());
+    for (k, v) in extra {
+        out.push_str(&format!(",{}:{}", Value::from(*k), v));
+    }
+    out.push('}');
+    out
+}
+
+fn refuse(code: ResultCode, msg: impl AsRef<str>) -> String {
+    answer(code, msg.as_ref(), &[])
+}
+
+fn success() -> String {
+    answer(ResultCode::Success, "success", &[])
+}
+
+/// The answer for a request whose work was rolled back.
+pub fn failure_answer(e: &DbError) -> String {
+    match e {
+        DbError::Abort(msg) => answer(ResultCode::Internal, msg, &[]),
+        e => {
+            log::error!("marketplace request failed: {e}");
+            answer(ResultCode::Internal, "internal error; please retry", &[])
+        }
+    }
+}
+
+/// What one request may use besides the database.
+pub struct Ctx<'a> {
+    /// Unix seconds.
+    pub now: i64,
+    pub product: &'a ProductConfig,
+    pub key: &'a SigningKey,
+    pub tokens: &'a dyn StatusTokens,
+    /// The license [`presign`] made for this very request, if any: `getLicense` then
+    /// does no signing on the database thread.
+    pub presigned: Option<&'a str>,
+    /// `license_upload` is on: a `getLicenseAsync` license also goes into the upload
+    /// outbox, in the same transaction (see `super::upload`).
+    pub upload: bool,
+}
+
+/// Signs, off the database thread, the license a `getLicense` body would issue: its
+/// content depends on the request, the product and the time only, never on stored state
+/// (the checks that do, replay and released instance, stay in the transaction, which
+/// discards this text when they decide otherwise). Ed25519 is deterministic, so the
+/// text is the one [`handle`] would sign itself. None: not a well-formed `getLicense`
+/// (then [`handle`] answers it as usual).
+pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let f = Fields(&obj);
+    let activity = f.req("activity", 32).ok()?;
+    if !matches!(activity, "getLicense" | "getLicenseAsync") {
+        return None;
+    }
+    let order = license_order(ctx, activity, &f).ok()?;
+    seller::issue(&order.request, ctx.key).ok()
+}
+
+/// Handles one authenticated request body; `Ok` is the response body (refusals
+/// included), `Err` rolls this request back (`Abort`: its message is answered with
+/// `000005`).
+pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => {
+            return Ok(refuse(
+                ResultCode::BadParams,
+                "the body must be a JSON object",
+            ))
+        }
+        Err(e) => {
+            return Ok(refuse(
+                ResultCode::BadParams,
+                format!("the body is not JSON: {e}"),
+            ))
+        }
+    };
+    let f = Fields(&obj);
+    let activity = match f.req("activity", 32) {
+        Ok(a) => a,
+        Err(m) => return Ok(refuse(ResultCode::BadParams, m)),
+    };
+    let r = match activity {
+        "getLicense" | "getLicenseAsync" => get_license(tx, ctx, activity, &f),
+        "refreshLicense" => refresh_license(tx, ctx, &f),
+        "expireLicense" => expire_license(tx, ctx, &f),
+        "releaseLicense" => release_license(tx, ctx, &f),
+        "updateInstanceStatus" => update_instance_status(tx, ctx, &f),
+        "updateLicenseCodeStatus" => update_code_status(tx, ctx, &f),
+        "releaseLicenseCode" => release_code(tx, ctx, &f),
+        "refreshLicenseCode" => refresh_code(tx, ctx, &f),
+        other => Err(Refusal::params(format!("unknown activity {other:?}"))),
+    };
+    match r {
+        Ok(body) => Ok(body),
+        Err(Refusal::Answer(code, msg)) => Ok(refuse(code, msg)),
+        Err(Refusal::Db(e)) => Err(e),
+    }
+}
+
+enum Refusal {
+    Answer(ResultCode, String),
+    Db(DbError),
+}
+
+impl Refusal {
+    fn params(m: impl Into<String>) -> Refusal {
+        Refusal::Answer(ResultCode::BadParams, m.into())
+    }
+}
+
+impl From<DbError> for Refusal {
+    fn from(e: DbError) -> Self {
+        Refusal::Db(e)
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(m: String) -> Self {
+        Refusal::params(m)
+    }
+}
+
+/// Typed access to the request's fields. Fields we do not use are ignored: the
+/// marketplace may add some, and refusing them would fail every order.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn opt(&self, name: &str, max: usize) -> Result<Option<&str>, String> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.chars().count() > max => {
+                Err(format!("{name}: longer than {max} characters"))
+            }
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(format!("{name}: must be a string")),
+        }
+    }
+
+    fn req(&self, name: &str, max: usize) -> Result<&str, String> {
+        self.opt(name, max)?
+            .ok_or_else(|| format!("{name}: required"))
+    }
+}
+
+/// Marketplace times: `2023-10-27 10:30:15 z` (the getLicense example) with the zone
+/// written `z`, `Z`, `UTC`, `GMT` or `+00:00` (or left out: the marketplace's times are
+/// UTC), a `T` instead of the space, `yyyyMMddHHmmss` (the SaaS and authorization-code
+/// APIs), `yyyyMMddHHmmssSSS` (the §2.1 `timeStamp`) or Unix milliseconds. Any other zone
+/// is refused naming the field: guessing would shift a license's term.
+pub fn parse_time(name: &str, s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    let bad = || {
+        format!(
+            "{name}: {s:?} is not a UTC time (yyyy-MM-dd HH:mm:ss with z, Z, UTC, GMT or +00:00; \
+             yyyyMMddHHmmss; or Unix milliseconds)"
+        )
+    };
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return match t.len() {
+            14 => kooagent_core::clock::parse_digits14(t).ok_or_else(bad),
+            17 => kooagent_core::clock::parse_digits14(&t[..14]).ok_or_else(bad),
+            13 => t.parse::<i64>().map(|ms| ms / 1000).map_err(|_| bad()),
+            _ => Err(bad()),
+        };
+    }
+    let core = ["UTC", "GMT", "+00:00", "z", "Z"]
+        .iter()
+        .find_map(|zone| t.strip_suffix(zone))
+        .map(str::trim_end)
+        .unwrap_or(t);
+    if core.len() != 19 || !core.is_char_boundary(10) || !core.is_char_boundary(11) {
+        return Err(bad());
+    }
+    let (date, time) = (&core[..10], &core[11..]);
+    if !matches!(core.as_bytes()[10], b' ' | b'T') {
+        return Err(bad());
+    }
+    kooagent_core::clock::parse_rfc3339(&format!("{date}T{time}Z")).ok_or_else(bad)
+}
+
+/// The license id for a marketplace instance: stable, so a renewal replaces the license
+/// on the device. The instance id itself when it fits the license id alphabet.
+pub fn license_id_for(instance: &str) -> String {
+    let ok = instance.len() <= 100
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:@+=".contains(&b));
+    if ok {
+        format!("kg-{instance}")
+    } else {
+        format!(
+            "kg-{}",
+            &format::hex(&Sha256::digest(instance.as_bytes()))[..32]
+        )
+    }
+}
+
+fn digest(parts: &[Option<&str>]) -> String {
+    format::hex(&Sha256::digest(
+        serde_json::to_string(parts).expect("strings serialise"),
+    ))
+}
+
+/// A remembered answer for `event_id`, or a refusal if the request differs.
+fn replay(tx: &mut dyn Tx, event_id: &str, digest: &str) -> Result<Option<String>, Refusal> {
+    match tx.event(event_id)? {
+        Some(e) if e.digest == digest => Ok(Some(e.response)),
+        Some(e) => Err(Refusal::params(format!(
+            "eventId {event_id:?} was already used for a different {} request",
+            e.activity
+        ))),
+        None => Ok(None),
+    }
+}
+
+fn remember(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    event_id: &str,
+    activity: &str,
+    digest: String,
+    response: &str,
+) -> Result<(), DbError> {
+    tx.put_event(&EventRow {
+        event_id: event_id.into(),
+        activity: activity.into(),
+        digest,
+        response: response.into(),
+        created_at: ctx.now,
+    })
+}
+
+fn license_answer(row: &InstanceRow) -> String {
+    answer(
+        ResultCode::Success,
+        "success",
+        &[
+            ("instanceId", Value::from(row.instance_id.as_str())),
+            ("licenseId", Value::from(row.license_id.as_str())),
+            ("license", Value::from(row.license.as_str())),
+        ],
+    )
+}
+
+/// What identifies a license request (its idempotency key, see the module comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RequestKey {
+    /// `eventId` (§2: `getLicense` with `instanceId`, `getLicenseAsync`).
+    Event(String),
+    /// `orderId` of a synchronous new purchase without `instanceId` (§2.1).
+    Order(String),
+}
+
+impl RequestKey {
+    /// The events-table key of the first request under this key.
+    fn base(&self) -> String {
+        match self {
+            RequestKey::Event(e) => e.clone(),
+            RequestKey::Order(o) => format!("order:{o}"),
+        }
+    }
+
+    /// The events-table key of a later request with another fingerprint.
+    fn with_device(&self, device: Option<&str>) -> String {
+        format!("{}|{}", self.base(), device.unwrap_or(""))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            RequestKey::Event(e) => format!("eventId {e:?}"),
+            RequestKey::Order(o) => format!("orderId {o:?}"),
+        }
+    }
+}
+
+/// A `getLicense` request, checked, and the license it asks for.
+struct LicenseOrder {
+    /// The instance a new order gets (for `orderId` orders: the first `businessId`).
+    instance_id: String,
+    key: RequestKey,
+    /// `v2:<sha256 of the content but the fingerprint>:<canonical fingerprint>`.
+    digest: String,
+    /// The digest this request had before the fingerprint was split out (rows stored
+    /// by earlier versions).
+    legacy_digest: String,
+    request: seller::IssueRequest,
+}
+
+impl LicenseOrder {
+    fn device(&self) -> Option<&str> {
+        self.request.devices.first().map(String::as_str)
+    }
+
+    /// The digest without its fingerprint part.
+    fn content(digest: &str) -> Option<&str> {
+        let rest = digest.strip_prefix("v2:")?;
+        rest.split_once(':').map(|(c, _)| c)
+    }
+}
+
+fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<LicenseOrder, Refusal> {
+    let fingerprint = f.opt("deviceFingerprint", 1024)?;
+    let test_flag = f.opt("testFlag", 2)?;
+    let (instance_id, key, content): (&str, RequestKey, Vec<Option<String>>) =
+        match f.opt("instanceId", 64)? {
+            Some(instance_id) => {
+                let event_id = f.req("eventId", 64)?;
+                (instance_id, RequestKey::Event(event_id.into()), vec![])
+            }
+            None if activity == "getLicense" => {
+                // §2.1: the marketplace sends no instanceId; the order's first businessId
+                // becomes it, and the orderId is the idempotency key.
+                let order_id = f.opt("orderId", 64)?.ok_or_else(|| {
+                    Refusal::params("orderId: required (or instanceId and eventId)")
+                })?;
+                let business_id = f.req("businessId", 64)?;
+                let customer = f.req("customerId", 100)?;
+                f.opt("customerName", 64)?;
+                let sku = f.opt("skuCode", 64)?;
+                (
+                    business_id,
+                    RequestKey::Order(order_id.into()),
+                    vec![Some(customer.into()), sku.map(Into::into)],
+                )
+            }
+            None => return Err(Refusal::params("instanceId: required")),
+        };
+    let (not_before, not_after) = match &key {
+        RequestKey::Event(_) => {
+            let effective = f.req("effectiveTime", 32)?;
+            (
+                parse_time("effectiveTime", effective)?,
+                f.opt("expireTime", 32)?
+                    .map(|e| parse_time("expireTime", e))
+                    .transpose()?,
+            )
+        }
+        // [UNCONFIRMED] §2.1's term fields: the older page's table stops at skuCode.
+        // Read them when present; otherwise the license starts now and is perpetual.
+        RequestKey::Order(_) => (
+            f.opt("effectiveTime", 32)?
+                .map(|e| parse_time("effectiveTime", e))
+                .transpose()?
+                .unwrap_or(ctx.now),
+            f.opt("expireTime", 32)?
+                .map(|e| parse_time("expireTime", e))
+                .transpose()?,
+        ),
+    };
+    let devices = match fingerprint {
+        Some(fp) => vec![kooagent_core::device_code::parse_code(fp)
+            .map_err(|e| format!("deviceFingerprint: {e}"))?],
+        None if ctx.product.require_device => {
+            return Err(Refusal::params(format!(
+                "deviceFingerprint: required for product {} (licenses are bound to a device code)",
+                ctx.product.product
+            )))
+        }
+        None => vec![],
+    };
+    let device = devices.first().map(String::as_str);
+    let legacy_digest = digest(&[
+        Some(activity),
+        Some(&ctx.product.product),
+        Some(instance_id),
+        Some(&not_before.to_string()),
+        not_after.map(|t| t.to_string()).as_deref(),
+        device,
+        test_flag,
+    ]);
+    let digest = {
+        let mut parts: Vec<Option<&str>> = vec![Some(activity), Some(&ctx.product.product)];
+        let nb = not_before.to_string();
+        let na = not_after.map(|t| t.to_string());
+        match &key {
+            // A resend of an order has a new businessId and timeStamp: neither counts.
+            RequestKey::Order(o) => {
+                parts.push(Some(o));
+                parts.extend(content.iter().map(Option::as_deref));
+            }
+            RequestKey::Event(_) => {
+                parts.extend([Some(instance_id), Some(&nb), na.as_deref(), test_flag]);
+            }
+        }
+        format!("v2:{}:{}", digest(&parts), device.unwrap_or(""))
+    };
+    let event_meta = match &key {
+        RequestKey::Event(e) => ("kg_event", e.clone()),
+        RequestKey::Order(o) => ("kg_order", o.clone()),
+    };
+    let mut meta = BTreeMap::new();
+    meta.insert(event_meta.0.to_string(), event_meta.1);
+    let request = seller::IssueRequest {
+        id: Some(license_id_for(instance_id)),
+        product: ctx.product.product.clone(),
+        instance: instance_id.to_string(),
+        unbound: devices.is_empty(),
+        devices,
+        issued_at: ctx.now,
+        not_before: Some(not_before),
+        term: not_after.map_or(seller::Term::Perpetual, seller::Term::Until),
+        grace_secs: ctx.product.grace_secs,
+        features: ctx.product.features.clone(),
+        limits: ctx.product.limits.clone(),
+        meta,
+    };
+    Ok(LicenseOrder {
+        instance_id: instance_id.to_string(),
+        key,
+        digest,
+        legacy_digest,
+        request,
+    })
+}
+
+/// What the stored requests say about this one.
+enum Seen {
+    /// Answered before: these bytes again.
+    Answered(String),
+    /// New: store the answer under this events key, for this instance (None: the
+    /// order's own).
+    New {
+        event_key: String,
+        instance: Option<String>,
+    },
+}
+
+/// Looks `order` up: the same key and fingerprint answered before (the same bytes, or a
+/// refusal when the content differs), the same key with another fingerprint (a new
+/// license for the instance the key already has), or nothing.
+fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
+    let base_key = order.key.base();
+    let Some(base) = tx.event(&base_key)? else {
+        return Ok(Seen::New {
+            event_key: base_key,
+            instance: None,
+        });
+    };
+    if base.digest == order.digest || base.digest == order.legacy_digest {
+        return Ok(Seen::Answered(base.response));
+    }
+    let differs = || {
+        Refusal::params(format!(
+            "{} was already used for a different {} request",
+            order.key.describe(),
+            base.activity
+        ))
+    };
+    let same_content = LicenseOrder::content(&base.digest).is_some()
+        && LicenseOrder::content(&base.digest) == LicenseOrder::content(&order.digest);
+    if !same_content || base.digest.rsplit(':').next() == Some(order.device().unwrap_or("")) {
+        return Err(differs());
+    }
+    // Another fingerprint under a known key: the instance the first answer named.
+    let instance = serde_json::from_str::<Value>(&base.response)
+        .ok()
+        .and_then(|v| v["instanceId"].as_str().map(str::to_string))
+        .ok_or_else(|| {
+            DbError::Backend(format!("stored answer of {base_key} has no instanceId"))
+        })?;
+    let event_key = order.key.with_device(order.device());
+    match tx.event(&event_key)? {
+        Some(e) if e.digest == order.digest => Ok(Seen::Answered(e.response)),
+        Some(_) => Err(differs()),
+        None => Ok(Seen::New {
+            event_key,
+            instance: Some(instance),
+        }),
+    }
+}
+
+fn get_license(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    activity: &str,
+    f: &Fields<'_>,
+) -> Result<String, Refusal> {
+    let order = license_order(ctx, activity, f)?;
+    let (event_key, rebind) = match seen(tx, &order)? {
+        Seen::Answered(body) => return Ok(body),
+        Seen::New {
+            event_key,
+            instance,
+        } => (event_key, instance),
+    };
+    let mut instance_id = rebind.clone().unwrap_or_else(|| order.instance_id.clone());
+    let previous = match (&order.key, &rebind) {
+        // A new order never shares an instance: its businessId should be new, but
+        // should it name a known instance, the orderId (also unique) is used instead.
+        (RequestKey::Order(o), None) => match tx.instance(&instance_id)? {
+            None => None,
+            Some(_) if tx.instance(o)?.is_none() => {
+                instance_id = o.clone();
+                None
+            }
+            Some(_) => {
+                return Err(Refusal::params(format!(
+                    "businessId {instance_id:?} and orderId {o:?} both name existing instances"
+                )))
+            }
+        },
+        _ => tx.instance(&instance_id)?,
+    };
+    if let Some(p) = &previous {
+        if p.status == InstanceStatus::Released {
+            return Err(Refusal::params(format!(
+                "instance {instance_id} was released; a released instance gets no new license"
+            )));
+        }
+        if p.product != ctx.product.product {
+            return Err(Refusal::params(format!(
+                "instance {instance_id} belongs to product {}, not {}",
+                p.product, ctx.product.product
+            )));
+        }
+    }
+    let license_id = license_id_for(&instance_id);
+    let mut req = order.request;
+    let text = match ctx.presigned {
+        Some(t) if req.instance == instance_id => t.to_string(),
+        _ => {
+            req.instance = instance_id.clone();
+            req.id = Some(license_id.clone());
+            seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?
+        }
+    };
+    let not_before = req.not_before.unwrap_or(ctx.now);
+    let not_after = match req.term {
+        seller::Term::Until(t) => Some(t),
+        _ => None,
+    };
+    let devices = req.devices;
+    let row = InstanceRow {
+        instance_id: instance_id.clone(),
+        product: ctx.product.product.clone(),
+        license_id: license_id.clone(),
+        devices,
+        not_before,
+        not_after,
+        status: InstanceStatus::Active,
+        frozen: previous.as_ref().is_some_and(|p| p.frozen),
+        license: text.clone(),
+        seq: previous.as_ref().map_or(0, |p| p.seq),
+        updated_at: ctx.now,
+    };
+    let event_ref = match &order.key {
+        RequestKey::Event(e) => e.clone(),
+        RequestKey::Order(o) => format!("order:{o}"),
+    };
+    tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
+    tx.put_instance(&row)?;
+    let body = license_answer(&row);
+    remember(tx, ctx, &event_key, activity, order.digest, &body)?;
+    if let (true, "getLicenseAsync", RequestKey::Event(e)) = (ctx.upload, activity, &order.key) {
+        // Durable with the license itself: the upload cannot be forgotten by a crash.
+        tx.put_upload(&UploadRow {
+            event_id: e.clone(),
+            instance_id: instance_id.clone(),
+            license: text.clone(),
+            attempts: 0,
+            next_at: ctx.now,
+            done_at: None,
+            last_error: None,
+            created_at: ctx.now,
+        })?;
+    }
+    let how = if rebind.is_some() {
+        "rebound to a new device code"
+    } else {
+        "issued"
+    };
+    log::info!(
+        "{activity}: {how} {license_id} for instance {instance_id} ({})",
+        order.key.describe()
+    );
+    Ok(body)
+}
+
+fn known_instance(tx: &mut dyn Tx, ctx: &Ctx<'_>, id: &str) -> Result<InstanceRow, Refusal> {
+    match tx.instance(id)? {
+        Some(r) if r.product == ctx.product.product => Ok(r),
+        _ => Err(Refusal::Answer(
+            ResultCode::NotFound,
+            format!(
+                "instance {id} is not known for product {}",
+                ctx.product.product
+            ),
+        )),
+    }
+}
+
+fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    let instance_id = f.req("instanceId", 64)?;
+    let expire = parse_time("expireTime", f.req("expireTime", 32)?)?;
+    let event_id = f.opt("eventId", 64)?;
+    let order_id = f.opt("orderId", 64)?;
+    let digest = digest(&[
+        Some("refreshLicense"),
+        Some(&ctx.product.product),
+        Some(instance_id),
+        Some(&expire.to_string()),
+        order_id,
+    ]);
+    if let Some(e) = event_id {
+        if let Some(stored) = replay(tx, e, &digest)? {
+            return Ok(stored);
+        }
+    }
+    let mut row = known_instance(tx, ctx, instance_id)?;
+    if row.status == InstanceStatus::Released {
+        return Err(Refusal::params(format!(
+            "instance {instance_id} was released; it cannot be renewed"
+        )));
+    }
+    if row.not_after != Some(expire) || row.status != InstanceStatus::Active {
+        let parsed = format::parse(row.license.as_bytes())
+            .map_err(|e| DbError::Backend(format!("stored license of {instance_id}: {e}")))?;
+        let mut lic = parsed.license;
+        if expire <= lic.not_before {
+            return Err(Refusal::params(format!(
+                "expireTime: {} is not after the license's start {}",
+                kooagent_core::clock::format_rfc3339(expire),
+                kooagent_core::clock::format_rfc3339(lic.not_before)
+            )));
+        }
+        lic.not_after = Some(expire);
+        // Never older than the license it replaces: the agent keeps the newer one.
+        lic.issued_at = ctx.now.max(lic.issued_at);
+        if let Some(r) = event_id.or(order_id) {
+            lic.meta.insert("kg_renewal".into(), r.into());
+        }
+        let text = format::sign(&lic, ctx.key).map_err(|e| Refusal::params(e.to_string()))?;
+        tx.record_license(&row.license_id, event_id, &text, lic.issued_at)?;
+        row.license = text;
+        row.not_after = Some(expire);
+        row.status = InstanceStatus::Active;
+        row.updated_at = ctx.now;
+        tx.put_instance(&row)?;
+        log::info!(
+            "refreshLicense: {} now runs until {}",
+            row.license_id,
+            kooagent_core::clock::format_rfc3339(expire)
+        );
+    }
+    let body = license_answer(&row);
+    if let Some(e) = event_id {
+        remember(tx, ctx, e, "refreshLicense", digest, &body)?;
+    }
+    Ok(body)
+}
+
+fn expire_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    let instance_id = f.req("instanceId", 64)?;
+    let mut row = known_instance(tx, ctx, instance_id)?;
+    if row.status == InstanceStatus::Active {
+        row.status = InstanceStatus::Expired;
+        row.updated_at = ctx.now;
+        tx.put_instance(&row)?;
+        log::info!("expireLicense: {} expired", row.license_id);
+    }
+    Ok(success())
+}
+
+/// Allocates the next sequence number for `license_id` and records the token, in the
+/// caller's transaction; `Abort` (rolling back the whole request) when no token can be
+/// made.
+fn new_token(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    license_id: &str,
+    last_seq: i64,
+    action: TokenAction,
+    devices: &[String],
+) -> Result<i64, Refusal> {
+    let seq = last_seq + 1;
+    let token = ctx
+        .tokens
+        .issue(license_id, action, seq as u64, devices, ctx.now)
+        .map_err(DbError::Abort)?;
+    tx.put_token(&TokenRow {
+        license_id: license_id.into(),
+        seq,
+        action: action.as_str().into(),
+        token,
+        issued_at: ctx.now,
+    })?;
+    log::info!("{}: {license_id} status token #{seq}", action.as_str());
+    Ok(seq)
+}
+
+fn release_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    let instance_id = f.req("instanceId", 64)?;
+    let mut row = known_instance(tx, ctx, instance_id)?;
+    if row.status != InstanceStatus::Released {
+        row.seq = new_token(
+            tx,
+            ctx,
+            &row.license_id,
+            row.seq,
+            TokenAction::Release,
+            &row.devices,
+        )?;
+        row.status = InstanceStatus::Released;
+        row.updated_at = ctx.now;
+        tx.put_instance(&row)?;
+    }
+    Ok(success())
+}
+
+fn freeze_status(f: &Fields<'_>) -> Result<bool, Refusal> {
+    match f.req("status", 32)? {
+        "FREEZE" => Ok(true),
+        "UNFREEZE" => Ok(false),
+        other => Err(Refusal::params(format!(
+            "status: {other:?} is neither FREEZE nor UNFREEZE"
+        ))),
+    }
+}
+
+fn action(freeze: bool) -> TokenAction {
+    if freeze {
+        TokenAction::Freeze
+    } else {
+        TokenAction::Unfreeze
+    }
+}
+
+fn update_instance_status(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    f: &Fields<'_>,
+) -> Result<String, Refusal> {
+    let instance_id = f.req("instanceId", 64)?;
+    let freeze = freeze_status(f)?;
+    let mut row = known_instance(tx, ctx, instance_id)?;
+    if row.status == InstanceStatus::Released {
+        return Err(Refusal::params(format!(
+            "instance {instance_id} was released"
+        )));
+    }
+    if row.frozen != freeze {
+        row.seq = new_token(
+            tx,
+            ctx,
+            &row.license_id,
+            row.seq,
+            action(freeze),
+            &row.devices,
+        )?;
+        row.frozen = freeze;
+        row.updated_at = ctx.now;
+        tx.put_instance(&row)?;
+    }
+    Ok(success())
+}
+
+/// Authorization codes are learnt from the marketplace's calls: the marketplace is the
+/// authority on which codes exist, and answering `000003` for a code no device has
+/// activated yet would only make it retry.
+fn code_row(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<CodeRow, Refusal> {
+    let code = f.req("license", 64)?;
+    Ok(tx.code(code)?.unwrap_or(CodeRow {
+        code: code.into(),
+        status: "active".into(),
+        frozen: false,
+        expire_at: None,
+        seq: 0,
+        updated_at: ctx.now,
+        device_key: None,
+    }))
+}
+
+fn update_code_status(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    let freeze = freeze_status(f)?;
+    let mut row = code_row(tx, ctx, f)?;
+    if row.status == "released" {
+        return Err(Refusal::params(format!(
+            "authorization code {} was released",
+            row.code
+        )));
+    }
+    if row.frozen != freeze {
+        row.seq = new_token(tx, ctx, &row.code, row.seq, action(freeze), &[])?;
+        row.frozen = freeze;
+        row.updated_at = ctx.now;
+        tx.put_code(&row)?;
+    }
+    Ok(success())
+}
+
+fn release_code(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    f.opt("orderId", 64)?;
+    f.opt("orderLineId", 64)?;
+    let mut row = code_row(tx, ctx, f)?;
+    if row.status != "released" {
+        row.seq = new_token(tx, ctx, &row.code, row.seq, TokenAction::Release, &[])?;
+        row.status = "released".into();
+        row.updated_at = ctx.now;
+        tx.put_code(&row)?;
+    }
+    Ok(success())
+}
+
+fn refresh_code(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+    match f.req("scene", 32)? {
+        "RENEWAL" | "UNSUBSCRIBE_RENEWAL_PERIOD" => {}
+        other => {
+            return Err(Refusal::params(format!(
+                "scene: {other:?} is neither RENEWAL nor UNSUBSCRIBE_RENEWAL_PERIOD"
+            )))
+        }
+    }
+    f.req("orderId", 64)?;
+    f.req("orderLineId", 64)?;
+    let raw = f.req("expireTime", 20)?;
+    let expire = kooagent_core::clock::parse_digits14(raw)
+        .ok_or_else(|| format!("expireTime: {raw:?} is not yyyyMMddHHmmss"))?;
+    let mut row = code_row(tx, ctx, f)?;
+    if row.status == "released" {
+        return Err(Refusal::params(format!(
+            "authorization code {} was released",
+            row.code
+        )));
+    }
+    if row.expire_at != Some(expire) {
+        row.expire_at = Some(expire);
+        row.updated_at = ctx.now;
+        tx.put_code(&row)?;
+    }
+    Ok(success())
+}

@@ -1,0 +1,865 @@
+//! Storage of the seller server: every issued license, status token, marketplace request
+//! (by `eventId`) and nonce. Two backends behind one transaction interface ([`Tx`]):
+//! SQLite (embedded default, one file under the state directory) and PostgreSQL (for
+//! several replicas behind a load balancer).
+//!
+//! All database work runs on dedicated threads ([`Db`]: one for SQLite, one per
+//! connection for PostgreSQL), never on the async workers. A thread commits in groups: it
+//! takes every request waiting, runs them in one transaction and commits once, so a burst
+//! of orders costs one durable commit, not one each. A request that fails is rolled back
+//! alone: when one fails, the batch is rolled back and run again with each request in its
+//! own savepoint (savepoints are not free: SQLite copies every page a savepoint changes,
+//! so the common case, where all succeed, goes without). A batch the database refuses to
+//! serialise (PostgreSQL, concurrent replicas) is run again one request per transaction,
+//! retrying only the requests that collide, after a pause with jitter; batches then shrink
+//! while conflicts last (docs/seller-server.md "Several processes").
+
+use std::any::Any;
+use std::sync::mpsc;
+
+pub mod postgres;
+pub mod sqlite;
+pub mod usage;
+
+/// The schema, the same for both backends (types both accept). Times are Unix seconds.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    event_id   TEXT PRIMARY KEY,
+    activity   TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    response   TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    product     TEXT NOT NULL,
+    license_id  TEXT NOT NULL UNIQUE,
+    devices     TEXT NOT NULL,
+    not_before  BIGINT NOT NULL,
+    not_after   BIGINT,
+    status      TEXT NOT NULL,
+    frozen      BIGINT NOT NULL,
+    license     TEXT NOT NULL,
+    seq         BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS licenses (
+    sha256     TEXT PRIMARY KEY,
+    license_id TEXT NOT NULL,
+    event_id   TEXT,
+    issued_at  BIGINT NOT NULL,
+    text       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS licenses_by_id ON licenses (license_id);
+CREATE TABLE IF NOT EXISTS tokens (
+    license_id TEXT NOT NULL,
+    seq        BIGINT NOT NULL,
+    action     TEXT NOT NULL,
+    token      TEXT NOT NULL,
+    issued_at  BIGINT NOT NULL,
+    PRIMARY KEY (license_id, seq)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce   TEXT PRIMARY KEY,
+    seen_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (seen_at);
+CREATE TABLE IF NOT EXISTS uploads (
+    event_id    TEXT PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    license     TEXT NOT NULL,
+    attempts    BIGINT NOT NULL,
+    next_at     BIGINT NOT NULL,
+    done_at     BIGINT,
+    last_error  TEXT,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_due ON uploads (next_at) WHERE done_at IS NULL;
+CREATE TABLE IF NOT EXISTS codes (
+    code       TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    frozen     BIGINT NOT NULL,
+    expire_at  BIGINT,
+    seq        BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    device_key TEXT
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_code TEXT PRIMARY KEY,
+    device_key  TEXT NOT NULL,
+    first_seen  BIGINT NOT NULL,
+    last_seen   BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_key ON devices (device_key);
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_sha256 TEXT PRIMARY KEY,
+    label        TEXT NOT NULL,
+    quota        BIGINT NOT NULL,
+    used         BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    revoked      BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrolled_keys (
+    device_key   TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL,
+    enrolled_at  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS buckets (
+    name  TEXT PRIMARY KEY,
+    level BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+";
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DbError {
+    /// The database failed; the message is for the log, not for responses.
+    #[error("database: {0}")]
+    Backend(String),
+    /// The request's work is given up and rolled back (e.g. a status token could not be
+    /// made); the message may be shown.
+    #[error("{0}")]
+    Abort(String),
+    /// A conflict with a concurrent transaction: the batch runs again.
+    #[error("serialization conflict")]
+    Retry,
+    #[error("the database thread has stopped")]
+    Stopped,
+}
+
+/// A marketplace request already answered, by `eventId`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub event_id: String,
+    pub activity: String,
+    /// SHA-256 (hex) of the canonical request: a resend has the same.
+    pub digest: String,
+    /// The exact response body sent.
+    pub response: String,
+    pub created_at: i64,
+}
+
+/// One marketplace instance and its current license.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    pub instance_id: String,
+    pub product: String,
+    pub license_id: String,
+    pub devices: Vec<String>,
+    pub not_before: i64,
+    pub not_after: Option<i64>,
+    pub status: InstanceStatus,
+    pub frozen: bool,
+    /// The current license text.
+    pub license: String,
+    /// The last status-token sequence number used for this license (0: none yet).
+    pub seq: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceStatus {
+    Active,
+    Expired,
+    Released,
+}
+
+impl InstanceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Active => "active",
+            InstanceStatus::Expired => "expired",
+            InstanceStatus::Released => "released",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DbError> {
+        match s {
+            "active" => Ok(InstanceStatus::Active),
+            "expired" => Ok(InstanceStatus::Expired),
+            "released" => Ok(InstanceStatus::Released),
+            other => Err(DbError::Backend(format!(
+                "unknown instance status {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A signed status token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub license_id: String,
+    pub seq: i64,
+    pub action: String,
+    pub token: String,
+    pub issued_at: i64,
+}
+
+/// An authorization code (Part B) the marketplace has told us about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeRow {
+    pub code: String,
+    /// `active` or `released`.
+    pub status: String,
+    pub frozen: bool,
+    pub expire_at: Option<i64>,
+    pub seq: i64,
+    pub updated_at: i64,
+    /// The relay's trust on first use: the device key (base64) that activated the code
+    /// through the relay; None: not activated through the relay yet.
+    pub device_key: Option<String>,
+}
+
+/// A license to upload to the marketplace (`getLicenseAsync`, §2): the outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    pub event_id: String,
+    pub instance_id: String,
+    pub license: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+    /// Not before this time (Unix seconds).
+    pub next_at: i64,
+    /// When the marketplace accepted it; None: still to do.
+    pub done_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// The device registry: a device key (base64 ed25519, the relay protocol's) bound to one
+/// device code by trust on first use (docs/seller-server.md "Security"). A key may hold
+/// several codes (a device code is per product); a code has one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub device_code: String,
+    pub device_key: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// An enrollment token of the relay (stored by its SHA-256, never in clear): up to
+/// `quota` device keys may enroll with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRow {
+    pub token_sha256: String,
+    pub label: String,
+    pub quota: i64,
+    pub used: i64,
+    pub created_at: i64,
+    pub revoked: bool,
+}
+
+/// A token bucket's stored state (see `limits`): milli-tokens at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRow {
+    pub level: i64,
+    pub at_ms: i64,
+}
+
+/// The queries, inside a transaction.
+pub trait Tx {
+    /// Remembers `nonce`; false if it was already seen.
+    fn nonce_fresh(&mut self, nonce: &str, now: i64) -> Result<bool, DbError>;
+    /// Forgets nonces seen before `before` (they are outside the timestamp window).
+    fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError>;
+    fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError>;
+    fn put_event(&mut self, row: &EventRow) -> Result<(), DbError>;
+    fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError>;
+    fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_instance(&mut self, row: &InstanceRow) -> Result<(), DbError>;
+    /// Keeps a copy of every license issued (the same bytes twice are stored once).
+    fn record_license(
+        &mut self,
+        license_id: &str,
+        event_id: Option<&str>,
+        text: &str,
+        issued_at: i64,
+    ) -> Result<(), DbError>;
+    fn put_token(&mut self, row: &TokenRow) -> Result<(), DbError>;
+    fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError>;
+    fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
+    /// Distinct licenses issued so far (checks and the bench).
+    fn count_licenses(&mut self) -> Result<i64, DbError>;
+    /// The license upload outbox (`getLicenseAsync`): inserts or replaces by event.
+    fn put_upload(&mut self, row: &UploadRow) -> Result<(), DbError>;
+    fn upload(&mut self, event_id: &str) -> Result<Option<UploadRow>, DbError>;
+    /// Uploads not done whose `next_at` has come, oldest first, at most `limit`.
+    fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError>;
+    /// (not done, done) counts.
+    fn count_uploads(&mut self) -> Result<(i64, i64), DbError>;
+    /// The outbox for `seller outbox`: every row not done (next try first), then at most
+    /// `done_limit` done rows (latest first).
+    fn list_uploads(&mut self, done_limit: i64) -> Result<Vec<UploadRow>, DbError>;
+
+    /// The binding of device code `code`, if any.
+    fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError>;
+    /// Every code bound to `key`, most recently seen first.
+    fn device_codes(&mut self, key: &str) -> Result<Vec<DeviceRow>, DbError>;
+    /// Every binding, by device code (the seller's listing).
+    fn all_devices(&mut self) -> Result<Vec<DeviceRow>, DbError>;
+    /// Inserts or replaces (by device code).
+    fn put_device(&mut self, row: &DeviceRow) -> Result<(), DbError>;
+    /// Forgets the binding of `code` (the seller's release); false: there was none.
+    fn release_device(&mut self, code: &str) -> Result<bool, DbError>;
+    /// Instances whose license is bound to device code `code`.
+    fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError>;
+    fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_bucket(&mut self, name: &str, row: BucketRow) -> Result<(), DbError>;
+    /// Forgets buckets untouched since `before_ms` (they have refilled by then).
+    fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError>;
+
+    /// Whether `key` holds a device code (registry) or an authorization code (relay).
+    fn key_bound(&mut self, key: &str) -> Result<bool, DbError>;
+    /// Whether `key` enrolled with an enrollment token.
+    fn key_enrolled(&mut self, key: &str) -> Result<bool, DbError>;
+    fn enrollment(&mut self, token_sha256: &str) -> Result<Option<EnrollmentRow>, DbError>;
+    fn all_enrollments(&mut self) -> Result<Vec<EnrollmentRow>, DbError>;
+    /// Inserts or replaces.
+    fn put_enrollment(&mut self, row: &EnrollmentRow) -> Result<(), DbError>;
+    fn put_enrolled_key(&mut self, key: &str, token_sha256: &str, at: i64) -> Result<(), DbError>;
+
+    /// The device `key`: its most recently seen binding; None: unknown key.
+    fn device(&mut self, key: &str) -> Result<Option<DeviceRow>, DbError> {
+        Ok(self.device_codes(key)?.into_iter().next())
+    }
+
+    /// The instances whose issued license is bound to a device code bound to `key`
+    /// (what a usage record from that device may bill).
+    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
+        let mut out: Vec<InstanceRow> = Vec::new();
+        for d in self.device_codes(key)? {
+            for i in self.instances_with_device(&d.device_code)? {
+                if !out.iter().any(|o| o.instance_id == i.instance_id) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(out)
+    }
+    /// The usage relay's outbox (issue 19).
+    fn usage(&mut self) -> &mut dyn usage::UsageOutbox;
+}
+
+/// A database connection with transaction control.
+pub trait Backend: Send {
+    fn begin(&mut self) -> Result<(), DbError>;
+    fn savepoint(&mut self) -> Result<(), DbError>;
+    fn release_savepoint(&mut self) -> Result<(), DbError>;
+    fn rollback_savepoint(&mut self) -> Result<(), DbError>;
+    fn commit(&mut self) -> Result<(), DbError>;
+    fn rollback(&mut self);
+    fn tx(&mut self) -> &mut dyn Tx;
+}
+
+type Work = Box<dyn FnMut(&mut dyn Tx) -> Result<Box<dyn Any + Send>, DbError> + Send>;
+type Reply = tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, DbError>>;
+
+struct Job {
+    work: Work,
+    reply: Reply,
+}
+
+impl Job {
+    /// `f` as a job, and the receiver of its result.
+    fn new<R: Send + 'static>(
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> (Job, tokio::sync::oneshot::Receiver<JobResult>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |tx| f(tx).map(|r| Box::new(r) as Box<dyn Any + Send>));
+        (Job { work, reply }, rx)
+    }
+}
+
+/// Most requests one transaction takes.
+const MAX_BATCH: usize = 512;
+/// Times a request is run again after serialization conflicts before giving up.
+const MAX_RETRIES: u32 = 20;
+/// The pause before the first retry after a conflict, and the most it grows to (equal
+/// jitter, `kooagent_edge::backoff`): replicas whose transactions collided must not collide again
+/// at once.
+const RETRY_INITIAL_MS: u64 = 2;
+const RETRY_MAX_MS: u64 = 250;
+
+/// The handle to the database threads; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Db {
+    /// Starts the database thread on `backend`.
+    pub fn start(backend: Box<dyn Backend>) -> Db {
+        Self::start_pool(vec![backend])
+    }
+
+    /// Starts one database thread per connection in `backends` (at least one), taking
+    /// jobs from one queue: a transaction stalled on a lock held by another replica holds
+    /// up its own batch, not every request of this process.
+    pub fn start_pool(backends: Vec<Box<dyn Backend>>) -> Db {
+        assert!(!backends.is_empty(), "a database pool needs a connection");
+        let (jobs, rx) = mpsc::channel();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for (i, backend) in backends.into_iter().enumerate() {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("seller-db-{i}"))
+                .spawn(move || db_thread(backend, &rx))
+                .expect("spawn a database thread");
+        }
+        Db { jobs }
+    }
+
+    fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<Box<dyn Any + Send>, DbError>> {
+        let (job, rx) = Job::new(f);
+        // A send error drops the reply, which the receiver sees as Stopped.
+        let _ = self.jobs.send(job);
+        rx
+    }
+
+    fn unpack<R: 'static>(
+        r: Result<Result<Box<dyn Any + Send>, DbError>, tokio::sync::oneshot::error::RecvError>,
+    ) -> Result<R, DbError> {
+        let any = r.map_err(|_| DbError::Stopped)??;
+        Ok(*any.downcast::<R>().expect("the job's own result type"))
+    }
+
+    /// Runs `f` in a transaction (with others); `f` may run more than once when the
+    /// database asks for a retry, so it must only read and write through `tx`.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> Result<R, DbError> {
+        Self::unpack(self.submit(f).await)
+    }
+
+    /// The same, for callers outside the async runtime (CLI, tests).
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, DbError> + Send + 'static,
+    ) -> Result<R, DbError> {
+        Self::unpack(self.submit(f).blocking_recv())
+    }
+}
+
+/// The batch size adapts (additive increase, multiplicative decrease): every conflict
+/// halves the most the next batch takes, every clean commit raises it by one. One
+/// process alone never conflicts and keeps group commit's full batches; replicas that
+/// collide settle on small batches, so one conflict re-runs few requests.
+fn db_thread(mut backend: Box<dyn Backend>, rx: &std::sync::Mutex<mpsc::Receiver<Job>>) {
+    let mut limit = MAX_BATCH;
+    loop {
+        let mut batch = {
+            // The queue is held while a batch is gathered, never while it runs.
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(first) = rx.recv() else { return };
+            let mut batch = vec![first];
+            while batch.len() < limit {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let (results, conflicts) = run_batch(backend.as_mut(), &mut batch);
+        limit = if conflicts > 0 {
+            (limit / 2).max(1)
+        } else {
+            (limit + 1).min(MAX_BATCH)
+        };
+        for (job, r) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(r);
+        }
+    }
+}
+
+type JobResult = Result<Box<dyn Any + Send>, DbError>;
+
+/// Runs a batch; also returns how many serialization conflicts it met. After a conflict a
+/// batch of several requests is not run again whole: each request then runs in a
+/// transaction of its own, so only those that really collide are retried (after a
+/// pause), and rows are locked one request at a time (no lock-order cycle between two
+/// replicas' batches).
+fn run_batch(b: &mut dyn Backend, batch: &mut [Job]) -> (Vec<JobResult>, u32) {
+    match run_together(b, batch) {
+        Ok(results) => (results, 0),
+        Err(()) if batch.len() == 1 => {
+            let (r, conflicts) = run_alone(b, &mut batch[0], 1);
+            (vec![r], conflicts)
+        }
+        Err(()) => {
+            let mut conflicts = 1;
+            let mut results = Vec::with_capacity(batch.len());
+            for job in batch.iter_mut() {
+                let (r, c) = run_alone(b, job, 0);
+                conflicts += c;
+                results.push(r);
+            }
+            (results, conflicts)
+        }
+    }
+}
+
+/// The batch in one transaction; Err(()) after a serialization conflict (rolled back).
+fn run_together(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>, ()> {
+    let fail_all = |e: DbError, n: usize| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
+    // First without savepoints: almost every job succeeds, and a savepoint per job costs
+    // a copy of every page it changes (SQLite's sub-journal) besides its statements.
+    let mut savepoints = false;
+    loop {
+        match try_batch(b, batch, savepoints) {
+            Ok(Attempt::Done(results)) => return Ok(results),
+            Ok(Attempt::JobFailed) => {
+                // A job failed after (maybe) writing: only its own savepoint can undo
+                // its work alone, so the batch runs again, each job in one.
+                b.rollback();
+                savepoints = true;
+            }
+            Err(DbError::Retry) => {
+                b.rollback();
+                return Err(());
+            }
+            Err(e) => {
+                log::error!("{e}");
+                b.rollback();
+                return Ok(fail_all(e, batch.len()));
+            }
+        }
+    }
+}
+
+/// One job in transactions of its own until it commits, fails, or meets
+/// [`MAX_RETRIES`] conflicts (`conflicts` already met), pausing with jitter before each
+/// retry. Returns its result and the conflicts met here.
+fn run_alone(b: &mut dyn Backend, job: &mut Job, mut conflicts: u32) -> (JobResult, u32) {
+    let first = conflicts;
+    loop {
+        if conflicts > 0 {
+            let ms =
+                kooagent_edge::backoff::equal_jitter(RETRY_INITIAL_MS, RETRY_MAX_MS, conflicts);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        match run_together(b, std::slice::from_mut(job)) {
+            Ok(mut r) => return (r.pop().expect("one result"), conflicts - first),
+            Err(()) => {
+                conflicts += 1;
+                if conflicts >= MAX_RETRIES {
+                    log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+                    let e = DbError::Backend("too many serialization conflicts".into());
+                    return (Err(e), conflicts - first);
+                }
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Done(Vec<JobResult>),
+    /// Without savepoints, a job returned an error: the transaction must be rolled back.
+    JobFailed,
+}
+
+/// One attempt: Err only for what fails the whole batch (begin/commit, a conflict).
+/// Without `savepoints`, the first job that fails ends the attempt (`JobFailed`) unless
+/// it is the batch's only job: then rolling back the transaction is rolling back the job.
+fn try_batch(b: &mut dyn Backend, batch: &mut [Job], savepoints: bool) -> Result<Attempt, DbError> {
+    b.begin()?;
+    let alone = batch.len() == 1;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        if savepoints {
+            b.savepoint()?;
+        }
+        match (job.work)(b.tx()) {
+            Ok(v) => {
+                if savepoints {
+                    b.release_savepoint()?;
+                }
+                results.push(Ok(v));
+            }
+            Err(DbError::Retry) => return Err(DbError::Retry),
+            Err(e) if savepoints => {
+                b.rollback_savepoint()?;
+                results.push(Err(e));
+            }
+            Err(e) if alone => {
+                b.rollback();
+                return Ok(Attempt::Done(vec![Err(e)]));
+            }
+            Err(_) => return Ok(Attempt::JobFailed),
+        }
+    }
+    b.commit()?;
+    Ok(Attempt::Done(results))
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// The backends every storage test runs on: SQLite always, PostgreSQL when
+    /// `KOOAGENT_TEST_PG_URL` is set (scripts/pg-test.sh starts one). Each PostgreSQL
+    /// backend gets a schema of its own, so tests do not see each other's rows.
+    pub fn backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn Backend>)> {
+        let mut v: Vec<(&'static str, Box<dyn Backend>)> = vec![(
+            "sqlite",
+            Box::new(sqlite::Sqlite::open(&dir.join("seller.db")).unwrap()),
+        )];
+        if let Some(url) = pg_url() {
+            let schema = postgres::tests::fresh_schema(&url);
+            v.push((
+                "postgres",
+                Box::new(postgres::Postgres::connect(&url, &schema).unwrap()),
+            ));
+        }
+        v
+    }
+
+    pub fn pg_url() -> Option<String> {
+        std::env::var("KOOAGENT_TEST_PG_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+
+    fn job(
+        f: impl FnMut(&mut dyn Tx) -> Result<bool, DbError> + Send + 'static,
+    ) -> (Job, tokio::sync::oneshot::Receiver<JobResult>) {
+        Job::new(f)
+    }
+
+    /// Batches run without savepoints until a job fails; then the failed job alone is
+    /// undone, whether it is in a batch with others or alone.
+    #[test]
+    fn a_failing_job_is_undone_alone_with_or_without_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mut b) in backends(dir.path()) {
+            let (j1, _) = job(|tx| tx.nonce_fresh("a", 1));
+            let (j2, _) = job(|tx| {
+                tx.nonce_fresh("b", 1)?;
+                Err(DbError::Abort("no".into()))
+            });
+            let (j3, _) = job(|tx| tx.nonce_fresh("c", 1));
+            let mut batch = vec![j1, j2, j3];
+            let r = run_batch(b.as_mut(), &mut batch).0;
+            let r: Vec<_> = r
+                .into_iter()
+                .map(|r| r.map(|v| *v.downcast::<bool>().unwrap()))
+                .collect();
+            assert_eq!(
+                r,
+                vec![Ok(true), Err(DbError::Abort("no".into())), Ok(true)],
+                "{name}"
+            );
+            let (alone, _) = job(|tx| {
+                tx.nonce_fresh("d", 1)?;
+                Err(DbError::Abort("no".into()))
+            });
+            let r = run_batch(b.as_mut(), &mut [alone]).0;
+            assert_eq!(r.len(), 1);
+            assert!(r[0].is_err(), "{name}");
+            let (check, _) = job(|tx| {
+                Ok(!tx.nonce_fresh("a", 2)?
+                    && tx.nonce_fresh("b", 2)?
+                    && !tx.nonce_fresh("c", 2)?
+                    && tx.nonce_fresh("d", 2)?)
+            });
+            let r = run_batch(b.as_mut(), &mut [check]).0;
+            assert!(
+                *r.into_iter()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .downcast::<bool>()
+                    .unwrap(),
+                "{name}"
+            );
+        }
+    }
+
+    fn instance(id: &str) -> InstanceRow {
+        InstanceRow {
+            instance_id: id.into(),
+            product: "sku".into(),
+            license_id: format!("kg-{id}"),
+            devices: vec!["A".into(), "B".into()],
+            not_before: 10,
+            not_after: Some(20),
+            status: InstanceStatus::Active,
+            frozen: false,
+            license: "kl1.x.y".into(),
+            seq: 0,
+            updated_at: 5,
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_and_failed_jobs_roll_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in backends(dir.path()) {
+            let db = Db::start(b);
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("n1", 100)).unwrap());
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("n1", 101)).unwrap());
+            let row = instance("i1");
+            let r2 = row.clone();
+            db.run_blocking(move |tx| tx.put_instance(&r2)).unwrap();
+            let got = db.run_blocking(|tx| tx.instance("i1")).unwrap();
+            assert_eq!(got.as_ref(), Some(&row), "{name}");
+            let got = db
+                .run_blocking(|tx| tx.instance_by_license("kg-i1"))
+                .unwrap();
+            assert_eq!(got, Some(row.clone()), "{name}");
+            let mut changed = row.clone();
+            changed.not_after = None;
+            changed.frozen = true;
+            changed.status = InstanceStatus::Released;
+            let c2 = changed.clone();
+            db.run_blocking(move |tx| tx.put_instance(&c2)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.instance("i1")).unwrap(),
+                Some(changed),
+                "{name}"
+            );
+            // A job that writes and then fails leaves nothing behind; its neighbours commit.
+            let failing = db.submit(|tx| {
+                tx.nonce_fresh("gone", 1)?;
+                Err::<(), _>(DbError::Abort("no".into()))
+            });
+            let ok = db.submit(|tx| tx.nonce_fresh("kept", 1));
+            assert_eq!(
+                Db::unpack::<()>(failing.blocking_recv()),
+                Err(DbError::Abort("no".into()))
+            );
+            assert!(Db::unpack::<bool>(ok.blocking_recv()).unwrap());
+            assert!(db.run_blocking(|tx| tx.nonce_fresh("gone", 2)).unwrap());
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("kept", 2)).unwrap());
+            assert_eq!(db.run_blocking(|tx| tx.prune_nonces(50)).unwrap(), 2);
+            assert!(!db.run_blocking(|tx| tx.nonce_fresh("n1", 102)).unwrap());
+
+            let ev = EventRow {
+                event_id: "e1".into(),
+                activity: "getLicense".into(),
+                digest: "d".into(),
+                response: " {\"a\":1}\t".into(),
+                created_at: 7,
+            };
+            let e2 = ev.clone();
+            db.run_blocking(move |tx| tx.put_event(&e2)).unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.event("e1")).unwrap(), Some(ev));
+            assert_eq!(db.run_blocking(|tx| tx.event("e2")).unwrap(), None);
+
+            for seq in [1, 2] {
+                db.run_blocking(move |tx| {
+                    tx.put_token(&TokenRow {
+                        license_id: "kg-i1".into(),
+                        seq,
+                        action: "freeze".into(),
+                        token: format!("t{seq}"),
+                        issued_at: 9,
+                    })
+                })
+                .unwrap();
+            }
+            let t = db.run_blocking(|tx| tx.latest_token("kg-i1")).unwrap();
+            assert_eq!(t.unwrap().token, "t2", "{name}");
+            // A sequence number is never used twice.
+            let dup = db.run_blocking(|tx| {
+                tx.put_token(&TokenRow {
+                    license_id: "kg-i1".into(),
+                    seq: 2,
+                    action: "unfreeze".into(),
+                    token: "x".into(),
+                    issued_at: 9,
+                })
+            });
+            assert!(dup.is_err(), "{name}");
+
+            db.run_blocking(|tx| {
+                tx.record_license("kg-i1", Some("e1"), "kl1.a", 3)?;
+                tx.record_license("kg-i1", Some("e1"), "kl1.a", 3)?;
+                tx.record_license("kg-i1", None, "kl1.b", 4)
+            })
+            .unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.count_licenses()).unwrap(), 2);
+
+            let code = CodeRow {
+                code: "PL1".into(),
+                status: "active".into(),
+                frozen: true,
+                expire_at: Some(44),
+                seq: 3,
+                updated_at: 1,
+                device_key: Some("a2V5".into()),
+            };
+            let c2 = code.clone();
+            db.run_blocking(move |tx| tx.put_code(&c2)).unwrap();
+            assert_eq!(db.run_blocking(|tx| tx.code("PL1")).unwrap(), Some(code));
+
+            let up = UploadRow {
+                event_id: "ev-u".into(),
+                instance_id: "i1".into(),
+                license: "kl1.u".into(),
+                attempts: 0,
+                next_at: 100,
+                done_at: None,
+                last_error: None,
+                created_at: 90,
+            };
+            let u2 = up.clone();
+            db.run_blocking(move |tx| tx.put_upload(&u2)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(99, 10)).unwrap(),
+                vec![]
+            );
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(100, 10)).unwrap(),
+                vec![up.clone()],
+                "{name}"
+            );
+            let mut done = up.clone();
+            done.attempts = 2;
+            done.done_at = Some(120);
+            done.last_error = Some("x".into());
+            let d2 = done.clone();
+            db.run_blocking(move |tx| tx.put_upload(&d2)).unwrap();
+            assert_eq!(
+                db.run_blocking(|tx| tx.upload("ev-u")).unwrap(),
+                Some(done.clone())
+            );
+            assert_eq!(
+                db.run_blocking(|tx| tx.due_uploads(1000, 10)).unwrap(),
+                vec![]
+            );
+            assert_eq!(db.run_blocking(|tx| tx.count_uploads()).unwrap(), (0, 1));
+
+            // The status listing: pending by next try, then the latest done ones.
+            let pending = |id: &str, next_at: i64| UploadRow {
+                event_id: id.into(),
+                next_at,
+                ..up.clone()
+            };
+            let (p1, p2) = (pending("ev-p1", 500), pending("ev-p2", 400));
+            let mut d3 = pending("ev-d3", 0);
+            d3.done_at = Some(130);
+            for r in [p1.clone(), p2.clone(), d3.clone()] {
+                db.run_blocking(move |tx| tx.put_upload(&r)).unwrap();
+            }
+            assert_eq!(
+                db.run_blocking(|tx| tx.list_uploads(10)).unwrap(),
+                vec![p2.clone(), p1.clone(), d3.clone(), done.clone()],
+                "{name}"
+            );
+            assert_eq!(
+                db.run_blocking(|tx| tx.list_uploads(1)).unwrap(),
+                vec![p2, p1, d3],
+                "{name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,716 @@
+//! The embedded backend: one SQLite file, write-ahead log, `synchronous = FULL` (a
+//! commit is on disk before the marketplace hears success; group commit keeps that cheap).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
+    InstanceStatus, TokenRow, Tx, UploadRow,
+};
+
+pub struct Sqlite {
+    pub(super) conn: Connection,
+}
+
+fn err(e: rusqlite::Error) -> DbError {
+    DbError::Backend(e.to_string())
+}
+
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Sqlite, DbError> {
+        private_file(path).map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
+        let conn = Connection::open(path)
+            .map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .map_err(err)?;
+        conn.execute_batch(super::SCHEMA).map_err(err)?;
+        conn.execute_batch(super::usage::SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
+        Ok(Sqlite { conn })
+    }
+}
+
+/// Creates the database file mode 0600, or makes an existing one 0600: it holds every
+/// license and the device registry. SQLite gives its `-wal` and `-shm` files the main
+/// file's mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode() & 0o777;
+    if mode != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        log::warn!(
+            "{}: was mode {mode:04o}, now 0600 (it holds licenses and device keys)",
+            path.display()
+        );
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Brings a database made by an older version up to [`super::SCHEMA`] (columns added
+/// since; `CREATE TABLE IF NOT EXISTS` leaves an existing table as it was).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare("SELECT 1 FROM pragma_table_info('codes') WHERE name = 'device_key'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE codes ADD COLUMN device_key TEXT")?;
+        log::info!("database: added codes.device_key (relay)");
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
+    Ok(())
+}
+
+impl Backend for Sqlite {
+    fn begin(&mut self) -> Result<(), DbError> {
+        // IMMEDIATE: take the write lock now, so a second process on the same file waits
+        // (busy timeout) instead of failing half-way.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(err)
+    }
+    fn savepoint(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("SAVEPOINT job").map_err(err)
+    }
+    fn release_savepoint(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("RELEASE job").map_err(err)
+    }
+    fn rollback_savepoint(&mut self) -> Result<(), DbError> {
+        self.conn
+            .execute_batch("ROLLBACK TO job; RELEASE job")
+            .map_err(err)
+    }
+    fn commit(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("COMMIT").map_err(err)
+    }
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                log::error!("database: rollback: {e}");
+            }
+        }
+    }
+    fn tx(&mut self) -> &mut dyn Tx {
+        self
+    }
+}
+
+fn devices_json(d: &[String]) -> String {
+    serde_json::to_string(d).expect("strings serialise")
+}
+
+fn devices_parse(s: &str) -> Result<Vec<String>, DbError> {
+    serde_json::from_str(s).map_err(|e| DbError::Backend(format!("instances.devices: {e}")))
+}
+
+const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, not_after, \
+                             status, frozen, license, seq, updated_at";
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InstanceRow, String, String)> {
+    Ok((
+        InstanceRow {
+            instance_id: r.get(0)?,
+            product: r.get(1)?,
+            license_id: r.get(2)?,
+            devices: vec![],
+            not_before: r.get(4)?,
+            not_after: r.get(5)?,
+            status: InstanceStatus::Active,
+            frozen: r.get::<_, i64>(7)? != 0,
+            license: r.get(8)?,
+            seq: r.get(9)?,
+            updated_at: r.get(10)?,
+        },
+        r.get(3)?,
+        r.get(6)?,
+    ))
+}
+
+fn finish_instance(
+    x: Option<(InstanceRow, String, String)>,
+) -> Result<Option<InstanceRow>, DbError> {
+    let Some((mut row, devices, status)) = x else {
+        return Ok(None);
+    };
+    row.devices = devices_parse(&devices)?;
+    row.status = InstanceStatus::parse(&status)?;
+    Ok(Some(row))
+}
+
+impl Tx for Sqlite {
+    fn nonce_fresh(&mut self, nonce: &str, now: i64) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO nonces (nonce, seen_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![nonce, now]))
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
+    fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
+            .and_then(|mut s| s.execute(params![before]))
+            .map_err(err)?;
+        Ok(n as u64)
+    }
+
+    fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT event_id, activity, digest, response, created_at FROM events WHERE event_id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![event_id], |r| {
+                    Ok(EventRow {
+                        event_id: r.get(0)?,
+                        activity: r.get(1)?,
+                        digest: r.get(2)?,
+                        response: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO events (event_id, activity, digest, response, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    e.event_id,
+                    e.activity,
+                    e.digest,
+                    e.response,
+                    e.created_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let x = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![instance_id], instance_row).optional())
+            .map_err(err)?;
+        finish_instance(x)
+    }
+
+    fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError> {
+        let x = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE license_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![license_id], instance_row).optional())
+            .map_err(err)?;
+        finish_instance(x)
+    }
+
+    fn put_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (instance_id) DO UPDATE SET product = excluded.product, \
+                 license_id = excluded.license_id, devices = excluded.devices, \
+                 not_before = excluded.not_before, not_after = excluded.not_after, \
+                 status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
+                 seq = excluded.seq, updated_at = excluded.updated_at"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.instance_id,
+                    r.product,
+                    r.license_id,
+                    devices_json(&r.devices),
+                    r.not_before,
+                    r.not_after,
+                    r.status.as_str(),
+                    r.frozen as i64,
+                    r.license,
+                    r.seq,
+                    r.updated_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn record_license(
+        &mut self,
+        license_id: &str,
+        event_id: Option<&str>,
+        text: &str,
+        issued_at: i64,
+    ) -> Result<(), DbError> {
+        let sha =
+            kooagent_core::license::format::hex(&<sha2::Sha256 as sha2::Digest>::digest(text));
+        self.conn
+            .prepare_cached(
+                "INSERT INTO licenses (sha256, license_id, event_id, issued_at, text) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![sha, license_id, event_id, issued_at, text]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens (license_id, seq, action, token, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| s.execute(params![t.license_id, t.seq, t.action, t.token, t.issued_at]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT license_id, seq, action, token, issued_at FROM tokens \
+                 WHERE license_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![license_id], |r| {
+                    Ok(TokenRow {
+                        license_id: r.get(0)?,
+                        seq: r.get(1)?,
+                        action: r.get(2)?,
+                        token: r.get(3)?,
+                        issued_at: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT code, status, frozen, expire_at, seq, updated_at, device_key FROM codes WHERE code = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![code], |r| {
+                    Ok(CodeRow {
+                        code: r.get(0)?,
+                        status: r.get(1)?,
+                        frozen: r.get::<_, i64>(2)? != 0,
+                        expire_at: r.get(3)?,
+                        seq: r.get(4)?,
+                        updated_at: r.get(5)?,
+                        device_key: r.get(6)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at, device_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (code) DO UPDATE SET \
+                 status = excluded.status, frozen = excluded.frozen, expire_at = excluded.expire_at, \
+                 seq = excluded.seq, updated_at = excluded.updated_at, device_key = excluded.device_key",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.code,
+                    c.status,
+                    c.frozen as i64,
+                    c.expire_at,
+                    c.seq,
+                    c.updated_at,
+                    c.device_key
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn usage(&mut self) -> &mut dyn super::usage::UsageOutbox {
+        self
+    }
+    fn count_licenses(&mut self) -> Result<i64, DbError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM licenses", [], |r| r.get(0))
+            .map_err(err)
+    }
+
+    fn put_upload(&mut self, u: &UploadRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO uploads ({UPLOAD_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (event_id) DO UPDATE SET instance_id = excluded.instance_id, \
+                 license = excluded.license, attempts = excluded.attempts, \
+                 next_at = excluded.next_at, done_at = excluded.done_at, \
+                 last_error = excluded.last_error, created_at = excluded.created_at"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    u.event_id,
+                    u.instance_id,
+                    u.license,
+                    u.attempts,
+                    u.next_at,
+                    u.done_at,
+                    u.last_error,
+                    u.created_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn upload(&mut self, event_id: &str) -> Result<Option<UploadRow>, DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE event_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![event_id], upload_row).optional())
+            .map_err(err)
+    }
+
+    fn due_uploads(&mut self, now: i64, limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL AND next_at <= ?1 \
+                 ORDER BY next_at LIMIT ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![now, limit], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)
+    }
+
+    fn count_uploads(&mut self) -> Result<(i64, i64), DbError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FILTER (WHERE done_at IS NULL), \
+                 COUNT(*) FILTER (WHERE done_at IS NOT NULL) FROM uploads",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)
+    }
+
+    fn list_uploads(&mut self, done_limit: i64) -> Result<Vec<UploadRow>, DbError> {
+        let mut rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NULL \
+                 ORDER BY next_at, event_id"
+            ))
+            .and_then(|mut s| {
+                s.query_map([], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)?;
+        let done = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLS} FROM uploads WHERE done_at IS NOT NULL \
+                 ORDER BY done_at DESC, event_id LIMIT ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![done_limit], upload_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)?;
+        rows.extend(done);
+        Ok(rows)
+    }
+
+    fn device_by_code(&mut self, code: &str) -> Result<Option<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices WHERE device_code = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![code], device_row).optional())
+            .map_err(err)
+    }
+
+    fn device_codes(&mut self, key: &str) -> Result<Vec<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices \
+                 WHERE device_key = ?1 ORDER BY last_seen DESC, device_code",
+            )
+            .and_then(|mut s| s.query_map(params![key], device_row)?.collect())
+            .map_err(err)
+    }
+
+    fn all_devices(&mut self) -> Result<Vec<DeviceRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT device_code, device_key, first_seen, last_seen FROM devices ORDER BY device_code",
+            )
+            .and_then(|mut s| s.query_map([], device_row)?.collect())
+            .map_err(err)
+    }
+
+    fn put_device(&mut self, d: &DeviceRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO devices (device_code, device_key, first_seen, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (device_code) DO UPDATE SET \
+                 device_key = excluded.device_key, first_seen = excluded.first_seen, \
+                 last_seen = excluded.last_seen",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    d.device_code,
+                    d.device_key,
+                    d.first_seen,
+                    d.last_seen
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn release_device(&mut self, code: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("DELETE FROM devices WHERE device_code = ?1")
+            .and_then(|mut s| s.execute(params![code]))
+            .map(|n| n > 0)
+            .map_err(err)
+    }
+
+    fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError> {
+        // Device codes hold no LIKE wildcards or JSON escapes (checked before they are
+        // stored); the exact match is made on the parsed list.
+        let pattern = format!("%\"{code}\"%");
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE devices LIKE ?1 ORDER BY instance_id"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![pattern], instance_row)?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(i) = finish_instance(Some(r))? {
+                if i.devices.iter().any(|d| d == code) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn key_bound(&mut self, key: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE device_key = ?1) \
+                 OR EXISTS (SELECT 1 FROM codes WHERE device_key = ?1)",
+            )
+            .and_then(|mut s| s.query_row(params![key], |r| r.get::<_, bool>(0)))
+            .map_err(err)
+    }
+
+    fn key_enrolled(&mut self, key: &str) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM enrolled_keys WHERE device_key = ?1)")
+            .and_then(|mut s| s.query_row(params![key], |r| r.get::<_, bool>(0)))
+            .map_err(err)
+    }
+
+    fn enrollment(&mut self, token_sha256: &str) -> Result<Option<EnrollmentRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 WHERE token_sha256 = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![token_sha256], enrollment_row)
+                    .optional()
+            })
+            .map_err(err)
+    }
+
+    fn all_enrollments(&mut self) -> Result<Vec<EnrollmentRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT token_sha256, label, quota, used, created_at, revoked FROM enrollments \
+                 ORDER BY created_at, label",
+            )
+            .and_then(|mut s| s.query_map([], enrollment_row)?.collect())
+            .map_err(err)
+    }
+
+    fn put_enrollment(&mut self, e: &EnrollmentRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO enrollments (token_sha256, label, quota, used, created_at, revoked) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (token_sha256) DO UPDATE SET \
+                 label = excluded.label, quota = excluded.quota, used = excluded.used, \
+                 revoked = excluded.revoked",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    e.token_sha256,
+                    e.label,
+                    e.quota,
+                    e.used,
+                    e.created_at,
+                    e.revoked as i64
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn put_enrolled_key(&mut self, key: &str, token_sha256: &str, at: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO enrolled_keys (device_key, token_sha256, enrolled_at) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (device_key) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![key, token_sha256, at]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError> {
+        self.conn
+            .prepare_cached("SELECT level, at_ms FROM buckets WHERE name = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![name], |r| {
+                    Ok(BucketRow {
+                        level: r.get(0)?,
+                        at_ms: r.get(1)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_bucket(&mut self, name: &str, b: BucketRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO buckets (name, level, at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET level = excluded.level, at_ms = excluded.at_ms",
+            )
+            .and_then(|mut s| s.execute(params![name, b.level, b.at_ms]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn prune_buckets(&mut self, before_ms: i64) -> Result<u64, DbError> {
+        self.conn
+            .prepare_cached("DELETE FROM buckets WHERE at_ms < ?1")
+            .and_then(|mut s| s.execute(params![before_ms]))
+            .map(|n| n as u64)
+            .map_err(err)
+    }
+}
+
+fn enrollment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EnrollmentRow> {
+    Ok(EnrollmentRow {
+        token_sha256: r.get(0)?,
+        label: r.get(1)?,
+        quota: r.get(2)?,
+        used: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked: r.get::<_, i64>(5)? != 0,
+    })
+}
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        device_code: r.get(0)?,
+        device_key: r.get(1)?,
+        first_seen: r.get(2)?,
+        last_seen: r.get(3)?,
+    })
+}
+
+const UPLOAD_COLS: &str =
+    "event_id, instance_id, license, attempts, next_at, done_at, last_error, created_at";
+
+fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        event_id: r.get(0)?,
+        instance_id: r.get(1)?,
+        license: r.get(2)?,
+        attempts: r.get(3)?,
+        next_at: r.get(4)?,
+        done_at: r.get(5)?,
+        last_error: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_database_gets_the_device_key_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE codes (code TEXT PRIMARY KEY, status TEXT NOT NULL, \
+                 frozen BIGINT NOT NULL, expire_at BIGINT, seq BIGINT NOT NULL, \
+                 updated_at BIGINT NOT NULL); \
+                 INSERT INTO codes VALUES ('OLD', 'active', 1, 44, 2, 9);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let mut db = Sqlite::open(&path).unwrap();
+            let row = db.code("OLD").unwrap().unwrap();
+            assert_eq!(
+                (row.frozen, row.expire_at, row.seq, row.device_key),
+                (true, Some(44), 2, None)
+            );
+        }
+        let mut db = Sqlite::open(&path).unwrap();
+        let mut row = db.code("OLD").unwrap().unwrap();
+        row.device_key = Some("K".into());
+        db.put_code(&row).unwrap();
+        assert_eq!(
+            db.code("OLD").unwrap().unwrap().device_key.as_deref(),
+            Some("K")
+        );
+    }
+}

@@ -1,0 +1,1082 @@
+//! HTTPS: rustls (TLS 1.2 and 1.3, ring), HTTP/1.1 by hyper, one tokio task per
+//! connection. Routes:
+//!
+//! - `POST <product path>`: the marketplace's production interface (always HTTP 200 with
+//!   a `resultCode`, and a `Body-Sign` header on every answer);
+//! - `GET /v1/licenses/<license id>`: the current license text, for agents to fetch a
+//!   renewed license without the buyer copying files;
+//! - `GET /v1/licenses/<license id>/status`: the newest status token;
+//! - `POST /v1/authcode/{activate,heartbeat,usage}`: the authorization-code relay
+//!   ([`super::relay`]), when `aksk_file` is configured;
+//! - `POST /v1/usage/records`: the usage relay ([`super::usage_relay`]).
+//!
+//! Database work runs on the database thread; signatures and JSON on the workers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::activities::{self, answer, Ctx, ResultCode};
+use super::auth;
+use super::conns::{self, Conns, Refusal, RefusalLog, Slot};
+use super::db::Db;
+use super::devices;
+use super::limits::{self, LimitsConfig};
+use super::relay::{self, Endpoint, Gate, Relay};
+use super::tokens::StatusTokens;
+use super::{ProductConfig, SellerServerConfig};
+use kooagent_core::clock::Clock;
+use kooagent_edge::secret::Secret;
+
+/// A device request answered busy because the connections left are the marketplace's.
+pub const ERR_BUSY: &str = "KOOAGENT.SERVER.0503";
+/// Largest request body accepted (the marketplace's are well under 4 KiB).
+const MAX_BODY: usize = 64 * 1024;
+/// The marketplace gives up after 5 s; answer before that even when the database is slow.
+const ANSWER_WITHIN: Duration = Duration::from_millis(4500);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a connection admitted into the marketplace's reserve: the marketplace gives
+/// up after 5 s anyway, and a stalled connection there must not hold the reserve long.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one line about refused connections per this.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How often forgotten nonces are pruned (they only matter within the window).
+const PRUNE_EVERY_SECS: i64 = 60;
+
+/// Everything a request needs.
+pub struct State {
+    pub products: Vec<ProductConfig>,
+    pub signing_key: SigningKey,
+    pub interconnection_key: Secret,
+    pub tokens: Arc<dyn StatusTokens>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    /// None: no `aksk_file`, no relay.
+    pub relay: Option<Arc<Relay>>,
+    /// The usage relay (`POST /v1/usage/records`).
+    pub usage: Arc<super::usage_relay::UsageRelay>,
+    /// `license_upload`: `getLicenseAsync` licenses go into the upload outbox.
+    pub upload: bool,
+    /// What SIGHUP may change ([`Live`]).
+    live: std::sync::RwLock<Arc<Live>>,
+    /// Open connections and their limits ([`super::conns`]).
+    pub conns: Arc<Conns>,
+    last_prune: AtomicI64,
+}
+
+impl State {
+    pub fn new(
+        cfg: &SellerServerConfig,
+        signing_key: SigningKey,
+        interconnection_key: Secret,
+        tokens: Arc<dyn StatusTokens>,
+        db: Db,
+        clock: Arc<dyn Clock>,
+        relay: Option<Arc<Relay>>,
+    ) -> State {
+        State {
+            products: cfg.products.clone(),
+            signing_key,
+            interconnection_key,
+            tokens,
+            db,
+            clock,
+            relay,
+            usage: Arc::new(super::usage_relay::UsageRelay::new(&cfg.usage)),
+            upload: cfg.license_upload,
+            live: std::sync::RwLock::new(Arc::new(Live::from(cfg))),
+            conns: Conns::new(conns::Limits {
+                max: cfg.max_connections,
+                per_address: cfg.max_connections_per_address,
+                reserve: cfg.marketplace_reserved_connections,
+            }),
+            last_prune: AtomicI64::new(0),
+        }
+    }
+
+    /// The settings in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a reloaded configuration's [`Live`] part and connection limits.
+    fn set_live(&self, live: Live, conns: conns::Limits) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        self.conns.set_limits(conns);
+    }
+
+    /// Once a minute (to one caller): the time before which nonces can be forgotten,
+    /// outside both the marketplace's window and the relay's.
+    fn prune_before(&self, now: i64) -> Option<i64> {
+        let last = self.last_prune.load(Ordering::Relaxed);
+        let due = now - last >= PRUNE_EVERY_SECS
+            && self
+                .last_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        let window = self.live().window_secs;
+        due.then(|| now - 2 * window.max(relay::WINDOW_SECS) - 1)
+    }
+}
+
+/// The settings a SIGHUP reload changes in place (with the TLS certificate and the
+/// connection limits); every other key needs a restart ([`restart_keys`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub window_secs: i64,
+    pub limits: LimitsConfig,
+    pub body_timeout: Duration,
+}
+
+impl From<&SellerServerConfig> for Live {
+    fn from(cfg: &SellerServerConfig) -> Live {
+        Live {
+            window_secs: cfg.timestamp_window_secs as i64,
+            limits: cfg.limits.clone(),
+            body_timeout: Duration::from_secs(cfg.body_timeout_secs),
+        }
+    }
+}
+
+/// The keys that differ between `old` and `new` but take effect only at a restart: the
+/// listener, the database, the keys and secrets shared with background workers, the
+/// relay's pool and the outboxes' workers are built once.
+pub fn restart_keys(old: &SellerServerConfig, new: &SellerServerConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            keys.push(key);
+        }
+    };
+    check("listen", old.listen == new.listen);
+    check("state_dir", old.state_dir == new.state_dir);
+    check("database_url", old.database_url == new.database_url);
+    check(
+        "database_schema",
+        old.database_schema == new.database_schema,
+    );
+    check(
+        "signing_key_file",
+        old.signing_key_file == new.signing_key_file,
+    );
+    check(
+        "interconnection_key_file",
+        old.interconnection_key_file == new.interconnection_key_file,
+    );
+    check("products", old.products == new.products);
+    check("aksk_file", old.aksk_file == new.aksk_file);
+    check(
+        "marketplace_bases",
+        old.marketplace_bases == new.marketplace_bases,
+    );
+    check(
+        "marketplace_extra_ca_file",
+        old.marketplace_extra_ca_file == new.marketplace_extra_ca_file,
+    );
+    check("usage", old.usage == new.usage);
+    check(
+        "license_upload",
+        old.license_upload == new.license_upload
+            && old.license_upload_path == new.license_upload_path
+            && old.license_upload_retry_secs == new.license_upload_retry_secs,
+    );
+    check(
+        "relay_workers/relay_queue/relay_queue_wait_secs",
+        old.relay_workers == new.relay_workers
+            && old.relay_queue == new.relay_queue
+            && old.relay_queue_wait_secs == new.relay_queue_wait_secs,
+    );
+    keys
+}
+
+/// The TLS configuration from PEM files. The private key must not be readable by others.
+pub fn tls_config(cert_file: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("seller_server.cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "seller_server.cert_file {}: no CERTIFICATE in the file",
+            cert_file.display()
+        ));
+    }
+    private_file_mode("seller_server.key_file", key_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("seller_server.key_file {}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("seller_server.cert_file/key_file: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Refuses a secret file others may read.
+pub fn private_file_mode(key: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{key} {}: readable or writable by group or others (mode {mode:04o}); run chmod 600 on it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The TLS configuration new connections get; a reload replaces it, connections already
+/// open keep theirs.
+pub struct TlsSlot(std::sync::RwLock<TlsAcceptor>);
+
+impl TlsSlot {
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Arc<TlsSlot> {
+        Arc::new(TlsSlot(std::sync::RwLock::new(TlsAcceptor::from(tls))))
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, tls: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(tls);
+    }
+}
+
+/// SIGHUP: reads `path` again and applies what can change in place (the TLS certificate
+/// and key, `[seller_server.limits]`, the connection limits, `body_timeout_secs`,
+/// `timestamp_window_secs`), all or nothing: a file that does not load, a key that does
+/// not validate or a certificate that does not read leaves everything as it was. Returns
+/// the keys changed in the file that need a restart.
+pub fn reload(
+    path: &Path,
+    started: &SellerServerConfig,
+    state: &State,
+    tls: &TlsSlot,
+    nofile: u64,
+) -> Result<Vec<&'static str>, String> {
+    let new = SellerServerConfig::load(path).map_err(|e| e.to_string())?;
+    let cert = tls_config(&new.cert_file, &new.key_file)?;
+    let limits = fit_connections(&new, nofile);
+    state.set_live(Live::from(&new), limits);
+    tls.replace(cert);
+    Ok(restart_keys(started, &new))
+}
+
+/// One descriptor held back so that a connection can still be accepted and closed when the
+/// process is out of descriptors: otherwise it would wait in the backlog (its client
+/// hanging) and the listener would stay readable, the accept loop spinning.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn new() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare descriptor, accepts and closes one waiting connection, takes the
+    /// descriptor back. Whether a connection was closed.
+    fn refuse_one(&mut self, listener: &TcpListener) -> bool {
+        self.0 = None;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let refused = matches!(listener.poll_accept(&mut cx), std::task::Poll::Ready(Ok(_)));
+        self.0 = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+}
+
+/// Accepts connections until `shutdown` resolves. Connections over the limits
+/// ([`super::conns`]) are accepted and closed at once; refusals are logged at most once a
+/// minute, with counts.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<TlsSlot>,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut spare = Spare::new();
+    let mut refusals = RefusalLog::new(REFUSAL_LOG_EVERY);
+    let mut refused = |why: Refusal| {
+        if let Some(line) = refusals.note(why, std::time::Instant::now()) {
+            log::warn!("{line}");
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    match state.conns.admit(&limits::address_key(peer.ip())) {
+                        Ok(slot) => {
+                            let (acceptor, state) = (tls.acceptor(), state.clone());
+                            tokio::spawn(async move {
+                                connection(tcp, peer, acceptor, state, slot).await
+                            });
+                        }
+                        Err(why) => {
+                            drop(tcp);
+                            refused(why);
+                        }
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if spare.refuse_one(&listener) {
+                        refused(Refusal::Descriptors);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Err(e) => {
+                    // Other transient failures (ECONNABORTED, ENOBUFS): back off briefly
+                    // instead of spinning, and say so at debug level only: each comes from
+                    // a client, and an attacker must not fill the log.
+                    log::debug!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    slot: Slot,
+) {
+    let _ = tcp.set_nodelay(true);
+    // Admitted into the marketplace's reserve: shorter deadlines.
+    let limits = state.conns.limits();
+    let deadline = if state.conns.open() > limits.device_room() {
+        RESERVE_TIMEOUT
+    } else {
+        HANDSHAKE_TIMEOUT
+    };
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log::debug!("{peer}: TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            log::debug!("{peer}: TLS handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req| route(state.clone(), peer, req));
+    // Title case on the wire: hyper keeps header names lower-case, and the marketplace
+    // reads `Body-Sign` case-sensitively (§4.3); title case of `body-sign` is exactly that.
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline.min(HEADER_TIMEOUT))
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = r {
+        log::debug!("{peer}: {e}");
+    }
+    drop(slot);
+}
+
+pub(super) type Resp = Response<Full<Bytes>>;
+
+pub(super) fn plain(status: StatusCode, text: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        "text/plain; charset=utf-8".parse().expect("valid"),
+    );
+    r
+}
+
+async fn route(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/v1/") && !state.conns.device_room() {
+        // Device traffic must leave the marketplace's share free: busy, and the connection
+        // closed to give its descriptor back.
+        log::debug!("{peer}: {path}: busy (connections kept for the marketplace)");
+        let mut r = closing(device_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ERR_BUSY,
+            "the server is busy; try again later",
+        ));
+        r.headers_mut()
+            .insert("retry-after", "30".parse().expect("valid"));
+        return Ok(r);
+    }
+    if let Some(rest) = path.strip_prefix("/v1/licenses/") {
+        if req.method() != Method::GET {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
+        }
+        let rest = rest.to_string();
+        return Ok(agent_get(&state, peer, &rest, &req).await);
+    }
+    if path == kooagent_core::usage::relay::PATH {
+        if req.method() != Method::POST {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+        }
+        return Ok(super::usage_relay::handle(state, req).await);
+    }
+    if let Some(name) = path.strip_prefix(relay::PREFIX) {
+        let Some(ep) = Endpoint::from_name(name) else {
+            return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
+        };
+        if req.method() != Method::POST {
+            return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+        }
+        return Ok(relay_call(state, peer, ep, req).await);
+    }
+    let Some(i) = state.products.iter().position(|p| p.path == path) else {
+        return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
+    };
+    // GET: the legacy style (§4.2) sends its parameters in the query string.
+    if req.method() != Method::POST && req.method() != Method::GET {
+        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST or GET\n"));
+    }
+    Ok(marketplace(state, i, req).await)
+}
+
+/// Checks either signature style (§4.1 `signature` in the query over the raw body; §4.2
+/// `authToken` among the parameters of the query and of a JSON body) and returns the
+/// nonce to remember and the request as one JSON object for [`activities::handle`].
+fn authenticate(
+    state: &State,
+    query: Option<&str>,
+    body: Bytes,
+    now_ms: i64,
+) -> Result<(String, Bytes), auth::AuthError> {
+    let key = state.interconnection_key.expose();
+    let pairs = auth::query_pairs(query);
+    if pairs.iter().any(|(k, _)| k == "signature") || !has_auth_token(&pairs, &body) {
+        let params = auth::Params::from_query(query);
+        let nonce = auth::verify(key, &params, &body, now_ms, state.live().window_secs)?;
+        return Ok((nonce, body));
+    }
+    // Legacy: every parameter, from the query and from a JSON object body.
+    let mut fields = serde_json::Map::new();
+    for (k, v) in &pairs {
+        fields.insert(k.clone(), serde_json::Value::from(v.as_str()));
+    }
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_slice(&body) {
+        fields.extend(o);
+    }
+    let params: Vec<(String, String)> = fields
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let nonce = auth::legacy_verify(key, &params, now_ms, state.live().window_secs)?;
+    let merged = serde_json::Value::Object(fields).to_string();
+    Ok((nonce, Bytes::from(merged)))
+}
+
+/// Whether the request carries a legacy `authToken` (query or JSON body).
+fn has_auth_token(pairs: &[(String, String)], body: &[u8]) -> bool {
+    pairs.iter().any(|(k, _)| k == "authToken")
+        || serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|v| v.get("authToken").is_some())
+}
+
+/// A marketplace answer: always 200, signed.
+fn signed(state: &State, body: String) -> Resp {
+    let sign = auth::body_sign(state.interconnection_key.expose(), body.as_bytes());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        "application/json;charset=UTF-8".parse().expect("valid"),
+    );
+    h.insert("Body-Sign", sign.parse().expect("ASCII"));
+    r
+}
+
+/// The whole body within `body_timeout` (headers have their own limit): a body that never
+/// comes, or trickles, cannot hold a connection. With bodies of at most [`MAX_BODY`] the
+/// deadline is also the minimum transfer rate (64 KiB in 10 s by default).
+async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, String> {
+    let limit = state.live().body_timeout;
+    match tokio::time::timeout(limit, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err(format!(
+            "request body unreadable or larger than {MAX_BODY} bytes: {e}"
+        )),
+        Err(_) => Err(format!(
+            "the request body did not arrive within {} s",
+            limit.as_secs()
+        )),
+    }
+}
+
+/// The answer, then the connection is closed (its request was not read to the end).
+fn closing(mut r: Resp) -> Resp {
+    r.headers_mut()
+        .insert("connection", "close".parse().expect("valid"));
+    r
+}
+
+async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) -> Resp {
+    let query = req.uri().query().map(str::to_string);
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(msg) => return closing(signed(&state, answer(ResultCode::BadParams, &msg, &[]))),
+    };
+    let now_ms = state.clock.now_ms();
+    let (nonce, body) = match authenticate(&state, query.as_deref(), body, now_ms) {
+        Ok(x) => x,
+        Err(e) => {
+            log::warn!("marketplace request refused: {e}");
+            return signed(&state, answer(ResultCode::AuthFailed, &e.to_string(), &[]));
+        }
+    };
+    let now = now_ms.div_euclid(1000);
+    let prune = state.prune_before(now);
+    // The new license is signed here, on the workers, in parallel; the database thread
+    // only decides (replay, released instance) and stores.
+    let presigned = activities::presign(
+        &Ctx {
+            now,
+            product: &state.products[product],
+            key: &state.signing_key,
+            tokens: state.tokens.as_ref(),
+            presigned: None,
+            upload: false,
+        },
+        &body,
+    );
+    let st = state.clone();
+    let job = move |tx: &mut dyn super::db::Tx| {
+        if let Some(before) = prune {
+            tx.prune_nonces(before)?;
+        }
+        if !tx.nonce_fresh(&nonce, now)? {
+            log::warn!("marketplace request refused: nonce {nonce:?} replayed");
+            return Ok(answer(
+                ResultCode::AuthFailed,
+                &auth::AuthError::Replay.to_string(),
+                &[],
+            ));
+        }
+        let ctx = Ctx {
+            now,
+            product: &st.products[product],
+            key: &st.signing_key,
+            tokens: st.tokens.as_ref(),
+            presigned: presigned.as_deref(),
+            upload: st.upload,
+        };
+        activities::handle(tx, &ctx, &body)
+    };
+    let out = match tokio::time::timeout(ANSWER_WITHIN, state.db.run(job)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => activities::failure_answer(&e),
+        Err(_) => {
+            log::error!(
+                "marketplace request: no answer from the database within {ANSWER_WITHIN:?}"
+            );
+            answer(
+                ResultCode::Internal,
+                "internal error (timeout); please retry",
+                &[],
+            )
+        }
+    };
+    signed(&state, out)
+}
+
+pub(super) fn json(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        "application/json;charset=UTF-8".parse().expect("valid"),
+    );
+    r
+}
+
+fn relay_error(status: StatusCode, code: &str, msg: &str) -> Resp {
+    json(status, relay::error_body(code, msg))
+}
+
+/// One relayed call: device signature, body, nonce and trust on first use, then the
+/// marketplace (on a blocking thread), then the binding of a newly activated code.
+async fn relay_call(
+    state: Arc<State>,
+    peer: SocketAddr,
+    ep: Endpoint,
+    req: Request<Incoming>,
+) -> Resp {
+    let Some(rl) = state.relay.clone() else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "the authorization-code relay is not configured on this server\n",
+        );
+    };
+    let path = req.uri().path().to_string();
+    let headers = req.headers().clone();
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(msg) => {
+            return closing(relay_error(
+                StatusCode::BAD_REQUEST,
+                relay::ERR_BAD_REQUEST,
+                &msg,
+            ))
+        }
+    };
+    let now_ms = state.clock.now_ms();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match relay::verify(header, "POST", &path, &body, now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("relay {path}: refused: {e}");
+            let m = e.to_string();
+            return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, &m);
+        }
+    };
+    let (codes, forward) = match relay::parse_body(ep, &body) {
+        Ok(x) => x,
+        Err(m) => return relay_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &m),
+    };
+    let now = now_ms.div_euclid(1000);
+    let prune = state.prune_before(now);
+    let (c, d) = (codes.clone(), device.clone());
+    let live = state.live();
+    let buckets = relay::buckets(&device, &limits::address_key(peer.ip()), &live.limits);
+    let bucket_age = live.limits.longest_refill_ms();
+    let enrollment = header(relay::HEADER_ENROLLMENT).map(relay::enrollment_hash);
+    let gate = state.db.run(move |tx| {
+        if let Some(before) = prune {
+            tx.prune_nonces(before)?;
+            tx.prune_buckets(now_ms - bucket_age)?;
+        }
+        relay::gate(tx, ep, &c, &d, enrollment.as_deref(), &buckets, now_ms)
+    });
+    let (claimed, priority) = match tokio::time::timeout(ANSWER_WITHIN, gate).await {
+        Ok(Ok(Gate::Forward { claimed, priority })) => (claimed, priority),
+        Ok(Ok(Gate::Replay)) => {
+            log::warn!("relay {path}: nonce {} replayed", device.nonce);
+            let m = "x-kooagent-nonce was already used (replayed request)";
+            return relay_error(StatusCode::UNAUTHORIZED, relay::ERR_UNAUTHENTICATED, m);
+        }
+        Ok(Ok(Gate::Limited(bucket))) => {
+            log::warn!("relay {path}: over the rate limit {bucket}");
+            let m = "too many relay calls; try again later";
+            let mut r = relay_error(StatusCode::TOO_MANY_REQUESTS, relay::ERR_LIMITED, m);
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            return r;
+        }
+        Ok(Ok(Gate::Unknown(m))) => {
+            log::debug!("relay {path}: {m} (device key {})", device.key);
+            return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+        }
+        Ok(Ok(Gate::Forbidden(m))) => {
+            log::warn!("relay {path}: {m} (device key {})", device.key);
+            return relay_error(StatusCode::FORBIDDEN, relay::ERR_FORBIDDEN, &m);
+        }
+        Ok(Err(e)) => {
+            log::error!("relay {path}: database: {e}");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+        Err(_) => {
+            log::error!("relay {path}: no answer from the database within {ANSWER_WITHIN:?}");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+    };
+    let busy = || {
+        let m = "the relay is busy; try again later";
+        let mut r = relay_error(StatusCode::SERVICE_UNAVAILABLE, relay::ERR_BUSY, m);
+        r.headers_mut()
+            .insert("retry-after", "30".parse().expect("valid"));
+        r
+    };
+    let market_path = ep.market_path();
+    let client = rl.clone();
+    let sent = rl
+        .pool
+        .run(priority, move || client.client.post(market_path, &forward))
+        .await;
+    let (http, text) = match sent {
+        Ok(Some(Ok((_, http, text)))) => (http, text),
+        Ok(Some(Err(e))) => {
+            // The answer may be lost after the marketplace acted: a claim stays, so the
+            // device's retry is recognised (recovery) rather than refused.
+            log::warn!("relay {path}: {e}");
+            let m = format!("marketplace unreachable: {e}");
+            return relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, &m);
+        }
+        Ok(None) | Err(_) => {
+            log::warn!(
+                "relay {path}: busy, not forwarded (device key {})",
+                device.key
+            );
+            if claimed {
+                let (code, key) = (codes[0].clone(), device.key.clone());
+                let _ = state
+                    .db
+                    .run(move |tx| relay::unclaim(tx, &code, &key, now))
+                    .await;
+            }
+            return busy();
+        }
+    };
+    if ep == Endpoint::Activate {
+        let code = codes[0].clone();
+        match relay::after_activate(http, &text, claimed) {
+            relay::AfterActivate::Pass => {}
+            how @ (relay::AfterActivate::Unclaim | relay::AfterActivate::UnclaimStripped) => {
+                let key = device.key.clone();
+                let c = code.clone();
+                if let Err(e) = state
+                    .db
+                    .run(move |tx| relay::unclaim(tx, &c, &key, now))
+                    .await
+                {
+                    log::error!("relay {path}: releasing the claim on {code}: {e}");
+                }
+                if how == relay::AfterActivate::UnclaimStripped {
+                    log::warn!(
+                        "relay {path}: {code} was already activated, not through this server \
+                         by device key {}",
+                        device.key
+                    );
+                    return json(StatusCode::OK, relay::strip_data(&text));
+                }
+            }
+            relay::AfterActivate::Recover => {
+                return recover(&rl, &path, &code, &device.key, priority, text).await;
+            }
+        }
+    }
+    // The marketplace's status too: 200 for its business answers (error_code inside), its
+    // gateway's own for the rest, so the agent parses exactly what direct mode would.
+    json(
+        StatusCode::from_u16(http).unwrap_or(StatusCode::BAD_GATEWAY),
+        text,
+    )
+}
+
+/// `92020003` for a code this very key activated through this server earlier: the first
+/// answer was lost. The code is queried; ALIVE → the activate-success shape with
+/// `kooagent_recovered: true`, else the marketplace's refusal without `data`.
+async fn recover(
+    rl: &Arc<Relay>,
+    path: &str,
+    code: &str,
+    key: &str,
+    priority: relay::Priority,
+    refusal: String,
+) -> Resp {
+    let body = match kooagent_core::authcode::api::HeartbeatRequest::new(code) {
+        Ok(req) => serde_json::to_vec(&req).expect("request types serialise"),
+        Err(_) => return json(StatusCode::OK, relay::strip_data(&refusal)),
+    };
+    let client = rl.clone();
+    let sent = rl
+        .pool
+        .run(priority, move || {
+            client
+                .client
+                .post(kooagent_core::authcode::api::PATH_HEARTBEAT, &body)
+        })
+        .await;
+    match sent {
+        Ok(Some(Ok((_, http, text)))) => match relay::recovered_answer(code, http, &text) {
+            Some(answer) => {
+                log::info!(
+                    "relay {path}: {code} recovered for device key {key} (the marketplace had \
+                     activated it; the first answer was lost)"
+                );
+                json(StatusCode::OK, answer)
+            }
+            None => json(StatusCode::OK, relay::strip_data(&refusal)),
+        },
+        Ok(Some(Err(e))) => {
+            let m = format!("marketplace unreachable: {e}");
+            relay_error(StatusCode::BAD_GATEWAY, relay::ERR_UNREACHABLE, &m)
+        }
+        Ok(None) | Err(_) => relay_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            relay::ERR_BUSY,
+            "the relay is busy; try again later",
+        ),
+    }
+}
+
+fn device_error(status: StatusCode, code: &str, msg: &str) -> Resp {
+    json(status, relay::error_body(code, msg))
+}
+
+/// `GET /v1/licenses/<id>[/status]?device_code=CODE`, signed with the device key
+/// ([`devices`]).
+async fn agent_get(state: &State, peer: SocketAddr, rest: &str, req: &Request<Incoming>) -> Resp {
+    let (id, status) = match rest.strip_suffix("/status") {
+        Some(id) => (id.to_string(), true),
+        None => (rest.to_string(), false),
+    };
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let now_ms = state.clock.now_ms();
+    let headers = req.headers();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let device = match relay::verify(header, "GET", &target, b"", now_ms) {
+        Ok(d) => d,
+        Err(e) => {
+            let m = format!("licenses are served to signed device requests only: {e}");
+            return device_error(StatusCode::UNAUTHORIZED, devices::ERR_UNAUTHENTICATED, &m);
+        }
+    };
+    let device_code = match devices::code_from_query(req.uri().query()) {
+        Ok(c) => c,
+        Err(m) => return device_error(StatusCode::BAD_REQUEST, relay::ERR_BAD_REQUEST, &m),
+    };
+    if id.is_empty() || id.len() > 128 || id.contains('/') {
+        return device_error(
+            StatusCode::NOT_FOUND,
+            devices::ERR_NOT_FOUND,
+            "no such license",
+        );
+    }
+    let fetch = devices::Fetch {
+        license_id: id,
+        status,
+        device_code,
+        key: device.key,
+        nonce: device.nonce,
+        address: limits::address_key(peer.ip()),
+    };
+    let lim = state.live().limits.clone();
+    let prune = state.prune_before(now_ms.div_euclid(1000));
+    let bucket_age = lim.longest_refill_ms();
+    let r = state
+        .db
+        .run(move |tx| {
+            if let Some(before) = prune {
+                tx.prune_nonces(before)?;
+                tx.prune_buckets(now_ms - bucket_age)?;
+            }
+            devices::fetch(tx, &fetch, &lim, now_ms)
+        })
+        .await;
+    match r {
+        Ok(devices::Answer::Serve(text)) => plain(StatusCode::OK, &text),
+        Ok(devices::Answer::NotFound(m)) => {
+            device_error(StatusCode::NOT_FOUND, devices::ERR_NOT_FOUND, &m)
+        }
+        Ok(devices::Answer::Bound(m)) => {
+            log::warn!("{peer}: license fetch refused: {m}");
+            device_error(StatusCode::FORBIDDEN, devices::ERR_BOUND, &m)
+        }
+        Ok(devices::Answer::Limited(bucket)) => {
+            log::debug!("{peer}: license fetch over the miss limit ({bucket})");
+            let mut r = device_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                devices::ERR_LIMITED,
+                "too many requests for licenses that are not yours; try again later",
+            );
+            r.headers_mut()
+                .insert("retry-after", "60".parse().expect("valid"));
+            r
+        }
+        Ok(devices::Answer::Replay) => device_error(
+            StatusCode::UNAUTHORIZED,
+            devices::ERR_UNAUTHENTICATED,
+            "x-kooagent-nonce was already used (replayed request)",
+        ),
+        Err(e) => {
+            log::error!("agent request failed: {e}");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
+        }
+    }
+}
+
+/// The configured connection limits under the descriptor limit `nofile`, saying so when
+/// they had to be lowered.
+fn fit_connections(cfg: &SellerServerConfig, nofile: u64) -> conns::Limits {
+    let fitted = conns::Limits::fit(
+        cfg.max_connections,
+        cfg.max_connections_per_address,
+        cfg.marketplace_reserved_connections,
+        nofile,
+        cfg.relay_workers,
+    );
+    if fitted.max < cfg.max_connections {
+        log::warn!(
+            "seller_server.max_connections {} does not fit RLIMIT_NOFILE {nofile} (descriptors \
+             kept for files and marketplace calls); serving at most {} connections, {} of them \
+             kept for the marketplace; raise LimitNOFILE to serve more",
+            cfg.max_connections,
+            fitted.max,
+            fitted.reserve
+        );
+    }
+    fitted
+}
+
+/// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
+/// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
+/// `config_path`: the file SIGHUP reads again (None: SIGHUP is logged and ignored).
+pub fn run(
+    cfg: &SellerServerConfig,
+    config_path: Option<&Path>,
+    clock: Arc<dyn Clock>,
+) -> Result<(), String> {
+    private_file_mode("seller_server.signing_key_file", &cfg.signing_key_file)?;
+    let signing_key = kooagent_edge::keyfile::read_signing_key(&cfg.signing_key_file)
+        .map_err(|e| format!("seller_server.signing_key_file: {e}"))?;
+    let interconnection_key = Secret::load_as(
+        &cfg.interconnection_key_file,
+        "seller_server.interconnection_key_file",
+    )?;
+    let relay = if cfg.aksk_file.as_os_str().is_empty() {
+        None
+    } else {
+        let ca = &cfg.marketplace_extra_ca_file;
+        let ca = (!ca.as_os_str().is_empty()).then_some(ca.as_path());
+        Some(Arc::new(Relay::new(cfg, ca, clock.clone())?))
+    };
+    let tls = TlsSlot::new(tls_config(&cfg.cert_file, &cfg.key_file)?);
+    let db = cfg.open_db().map_err(|e| e.to_string())?;
+    // The delivery worker's own copy of the interconnection key (read with the same
+    // checks: mode 0600, owner; never logged).
+    let usage_key = Arc::new(Secret::load_as(
+        &cfg.interconnection_key_file,
+        "seller_server.interconnection_key_file",
+    )?);
+    let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
+        key: signing_key.clone(),
+    });
+    let state = Arc::new(State::new(
+        cfg,
+        signing_key,
+        interconnection_key,
+        tokens,
+        db,
+        clock,
+        relay,
+    ));
+    let nofile = conns::raise_fd_limit();
+    let fitted = fit_connections(cfg, nofile);
+    state.conns.set_limits(fitted);
+    super::usage_relay::start_worker(
+        state.usage.clone(),
+        state.db.clone(),
+        usage_key,
+        state.clock.clone(),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    rt.block_on(async move {
+        // Before the listener: from then on SIGHUP reloads instead of killing the server.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
+        let (hup_state, hup_tls, started) = (state.clone(), tls.clone(), cfg.clone());
+        let path = config_path.map(Path::to_path_buf);
+        tokio::spawn(async move {
+            let mut hangup = hangup;
+            while hangup.recv().await.is_some() {
+                let Some(path) = &path else {
+                    log::warn!("SIGHUP: no configuration file to read again; ignored");
+                    continue;
+                };
+                match reload(path, &started, &hup_state, &hup_tls, nofile) {
+                    Ok(pending) => {
+                        log::info!(
+                            "SIGHUP: reloaded {}: TLS certificate, limits, connection limits, \
+                             body_timeout_secs, timestamp_window_secs",
+                            path.display()
+                        );
+                        if !pending.is_empty() {
+                            log::warn!(
+                                "SIGHUP: {} changed in {} but take effect only at a restart; \
+                                 still running with the values the server started with",
+                                pending.join(", "),
+                                path.display()
+                            );
+                        }
+                    }
+                    Err(e) => log::error!(
+                        "SIGHUP: reloading {} failed, still serving the previous \
+                         configuration: {e}",
+                        path.display()
+                    ),
+                }
+            }
+        });
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| format!("seller_server.listen {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        log::info!(
+            "seller server listening on {addr}: products {}",
+            cfg.products
+                .iter()
+                .map(|p| format!("{} at {}", p.product, p.path))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "listening on {addr}");
+            let _ = out.flush();
+        }
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                std::future::pending::<()>().await;
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            log::info!("seller server stopping");
+        };
+        if let (true, Some(rl)) = (cfg.license_upload, state.relay.clone()) {
+            let up = super::upload::Uploader {
+                relay: rl,
+                template: cfg.license_upload_path.clone(),
+                first_backoff: cfg.license_upload_retry_secs as i64,
+                clock: state.clock.clone(),
+            };
+            tokio::spawn(super::upload::run(state.db.clone(), up));
+        }
+        serve(listener, tls, state, shutdown).await;
+        Ok(())
+    })
+}
