@@ -508,15 +508,24 @@ mod tests {
             thread: None,
         };
         let v = c.cached("p", None).unwrap();
-        assert_eq!((v.state(), v.allowed, v.license_id()), ("valid", true, Some("L1")));
+        assert_eq!(
+            (v.state(), v.allowed, v.license_id()),
+            ("valid", true, Some("L1"))
+        );
         assert!(v.days_left.unwrap() > 0);
         let v = c.cached("p", Some("a")).unwrap();
         assert_eq!((v.allowed, v.granted), (true, Some(true)));
         // A feature only the expired license has: the best license answers, not granted.
         let v = c.cached("p", Some("x")).unwrap();
-        assert_eq!((v.license_id(), v.allowed, v.granted), (Some("L1"), false, Some(false)));
+        assert_eq!(
+            (v.license_id(), v.allowed, v.granted),
+            (Some("L1"), false, Some(false))
+        );
         let check = v.to_check();
-        assert_eq!(check.extra["feature"], json!({"name": "x", "granted": false}));
+        assert_eq!(
+            check.extra["feature"],
+            json!({"name": "x", "granted": false})
+        );
         assert_eq!(check.limits["cores"], json!(8));
         assert!(c.cached("other", None).is_none());
         assert_eq!(c.table_seq(), Some(7));
@@ -542,9 +551,7 @@ mod tests {
             go_rx.recv().unwrap();
             // Closing the stream: the cache must stop answering.
         });
-        let c = CachedClient::with_client(
-            Client::new(&path).reconnect_for(Duration::ZERO),
-        );
+        let c = CachedClient::with_client(Client::new(&path).reconnect_for(Duration::ZERO));
         assert!(c.wait_live(Duration::from_secs(10)));
         assert_eq!(c.check("p", None).unwrap().source, Source::Cache);
         go_tx.send(()).unwrap();

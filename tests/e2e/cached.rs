@@ -60,15 +60,17 @@ fn install(a: &TestAgent, seller: &Seller, text: &str) {
 fn cached_check_follows_install_freeze_and_agent_restarts() {
     let seller = Seller::new();
     let mut a = TestAgent::start(&seller.config());
-    let cache = CachedClient::with_client(
-        Client::new(&a.socket).reconnect_for(Duration::from_millis(300)),
-    );
+    let cache =
+        CachedClient::with_client(Client::new(&a.socket).reconnect_for(Duration::from_millis(300)));
     assert!(cache.wait_live(Duration::from_secs(15)), "{}", a.log());
 
     // Nothing installed: not the cache's to answer; the socket says no_license.
     assert!(cache.cached("sku-c", None).is_none());
     let v = cache.check("sku-c", None).unwrap();
-    assert_eq!((v.state(), v.allowed, v.source), ("no_license", false, Source::Socket));
+    assert_eq!(
+        (v.state(), v.allowed, v.source),
+        ("no_license", false, Source::Socket)
+    );
 
     // Install: the cached answer flips to licensed, as the socket answers it.
     let text = seller.bound(
@@ -119,7 +121,8 @@ fn cached_check_follows_install_freeze_and_agent_restarts() {
     let v = wait_cached(&cache, "sku-c", None, "the freeze", |v| !v.allowed);
     assert_eq!(v.state(), "frozen");
     assert_eq!(
-        a.call("license.check", json!({"product": "sku-c"})).unwrap()["state"],
+        a.call("license.check", json!({"product": "sku-c"}))
+            .unwrap()["state"],
         "frozen"
     );
     let token = crate::freeze::token(&seller, &lic_id, "unfreeze", 2, &[]);
@@ -149,9 +152,13 @@ fn cached_check_follows_install_freeze_and_agent_restarts() {
 
     // Restarted: the cache subscribes again by itself and answers from memory again.
     a.spawn(&[]);
-    let v = wait_cached(&cache, "sku-c", Some("export"), "the restarted agent", |v| {
-        v.allowed
-    });
+    let v = wait_cached(
+        &cache,
+        "sku-c",
+        Some("export"),
+        "the restarted agent",
+        |v| v.allowed,
+    );
     assert_eq!((v.source, v.granted), (Source::Cache, Some(true)));
 }
 

@@ -608,7 +608,9 @@ impl FreezeService {
 /// Sends the queued transition events to the subscribers, in order.
 fn publish(inner: &mut Inner) {
     for ev in std::mem::take(&mut inner.unpublished) {
-        inner.subscribers.retain(|s| s.tx.try_send(ev.clone()).is_ok());
+        inner
+            .subscribers
+            .retain(|s| s.tx.try_send(ev.clone()).is_ok());
     }
 }
 
