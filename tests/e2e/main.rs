@@ -21,6 +21,8 @@ mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_hardening;
 #[cfg(feature = "seller-server")]
+mod seller_metrics;
+#[cfg(feature = "seller-server")]
 mod seller_scale;
 #[cfg(feature = "seller-server")]
 mod seller_server;
