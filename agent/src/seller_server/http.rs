@@ -1018,6 +1018,19 @@ pub fn run(
     config_path: Option<&Path>,
     clock: Arc<dyn Clock>,
 ) -> Result<(), String> {
+    // The runtime and the SIGHUP handler come first: a reload asked for while the server
+    // still reads its keys and opens the database (seconds on a busy PostgreSQL) is carried
+    // out once it listens, instead of killing it (SIGHUP's default action).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let hangup = {
+        let _in_runtime = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?
+    };
     private_file_mode("seller_server.signing_key_file", &cfg.signing_key_file)?;
     let signing_key = crate::license::seller::read_signing_key(&cfg.signing_key_file)
         .map_err(|e| format!("seller_server.signing_key_file: {e}"))?;
@@ -1064,15 +1077,7 @@ pub fn run(
         usage_key,
         state.clock.clone(),
     )?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
     rt.block_on(async move {
-        // Before the listener: from then on SIGHUP reloads instead of killing the server.
-        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
         let (hup_state, hup_tls, started) = (state.clone(), tls.clone(), cfg.clone());
         let path = config_path.map(Path::to_path_buf);
         tokio::spawn(async move {
