@@ -4,6 +4,7 @@ mod harness;
 
 mod authcode;
 mod authcode_agent;
+mod cached;
 mod daemon;
 mod device;
 mod docs;
