@@ -6,7 +6,7 @@
 pub mod agent;
 /// The I/O both the agent and the seller crate do (HTTPS, marketplace clients, key and
 /// secret files, logging) lives in `kooagent-edge`, re-exported at the agent's old paths.
-pub use kooagent_edge::{backoff, https, logging};
+pub use kooagent_edge::{backoff, https, logging, prom};
 pub mod authcode;
 pub mod bench;
 pub mod bench_conns;
@@ -23,6 +23,7 @@ pub mod image_prep;
 pub mod license;
 pub mod notify;
 pub mod ops;
+
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 pub mod socket;

@@ -9,7 +9,8 @@
 //! - [`secret`]: secret files (interconnection key, AK/SK): mode and owner checked;
 //! - [`keyfile`]: Ed25519 key files (PKCS#8 PEM, trust lines);
 //! - [`backoff`]: retry delays with jitter; [`random`]: the kernel's random source;
-//! - [`logging`]: the stderr/journald logger.
+//! - [`logging`]: the stderr/journald logger; [`prom`]: the Prometheus text format of
+//!   both `/metrics` endpoints.
 //!
 //! The rules these apply (request building, answer parsing, signing) are in
 //! `kooagent-core`; this crate is the thin transport around them.
@@ -18,6 +19,7 @@ pub mod https;
 pub mod keyfile;
 pub mod logging;
 pub mod marketplace;
+pub mod prom;
 pub mod random;
 pub mod secret;
 pub mod upload;

@@ -4,6 +4,7 @@ mod harness;
 
 mod authcode;
 mod authcode_agent;
+mod cached;
 mod daemon;
 mod device;
 mod docs;
@@ -16,6 +17,7 @@ mod relay;
 mod sdk;
 mod seller_call;
 mod seller_hardening;
+mod seller_metrics;
 mod seller_scale;
 mod seller_server;
 mod socket;
