@@ -6,7 +6,9 @@
 #                                          # target/cross/TRIPLE/release/kooagent)
 #
 # The seller side (key, license, freeze token) and the reference device code come from a
-# host (x86_64) kooagent: $HOST_BIN, default target/release/kooagent, else target/debug.
+# host (x86_64) build: $HOST_BIN (kooagent, default target/release/kooagent, else
+# target/debug) and $HOST_SELLER (kooagent-seller, default beside HOST_BIN, else
+# target/release, else target/debug).
 # Steps, each bounded: `kooagent id` (must equal the host's code for the same fake machine),
 # start the agent, install a license issued on x86_64 (valid until 2040, a limit past 2^32)
 # and check it, record usage (decimals) and read the ledger back, freeze with a token, then
@@ -25,6 +27,13 @@ if [ -z "${HOST_BIN:-}" ]; then
     [ -x "$HOST_BIN" ] || HOST_BIN=$here/target/debug/kooagent
 fi
 [ -x "$HOST_BIN" ] || { echo "cross-test: no host kooagent (cargo build -p kooagent)" >&2; exit 1; }
+if [ -z "${HOST_SELLER:-}" ]; then
+    for HOST_SELLER in "$(dirname "$HOST_BIN")/kooagent-seller" "$here/target/release/kooagent-seller" \
+        "$here/target/debug/kooagent-seller"; do
+        [ -x "$HOST_SELLER" ] && break
+    done
+fi
+[ -x "$HOST_SELLER" ] || { echo "cross-test: no host kooagent-seller (cargo build -p kooagent-seller)" >&2; exit 1; }
 
 if [ -z "${QEMU+set}" ]; then
     case "$triple" in
@@ -38,6 +47,7 @@ fi
 # The binaries are static: no -L sysroot needed.
 target() { ${QEMU:+"$QEMU"} "$bin" --config "$tmp/agent.toml" "$@"; }
 host() { "$HOST_BIN" "$@"; }
+seller() { "$HOST_SELLER" "$@"; }
 
 log() { echo "cross-test: $triple: $*"; }
 fail() {
@@ -71,7 +81,7 @@ echo 4C4C4544-0042-3510-8052-B4C04F4E4E32 >"$root/sys/class/dmi/id/product_uuid"
 echo BSN-12345 >"$root/sys/class/dmi/id/board_serial"
 printf 'vendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\n' >"$root/proc/cpuinfo"
 
-host seller keygen --out "$tmp/seller.key" >/dev/null
+seller keygen --out "$tmp/seller.key" >/dev/null
 mkdir -p "$tmp/state"
 chmod 0700 "$tmp/state"
 cat >"$tmp/agent.toml" <<EOF
@@ -142,7 +152,7 @@ rss_kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status")
 step "idle RSS ${rss_kib} KiB (the ${QEMU:-native} process)"
 
 # 3. A license issued on x86_64: valid past 2038, a limit past 2^32.
-host seller issue --key "$tmp/seller.key" --device-code "$code" --product boards-test \
+seller issue --key "$tmp/seller.key" --device-code "$code" --product boards-test \
     --instance inst-boards --not-after 2040-06-01T00:00:00Z --limit users=4294967297 \
     --id L-BOARDS --out "$tmp/l.lic"
 target license install "$tmp/l.lic" >/dev/null || fail "license install"
@@ -164,7 +174,7 @@ target usage status --json >"$tmp/usage.json" || fail "usage status"
 step "usage recorded and read back: $want_usage"
 
 # 5. Freeze with a token signed on x86_64.
-host seller token --key "$tmp/seller.key" --license L-BOARDS --action freeze --seq 1 \
+seller token --key "$tmp/seller.key" --license L-BOARDS --action freeze --seq 1 \
     --device-code "$code" --reason overdue --out "$tmp/f.tok"
 target token apply "$tmp/f.tok" >/dev/null || fail "token apply"
 rc=0

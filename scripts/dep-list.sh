@@ -25,8 +25,9 @@ list() { # file, cargo tree arguments...
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 list kooagent.txt -p kooagent
-list kooagent-seller-server.txt -p kooagent --features seller-server
+list kooagent-seller.txt -p kooagent-seller
 list kooagent-core.txt -p kooagent-core
+list kooagent-edge.txt -p kooagent-edge
 list kooagent-ffi.txt -p kooagent-ffi
 list kooagent-install.txt -p kooagent-install
 
