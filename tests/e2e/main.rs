@@ -4,6 +4,7 @@ mod harness;
 
 mod authcode;
 mod authcode_agent;
+mod cached;
 mod daemon;
 mod device;
 mod docs;
@@ -20,6 +21,8 @@ mod sdk;
 mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_hardening;
+#[cfg(feature = "seller-server")]
+mod seller_metrics;
 #[cfg(feature = "seller-server")]
 mod seller_scale;
 #[cfg(feature = "seller-server")]
