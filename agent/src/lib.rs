@@ -24,6 +24,7 @@ pub mod license;
 pub mod logging;
 pub mod notify;
 pub mod ops;
+pub mod prom;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]

@@ -22,6 +22,8 @@ mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_hardening;
 #[cfg(feature = "seller-server")]
+mod seller_metrics;
+#[cfg(feature = "seller-server")]
 mod seller_scale;
 #[cfg(feature = "seller-server")]
 mod seller_server;

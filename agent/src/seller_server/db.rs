@@ -523,7 +523,15 @@ fn run_together(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>
     // a copy of every page it changes (SQLite's sub-journal) besides its statements.
     let mut savepoints = false;
     loop {
-        match try_batch(b, batch, savepoints) {
+        let started = std::time::Instant::now();
+        let attempt = try_batch(b, batch, savepoints);
+        let outcome = match &attempt {
+            Ok(_) => super::metrics::TxOutcome::Done,
+            Err(DbError::Retry) => super::metrics::TxOutcome::Conflict,
+            Err(_) => super::metrics::TxOutcome::Error,
+        };
+        super::metrics::transaction(started.elapsed(), outcome);
+        match attempt {
             Ok(Attempt::Done(results)) => return Ok(results),
             Ok(Attempt::JobFailed) => {
                 // A job failed after (maybe) writing: only its own savepoint can undo
@@ -560,6 +568,7 @@ fn run_alone(b: &mut dyn Backend, job: &mut Job, mut conflicts: u32) -> (JobResu
                 conflicts += 1;
                 if conflicts >= MAX_RETRIES {
                     log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+                    super::metrics::db_error();
                     let e = DbError::Backend("too many serialization conflicts".into());
                     return (Err(e), conflicts - first);
                 }
