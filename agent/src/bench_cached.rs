@@ -136,7 +136,9 @@ fn measure(
         let mine = mean_us(seconds, 1000, || {
             let _ = std::hint::black_box(cache.check(PRODUCT, Some(FEATURE)));
         });
-        let theirs = other.join().map_err(|_| anyhow::anyhow!("checker panicked"))?;
+        let theirs = other
+            .join()
+            .map_err(|_| anyhow::anyhow!("checker panicked"))?;
         (mine + theirs) / 2.0
     };
 
