@@ -21,6 +21,7 @@ pub mod https;
 pub mod image_prep;
 pub mod license;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod prom;
