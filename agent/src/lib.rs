@@ -9,6 +9,7 @@ pub mod agent;
 pub use kooagent_edge::{backoff, https, logging, prom};
 pub mod authcode;
 pub mod bench;
+pub mod bench_cached;
 pub mod bench_conns;
 pub mod cli;
 pub mod client;
@@ -21,9 +22,9 @@ pub mod drop_dir;
 pub mod freeze;
 pub mod image_prep;
 pub mod license;
+pub mod metrics;
 pub mod notify;
 pub mod ops;
-
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 pub mod socket;

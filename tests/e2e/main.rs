@@ -2,6 +2,7 @@
 //! would. Modules by capability.
 mod harness;
 
+mod agent_metrics;
 mod authcode;
 mod authcode_agent;
 mod cached;
