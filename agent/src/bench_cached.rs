@@ -74,7 +74,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 pub fn run(args: &BenchArgs, exe: &std::path::Path) -> Result<()> {
     let dir = crate::bench::tempdir()?.join("cached");
     std::fs::create_dir_all(&dir)?;
-    let key = crate::license::seller::generate()?;
+    let key = kooagent_edge::keyfile::generate()?;
     let trust = crate::license::keys::entry_for(&key.verifying_key());
     let config = write_config_with(&dir, &trust, "")?;
     let socket = dir.join("agent.sock");
