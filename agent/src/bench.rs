@@ -39,6 +39,12 @@ pub struct BenchArgs {
     /// Measure only the idle connections' memory
     #[arg(long)]
     pub connections_only: bool,
+    /// Measure only the cached license check (agent/src/bench_cached.rs)
+    #[arg(long)]
+    pub cached: bool,
+    /// Freezes/unfreezes timed to the cached answer flipping (with --cached)
+    #[arg(long, default_value_t = 200)]
+    pub changes: usize,
 }
 
 /// One operation to measure: a name for the table, the request's op and params.
@@ -403,6 +409,9 @@ impl Drop for Redis {
 
 /// Measures the agent binary `exe`.
 pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
+    if args.cached {
+        return crate::bench_cached::run(&args, exe);
+    }
     let exe = exe.to_path_buf();
     let dir = tempdir()?;
     let seller_key = crate::license::seller::generate()?;
@@ -655,7 +664,7 @@ fn fdatasync_latency(dir: &Path) -> Result<f64> {
 
 /// A license for the bench product, bound to `code`; `age` seconds old (distinct ages
 /// make distinct licenses).
-fn bench_license(
+pub(crate) fn bench_license(
     key: &ed25519_dalek::SigningKey,
     code: &str,
     id: &str,

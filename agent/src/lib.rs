@@ -7,6 +7,7 @@ pub mod agent;
 pub mod authcode;
 pub mod backoff;
 pub mod bench;
+pub mod bench_cached;
 pub mod bench_conns;
 pub mod cli;
 pub mod client;
@@ -21,8 +22,10 @@ pub mod https;
 pub mod image_prep;
 pub mod license;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod prom;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]

@@ -2,8 +2,10 @@
 //! would. Modules by capability.
 mod harness;
 
+mod agent_metrics;
 mod authcode;
 mod authcode_agent;
+mod cached;
 mod daemon;
 mod device;
 mod docs;
@@ -20,6 +22,8 @@ mod sdk;
 mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_hardening;
+#[cfg(feature = "seller-server")]
+mod seller_metrics;
 #[cfg(feature = "seller-server")]
 mod seller_scale;
 #[cfg(feature = "seller-server")]
