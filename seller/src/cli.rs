@@ -89,6 +89,13 @@ enum SellerCommand {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Set the seller console's admin password: reads it from standard input (one line,
+    /// at least 12 characters) and writes its argon2id hash to FILE (mode 0600), the
+    /// server's seller_server.console_password_file
+    ConsolePassword {
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Issue a signed license; the same inputs give the same bytes
     Issue(Box<IssueArgs>),
     /// Print a license's contents and whether it verifies
@@ -463,6 +470,22 @@ fn seller_cmd(first: &FirstFlags, command: SellerCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SellerCommand::Call(a) => seller_call(&a),
+        SellerCommand::ConsolePassword { out } => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            let hash = crate::server::console::auth::hash_password(password)?;
+            crate::files::atomic_write(&out, format!("{hash}\n").as_bytes(), 0o600)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "console password hash written to {} (mode 0600); set \
+                 seller_server.console_password_file to it and restart the server",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());

@@ -5,5 +5,6 @@
 //! Imports point down only: this crate uses `kooagent-core` (the shared rules) and
 //! `kooagent-edge` (the shared I/O), never the device agent (docs/architecture.md).
 pub mod cli;
+pub mod files;
 pub mod issue;
 pub mod server;

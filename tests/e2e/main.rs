@@ -17,6 +17,7 @@ mod online;
 mod relay;
 mod sdk;
 mod seller_call;
+mod seller_console;
 mod seller_hardening;
 mod seller_metrics;
 mod seller_scale;
