@@ -4,6 +4,9 @@ mod harness;
 
 mod authcode;
 mod authcode_agent;
+mod crash;
+mod crash_model;
+mod crash_trace;
 mod daemon;
 mod device;
 mod docs;

@@ -65,6 +65,26 @@ pub fn read_anchor(path: &Path) -> Result<Option<String>, String> {
     }
 }
 
+/// Removes the freeze anchor from the time file at `path`, keeping the mark (for
+/// `image-prep`: the anchor is sealed under the device key the prep deletes, and records
+/// this device's freeze state, which a clone must not inherit). Whether one was removed;
+/// a missing or unreadable file is left as it is (the agent reports the latter at start).
+pub fn strip_anchor(path: &Path) -> Result<bool, store::StoreError> {
+    let Some(bytes) = store::read_optional(path)? else {
+        return Ok(false);
+    };
+    let Ok(mut f) = serde_json::from_slice::<File>(&bytes) else {
+        return Ok(false);
+    };
+    if f.freeze_anchor.take().is_none() {
+        return Ok(false);
+    }
+    let mut bytes = serde_json::to_vec_pretty(&f).expect("time file serialises");
+    bytes.push(b'\n');
+    store::atomic_write(path, &bytes, 0o600)?;
+    Ok(true)
+}
+
 impl TrustedTime {
     /// Loads the mark from `path`. A missing file starts at `now`; a corrupt one is moved
     /// aside (evidence kept) and reported, and the mark restarts from `now`: nothing
