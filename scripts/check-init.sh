@@ -106,12 +106,16 @@ status=/proc/$pid/status
 
 # The agent answers on its default socket; root's own reading is the reference code.
 want=$(agent id --local --json | sed -n 's/.*"code": "\(.*\)".*/\1/p')
-i=0
-until got=$(agent id --json 2>/dev/null | sed -n 's/.*"code": "\(.*\)".*/\1/p') && [ -n "$got" ]; do
-    i=$((i + 1))
-    [ $i -lt 100 ] || fail "the agent never answered on /run/kooagent/agent.sock"
-    sleep 0.1
-done
+# The code the running agent reports, once it answers (10 s at most).
+running_code() {
+    i=0
+    until got=$(agent id --json 2>/dev/null | sed -n 's/.*"code": "\(.*\)".*/\1/p') && [ -n "$got" ]; do
+        i=$((i + 1))
+        [ $i -lt 100 ] || fail "the agent ($1) never answered on /run/kooagent/agent.sock"
+        sleep 0.1
+    done
+}
+running_code "packaged defaults"
 [ "$got" = "$want" ] ||
     fail "the agent's device code $got differs from root's $want (prestart hand-over not used?)"
 echo "check-init: the agent (no capability) reports root's device code $got"
@@ -141,3 +145,15 @@ rc=0
 init status >/dev/null || rc=$?
 [ "$rc" = 3 ] || fail "status after stop: exit $rc (want 3)"
 echo "check-init: SysV start/status/reload/stop OK"
+
+# The configuration somewhere else, named in DAEMON_ARGS: prestart must read it too (else
+# it hashes another identity root, or none, and the agent's code is not root's).
+mv /etc/kooagent/agent.toml /etc/kooagent/custom.toml
+echo 'DAEMON_ARGS="--config /etc/kooagent/custom.toml"' >>/etc/default/kooagent
+rm -rf /run/kooagent /var/lib/kooagent
+out=$(init start 2>&1) || fail "start with --config in DAEMON_ARGS: $out"
+running_code "DAEMON_ARGS --config"
+[ "$got" = "$want" ] ||
+    fail "with --config in DAEMON_ARGS the agent's code $got differs from root's $want (prestart read another configuration?)"
+out=$(init stop 2>&1) || fail "stop: $out"
+echo "check-init: --config in DAEMON_ARGS reaches prestart too (code $got)"

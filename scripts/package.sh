@@ -93,7 +93,8 @@ etc/kooagent/agent.toml
 etc/kooagent/managed-units
 usr/lib/sysusers.d/kooagent.conf
 usr/share/polkit-1/rules.d/50-kooagent.rules
-usr/share/doc/kooagent/operations.md"
+usr/share/doc/kooagent/operations.md
+usr/share/kooagent/openrc/kooagent"
 
 check() { # kind listing-file
     for f in $expected; do
@@ -132,6 +133,8 @@ elif command -v rpm >/dev/null 2>&1; then
     rpm -qp --configfiles "$rpm" | grep -qx /etc/kooagent/agent.toml || { echo "package: rpm: agent.toml not %config" >&2; fail=1; }
     grep -qE '^-rw-r----- .* root +kooagent .* /etc/kooagent/agent.toml$' "$OUT/rpm-contents.txt" || { echo "package: rpm: agent.toml not 0640 root:kooagent" >&2; fail=1; }
     rpm -qp --scripts "$rpm" | grep -q 'useradd -r' || { echo "package: rpm: no user creation in %pre" >&2; fail=1; }
+    grep -qE '^-rwxr-xr-x .* /etc/rc.d/init.d/kooagent$' "$OUT/rpm-contents.txt" || { echo "package: rpm: no SysV init script" >&2; fail=1; }
+    rpm -qp --scripts "$rpm" | grep -q 'chkconfig --add kooagent' || { echo "package: rpm: SysV script not enabled without systemd" >&2; fail=1; }
 else
     log "rpm not available: rpm contents not checked"
 fi

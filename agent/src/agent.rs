@@ -26,6 +26,8 @@ pub struct Agent {
     pub license: Arc<LicenseService>,
     pub freeze: Arc<FreezeService>,
     pub authcode: Arc<crate::authcode::service::AuthcodeService>,
+    /// Connections open on the socket (`agent.status`, the metrics).
+    pub connections: Arc<crate::socket_limits::Live>,
 }
 
 impl Agent {
@@ -70,6 +72,7 @@ impl Agent {
             started: Instant::now(),
             device,
             usage,
+            connections: Default::default(),
         })
     }
 

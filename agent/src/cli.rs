@@ -274,6 +274,15 @@ enum Command {
         #[command(flatten)]
         g: Global,
     },
+    /// Print the agent's state in the Prometheus text format (node_exporter's textfile
+    /// collector; docs/operations.md "Metrics")
+    Metrics {
+        #[command(flatten)]
+        g: Global,
+        /// Write the page to FILE (whole, by a rename) instead of printing it
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// The seller's tools: keys, issuing and inspecting licenses (no agent needed)
     Seller {
         #[command(subcommand)]
@@ -610,7 +619,8 @@ impl Command {
             | Command::Authcode { g, .. }
             | Command::Freeze { g, .. }
             | Command::Token { g, .. }
-            | Command::Watch { g } => Some(g),
+            | Command::Watch { g }
+            | Command::Metrics { g, .. } => Some(g),
             Command::Seller { .. } => None,
         }
     }
@@ -794,6 +804,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 v["state"].as_str().unwrap_or("?"),
                 v["reason"].as_str().unwrap_or("")
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Metrics { out, .. } => {
+            let mut c = g.client()?;
+            let mut answers = Vec::new();
+            for op in crate::metrics::OPS {
+                answers.push(c.call(op, json!({}))?);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let page = crate::metrics::render(&crate::metrics::Inputs::from_answers(answers), now);
+            match out {
+                Some(path) => crate::metrics::write_file(&path, &page)?,
+                None => print!("{page}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { .. } => {

@@ -152,6 +152,7 @@ pub struct Config {
     pub license: LicenseConfig,
     pub freeze: FreezeConfig,
     pub authcode: crate::authcode::config::AuthcodeConfig,
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// Where an effective value came from.
@@ -354,6 +355,9 @@ impl Config {
         self.authcode
             .validate()
             .map_err(|(key, m)| invalid(&key, m))?;
+        self.metrics
+            .validate()
+            .map_err(|(key, m)| invalid(key, m))?;
         Ok(())
     }
 

@@ -176,6 +176,7 @@ async fn serve_until_signal(
             },
         );
     }
+    tokio::spawn(crate::metrics::run_textfile(Arc::downgrade(&agent)));
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;

@@ -21,8 +21,10 @@ pub mod https;
 pub mod image_prep;
 pub mod license;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod prom;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 #[cfg(feature = "seller-server")]

@@ -293,7 +293,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_uid = Arc::new(crate::socket_limits::PerUid::new(limits.per_uid));
-    let live = Arc::new(crate::socket_limits::Live::default());
+    let live = agent.connections.clone();
     let mut spare = Spare::new();
     // Out-of-descriptor refusals since the last warning: one line a minute, not one per client.
     let mut refused_for_fds = 0u64;

@@ -341,7 +341,7 @@ pub const OPERATIONS: &[Operation] = &[
     Operation {
         name: "watch",
         summary: "stream each license's state, then every lifecycle transition",
-        params: &[],
+        params: &[p("verdicts", Kind::Bool, false)],
         answer: Answer::Stream(&["type", "seq", "license_id", "product", "state"]),
         read_only: true,
         caller: Caller::Socket,

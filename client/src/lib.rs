@@ -17,12 +17,18 @@
 //! after sending is reported as [`ClientError::ConnectionLost`], because the agent may or
 //! may not have applied it.
 //!
+//! [`CachedClient`] answers `license.check` from the verdict table the agent streams (no
+//! round trip), falling back to the socket when it cannot (see [`cached`]).
+//!
 //! [`protocol`] is the wire format (the agent parses and writes with it too) and
 //! [`catalogue`] lists every operation: its params, its answer, whether it only reads and
 //! who may call it.
 
+pub mod cached;
 pub mod catalogue;
 pub mod protocol;
+
+pub use cached::{CachedClient, Verdict};
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -16,5 +16,13 @@ if [ -d /run/systemd/system ]; then
     else
         systemctl try-restart kooagent.service >/dev/null 2>&1 || :
     fi
+elif [ -x /etc/rc.d/init.d/kooagent ]; then
+    # No systemd running (a container, an old or minimal system): the SysV script.
+    command -v chkconfig >/dev/null 2>&1 && chkconfig --add kooagent >/dev/null 2>&1 || :
+    if [ "$1" -eq 1 ]; then
+        /etc/rc.d/init.d/kooagent start || :
+    elif /etc/rc.d/init.d/kooagent status >/dev/null 2>&1; then
+        /etc/rc.d/init.d/kooagent restart || :
+    fi
 fi
 exit 0

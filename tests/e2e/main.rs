@@ -2,8 +2,10 @@
 //! would. Modules by capability.
 mod harness;
 
+mod agent_metrics;
 mod authcode;
 mod authcode_agent;
+mod cached;
 mod crash;
 mod crash_model;
 mod crash_trace;
@@ -23,6 +25,8 @@ mod sdk;
 mod seller_call;
 #[cfg(feature = "seller-server")]
 mod seller_hardening;
+#[cfg(feature = "seller-server")]
+mod seller_metrics;
 #[cfg(feature = "seller-server")]
 mod seller_scale;
 #[cfg(feature = "seller-server")]

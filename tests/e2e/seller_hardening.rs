@@ -640,6 +640,71 @@ fn wait_for_log(server: &SellerServer, needle: &str) {
     }
 }
 
+/// A reload asked for while the server is still starting (here: blocked reading its
+/// signing key from a FIFO, as it may be on a slow disk or PostgreSQL) does not kill it
+/// (SIGHUP's default action): it is carried out once the server listens.
+#[test]
+fn sighup_during_start_is_carried_out_once_listening() {
+    use std::io::{BufRead, Write};
+    let mut server = SellerServer::start("");
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let d = server.dir.path().to_path_buf();
+    let key = std::fs::read(d.join("seller.key")).unwrap();
+    std::fs::remove_file(d.join("seller.key")).unwrap();
+    let fifo = std::ffi::CString::new(d.join("seller.key").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let log = std::fs::File::create(d.join("server.log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["seller", "serve", "--config"])
+        .arg(d.join("seller.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Wait until it is waiting for the key (it opens the FIFO, which blocks until a
+    // writer comes), then ask for a reload.
+    let wchan = format!("/proc/{}/wchan", child.id());
+    let t0 = std::time::Instant::now();
+    // (The kernel function it sleeps in: `wait_for_partner`, inlined into `fifo_open` on
+    // some kernels.)
+    while !matches!(
+        std::fs::read_to_string(&wchan).unwrap_or_default().as_str(),
+        "wait_for_partner" | "fifo_open"
+    ) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the server never opened its key: {}",
+            std::fs::read_to_string(&wchan).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let early = child.try_wait().unwrap();
+    if early.is_none() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("seller.key"))
+            .and_then(|mut f| f.write_all(&key))
+            .unwrap();
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    server.child = child;
+    assert_eq!(early, None, "SIGHUP while starting killed the server");
+    assert!(
+        line.starts_with("listening on "),
+        "{line:?}: {}",
+        server.log()
+    );
+    wait_for_log(&server, "SIGHUP: reloaded");
+}
+
 /// Issue 21 item 8: SIGHUP reads the configuration and the certificate again without
 /// closing the listener: a renewed certificate (from another CA here) is what the next
 /// handshake sees; a key that needs a restart is named; a broken configuration is refused

@@ -120,6 +120,16 @@ impl SellerServer {
     /// Another `seller serve` process with this one's keys, certificate and database (a
     /// replica behind a load balancer: meaningful with PostgreSQL storage).
     pub fn replica(&self) -> SellerServer {
+        self.replica_with(false)
+    }
+
+    /// The same, and with SQLite storage on this one's database file too (`state_dir`
+    /// kept): two processes on one file, which SQLite's locking serialises.
+    pub fn replica_sharing_state(&self) -> SellerServer {
+        self.replica_with(true)
+    }
+
+    fn replica_with(&self, share_state: bool) -> SellerServer {
         let dir = short_tempdir();
         let (from, d) = (self.dir.path(), dir.path());
         for f in [
@@ -132,8 +142,11 @@ impl SellerServer {
             std::fs::copy(from.join(f), d.join(f)).unwrap();
         }
         let cfg = std::fs::read_to_string(from.join("seller.toml")).unwrap();
+        let state = format!("state_dir = \"{}/state\"", from.display());
         let cfg = cfg
+            .replace(&state, if share_state { "SHARED_STATE" } else { &state })
             .replace(&from.display().to_string(), &d.display().to_string())
+            .replace("SHARED_STATE", &state)
             .replace(
                 &format!("listen = \"127.0.0.1:{}\"", self.port),
                 "listen = \"127.0.0.1:0\"",

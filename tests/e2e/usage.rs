@@ -896,8 +896,9 @@ fn soak_kill9_cycles_during_mixed_ingest_lose_nothing_acknowledged() {
         "mem: acked {acked_mem}, sent {sent_mem}, ledger {}: {st}",
         ledger("mem")
     );
-    a.call("usage.flush", json!({})).unwrap();
-    wait_for("the upstream got every closed hour", || {
+    let flushed = a.call("usage.flush", json!({})).unwrap();
+    let what = format!("the upstream got every closed hour (flush: {flushed})");
+    wait_for(&what, || {
         let got: i128 = up
             .records()
             .values()
@@ -917,4 +918,53 @@ fn soak_kill9_cycles_during_mixed_ingest_lose_nothing_acknowledged() {
         up.unique(),
         dup
     );
+}
+
+/// First boot of a prepared image: usage is recorded and flushed while the machine-id is
+/// still empty, so no hour can be closed (every metering_sn carries the device identity).
+/// The flush says so, and once systemd fills the machine-id in, the hours are closed and
+/// delivered by themselves, not an hour later at the next boundary.
+#[test]
+fn a_flush_before_the_identity_settles_is_carried_out_once_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let up = Upstream::start(&ca, KEY);
+    let tree = dir.path().join("root");
+    let put = |rel: &str, text: &str| {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    put("etc/machine-id", "");
+    put(
+        "sys/class/dmi/id/product_uuid",
+        "6f1c2a0e-3b4d-4c5e-9f60-718293a4b5c6\n",
+    );
+    let mut a = TestAgent::prepare("");
+    let key = write_key(a.dir.path(), 0o600);
+    let extra = format!("[identity]\nroot = {:?}\n", tree.display().to_string());
+    let usage = usage_toml(&[up.url()], Some(&key), Some(&ca.pem_path), "");
+    let cfg = crate::harness::base_config(a.dir.path(), &format!("{usage}{extra}"));
+    std::fs::write(&a.config, cfg).unwrap();
+    a.spawn(&[]);
+    let at = now() - 2 * HOUR;
+    a.call(
+        "usage.record",
+        json!({"meter": "cpu", "value": "1.5", "at": at}),
+    )
+    .unwrap();
+    let f = a.call("usage.flush", json!({})).unwrap();
+    let why = f["not_sent_because"].as_str().unwrap_or_default();
+    assert!(why.contains("settling"), "{f}");
+    assert_eq!(up.unique(), 0, "nothing can be sent without the identity");
+    put("etc/machine-id", "0123456789abcdef0123456789abcdef\n");
+    wait_for(
+        "the hour closed and delivered without a second flush",
+        || {
+            up.records()
+                .values()
+                .any(|(r, _)| r["usage_value"] == json!("1.5"))
+        },
+    );
+    assert!(up.violations().is_empty(), "{:?}", up.violations());
 }

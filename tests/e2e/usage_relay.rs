@@ -420,3 +420,98 @@ fn kill_loop(storage: &str) {
     assert_eq!(hours.len(), expect.len(), "one record per hour");
     assert_eq!(ledger(&a).len(), expect.len());
 }
+
+/// A device key's usage rate is one bucket in the database, not one per process: two
+/// `seller serve` processes on one database (the same SQLite file; PostgreSQL when
+/// KOOAGENT_TEST_PG_URL is set), requests alternating between them, refuse the request
+/// after the burst whichever process gets it, and store nothing of it.
+#[test]
+fn the_device_rate_limit_holds_across_two_server_processes() {
+    for storage in storages() {
+        rate_across_processes(&storage);
+    }
+}
+
+fn rate_across_processes(storage: &str) {
+    use kooagent::usage::relay::{codes, Request, WireRecord, PATH};
+    const BURST: usize = 4;
+    // One token a minute after the burst: the test's few seconds refill nothing.
+    let cfg = format!(
+        "{storage}[seller_server.usage]\nupstreams = [{:?}]\nbackoff_initial_ms = 600000\n\
+         backoff_max_ms = 600000\ndevice_rate_per_sec = 0.01\ndevice_burst = {BURST}\n",
+        dead_url()
+    );
+    let a = SellerServer::start(&cfg);
+    let b = a.replica_sharing_state();
+    // A device code (its last character is a check) and its key, bound the way an
+    // agent's license fetch binds it.
+    let code = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        .chars()
+        .map(|c| format!("RATE-LIMT-ACRS-PROC-ESS{c}"))
+        .find(|c| kooagent::device_code::parse_code(c).is_ok())
+        .unwrap();
+    order(&a, "RA2-R-A", &code);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let target = format!("/v1/licenses/kg-RA2-R-A?device_code={code}");
+    let (status, _, body) = b.device_get(&key, &target);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    let hour = now() / HOUR * HOUR - HOUR;
+    let send = |server: &SellerServer, n: usize| {
+        let body = serde_json::to_vec(&Request {
+            records: vec![WireRecord {
+                metering_sn: format!("rate-{n}"),
+                instance_id: "RA2-R-A".into(),
+                meter: "cpu".into(),
+                begin_time: kooagent::clock::format_compact(hour),
+                end_time: kooagent::clock::format_compact(hour + HOUR),
+                record_time: kooagent::clock::format_compact(now()),
+                usage_value: "1".into(),
+                relate_pkg_instance: None,
+            }],
+        })
+        .unwrap();
+        let h = crate::seller_server::device_headers(
+            &key,
+            "POST",
+            PATH,
+            &body,
+            crate::seller_server::now_ms(),
+            &crate::seller_server::random_nonce(),
+        );
+        let (status, headers, body) = server.request_with("POST", PATH, &h, &body);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        (status, headers, v)
+    };
+    for n in 0..BURST {
+        let server = if n % 2 == 0 { &a } else { &b };
+        let (status, _, v) = send(server, n);
+        assert_eq!(status, 200, "request {n}: {v}");
+        assert_eq!(v["results"][0]["state"], "pending", "request {n}: {v}");
+    }
+    // Each process has served only half the burst: a per-process bucket would still
+    // let these through.
+    for (n, server) in [(BURST, &a), (BURST + 1, &b)] {
+        let (status, headers, v) = send(server, n);
+        assert_eq!(status, 429, "request {n}: {v}");
+        assert_eq!(v["error_code"], codes::RATE_LIMITED, "{v}");
+        assert!(
+            headers.iter().any(|(k, v)| k == "retry-after" && v == "60"),
+            "{headers:?}"
+        );
+    }
+    let held = |db: &std::path::Path| -> Vec<String> {
+        let c = rusqlite::Connection::open(db).unwrap();
+        let mut s = c
+            .prepare("SELECT metering_sn FROM usage_outbox ORDER BY metering_sn")
+            .unwrap();
+        s.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    if storage.is_empty() {
+        let want: Vec<String> = (0..BURST).map(|n| format!("rate-{n}")).collect();
+        assert_eq!(held(&a.dir.path().join("state/seller.db")), want);
+    }
+}

@@ -491,13 +491,7 @@ impl AuthcodeService {
             last_query_at: None,
             last_error: None,
         };
-        self.records
-            .write()
-            .expect("records")
-            .insert(code.to_string(), rec.clone());
-        self.in_flight.lock().expect("in_flight").remove(code);
-        self.persist()
-            .map_err(|e| OpError::new(STORE_FAILED, format!("activated, but not saved: {e}")))?;
+        self.remember(code, &rec, "activated")?;
         log::info!(
             "authcode: {code} {} for product {} (via {})",
             if recovered { "recovered" } else { "activated" },
@@ -615,13 +609,7 @@ impl AuthcodeService {
             last_query_at: Some(now),
             last_error: None,
         };
-        self.records
-            .write()
-            .expect("records")
-            .insert(code.to_string(), rec.clone());
-        self.in_flight.lock().expect("in_flight").remove(code);
-        self.persist()
-            .map_err(|e| OpError::new(STORE_FAILED, format!("recovered, but not saved: {e}")))?;
+        self.remember(code, &rec, "recovered")?;
         log::info!(
             "authcode: {code} recovered for product {} ({RECOVERED})",
             rec.product
@@ -816,6 +804,18 @@ impl AuthcodeService {
                 }
             }
         }
+    }
+
+    /// Keeps `rec` for `code`, ends the code's in-flight marker and saves the store; `what`
+    /// (activated, recovered) names what happened when saving fails.
+    fn remember(&self, code: &str, rec: &CodeRecord, what: &str) -> Result<(), OpError> {
+        self.records
+            .write()
+            .expect("records")
+            .insert(code.to_string(), rec.clone());
+        self.in_flight.lock().expect("in_flight").remove(code);
+        self.persist()
+            .map_err(|e| OpError::new(STORE_FAILED, format!("{what}, but not saved: {e}")))
     }
 
     fn persist(&self) -> Result<(), crate::store::StoreError> {

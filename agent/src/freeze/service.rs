@@ -22,7 +22,7 @@ use super::FreezeConfig;
 use crate::clock::format_rfc3339;
 use crate::device_service::DeviceState;
 use crate::license::format::License;
-use crate::license::service::{FreezeHook, FreezeVerdict, FreezeView};
+use crate::license::service::{FreezeHook, FreezeVerdict, FreezeView, Verdicts};
 use crate::license::verdict::{State, TimeView};
 use crate::license::LicenseService;
 
@@ -67,7 +67,7 @@ struct Inner {
     tamper: Option<String>,
     save_error: Option<String>,
     event_seq: u64,
-    subscribers: Vec<mpsc::Sender<Value>>,
+    subscribers: Vec<Subscriber>,
     /// Transition events not sent yet: they go out once the license verdict table shows
     /// them ([`FreezeHook::verdicts_updated`]), so a watcher that reacts to `frozen` by
     /// calling `license.check` never reads the verdict from before the freeze.
@@ -79,6 +79,12 @@ struct Inner {
     anchors: Vec<String>,
     /// The anchor sealed at the last save (the trusted-time file takes it from here).
     sealed: Option<String>,
+}
+
+/// A `watch` subscriber; `verdicts` when it asked for the verdict table too.
+struct Subscriber {
+    tx: mpsc::Sender<Value>,
+    verdicts: bool,
 }
 
 pub struct FreezeService {
@@ -413,11 +419,25 @@ impl FreezeService {
     /// Subscribes to transitions: the current state of every license first, then each
     /// transition in order, every event with an increasing `seq`.
     pub fn subscribe(&self) -> mpsc::Receiver<Value> {
+        self.subscribe_with(None)
+    }
+
+    /// [`FreezeService::subscribe`], plus a `verdicts` event with the current verdict table
+    /// (`table()`, [`Verdicts::cache_event`]) after the states and another at every
+    /// rebuild of the table. `table` is read under this service's lock, so no rebuild can
+    /// fall between it and the subscription.
+    ///
+    /// [`Verdicts::cache_event`]: crate::license::service::Verdicts::cache_event
+    pub fn subscribe_verdicts(&self, table: &dyn Fn() -> Value) -> mpsc::Receiver<Value> {
+        self.subscribe_with(Some(table))
+    }
+
+    fn subscribe_with(&self, table: Option<&dyn Fn() -> Value>) -> mpsc::Receiver<Value> {
         let mut inner = self.lock();
         // Older events first, to the older subscribers: the new one's snapshot has them.
         publish(&mut inner);
         let present: Vec<String> = inner.machine.present().cloned().collect();
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + present.len());
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER + present.len() + 1);
         for id in present {
             let Some(r) = inner.machine.records.get(&id).cloned() else {
                 continue;
@@ -434,7 +454,13 @@ impl FreezeService {
                 "causes": r.causes,
             }));
         }
-        inner.subscribers.push(tx);
+        if let Some(table) = table {
+            let _ = tx.try_send(verdicts_event(&mut inner, table()));
+        }
+        inner.subscribers.push(Subscriber {
+            tx,
+            verdicts: table.is_some(),
+        });
         rx
     }
 
@@ -583,13 +609,30 @@ impl FreezeService {
 /// Sends the queued transition events to the subscribers, in order.
 fn publish(inner: &mut Inner) {
     for ev in std::mem::take(&mut inner.unpublished) {
-        inner.subscribers.retain(|s| s.try_send(ev.clone()).is_ok());
+        inner
+            .subscribers
+            .retain(|s| s.tx.try_send(ev.clone()).is_ok());
     }
 }
 
+/// A `verdicts` event with the next `seq`.
+fn verdicts_event(inner: &mut Inner, mut table: Value) -> Value {
+    inner.event_seq += 1;
+    table["type"] = json!("verdicts");
+    table["seq"] = json!(inner.event_seq);
+    table
+}
+
 impl FreezeHook for FreezeService {
-    fn verdicts_updated(&self) {
-        publish(&mut self.lock());
+    fn verdicts_updated(&self, table: &Verdicts) {
+        let mut inner = self.lock();
+        publish(&mut inner);
+        if inner.subscribers.iter().any(|s| s.verdicts) {
+            let ev = verdicts_event(&mut inner, table.cache_event());
+            inner
+                .subscribers
+                .retain(|s| !s.verdicts || s.tx.try_send(ev.clone()).is_ok());
+        }
     }
 
     fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView {

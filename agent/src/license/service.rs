@@ -45,8 +45,8 @@ pub type FreezeView = (HashMap<String, FreezeVerdict>, Option<i64>);
 pub trait FreezeHook: Send + Sync {
     fn observe(&self, licenses: &[(&License, State)], time: TimeView) -> FreezeView;
     /// The verdict table now shows what the last `observe` decided (watch events wait
-    /// for this).
-    fn verdicts_updated(&self) {}
+    /// for this); `table` is that table (`watch` subscribers that asked for verdicts get it).
+    fn verdicts_updated(&self, _table: &Verdicts) {}
     /// The freeze state's sealed high-water mark, kept in the trusted-time file too.
     fn anchor(&self) -> Option<String> {
         None
@@ -74,14 +74,18 @@ pub struct Evaluated {
 }
 
 impl Evaluated {
-    /// Seconds until the license stops allowing use (expiry, or the end of grace).
-    fn secs_left(&self, now: i64) -> Option<i64> {
+    /// When the license stops allowing use (expiry, or the end of grace).
+    fn ends_at(&self) -> Option<i64> {
         match self.state {
             State::Valid => self.not_after,
             State::Grace => self.grace_end,
             _ => None,
         }
-        .map(|t| (t - now).max(0))
+    }
+
+    /// Seconds until the license stops allowing use (expiry, or the end of grace).
+    fn secs_left(&self, now: i64) -> Option<i64> {
+        self.ends_at().map(|t| (t - now).max(0))
     }
 
     fn grants(&self, feature: &str) -> bool {
@@ -182,6 +186,20 @@ impl Verdicts {
 
     pub fn rollback(&self) -> Option<i64> {
         self.time.and_then(|t| t.rollback())
+    }
+
+    /// The table as a `watch` `verdicts` event (without `type` and `seq`): every license's
+    /// `license.check` answer without its time-dependent fields, grouped by product, best
+    /// first, with the time its `secs_left` counts down to. A client that keeps it answers
+    /// `license.check` from memory exactly as [`Verdicts::check_json`] would
+    /// (`kooagent_client::cached`).
+    pub fn cache_event(&self) -> Value {
+        let licenses: Vec<Value> = self
+            .licenses
+            .iter()
+            .map(|e| json!({"check": e.answer, "ends_at": e.ends_at()}))
+            .collect();
+        json!({"device_pending": self.device_pending, "licenses": licenses})
     }
 
     /// The marketplace instance id usage of `product` is billed to: that of its best
@@ -464,9 +482,10 @@ impl LicenseService {
         v.rejected = inner.store.rejected().cloned().collect();
         let persist = inner.time.next_persist();
         v.wake_at = Some(v.next_boundary.map_or(persist, |b| b.min(persist)));
-        *self.verdicts.write().expect("verdicts lock") = Arc::new(v);
+        let v = Arc::new(v);
+        *self.verdicts.write().expect("verdicts lock") = v.clone();
         if let Some(hook) = self.freeze.get() {
-            hook.verdicts_updated();
+            hook.verdicts_updated(&v);
         }
         self.rearm.notify_one();
     }

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::json;
 
 use super::{Call, OpFuture, OpSpec, Reply};
 use crate::agent::Agent;
@@ -61,12 +60,23 @@ fn apply(agent: Arc<Agent>, call: Call) -> OpFuture {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct WatchParams {}
+struct WatchParams {
+    /// Also stream the license verdict table (for clients that answer checks from memory).
+    #[serde(default)]
+    verdicts: bool,
+}
 
 fn watch(agent: Arc<Agent>, call: Call) -> OpFuture {
     Box::pin(async move {
-        if !call.params.is_null() && call.params != json!({}) {
-            let _: WatchParams = params(&call.params)?;
+        let p: WatchParams = if call.params.is_null() {
+            WatchParams::default()
+        } else {
+            params(&call.params)?
+        };
+        if p.verdicts {
+            let license = agent.license.clone();
+            let table = move || license.verdicts().cache_event();
+            return Ok(Reply::Stream(agent.freeze.subscribe_verdicts(&table)));
         }
         Ok(Reply::Stream(agent.freeze.subscribe()))
     })

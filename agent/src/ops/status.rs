@@ -33,6 +33,7 @@ fn status(agent: Arc<Agent>, _call: Call) -> OpFuture {
             "pid": std::process::id(),
             "started_at": crate::clock::format_rfc3339(agent.started_unix),
             "uptime_secs": agent.started.elapsed().as_secs(),
+            "socket_connections": agent.connections.open(),
             "config_file": agent.config_file,
             "state_dir": cfg.agent.state_dir,
             "socket": cfg.socket.path,

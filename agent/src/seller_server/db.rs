@@ -111,6 +111,24 @@ CREATE TABLE IF NOT EXISTS buckets (
 );
 ";
 
+/// The device code → instance links: one row per code in an instance's `devices` list,
+/// kept by `put_instance` in the same transaction, so "which instances may this device
+/// bill" is an index lookup, not a scan of every instance's list (issue 19). Created by
+/// each backend's migration, which fills it from `instances.devices` when the table is
+/// new (a database made before the table existed).
+pub const LINK_SCHEMA: &str = "
+CREATE TABLE instance_devices (
+    device_code TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    PRIMARY KEY (device_code, instance_id)
+);
+CREATE INDEX instance_devices_by_instance ON instance_devices (instance_id);
+";
+
+/// The columns of an [`InstanceRow`], in the order both backends read them.
+pub const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, \
+                                 not_after, status, frozen, license, seq, updated_at";
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DbError {
     /// The database failed; the message is for the log, not for responses.
@@ -304,8 +322,12 @@ pub trait Tx {
     fn put_device(&mut self, row: &DeviceRow) -> Result<(), DbError>;
     /// Forgets the binding of `code` (the seller's release); false: there was none.
     fn release_device(&mut self, code: &str) -> Result<bool, DbError>;
-    /// Instances whose license is bound to device code `code`.
+    /// Instances whose license is bound to device code `code`, by instance id.
     fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError>;
+    /// The instances whose issued license is bound to a device code bound to `key`
+    /// (what a usage record from that device may bill), by instance id: index lookups
+    /// (devices by key → links by code → instances by id).
+    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError>;
     fn bucket(&mut self, name: &str) -> Result<Option<BucketRow>, DbError>;
     /// Inserts or replaces.
     fn put_bucket(&mut self, name: &str, row: BucketRow) -> Result<(), DbError>;
@@ -327,19 +349,6 @@ pub trait Tx {
         Ok(self.device_codes(key)?.into_iter().next())
     }
 
-    /// The instances whose issued license is bound to a device code bound to `key`
-    /// (what a usage record from that device may bill).
-    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
-        let mut out: Vec<InstanceRow> = Vec::new();
-        for d in self.device_codes(key)? {
-            for i in self.instances_with_device(&d.device_code)? {
-                if !out.iter().any(|o| o.instance_id == i.instance_id) {
-                    out.push(i);
-                }
-            }
-        }
-        Ok(out)
-    }
     /// The usage relay's outbox (issue 19).
     fn usage(&mut self) -> &mut dyn usage::UsageOutbox;
 }
@@ -514,7 +523,15 @@ fn run_together(b: &mut dyn Backend, batch: &mut [Job]) -> Result<Vec<JobResult>
     // a copy of every page it changes (SQLite's sub-journal) besides its statements.
     let mut savepoints = false;
     loop {
-        match try_batch(b, batch, savepoints) {
+        let started = std::time::Instant::now();
+        let attempt = try_batch(b, batch, savepoints);
+        let outcome = match &attempt {
+            Ok(_) => super::metrics::TxOutcome::Done,
+            Err(DbError::Retry) => super::metrics::TxOutcome::Conflict,
+            Err(_) => super::metrics::TxOutcome::Error,
+        };
+        super::metrics::transaction(started.elapsed(), outcome);
+        match attempt {
             Ok(Attempt::Done(results)) => return Ok(results),
             Ok(Attempt::JobFailed) => {
                 // A job failed after (maybe) writing: only its own savepoint can undo
@@ -551,6 +568,7 @@ fn run_alone(b: &mut dyn Backend, job: &mut Job, mut conflicts: u32) -> (JobResu
                 conflicts += 1;
                 if conflicts >= MAX_RETRIES {
                     log::error!("database: gave up after {MAX_RETRIES} serialization conflicts");
+                    super::metrics::db_error();
                     let e = DbError::Backend("too many serialization conflicts".into());
                     return (Err(e), conflicts - first);
                 }
@@ -625,6 +643,129 @@ pub mod tests {
         std::env::var("KOOAGENT_TEST_PG_URL")
             .ok()
             .filter(|s| !s.is_empty())
+    }
+
+    /// The `instances` and `devices` tables as made before the device links existed, with
+    /// rows: instances i1 [A], i2 [A, B], i3 [C], i4 [] (and AB, whose code contains A);
+    /// device A and AB with key K1, B with K2, C with K3. SQL both backends take.
+    pub const OLD_INSTANCES: &str = "
+        CREATE TABLE instances (instance_id TEXT PRIMARY KEY, product TEXT NOT NULL,
+            license_id TEXT NOT NULL UNIQUE, devices TEXT NOT NULL, not_before BIGINT NOT NULL,
+            not_after BIGINT, status TEXT NOT NULL, frozen BIGINT NOT NULL,
+            license TEXT NOT NULL, seq BIGINT NOT NULL, updated_at BIGINT NOT NULL);
+        CREATE TABLE devices (device_code TEXT PRIMARY KEY, device_key TEXT NOT NULL,
+            first_seen BIGINT NOT NULL, last_seen BIGINT NOT NULL);
+        INSERT INTO instances VALUES
+            ('i1', 'p1', 'kg-i1', '[\"A\"]', 0, NULL, 'active', 0, 'kl1.1', 0, 1),
+            ('i2', 'p2', 'kg-i2', '[\"A\",\"B\"]', 0, NULL, 'released', 1, 'kl1.2', 3, 1),
+            ('i3', 'p1', 'kg-i3', '[\"C\"]', 0, 9, 'expired', 0, 'kl1.3', 0, 1),
+            ('i4', 'p1', 'kg-i4', '[]', 0, NULL, 'active', 0, 'kl1.4', 0, 1),
+            ('i5', 'p1', 'kg-i5', '[\"AB\"]', 0, NULL, 'active', 0, 'kl1.5', 0, 1);
+        INSERT INTO devices VALUES ('A', 'K1', 1, 5), ('AB', 'K1', 1, 4), ('B', 'K2', 1, 1),
+            ('C', 'K3', 1, 1);
+    ";
+
+    /// The instance ids of a lookup.
+    pub fn ids(rows: Vec<InstanceRow>) -> Vec<String> {
+        rows.into_iter().map(|i| i.instance_id).collect()
+    }
+
+    /// What [`OLD_INSTANCES`] answers once the links are made, and a rebind moving them.
+    pub fn check_old_instances_migrated(tx: &mut dyn Tx) {
+        assert_eq!(
+            ids(tx.instances_for_device("K1").unwrap()),
+            ["i1", "i2", "i5"]
+        );
+        assert_eq!(ids(tx.instances_for_device("K2").unwrap()), ["i2"]);
+        assert_eq!(ids(tx.instances_for_device("K3").unwrap()), ["i3"]);
+        assert!(tx.instances_for_device("K9").unwrap().is_empty());
+        assert_eq!(ids(tx.instances_with_device("A").unwrap()), ["i1", "i2"]);
+        assert_eq!(ids(tx.instances_with_device("AB").unwrap()), ["i5"]);
+        // The rows come back whole.
+        let i2 = tx.instances_for_device("K2").unwrap().remove(0);
+        assert_eq!(
+            (i2.devices, i2.status, i2.frozen, i2.seq),
+            (
+                vec!["A".to_string(), "B".to_string()],
+                InstanceStatus::Released,
+                true,
+                3
+            )
+        );
+        // A rebind of i1 from A to C moves its link.
+        let mut i1 = tx.instance("i1").unwrap().unwrap();
+        i1.devices = vec!["C".into()];
+        tx.put_instance(&i1).unwrap();
+        assert_eq!(ids(tx.instances_for_device("K1").unwrap()), ["i2", "i5"]);
+        assert_eq!(ids(tx.instances_for_device("K3").unwrap()), ["i1", "i3"]);
+        assert_eq!(ids(tx.instances_with_device("A").unwrap()), ["i2"]);
+    }
+
+    /// Links follow every `put_instance`, inside its transaction: a rebind moves them, a
+    /// job that fails after writing an instance leaves no link behind.
+    #[test]
+    fn device_links_follow_instances_and_roll_back_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, b) in backends(dir.path()) {
+            let db = Db::start(b);
+            db.run_blocking(|tx| {
+                for (code, key) in [("A", "K1"), ("B", "K2")] {
+                    tx.put_device(&DeviceRow {
+                        device_code: code.into(),
+                        device_key: key.into(),
+                        first_seen: 1,
+                        last_seen: 1,
+                    })?;
+                }
+                let mut one = instance("i1");
+                one.devices = vec!["A".into()];
+                tx.put_instance(&one)?;
+                tx.put_instance(&instance("i2"))
+            })
+            .unwrap();
+            let for_key = |k: &'static str| {
+                ids(db
+                    .run_blocking(move |tx| tx.instances_for_device(k))
+                    .unwrap())
+            };
+            assert_eq!(for_key("K1"), ["i1", "i2"], "{name}");
+            assert_eq!(for_key("K2"), ["i2"], "{name}");
+            // Rebind i1 to B, and i2 to nothing: K1 bills nothing any more.
+            db.run_blocking(|tx| {
+                let mut one = instance("i1");
+                one.devices = vec!["B".into()];
+                tx.put_instance(&one)?;
+                let mut two = instance("i2");
+                two.devices = vec![];
+                tx.put_instance(&two)
+            })
+            .unwrap();
+            assert!(for_key("K1").is_empty(), "{name}");
+            assert_eq!(for_key("K2"), ["i1"], "{name}");
+            // A failed job's instance and links are both undone.
+            let failing = db.submit(|tx| {
+                tx.put_instance(&instance("i3"))?;
+                Err::<(), _>(DbError::Abort("no".into()))
+            });
+            assert!(Db::unpack::<()>(failing.blocking_recv()).is_err());
+            assert!(for_key("K1").is_empty(), "{name}");
+            assert_eq!(for_key("K2"), ["i1"], "{name}");
+            assert!(db.run_blocking(|tx| tx.instance("i3")).unwrap().is_none());
+            // The seller releases device code B: its key bills nothing; a new key that
+            // binds B inherits the instances licensed to B.
+            assert!(db.run_blocking(|tx| tx.release_device("B")).unwrap());
+            assert!(for_key("K2").is_empty(), "{name}");
+            db.run_blocking(|tx| {
+                tx.put_device(&DeviceRow {
+                    device_code: "B".into(),
+                    device_key: "K3".into(),
+                    first_seen: 2,
+                    last_seen: 2,
+                })
+            })
+            .unwrap();
+            assert_eq!(for_key("K3"), ["i1"], "{name}");
+        }
     }
 
     fn job(

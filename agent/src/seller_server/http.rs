@@ -75,6 +75,8 @@ pub struct State {
     live: std::sync::RwLock<Arc<Live>>,
     /// Open connections and their limits ([`super::conns`]).
     pub conns: Arc<Conns>,
+    /// `metrics_token_file`'s token; None: no `/metrics` ([`super::metrics`]).
+    pub metrics_token: Option<Secret>,
     last_prune: AtomicI64,
 }
 
@@ -104,6 +106,7 @@ impl State {
                 per_address: cfg.max_connections_per_address,
                 reserve: cfg.marketplace_reserved_connections,
             }),
+            metrics_token: None,
             last_prune: AtomicI64::new(0),
         }
     }
@@ -188,6 +191,10 @@ pub fn restart_keys(old: &SellerServerConfig, new: &SellerServerConfig) -> Vec<&
         old.marketplace_extra_ca_file == new.marketplace_extra_ca_file,
     );
     check("usage", old.usage == new.usage);
+    check(
+        "metrics_token_file",
+        old.metrics_token_file == new.metrics_token_file,
+    );
     check(
         "license_upload",
         old.license_upload == new.license_upload
@@ -414,6 +421,9 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
+    if path == super::metrics::PATH {
+        return Ok(super::metrics::handle(&state, &req).await);
+    }
     if path.starts_with("/v1/") && !state.conns.device_room() {
         // Device traffic must leave the marketplace's share free: busy, and the connection
         // closed to give its descriptor back.
@@ -432,13 +442,22 @@ async fn route(
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
         }
         let rest = rest.to_string();
-        return Ok(agent_get(&state, peer, &rest, &req).await);
+        let endpoint = if rest.ends_with("/status") {
+            "status"
+        } else {
+            "license"
+        };
+        let r = agent_get(&state, peer, &rest, &req).await;
+        super::metrics::relay_call(endpoint, r.status());
+        return Ok(r);
     }
     if path == crate::usage::relay::PATH {
         if req.method() != Method::POST {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
         }
-        return Ok(super::usage_relay::handle(state, req).await);
+        let r = super::usage_relay::handle(state, req).await;
+        super::metrics::relay_call("usage_records", r.status());
+        return Ok(r);
     }
     if let Some(name) = path.strip_prefix(relay::PREFIX) {
         let Some(ep) = Endpoint::from_name(name) else {
@@ -447,7 +466,9 @@ async fn route(
         if req.method() != Method::POST {
             return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
         }
-        return Ok(relay_call(state, peer, ep, req).await);
+        let r = relay_call(state, peer, ep, req).await;
+        super::metrics::relay_call(ep.metrics_name(), r.status());
+        return Ok(r);
     }
     let Some(i) = state.products.iter().position(|p| p.path == path) else {
         return Ok(plain(StatusCode::NOT_FOUND, "no such endpoint\n"));
@@ -543,19 +564,41 @@ fn closing(mut r: Resp) -> Resp {
 }
 
 async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) -> Resp {
+    let started = std::time::Instant::now();
     let query = req.uri().query().map(str::to_string);
     let body = match read_body(&state, req).await {
         Ok(b) => b,
-        Err(msg) => return closing(signed(&state, answer(ResultCode::BadParams, &msg, &[]))),
+        Err(msg) => {
+            let out = answer(ResultCode::BadParams, &msg, &[]);
+            super::metrics::marketplace_call("other", &out, started.elapsed());
+            return closing(signed(&state, out));
+        }
     };
+    let (activity, out) = marketplace_answer(&state, product, query, body).await;
+    super::metrics::marketplace_call(activity, &out, started.elapsed());
+    signed(&state, out)
+}
+
+/// The answer to a marketplace call, and the call's activity for the metrics
+/// (`unauthenticated` when the signature was refused).
+async fn marketplace_answer(
+    state: &Arc<State>,
+    product: usize,
+    query: Option<String>,
+    body: Bytes,
+) -> (&'static str, String) {
     let now_ms = state.clock.now_ms();
-    let (nonce, body) = match authenticate(&state, query.as_deref(), body, now_ms) {
+    let (nonce, body) = match authenticate(state, query.as_deref(), body, now_ms) {
         Ok(x) => x,
         Err(e) => {
             log::warn!("marketplace request refused: {e}");
-            return signed(&state, answer(ResultCode::AuthFailed, &e.to_string(), &[]));
+            return (
+                "unauthenticated",
+                answer(ResultCode::AuthFailed, &e.to_string(), &[]),
+            );
         }
     };
+    let activity = super::metrics::activity_of(&body);
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
     // The new license is signed here, on the workers, in parallel; the database thread
@@ -608,7 +651,7 @@ async fn marketplace(state: Arc<State>, product: usize, req: Request<Incoming>) 
             )
         }
     };
-    signed(&state, out)
+    (activity, out)
 }
 
 pub(super) fn json(status: StatusCode, body: String) -> Resp {
@@ -944,6 +987,29 @@ fn fit_connections(cfg: &SellerServerConfig, nofile: u64) -> conns::Limits {
     fitted
 }
 
+/// `metrics_token_file`'s token, refused when it is the interconnection key: the
+/// marketplace's key must not open the metrics, nor the metrics token sign its calls.
+fn metrics_token(cfg: &SellerServerConfig, market: &Secret) -> Result<Option<Secret>, String> {
+    if cfg.metrics_token_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let key = "seller_server.metrics_token_file";
+    let t = Secret::load_as(&cfg.metrics_token_file, key)?;
+    if t.expose() == market.expose() {
+        return Err(format!(
+            "{key} {}: holds the interconnection key; give /metrics a token of its own",
+            cfg.metrics_token_file.display()
+        ));
+    }
+    if t.expose().len() < 16 {
+        return Err(format!(
+            "{key} {}: the token is shorter than 16 characters",
+            cfg.metrics_token_file.display()
+        ));
+    }
+    Ok(Some(t))
+}
+
 /// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
 /// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
 /// `config_path`: the file SIGHUP reads again (None: SIGHUP is logged and ignored).
@@ -952,6 +1018,19 @@ pub fn run(
     config_path: Option<&Path>,
     clock: Arc<dyn Clock>,
 ) -> Result<(), String> {
+    // The runtime and the SIGHUP handler come first: a reload asked for while the server
+    // still reads its keys and opens the database (seconds on a busy PostgreSQL) is carried
+    // out once it listens, instead of killing it (SIGHUP's default action).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let hangup = {
+        let _in_runtime = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?
+    };
     private_file_mode("seller_server.signing_key_file", &cfg.signing_key_file)?;
     let signing_key = crate::license::seller::read_signing_key(&cfg.signing_key_file)
         .map_err(|e| format!("seller_server.signing_key_file: {e}"))?;
@@ -977,7 +1056,8 @@ pub fn run(
     let tokens: Arc<dyn StatusTokens> = Arc::new(super::tokens::FreezeTokens {
         key: signing_key.clone(),
     });
-    let state = Arc::new(State::new(
+    let metrics_token = metrics_token(cfg, &interconnection_key)?;
+    let mut state = State::new(
         cfg,
         signing_key,
         interconnection_key,
@@ -985,7 +1065,9 @@ pub fn run(
         db,
         clock,
         relay,
-    ));
+    );
+    state.metrics_token = metrics_token;
+    let state = Arc::new(state);
     let nofile = conns::raise_fd_limit();
     let fitted = fit_connections(cfg, nofile);
     state.conns.set_limits(fitted);
@@ -995,15 +1077,7 @@ pub fn run(
         usage_key,
         state.clock.clone(),
     )?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
     rt.block_on(async move {
-        // Before the listener: from then on SIGHUP reloads instead of killing the server.
-        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
         let (hup_state, hup_tls, started) = (state.clone(), tls.clone(), cfg.clone());
         let path = config_path.map(Path::to_path_buf);
         tokio::spawn(async move {

@@ -15,6 +15,7 @@
 //!   forwarding with the seller's AK/SK);
 //! - [`usage_relay`]: usage records from devices (device signatures), held in an outbox
 //!   and uploaded with the interconnection key;
+//! - [`metrics`]: `GET /metrics`, the Prometheus counters, behind their own token;
 //! - [`http`]: TLS, HTTP, routing, timeouts.
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub mod db;
 pub mod devices;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod pool;
 pub mod relay;
 pub mod tokens;
@@ -107,6 +109,9 @@ pub struct SellerServerConfig {
     /// Of `max_connections`, this many are kept for the marketplace's calls: device
     /// requests are answered busy when fewer are free.
     pub marketplace_reserved_connections: usize,
+    /// The bearer token of `GET /metrics` (one line, mode 0600); empty: no `/metrics`
+    /// (it answers 404). Must differ from the interconnection key.
+    pub metrics_token_file: PathBuf,
 }
 
 /// The seller server's own places, apart from the agent's: as root the FHS ones
@@ -166,6 +171,7 @@ impl Default for SellerServerConfig {
             max_connections: 4096,
             max_connections_per_address: 64,
             marketplace_reserved_connections: 64,
+            metrics_token_file: PathBuf::new(),
         }
     }
 }
@@ -362,6 +368,9 @@ impl SellerServerConfig {
                     key("path"),
                     "/v1/ is reserved for the agents' endpoints",
                 ));
+            }
+            if p.path == metrics::PATH {
+                return Err(invalid(key("path"), "/metrics is the metrics endpoint"));
             }
             if !paths.insert(p.path.as_str()) {
                 return Err(invalid(

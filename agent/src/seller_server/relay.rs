@@ -52,6 +52,15 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// From the part of the path after [`PREFIX`].
+    /// The `endpoint` label of `kooagent_seller_relay_calls_total`.
+    pub fn metrics_name(self) -> &'static str {
+        match self {
+            Endpoint::Activate => "authcode_activate",
+            Endpoint::Heartbeat => "authcode_heartbeat",
+            Endpoint::Usage => "authcode_usage",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Endpoint> {
         match name {
             "activate" => Some(Endpoint::Activate),

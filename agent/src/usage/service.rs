@@ -148,6 +148,7 @@ impl UsageService {
             relay: None,
             attempt: 0,
             retry_at_ms: Some(0),
+            close_wanted: false,
         };
         std::thread::Builder::new()
             .name("usage-upload".into())
@@ -458,6 +459,9 @@ struct Uploader {
     attempt: u32,
     /// When to try delivering again (Unix ms); `None` = only on a new closed hour.
     retry_at_ms: Option<i64>,
+    /// A flush found the hours could not be closed (no device identity yet): close and
+    /// deliver as soon as they can be, not only at the next hour boundary.
+    close_wanted: bool,
 }
 
 #[derive(PartialEq)]
@@ -469,6 +473,10 @@ struct ClientKey {
 
 /// How long to wait for the identity before trying to close hours again.
 const IDENTITY_RETRY_MS: i64 = 30_000;
+/// How often a flush that could not close hours tries again.
+const FLUSH_CLOSE_RETRY_MS: i64 = 1_000;
+/// How long a flush waits for the device identity still being computed at start.
+const FLUSH_IDENTITY_WAIT: Duration = Duration::from_secs(5);
 
 impl Uploader {
     fn run(mut self, rx: mpsc::Receiver<Wake>) {
@@ -493,6 +501,9 @@ impl Uploader {
             // so late usage for them can still arrive while the agent catches up.
             let due = *close_at_ms.get_or_insert_with(|| next_close_ms(now, lateness_ms));
             let mut wake_at = due;
+            if self.close_wanted {
+                wake_at = wake_at.min(now + FLUSH_CLOSE_RETRY_MS);
+            }
             if let Some(r) = self.retry_at_ms {
                 let st = self.ledger.state();
                 let waiting = st.count().0 > 0 || st.relayed() > 0;
@@ -513,10 +524,14 @@ impl Uploader {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let now = self.clock.now_ms();
-                    if now >= due {
+                    if now >= due || self.close_wanted {
                         match self.close(&cfg) {
-                            Ok(_) => close_at_ms = Some(next_close_ms(now, lateness_ms)),
-                            Err(_) => close_at_ms = Some(now + IDENTITY_RETRY_MS),
+                            Ok(_) => {
+                                self.close_wanted = false;
+                                close_at_ms = Some(next_close_ms(now, lateness_ms));
+                            }
+                            Err(_) if now >= due => close_at_ms = Some(now + IDENTITY_RETRY_MS),
+                            Err(_) => {}
                         }
                         self.prune(&cfg);
                         self.retry_at_ms.get_or_insert(now);
@@ -558,9 +573,26 @@ impl Uploader {
         }
     }
 
+    /// Right after start the identity is still being computed (a second or two, longer on
+    /// a loaded machine): a flush then waits for it rather than leaving the hours open.
+    /// Settling (machine-id not initialized) can last minutes, so that is not waited for.
+    fn wait_for_identity(&self, limit: Duration) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            match self.agent.upgrade().map(|a| a.device.current()) {
+                Some(DeviceState::Pending) => std::thread::sleep(Duration::from_millis(20)),
+                _ => return,
+            }
+        }
+    }
+
     fn blocked(&self, why: String) -> Result<usize, String> {
-        log::info!("usage: hours stay open: {why}");
-        self.info.lock().expect("upload lock").close_blocked = Some(why.clone());
+        let mut info = self.info.lock().expect("upload lock");
+        // A flush waiting for the identity retries every second: log each reason once.
+        if info.close_blocked.as_deref() != Some(why.as_str()) {
+            log::info!("usage: hours stay open: {why}");
+        }
+        info.close_blocked = Some(why.clone());
         Err(why)
     }
 
@@ -710,9 +742,18 @@ impl Uploader {
     fn flush(&mut self, full: &crate::config::Config, retry_parked: bool) -> FlushResult {
         let cfg = &full.usage;
         let mut out = FlushResult::default();
+        self.wait_for_identity(FLUSH_IDENTITY_WAIT);
         match self.close(cfg) {
-            Ok(n) => out.closed_records = n,
-            Err(e) => out.not_sent_because = Some(format!("hours stay open: {e}")),
+            Ok(n) => {
+                out.closed_records = n;
+                self.close_wanted = false;
+            }
+            Err(e) => {
+                out.not_sent_because = Some(format!(
+                    "hours stay open: {e}; they are closed and sent as soon as it is known"
+                ));
+                self.close_wanted = true;
+            }
         }
         if retry_parked {
             let sns: Vec<String> = self

@@ -17,7 +17,7 @@ use postgres::{Client, NoTls, Row};
 
 use super::{
     Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow,
+    InstanceStatus, TokenRow, Tx, UploadRow, INSTANCE_COLS,
 };
 
 pub struct Postgres {
@@ -68,16 +68,20 @@ impl Postgres {
         }
         let mut client = Client::connect(url, NoTls)
             .map_err(|e| DbError::Backend(format!("connecting to PostgreSQL: {e}")))?;
-        // Replicas starting together: one creates the tables, the others wait for it.
+        // Replicas starting together: one creates the tables, the others wait for it. (On
+        // an error the connection is dropped, which releases the lock.)
         client
             .batch_execute(&format!(
                 "SELECT pg_advisory_lock(7265001); \
                  CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {}; \
-                 {MIGRATIONS} {} \
-                 SELECT pg_advisory_unlock(7265001);",
+                 {MIGRATIONS} {}",
                 super::SCHEMA.trim().trim_end_matches(';'),
                 super::usage::SCHEMA.trim()
             ))
+            .map_err(err)?;
+        link_table(&mut client)?;
+        client
+            .batch_execute("SELECT pg_advisory_unlock(7265001)")
             .map_err(err)?;
         Ok(Postgres { client })
     }
@@ -90,6 +94,51 @@ impl Postgres {
         self.client.query_opt(sql, p).map_err(err)
     }
 
+    /// Makes the links of `instance_id` exactly `devices` (inside the caller's
+    /// transaction); an unchanged list (a freeze, a refresh) writes nothing.
+    fn link_devices(&mut self, instance_id: &str, devices: &[String]) -> Result<(), DbError> {
+        let have: Vec<String> = self
+            .client
+            .query(
+                "SELECT device_code FROM instance_devices WHERE instance_id = $1",
+                &[&instance_id],
+            )
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for gone in have.iter().filter(|h| !devices.contains(h)) {
+            self.exec(
+                "DELETE FROM instance_devices WHERE device_code = $1 AND instance_id = $2",
+                &[gone, &instance_id],
+            )?;
+        }
+        for new in devices.iter().filter(|d| !have.contains(d)) {
+            self.exec(
+                "INSERT INTO instance_devices (device_code, instance_id) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+                &[new, &instance_id],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The instances whose id `ids` selects (a query with one parameter, `$1`), by id.
+    fn instances_where(&mut self, ids: &str, arg: &str) -> Result<Vec<InstanceRow>, DbError> {
+        self.client
+            .query(
+                &format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id IN ({ids}) \
+                     ORDER BY instance_id"
+                ),
+                &[&arg],
+            )
+            .map_err(err)?
+            .into_iter()
+            .map(|r| instance_row(Some(r)).map(|i| i.expect("a row")))
+            .collect()
+    }
+
     fn exec(
         &mut self,
         sql: &str,
@@ -97,6 +146,32 @@ impl Postgres {
     ) -> Result<u64, DbError> {
         self.client.execute(sql, p).map_err(err)
     }
+}
+
+/// Creates the device code → instance links ([`super::LINK_SCHEMA`]) if missing and fills
+/// them from every instance's `devices` list, in one transaction (the caller holds the
+/// schema lock, so replicas starting together do it once).
+fn link_table(client: &mut Client) -> Result<(), DbError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('instance_devices') IS NOT NULL", &[])
+        .map_err(err)?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    let mut tx = client.transaction().map_err(err)?;
+    tx.batch_execute(super::LINK_SCHEMA).map_err(err)?;
+    let n = tx
+        .execute(
+            "INSERT INTO instance_devices (device_code, instance_id) \
+             SELECT DISTINCT d.code, i.instance_id FROM instances i, \
+             jsonb_array_elements_text(i.devices::jsonb) AS d(code) ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .map_err(err)?;
+    tx.commit().map_err(err)?;
+    log::info!("database: added instance_devices ({n} device links from instances.devices)");
+    Ok(())
 }
 
 impl Backend for Postgres {
@@ -130,9 +205,6 @@ impl Backend for Postgres {
         self
     }
 }
-
-const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, not_after, \
-                             status, frozen, license, seq, updated_at";
 
 fn instance_row(r: Option<Row>) -> Result<Option<InstanceRow>, DbError> {
     let Some(r) = r else { return Ok(None) };
@@ -230,8 +302,8 @@ impl Tx for Postgres {
                 &r.seq,
                 &r.updated_at,
             ],
-        )
-        .map(drop)
+        )?;
+        self.link_devices(&r.instance_id, &r.devices)
     }
 
     fn record_license(
@@ -455,27 +527,18 @@ impl Tx for Postgres {
     }
 
     fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError> {
-        // Device codes hold no LIKE wildcards or JSON escapes (checked before they are
-        // stored); the exact match is made on the parsed list.
-        let pattern = format!("%\"{code}\"%");
-        let rows = self
-            .client
-            .query(
-                &format!(
-                    "SELECT {INSTANCE_COLS} FROM instances WHERE devices LIKE $1 ORDER BY instance_id"
-                ),
-                &[&pattern],
-            )
-            .map_err(err)?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Some(i) = instance_row(Some(r))? {
-                if i.devices.iter().any(|d| d == code) {
-                    out.push(i);
-                }
-            }
-        }
-        Ok(out)
+        self.instances_where(
+            "SELECT instance_id FROM instance_devices WHERE device_code = $1",
+            code,
+        )
+    }
+
+    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
+        self.instances_where(
+            "SELECT l.instance_id FROM devices d JOIN instance_devices l \
+             ON l.device_code = d.device_code WHERE d.device_key = $1",
+            key,
+        )
     }
 
     fn key_bound(&mut self, key: &str) -> Result<bool, DbError> {
@@ -642,6 +705,34 @@ pub mod tests {
 #[cfg(test)]
 mod migration_tests {
     use super::*;
+    use crate::seller_server::db::tests::{check_old_instances_migrated, ids, OLD_INSTANCES};
+
+    /// A database made before the device links existed: see the SQLite twin.
+    #[test]
+    fn an_older_database_gets_its_device_links() {
+        let Some(url) = crate::seller_server::db::tests::pg_url() else {
+            return;
+        };
+        let schema = tests::fresh_schema(&url);
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}; {OLD_INSTANCES}"
+        ))
+        .unwrap();
+        let links = |db: &mut Postgres| -> i64 {
+            db.client
+                .query_one("SELECT COUNT(*) FROM instance_devices", &[])
+                .unwrap()
+                .get(0)
+        };
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        assert_eq!(links(&mut db), 5);
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        assert_eq!(links(&mut db), 5);
+        check_old_instances_migrated(&mut db);
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        assert_eq!(ids(db.instances_for_device("K3").unwrap()), ["i1", "i3"]);
+    }
 
     #[test]
     fn an_older_database_gets_the_device_key_column_and_keeps_its_rows() {

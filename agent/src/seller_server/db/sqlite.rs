@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow,
+    InstanceStatus, TokenRow, Tx, UploadRow, INSTANCE_COLS,
 };
 
 pub struct Sqlite {
@@ -76,7 +76,50 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         log::info!("database: added codes.device_key (relay)");
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
-    Ok(())
+    link_table(conn)
+}
+
+/// Creates the device code → instance links ([`super::LINK_SCHEMA`]) if missing and fills
+/// them from every instance's `devices` list, in one transaction: a second process opening
+/// the same file waits for the write lock and then finds the table made.
+fn link_table(conn: &Connection) -> rusqlite::Result<()> {
+    let exists = || {
+        conn.prepare(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instance_devices'",
+        )?
+        .exists([])
+    };
+    if exists()? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let made = (|| {
+        if exists()? {
+            return Ok(None);
+        }
+        conn.execute_batch(super::LINK_SCHEMA)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO instance_devices (device_code, instance_id) \
+             SELECT j.value, i.instance_id FROM instances i, json_each(i.devices) j",
+            [],
+        )
+        .map(Some)
+    })();
+    match made {
+        Ok(n) => {
+            conn.execute_batch("COMMIT")?;
+            if let Some(n) = n {
+                log::info!(
+                    "database: added instance_devices ({n} device links from instances.devices)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 impl Backend for Sqlite {
@@ -111,6 +154,57 @@ impl Backend for Sqlite {
     }
 }
 
+impl Sqlite {
+    /// Makes the links of `instance_id` exactly `devices` (inside the caller's
+    /// transaction); an unchanged list (a freeze, a refresh) writes nothing.
+    fn link_devices(&mut self, instance_id: &str, devices: &[String]) -> Result<(), DbError> {
+        let have: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT device_code FROM instance_devices WHERE instance_id = ?1")
+            .and_then(|mut s| {
+                s.query_map(params![instance_id], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(err)?;
+        for gone in have.iter().filter(|h| !devices.contains(h)) {
+            self.conn
+                .prepare_cached(
+                    "DELETE FROM instance_devices WHERE device_code = ?1 AND instance_id = ?2",
+                )
+                .and_then(|mut s| s.execute(params![gone, instance_id]))
+                .map_err(err)?;
+        }
+        for new in devices.iter().filter(|d| !have.contains(d)) {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO instance_devices (device_code, instance_id) VALUES (?1, ?2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![new, instance_id]))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The instances whose id `ids` selects (a query with one parameter, `?1`), by id.
+    fn instances_where(&mut self, ids: &str, arg: &str) -> Result<Vec<InstanceRow>, DbError> {
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id IN ({ids}) \
+                 ORDER BY instance_id"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![arg], instance_row)?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(err)?;
+        rows.into_iter()
+            .map(|r| finish_instance(Some(r)).map(|i| i.expect("a row")))
+            .collect()
+    }
+}
+
 fn devices_json(d: &[String]) -> String {
     serde_json::to_string(d).expect("strings serialise")
 }
@@ -118,9 +212,6 @@ fn devices_json(d: &[String]) -> String {
 fn devices_parse(s: &str) -> Result<Vec<String>, DbError> {
     serde_json::from_str(s).map_err(|e| DbError::Backend(format!("instances.devices: {e}")))
 }
-
-const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, not_after, \
-                             status, frozen, license, seq, updated_at";
 
 fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InstanceRow, String, String)> {
     Ok((
@@ -261,7 +352,8 @@ impl Tx for Sqlite {
                 ])
             })
             .map(drop)
-            .map_err(err)
+            .map_err(err)?;
+        self.link_devices(&r.instance_id, &r.devices)
     }
 
     fn record_license(
@@ -509,28 +601,18 @@ impl Tx for Sqlite {
     }
 
     fn instances_with_device(&mut self, code: &str) -> Result<Vec<InstanceRow>, DbError> {
-        // Device codes hold no LIKE wildcards or JSON escapes (checked before they are
-        // stored); the exact match is made on the parsed list.
-        let pattern = format!("%\"{code}\"%");
-        let rows = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {INSTANCE_COLS} FROM instances WHERE devices LIKE ?1 ORDER BY instance_id"
-            ))
-            .and_then(|mut s| {
-                s.query_map(params![pattern], instance_row)?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .map_err(err)?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Some(i) = finish_instance(Some(r))? {
-                if i.devices.iter().any(|d| d == code) {
-                    out.push(i);
-                }
-            }
-        }
-        Ok(out)
+        self.instances_where(
+            "SELECT instance_id FROM instance_devices WHERE device_code = ?1",
+            code,
+        )
+    }
+
+    fn instances_for_device(&mut self, key: &str) -> Result<Vec<InstanceRow>, DbError> {
+        self.instances_where(
+            "SELECT l.instance_id FROM devices d JOIN instance_devices l \
+             ON l.device_code = d.device_code WHERE d.device_key = ?1",
+            key,
+        )
     }
 
     fn key_bound(&mut self, key: &str) -> Result<bool, DbError> {
@@ -680,6 +762,35 @@ fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seller_server::db::tests::{check_old_instances_migrated, ids, OLD_INSTANCES};
+
+    /// A database made before the device links existed opens, gets the links from each
+    /// instance's device list, answers lookups like the old scan did, and opening it
+    /// again adds nothing twice.
+    #[test]
+    fn an_older_database_gets_its_device_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(OLD_INSTANCES)
+            .unwrap();
+        let links = |db: &Sqlite| -> i64 {
+            db.conn
+                .query_row("SELECT COUNT(*) FROM instance_devices", [], |r| r.get(0))
+                .unwrap()
+        };
+        {
+            let db = Sqlite::open(&path).unwrap();
+            assert_eq!(links(&db), 5);
+        }
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(links(&db), 5);
+        check_old_instances_migrated(&mut db);
+        drop(db);
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(ids(db.instances_for_device("K3").unwrap()), ["i1", "i3"]);
+    }
 
     #[test]
     fn an_older_database_gets_the_device_key_column_and_keeps_its_rows() {
