@@ -432,7 +432,11 @@ fn check_state(
         if v["allowed"] != false {
             why.push(format!("the freeze was acknowledged, yet: {v}"));
         }
-    } else if acked(&|p| matches!(p, Promise::License)) && v["state"] != "valid" {
+    } else if acked(&|p| matches!(p, Promise::License))
+        && v["state"] != "valid"
+        // The freeze may hold before its answer went out (the request in flight).
+        && !(v["state"] == "frozen" && freeze_in_flight(promises, &s.acked))
+    {
         why.push(format!("the license was acknowledged, yet: {v}"));
     }
     let f = call("freeze.status", json!({}))?;
@@ -484,9 +488,17 @@ fn complaints(seller: &Seller, tree: &Tree) -> Vec<String> {
         .collect()
 }
 
+/// Whether the freeze token was the request in flight: everything before it answered.
+fn freeze_in_flight(promises: &[(u64, Promise)], acked: &[u64]) -> bool {
+    promises
+        .iter()
+        .take_while(|(_, p)| !matches!(p, Promise::Frozen))
+        .all(|(id, _)| acked.contains(id))
+}
+
 /// Damages one file of a crash state (a byte in the middle flipped) and checks the agent
 /// reports it: a warning or an error that the same state undamaged does not give, or a
-/// refusal to start. `identity.json` is left out: it is the record the device code is
+/// refusal to start. `device.key` counts only once something is sealed under it. `identity.json` is left out: it is the record the device code is
 /// compared with, rebuilt from the hardware at every start, not a source of it (see
 /// docs/operations.md, "Crash consistency").
 fn check_damage(seller: &Seller, tree: &Tree, rng: &mut Rng) -> Result<String, String> {
@@ -500,6 +512,10 @@ fn check_damage(seller: &Seller, tree: &Tree, rng: &mut Rng) -> Result<String, S
                 && !name.contains(".tmp")
                 && !name.contains(".torn.")
                 && name != "identity.json"
+                // A key nothing is sealed under yet: its damage changes nothing.
+                && (name != "device.key"
+                    || tree.contains_key(Path::new("lifecycle.json"))
+                    || tree.contains_key(Path::new("licenses/.lifecycle.json")))
         })
         .map(|(p, _)| p)
         .collect();
