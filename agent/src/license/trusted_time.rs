@@ -102,6 +102,14 @@ impl TrustedTime {
         match store::read_optional(path) {
             Ok(None) => {}
             Ok(Some(bytes)) => match serde_json::from_slice::<File>(&bytes) {
+                // The two spellings of the mark must agree: a damaged digit in either
+                // (found by the crash harness's damage check) is not silently a new mark.
+                Ok(f) if f.v == 1 && f.mark_utc != format_rfc3339(f.mark) => {
+                    t.load_error = Some(format!(
+                        "mark {} and mark_utc {:?} disagree (damaged or edited)",
+                        f.mark, f.mark_utc
+                    ))
+                }
                 Ok(f) if f.v == 1 => {
                     t.mark = f.mark;
                     t.source = f.source;
@@ -248,6 +256,17 @@ mod tests {
         std::fs::write(&p, b"{garbage").unwrap();
         let t = TrustedTime::load(&p, 5000);
         assert!(t.load_error.is_some());
+        // A flipped digit still parses: the two spellings of the mark disagree.
+        let mut t = TrustedTime::load(&p, 1_000_000);
+        t.persist().unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replace("1000000", "1000009")).unwrap();
+        let t = TrustedTime::load(&p, 5000);
+        assert!(
+            t.load_error.as_deref().unwrap().contains("disagree"),
+            "{:?}",
+            t.load_error
+        );
         assert_eq!(t.mark(), 5000);
         assert!(std::fs::read_dir(d.path()).unwrap().any(|e| e
             .unwrap()
