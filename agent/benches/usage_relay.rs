@@ -5,7 +5,10 @@
 //! - "1 device": one device key sends batches of 1000 records, one request after the
 //!   other on one kept-alive connection (a device catching up after being offline);
 //! - "N devices": N device keys (default 1000) each send one hour's records (4 meters) at
-//!   once, each on its own warmed-up connection (the hourly close of a fleet).
+//!   once, each on its own warmed-up connection (the relay's intake per request);
+//! - "N devices, new conns": the same, each device connecting (TCP and TLS) inside the
+//!   timed window, as at a real fleet's hourly close (the agent's idle connection of the
+//!   hour before is gone).
 //!
 //! `cargo bench -p kooagent --features seller-server --bench usage_relay` (optionally
 //! `-- BATCHES DEVICES`). The marketplace host is unreachable on purpose: the delivery
@@ -402,6 +405,55 @@ fn main() {
         });
         rows.push(Row {
             name: format!("{devices} devices, 4/request"),
+            requests: devices,
+            records: r.0,
+            wall: r.1,
+            server_us: r.2,
+            client_us: r.3,
+        });
+    }
+    // The same fleet as a real agent meets it at the hourly close: its connection of an
+    // hour ago has long been closed as idle, so each device connects (TCP and a full TLS
+    // handshake: the server's session cache holds fewer than a fleet) inside the window.
+    if devices > 0 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(devices + 1));
+        let r = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..devices {
+                let (k, _, _) = device(i);
+                let recs = (0..4)
+                    .map(|m| {
+                        record(
+                            format!("cold-{i}-{m}"),
+                            &format!("inst-{i}"),
+                            m,
+                            hour - 7200,
+                            now,
+                        )
+                    })
+                    .collect();
+                let req = request(&k, recs);
+                let (connector, barrier) = (connector.clone(), barrier.clone());
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut s = connect(connector, port).await;
+                    s.write_all(&req).await.unwrap();
+                    let (st, body) = read_response(&mut s).await;
+                    held(st, &body)
+                }));
+            }
+            barrier.wait().await;
+            let (s0, c0) = (cpu_us(pid), cpu_us(std::process::id()));
+            let t0 = Instant::now();
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.unwrap();
+            }
+            let wall = t0.elapsed();
+            (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0)
+        });
+        rows.push(Row {
+            name: format!("{devices} devices, new conns"),
             requests: devices,
             records: r.0,
             wall: r.1,

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod authcode;
 pub mod backoff;
 pub mod bench;
+pub mod bench_cached;
 pub mod bench_conns;
 pub mod cli;
 pub mod client;

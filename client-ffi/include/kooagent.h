@@ -52,6 +52,9 @@ typedef enum KooagentStatus {
   // The connection broke after a state-changing request was sent: it may or may not
   // have been applied.
   KOOAGENT_STATUS_ERR_CONNECTION_LOST = -9,
+  // A cached client used in a process forked after it was opened: its background thread
+  // did not survive the fork. Open a new one in this process.
+  KOOAGENT_STATUS_ERR_FORKED = -10,
 } KooagentStatus;
 
 // Verdict of `kooagent_check`.
@@ -68,6 +71,9 @@ typedef enum KooagentState {
   KOOAGENT_STATE_FROZEN = 9,
   KOOAGENT_STATE_NO_LICENSE = 10,
 } KooagentState;
+
+// A client answering checks from memory (opaque): see `kooagent_cached_open`.
+typedef struct KooagentCachedClient KooagentCachedClient;
 
 // An open connection to the agent (opaque).
 typedef struct KooagentClient KooagentClient;
@@ -110,6 +116,33 @@ enum KooagentStatus kooagent_check(struct KooagentClient *client,
                                    const char *product,
                                    const char *feature,
                                    struct KooagentCheck *out);
+
+// Opens a client whose `kooagent_cached_check` answers from memory: a background thread
+// subscribes to the agent's `watch` stream and keeps the verdict table the agent sends at
+// every change (docs/integration.md says how fresh it is). `socket_path` as in
+// `kooagent_open`. Returns at once; until the first table arrives (and whenever the agent
+// is away) checks go over the socket like `kooagent_check`. Thread-safe. Not fork-safe:
+// open it in the process that checks (after fork()); a handle inherited through fork()
+// answers KOOAGENT_STATUS_ERR_FORKED. Returns NULL only when `socket_path` is not UTF-8.
+// Free with `kooagent_cached_close`.
+struct KooagentCachedClient *kooagent_cached_open(const char *socket_path);
+
+// Closes a cached client and stops its thread. NULL is allowed. In a process forked after
+// it was opened it only forgets it (the thread is not there to stop).
+void kooagent_cached_close(struct KooagentCachedClient *client);
+
+// `kooagent_check` from memory: the same answer, without a round trip when the cache holds
+// the product's licenses; otherwise (agent away, a product with no license file, the device
+// identity not known yet) over the socket, with the same errors as `kooagent_check`.
+enum KooagentStatus kooagent_cached_check(struct KooagentCachedClient *client,
+                                          const char *product,
+                                          const char *feature,
+                                          struct KooagentCheck *out);
+
+// 1 when the cached client holds the agent's current table (checks are answered from
+// memory), 0 when its stream is down or not up yet (checks go over the socket), or on a
+// NULL or forked handle.
+int kooagent_cached_is_live(struct KooagentCachedClient *client);
 
 // Records usage of `meter`; `value` is a decimal string such as "1.5". Returns once the
 // agent has made it durable.

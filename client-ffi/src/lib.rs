@@ -16,9 +16,10 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 
-use kooagent_client::{Client, ClientError};
+use kooagent_client::{CachedClient, Client, ClientError};
 use serde_json::{json, Value};
 
 /// Result of every call.
@@ -44,6 +45,9 @@ pub enum KooagentStatus {
     /// The connection broke after a state-changing request was sent: it may or may not
     /// have been applied.
     ErrConnectionLost = -9,
+    /// A cached client used in a process forked after it was opened: its background thread
+    /// did not survive the fork. Open a new one in this process.
+    ErrForked = -10,
 }
 
 /// Verdict of `kooagent_check`.
@@ -261,19 +265,174 @@ pub unsafe extern "C" fn kooagent_check(
             Ok(check) => {
                 // SAFETY: out is non-NULL and points to a KooagentCheck (contract).
                 let out = &mut *out;
-                out.state = KooagentState::from_name(&check.state);
-                out.allowed = c_int::from(check.allowed);
-                out.days_left = check.days_left.unwrap_or(-1);
-                out.license_id = [0; 128];
-                let id = check.license_id.unwrap_or_default();
-                for (dst, src) in out.license_id.iter_mut().zip(id.bytes().take(127)) {
-                    *dst = src as c_char;
-                }
+                fill_check(
+                    out,
+                    &check.state,
+                    check.allowed,
+                    check.days_left,
+                    check.license_id.as_deref(),
+                );
                 KooagentStatus::Ok
             }
             Err(e) => from_client_error(e),
         })
     })
+}
+
+fn fill_check(
+    out: &mut KooagentCheck,
+    state: &str,
+    allowed: bool,
+    days_left: Option<i64>,
+    license_id: Option<&str>,
+) {
+    out.state = KooagentState::from_name(state);
+    out.allowed = c_int::from(allowed);
+    out.days_left = days_left.unwrap_or(-1);
+    out.license_id = [0; 128];
+    let id = license_id.unwrap_or_default();
+    for (dst, src) in out.license_id.iter_mut().zip(id.bytes().take(127)) {
+        *dst = src as c_char;
+    }
+}
+
+/// A client answering checks from memory (opaque): see `kooagent_cached_open`.
+pub struct KooagentCachedClient {
+    inner: CachedClient,
+    /// [`FORKS`] when it was opened.
+    forks: u64,
+}
+
+/// How many times this process image went through fork() (counted in the child).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static AT_FORK: Once = Once::new();
+
+extern "C" {
+    // In every libc (POSIX); declared here rather than taking a crate for one function.
+    fn pthread_atfork(
+        prepare: Option<unsafe extern "C" fn()>,
+        parent: Option<unsafe extern "C" fn()>,
+        child: Option<unsafe extern "C" fn()>,
+    ) -> c_int;
+}
+
+unsafe extern "C" fn forked_child() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Opens a client whose `kooagent_cached_check` answers from memory: a background thread
+/// subscribes to the agent's `watch` stream and keeps the verdict table the agent sends at
+/// every change (docs/integration.md says how fresh it is). `socket_path` as in
+/// `kooagent_open`. Returns at once; until the first table arrives (and whenever the agent
+/// is away) checks go over the socket like `kooagent_check`. Thread-safe. Not fork-safe:
+/// open it in the process that checks (after fork()); a handle inherited through fork()
+/// answers KOOAGENT_STATUS_ERR_FORKED. Returns NULL only when `socket_path` is not UTF-8.
+/// Free with `kooagent_cached_close`.
+#[no_mangle]
+pub unsafe extern "C" fn kooagent_cached_open(
+    socket_path: *const c_char,
+) -> *mut KooagentCachedClient {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let path = match opt_str_arg(socket_path, "socket_path") {
+            Ok(Some(p)) => PathBuf::from(p),
+            Ok(None) => kooagent_client::default_socket_path(),
+            Err(_) => return std::ptr::null_mut(),
+        };
+        AT_FORK.call_once(|| {
+            // SAFETY: registers a handler that only bumps an atomic counter.
+            unsafe { pthread_atfork(None, None, Some(forked_child)) };
+        });
+        Box::into_raw(Box::new(KooagentCachedClient {
+            inner: CachedClient::new(path),
+            forks: FORKS.load(Ordering::SeqCst),
+        }))
+    }));
+    r.unwrap_or(std::ptr::null_mut())
+}
+
+/// Closes a cached client and stops its thread. NULL is allowed. In a process forked after
+/// it was opened it only forgets it (the thread is not there to stop).
+#[no_mangle]
+pub unsafe extern "C" fn kooagent_cached_close(client: *mut KooagentCachedClient) {
+    if client.is_null() {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let b = Box::from_raw(client);
+        if b.forks == FORKS.load(Ordering::SeqCst) {
+            drop(b);
+        } else {
+            // Its locks may be held by threads that exist only in the parent.
+            std::mem::forget(b);
+        }
+    }));
+}
+
+fn with_cached(
+    c: *mut KooagentCachedClient,
+    f: impl FnOnce(&CachedClient) -> KooagentStatus,
+) -> KooagentStatus {
+    if c.is_null() {
+        return fail(KooagentStatus::ErrInvalidArgument, "client is NULL");
+    }
+    // SAFETY: a non-NULL handle came from kooagent_cached_open and is not closed (contract).
+    let client = unsafe { &*c };
+    if client.forks != FORKS.load(Ordering::SeqCst) {
+        return fail(
+            KooagentStatus::ErrForked,
+            "this cached client was opened before fork(): open a new one in this process",
+        );
+    }
+    f(&client.inner)
+}
+
+/// `kooagent_check` from memory: the same answer, without a round trip when the cache holds
+/// the product's licenses; otherwise (agent away, a product with no license file, the device
+/// identity not known yet) over the socket, with the same errors as `kooagent_check`.
+#[no_mangle]
+pub unsafe extern "C" fn kooagent_cached_check(
+    client: *mut KooagentCachedClient,
+    product: *const c_char,
+    feature: *const c_char,
+    out: *mut KooagentCheck,
+) -> KooagentStatus {
+    guard(|| {
+        let product = match str_arg(product, "product") {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        let feature = match opt_str_arg(feature, "feature") {
+            Ok(f) => f,
+            Err(s) => return s,
+        };
+        if out.is_null() {
+            return fail(KooagentStatus::ErrInvalidArgument, "out is NULL");
+        }
+        with_cached(client, |c| match c.check(product, feature) {
+            Ok(v) => {
+                // SAFETY: out is non-NULL and points to a KooagentCheck (contract).
+                let out = &mut *out;
+                fill_check(out, v.state(), v.allowed, v.days_left, v.license_id());
+                KooagentStatus::Ok
+            }
+            Err(e) => from_client_error(e),
+        })
+    })
+}
+
+/// 1 when the cached client holds the agent's current table (checks are answered from
+/// memory), 0 when its stream is down or not up yet (checks go over the socket), or on a
+/// NULL or forked handle.
+#[no_mangle]
+pub unsafe extern "C" fn kooagent_cached_is_live(client: *mut KooagentCachedClient) -> c_int {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        if client.is_null() {
+            return 0;
+        }
+        let c = &*client;
+        c_int::from(c.forks == FORKS.load(Ordering::SeqCst) && c.inner.is_live())
+    }));
+    r.unwrap_or(0)
 }
 
 /// Records usage of `meter`; `value` is a decimal string such as "1.5". Returns once the
@@ -483,6 +642,25 @@ mod tests {
             assert_eq!(s, KooagentStatus::ErrConnect);
             kooagent_close(c);
             kooagent_close(std::ptr::null_mut());
+
+            assert_eq!(
+                kooagent_cached_check(
+                    std::ptr::null_mut(),
+                    c"p".as_ptr(),
+                    std::ptr::null(),
+                    &mut check
+                ),
+                KooagentStatus::ErrInvalidArgument
+            );
+            let c = kooagent_cached_open(c"/nonexistent/kooagent.sock".as_ptr());
+            assert!(!c.is_null());
+            assert_eq!(kooagent_cached_is_live(c), 0);
+            assert_eq!(
+                kooagent_cached_check(c, c"p".as_ptr(), std::ptr::null(), std::ptr::null_mut()),
+                KooagentStatus::ErrInvalidArgument
+            );
+            kooagent_cached_close(c);
+            kooagent_cached_close(std::ptr::null_mut());
         }
     }
 }

@@ -187,3 +187,90 @@ fn cached_check_sees_an_expiry_without_a_request() {
     assert_eq!(v.state(), "frozen", "{v:?}");
     assert_eq!(v.source, Source::Cache);
 }
+
+/// The C ABI's cached check (examples/c/cached.c linked against libkooagent_ffi): answers
+/// from memory like `kooagent_check` over the socket, follows a freeze, and a handle
+/// inherited through fork() is refused while the child's own works.
+#[test]
+fn c_cached_check_follows_a_freeze_and_refuses_a_forked_handle() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+
+    let seller = Seller::new();
+    let a = TestAgent::start(&seller.config());
+    let text = seller.bound(
+        &device_code(&a),
+        "sku-c",
+        &["--days", "30", "--feature", "export"],
+    );
+    install(&a, &seller, &text);
+    let exe = crate::sdk::compile("cached", seller.dir.path());
+    let mut child = Command::new(&exe)
+        .args(["sku-c", "export"])
+        .env("KOOAGENT_SOCKET", &a.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("a line from the C program")
+    };
+    let mut say = |cmd: &str| writeln!(stdin, "{cmd}").unwrap();
+    assert_eq!(next(), "live: 1");
+
+    say("check");
+    let (cached, socket) = (next(), next());
+    assert!(
+        cached.starts_with("cached status: 0 live: 1 state: 1 allowed: 1 days_left: 29")
+            || cached.starts_with("cached status: 0 live: 1 state: 1 allowed: 1 days_left: 30"),
+        "{cached}"
+    );
+    // The same answer as over the socket (the license id too).
+    assert_eq!(
+        cached.replace("cached", "").replace("live: 1", ""),
+        socket.replace("socket", "").replace("live: 0", ""),
+    );
+    let lic_id = cached.rsplit("license: ").next().unwrap().to_string();
+
+    let token = crate::freeze::token(&seller, &lic_id, "freeze", 1, &[]);
+    a.call("token.apply", json!({"token": token.trim()}))
+        .unwrap();
+    say("until 0");
+    let line = next();
+    assert!(
+        line.starts_with("cached status: 0 live: 1 state: 9 allowed: 0"),
+        "{line}"
+    );
+
+    say("fork");
+    let line = next();
+    assert_eq!(
+        line,
+        "child inherited: -10 own live: 1 own status: 0 allowed: 0"
+    );
+    assert_eq!(next(), "parent live: 1 child exit: 0");
+
+    let token = crate::freeze::token(&seller, &lic_id, "unfreeze", 2, &[]);
+    a.call("token.apply", json!({"token": token.trim()}))
+        .unwrap();
+    say("until 1");
+    let line = next();
+    assert!(
+        line.starts_with("cached status: 0 live: 1 state: 1 allowed: 1"),
+        "{line}"
+    );
+    say("quit");
+    assert!(child.wait().unwrap().success());
+}

@@ -124,7 +124,7 @@ fn c_example_checks_and_records_through_the_c_abi() {
     );
 }
 
-fn compile(example: &str, dir: &Path) -> PathBuf {
+pub(crate) fn compile(example: &str, dir: &Path) -> PathBuf {
     let exe = dir.join(example);
     let out = Command::new("cc")
         .args(["-Wall", "-Wextra", "-Werror", "-o"])

@@ -225,17 +225,19 @@ pub fn store(
         let m = "x-kooagent-nonce was already used (replayed request)".to_string();
         return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
     }
-    if tx.device(device_key)?.is_none() {
-        let m = "this device key is not known to the seller's server yet: the device must \
-                 fetch its license from this server first"
-            .to_string();
-        return Ok(refused(403, codes::UNKNOWN_DEVICE, m, None));
-    }
     let bound: HashMap<String, String> = tx
         .instances_for_device(device_key)?
         .into_iter()
         .map(|i| (i.instance_id, i.product))
         .collect();
+    // A key bound to an instance is known: the registry is read apart only to tell an
+    // unknown key from a known one bound to nothing (one query less per request).
+    if bound.is_empty() && tx.device(device_key)?.is_none() {
+        let m = "this device key is not known to the seller's server yet: the device must \
+                 fetch its license from this server first"
+            .to_string();
+        return Ok(refused(403, codes::UNKNOWN_DEVICE, m, None));
+    }
     for r in records {
         let Some(product) = bound.get(&r.key.instance) else {
             let m = format!(
@@ -720,6 +722,10 @@ mod tests {
             assert_eq!(code_of(&d), codes::UNKNOWN_DEVICE, "{name}");
             bind_device(&db, "KA", "DEV-A");
             bind_device(&db, "KB", "DEV-B");
+            // A known key whose code no license names: not bound (the key is known).
+            bind_device(&db, "KC", "DEV-C");
+            let d = run(&db, "KC", "n00", vec![rec("s1", "i-a", "cpu", "1")]);
+            assert_eq!(code_of(&d), codes::NOT_BOUND, "{name}");
             // Another device's instance, a meter the product does not bill: refused whole.
             let d = run(
                 &db,
