@@ -142,6 +142,43 @@ fn console_sign_in_health_sign_out_and_its_boundaries() {
     assert!(html.contains("reachable"), "{html}");
     assert!(html.contains("000003"), "{html}");
     assert!(html.contains("Signing key id"), "{html}");
+    // An order, then the instance found by its id, its license id and its device code
+    // (as a buyer types it), with its state; the device that fetched it on the devices page.
+    let code = crate::seller_server::valid_code("CNSL");
+    let now = crate::seller_server::now_ms() / 1000;
+    let (_, v) = s.market(&json!({
+        "activity": "getLicense", "instanceId": "CONSOLE-INST-1", "eventId": "console-ev-1",
+        "effectiveTime": crate::seller_server::market_time(now - 60),
+        "expireTime": crate::seller_server::digits14(now + 86_400),
+        "deviceFingerprint": code, "testFlag": "1"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    for q in [
+        "CONSOLE-INST-1".to_string(),
+        "kg-CONSOLE-INST-1".to_string(),
+        code.to_lowercase().replace('-', "+"),
+    ] {
+        let (status, _, page) = get(&s, &format!("/console/instances?q={q}"), Some(&session));
+        assert_eq!(status, 200, "{page}");
+        assert!(
+            page.contains("CONSOLE-INST-1") && page.contains(&code),
+            "{q}: {page}"
+        );
+        assert!(page.contains(">active<"), "{page}");
+    }
+    let (_, _, page) = get(&s, "/console/instances?q=%3Cscript%3E", Some(&session));
+    assert!(
+        page.contains("No instance matches <code>&lt;script&gt;</code>"),
+        "{page}"
+    );
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let target = format!("/v1/licenses/kg-CONSOLE-INST-1?device_code={code}");
+    assert_eq!(s.device_get(&key, &target).0, 200);
+    let (status, _, page) = get(&s, "/console/devices", Some(&session));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(&code), "{page}");
+    assert_eq!(get(&s, "/console/devices", None).0, 303);
+
     let (status, _, css) = get(&s, "/console/console.css", None);
     assert_eq!(status, 200);
     assert!(css.contains("@media"));

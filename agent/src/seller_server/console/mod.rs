@@ -9,8 +9,9 @@
 //! agent endpoint, and neither the marketplace's signature nor the metrics token opens
 //! the console.
 //!
-//! Built so far: sign-in, sign-out and the health page. The orders, devices and
-//! authorization-code pages and the freeze/reissue/revoke actions are not built yet.
+//! Built so far: sign-in, sign-out, the health page, the instance search and the device
+//! list (read-only). The authorization-code page and the freeze/reissue/revoke actions are
+//! not built yet.
 
 pub mod auth;
 mod pages;
@@ -129,12 +130,78 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
             Some(s) => pages::health(&health(state).await, &s.csrf),
             None => pages::redirect("/console/login", None),
         },
+        (Method::GET, "/console/instances") => match session {
+            Some(s) => {
+                let q = query_field(req.uri().query(), "q");
+                match search(state, &q).await {
+                    Ok(rows) => pages::instances(&q, &rows, &s.csrf),
+                    Err(e) => pages::unavailable(&e),
+                }
+            }
+            None => pages::redirect("/console/login", None),
+        },
+        (Method::GET, "/console/devices") => match session {
+            Some(s) => match devices(state).await {
+                Ok(rows) => pages::devices(&rows, now, &s.csrf),
+                Err(e) => pages::unavailable(&e),
+            },
+            None => pages::redirect("/console/login", None),
+        },
         (Method::GET | Method::POST, _) => pages::not_found(),
         _ => super::http::plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
     }
 }
 
 type Form = Vec<(String, String)>;
+
+/// One query-string field, at most 200 characters.
+fn query_field(query: Option<&str>, name: &str) -> String {
+    let q = query.map(|q| q.replace('+', "%20"));
+    super::auth::query_pairs(q.as_deref())
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim().chars().take(200).collect())
+        .unwrap_or_default()
+}
+
+/// Instances matching `q` as an instance id, a license id or a device code (as typed or
+/// in capitals).
+async fn search(state: &State, q: &str) -> Result<Vec<super::db::InstanceRow>, String> {
+    if q.is_empty() {
+        return Ok(vec![]);
+    }
+    let q = q.to_string();
+    let read = state.db.run(move |tx| {
+        let mut out: Vec<super::db::InstanceRow> = Vec::new();
+        let mut add = |rows: Vec<super::db::InstanceRow>| {
+            for r in rows {
+                if !out.iter().any(|o| o.instance_id == r.instance_id) {
+                    out.push(r);
+                }
+            }
+        };
+        add(tx.instance(&q)?.into_iter().collect());
+        add(tx.instance_by_license(&q)?.into_iter().collect());
+        add(tx.instances_with_device(&q)?);
+        let upper = q.to_uppercase().replace(' ', "-");
+        if upper != q {
+            add(tx.instances_with_device(&upper)?);
+        }
+        Ok(out)
+    });
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the database did not answer within 3 s".into()),
+    }
+}
+
+async fn devices(state: &State) -> Result<Vec<super::db::DeviceRow>, String> {
+    let read = state.db.run(|tx| tx.all_devices());
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the database did not answer within 3 s".into()),
+    }
+}
 
 /// An `application/x-www-form-urlencoded` body (`+` is a space there).
 async fn form(state: &State, req: Request<Incoming>) -> Result<Form, Resp> {
