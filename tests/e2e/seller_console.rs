@@ -68,6 +68,10 @@ fn post(
     (st, hd, String::from_utf8(b).unwrap())
 }
 
+fn page_of(s: &SellerServer, session: &str) -> String {
+    get(s, "/console/instances?q=CONSOLE-INST-1", Some(session)).2
+}
+
 fn login_form(s: &SellerServer) -> (String, String) {
     let (status, h, html) = get(s, "/console/login", None);
     assert_eq!(status, 200, "{html}");
@@ -142,6 +146,76 @@ fn console_sign_in_health_sign_out_and_its_boundaries() {
     assert!(html.contains("reachable"), "{html}");
     assert!(html.contains("000003"), "{html}");
     assert!(html.contains("Signing key id"), "{html}");
+    // An order, then the instance found by its id, its license id and its device code
+    // (as a buyer types it), with its state; the device that fetched it on the devices page.
+    let code = crate::seller_server::valid_code("CNSL");
+    let now = crate::seller_server::now_ms() / 1000;
+    let (_, v) = s.market(&json!({
+        "activity": "getLicense", "instanceId": "CONSOLE-INST-1", "eventId": "console-ev-1",
+        "effectiveTime": crate::seller_server::market_time(now - 60),
+        "expireTime": crate::seller_server::digits14(now + 86_400),
+        "deviceFingerprint": code, "testFlag": "1"
+    }));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    for q in [
+        "CONSOLE-INST-1".to_string(),
+        "kg-CONSOLE-INST-1".to_string(),
+        code.to_lowercase().replace('-', "+"),
+    ] {
+        let (status, _, page) = get(&s, &format!("/console/instances?q={q}"), Some(&session));
+        assert_eq!(status, 200, "{page}");
+        assert!(
+            page.contains("CONSOLE-INST-1") && page.contains(&code),
+            "{q}: {page}"
+        );
+        assert!(page.contains(">active<"), "{page}");
+    }
+    // Freeze from the console: confirmed, CSRF-checked, audited; the agents' status
+    // endpoint then serves a freeze token, as after the marketplace's callback.
+    let page_csrf = csrf_in(&page_of(&s, &session));
+    let no_confirm = format!("csrf={page_csrf}&instance=CONSOLE-INST-1&status=FREEZE");
+    assert_eq!(
+        post(&s, "/console/instances/status", Some(&session), &no_confirm).0,
+        400
+    );
+    let forged = "csrf=forged&instance=CONSOLE-INST-1&status=FREEZE&confirm=yes";
+    assert_eq!(
+        post(&s, "/console/instances/status", Some(&session), forged).0,
+        403
+    );
+    let freeze = format!("{no_confirm}&confirm=yes");
+    let (status, h, _) = post(&s, "/console/instances/status", Some(&session), &freeze);
+    assert_eq!(status, 303);
+    assert_eq!(
+        header(&h, "location"),
+        Some("/console/instances?q=CONSOLE-INST-1")
+    );
+    let (_, _, page) = get(&s, "/console/instances?q=CONSOLE-INST-1", Some(&session));
+    assert!(
+        page.contains("active (frozen)") && page.contains(">Unfreeze<"),
+        "{page}"
+    );
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let target = format!("/v1/licenses/kg-CONSOLE-INST-1/status?device_code={code}");
+    let (status, _, token) = s.device_get(&key, &target);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&token));
+    let t =
+        kooagent::freeze::token::parse(String::from_utf8_lossy(&token).trim().as_bytes()).unwrap();
+    assert_eq!(t.req.action, kooagent::freeze::token::Action::Freeze);
+    assert_eq!(t.req.license_id, "kg-CONSOLE-INST-1");
+
+    let (_, _, page) = get(&s, "/console/instances?q=%3Cscript%3E", Some(&session));
+    assert!(
+        page.contains("No instance matches <code>&lt;script&gt;</code>"),
+        "{page}"
+    );
+    let target = format!("/v1/licenses/kg-CONSOLE-INST-1?device_code={code}");
+    assert_eq!(s.device_get(&key, &target).0, 200);
+    let (status, _, page) = get(&s, "/console/devices", Some(&session));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(&code), "{page}");
+    assert_eq!(get(&s, "/console/devices", None).0, 303);
+
     let (status, _, css) = get(&s, "/console/console.css", None);
     assert_eq!(status, 200);
     assert!(css.contains("@media"));
@@ -199,6 +273,7 @@ fn console_sign_in_health_sign_out_and_its_boundaries() {
     assert!(has("sign in", false), "{audit}");
     assert!(has("sign out", true), "{audit}");
     assert!(has("sign in (rate limited)", false), "{audit}");
+    assert!(has("freeze instance CONSOLE-INST-1", true), "{audit}");
     assert!(lines
         .iter()
         .all(|l| l["who"] == "admin" && l["at"].is_string()));

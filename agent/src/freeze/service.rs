@@ -149,7 +149,8 @@ impl FreezeService {
                 (k, false)
             }
         };
-        let mut loaded = state_file::load(&paths, &key, created, now);
+        let first = created || interrupted_first_start(state_dir, &paths);
+        let mut loaded = state_file::load(&paths, &key, first, now);
         let (anchors, anchored_time) = if created {
             // Nothing sealed under the old key can be verified; the lifecycle copies
             // already tell a deleted key from a first start.
@@ -695,6 +696,26 @@ impl FreezeHook for FreezeService {
     }
 }
 
+/// The first start creates the device key and then saves the first freeze state; a crash
+/// between the two leaves a key and nothing else: no copy of the state and no anchor
+/// anywhere. That is a first start to finish, not a deletion (found by the crash harness,
+/// tests/e2e/crash.rs). Deleting all of it on purpose gains nothing that deleting the key
+/// with the copies does not already give (a fresh state, see docs/threat-model.md).
+fn interrupted_first_start(state_dir: &Path, paths: &Paths) -> bool {
+    let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let fresh = missing(&paths.primary)
+        && missing(&paths.backup)
+        && missing(&paths.anchor)
+        && matches!(
+            crate::license::trusted_time::read_anchor(&crate::license::time_file(state_dir)),
+            Ok(None)
+        );
+    if fresh {
+        log::info!("freeze state: a device key and nothing saved with it yet (a first start cut short); starting fresh");
+    }
+    fresh
+}
+
 /// Reads both anchors and judges the loaded state against them: marks every license
 /// tampered when a subset of the state was put back or removed, and raises the generation
 /// past the high-water mark. Returns the places holding a valid anchor and the highest
@@ -715,6 +736,23 @@ fn check_anchors(
         };
     let usage = state_file::read_anchor(&paths.anchor, key);
     let found = [(anchor::TIME, time), (anchor::USAGE, usage)];
+    // One the state does not list is not relied on, but a crash never leaves an anchor
+    // unreadable (each is replaced atomically): damage or an edit, so say so.
+    for (place, f) in &found {
+        if let Found::Bad(e) = f {
+            if !loaded.anchors.iter().any(|a| a == place) {
+                let file = if *place == anchor::TIME {
+                    crate::license::time_file(state_dir)
+                } else {
+                    paths.anchor.clone()
+                };
+                log::warn!(
+                    "the {place} anchor of the freeze state in {} is invalid ({e}); not relied on",
+                    file.display()
+                );
+            }
+        }
+    }
     let held = found
         .iter()
         .filter(|(_, f)| matches!(f, Found::Good(_)))
@@ -847,5 +885,74 @@ mod tests {
         let ev = events.try_recv().expect("the transition after the refresh");
         assert_eq!(ev["state"], json!("frozen"), "{ev}");
         assert_eq!(allowed(&license), json!(false));
+    }
+
+    /// `watch` `{"verdicts": true}`: the table after the states, then a new one at every
+    /// rebuild, each showing what `license.check` answers at that moment.
+    #[test]
+    fn verdict_subscribers_get_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key(1);
+        let mut lic = sample();
+        lic.unbound = true;
+        lic.devices.clear();
+        let now = lic.not_before + 3600;
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let cfg = LicenseConfig {
+            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
+            ..Default::default()
+        };
+        let clock = Arc::new(FakeClock::new(now * 1000));
+        let license = LicenseService::new(dir.path(), &cfg, clock, device.clone());
+        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
+        license.set_freeze_hook(freeze.clone());
+        let text = crate::license::format::sign(&lic, &key).unwrap();
+        license.install(text.as_bytes(), None).unwrap();
+
+        let mut plain = freeze.subscribe();
+        let l = license.clone();
+        let mut events = freeze.subscribe_verdicts(&move || l.verdicts().cache_event());
+        let state = events.try_recv().unwrap();
+        assert_eq!(state["type"], json!("state"), "{state}");
+        let table = events.try_recv().unwrap();
+        assert_eq!(table["type"], json!("verdicts"), "{table}");
+        assert!(table["seq"].as_u64().unwrap() > state["seq"].as_u64().unwrap());
+        let entry = &table["licenses"][0];
+        assert_eq!(entry["check"]["license_id"], json!(lic.id));
+        assert_eq!(entry["check"]["allowed"], json!(true));
+        assert_eq!(entry["ends_at"], json!(lic.not_after));
+        assert!(events.try_recv().is_err());
+
+        let token = token::issue(
+            &token::TokenRequest {
+                license_id: lic.id.clone(),
+                action: token::Action::Freeze,
+                seq: 1,
+                issued_at: now,
+                devices: vec![],
+                reason: None,
+            },
+            &key,
+        )
+        .unwrap();
+        let time = license.time_view();
+        freeze
+            .apply_token(token.as_bytes(), &license.trusted_keys(), time)
+            .unwrap();
+        license.refresh_blocking();
+        let transition = events.try_recv().unwrap();
+        assert_eq!(transition["state"], json!("frozen"));
+        let table = events.try_recv().unwrap();
+        assert_eq!(table["type"], json!("verdicts"));
+        let check = &table["licenses"][0]["check"];
+        assert_eq!(
+            (&check["state"], &check["allowed"]),
+            (&json!("frozen"), &json!(false))
+        );
+        assert_eq!(table["licenses"][0]["ends_at"], Value::Null);
+        // Subscribers that did not ask get no tables.
+        while let Ok(ev) = plain.try_recv() {
+            assert_ne!(ev["type"], json!("verdicts"), "{ev}");
+        }
     }
 }

@@ -107,7 +107,8 @@ pub fn sign_in(message: Option<&str>) -> Resp {
 
 fn nav(csrf: &str) -> String {
     format!(
-        "<header><nav><a href=\"/console/health\" aria-current=\"page\">Health</a></nav>\
+        "<header><nav><a href=\"/console/instances\">Orders and instances</a>\
+         <a href=\"/console/devices\">Devices</a><a href=\"/console/health\">Health</a></nav>\
          <form method=\"post\" action=\"/console/logout\" class=\"inline\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
          <button type=\"submit\">Sign out</button></form></header>",
@@ -166,6 +167,133 @@ pub fn health(h: &Health, csrf: &str) -> Resp {
         seconds(h.p99),
     );
     page(StatusCode::OK, "Health", &body)
+}
+
+fn time(t: i64) -> String {
+    kooagent_core::clock::format_rfc3339(t)
+}
+
+/// The instance search: by instance id, license id or device code.
+pub fn instances(q: &str, rows: &[crate::server::db::InstanceRow], csrf: &str) -> Resp {
+    let mut list = String::new();
+    for r in rows {
+        let state = if r.frozen {
+            format!("{} (frozen)", r.status.as_str())
+        } else {
+            r.status.as_str().to_string()
+        };
+        let class = if r.frozen || r.status.as_str() != "active" {
+            "bad"
+        } else {
+            "ok"
+        };
+        list.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td><td><code>{}</code></td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&r.instance_id),
+            esc(&r.product),
+            esc(&state),
+            esc(&r.license_id),
+            esc(&r.devices.join(", ")),
+            r.not_after.map(time).unwrap_or_else(|| "perpetual".into()),
+            time(r.updated_at),
+        ));
+        if r.status.as_str() != "released" {
+            let (status, label) = if r.frozen {
+                ("UNFREEZE", "Unfreeze")
+            } else {
+                ("FREEZE", "Freeze")
+            };
+            list.push_str(&format!(
+                "<tr><td colspan=\"7\"><form method=\"post\" action=\"/console/instances/status\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"instance\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"status\" value=\"{status}\">\
+                 <label><input type=\"checkbox\" name=\"confirm\" value=\"yes\" required> \
+                 {label} {} (agents get a signed status token)</label>\
+                 <button type=\"submit\">{label}</button></form></td></tr>",
+                esc(csrf),
+                esc(&r.instance_id),
+                esc(&r.instance_id),
+            ));
+        }
+    }
+    let results = if q.is_empty() {
+        String::new()
+    } else if rows.is_empty() {
+        format!("<p>No instance matches <code>{}</code>.</p>", esc(q))
+    } else {
+        format!(
+            "<table><thead><tr><th>Instance</th><th>Product</th><th>State</th><th>License</th>\
+             <th>Device codes</th><th>Expires</th><th>Updated</th></tr></thead><tbody>{list}</tbody></table>"
+        )
+    };
+    let body = format!(
+        "{}<main><h1>Orders and instances</h1>\
+         <form method=\"get\" action=\"/console/instances\">\
+         <label for=\"q\">Instance id, license id or device code</label>\
+         <input id=\"q\" name=\"q\" value=\"{}\" maxlength=\"200\">\
+         <button type=\"submit\">Search</button></form>{results}</main>",
+        nav(csrf),
+        esc(q)
+    );
+    page(StatusCode::OK, "Orders and instances", &body)
+}
+
+/// A device not seen for this long is highlighted.
+const STALE_SECS: i64 = 7 * 86_400;
+
+/// The device registry: codes bound to device keys, last seen.
+pub fn devices(rows: &[crate::server::db::DeviceRow], now: i64, csrf: &str) -> Resp {
+    let mut list = String::new();
+    for d in rows {
+        let stale = now - d.last_seen > STALE_SECS;
+        let key: String = d.device_key.chars().take(12).collect();
+        list.push_str(&format!(
+            "<tr{}><td><code>{}</code></td><td><code>{}…</code></td><td>{}</td><td class=\"{}\">{}{}</td></tr>",
+            if stale { " class=\"stale\"" } else { "" },
+            esc(&d.device_code),
+            esc(&key),
+            time(d.first_seen),
+            if stale { "bad" } else { "ok" },
+            time(d.last_seen),
+            if stale { " (stale)" } else { "" },
+        ));
+    }
+    if list.is_empty() {
+        list = "<tr><td colspan=\"4\">No device has fetched a license yet.</td></tr>".into();
+    }
+    let body = format!(
+        "{}<main><h1>Devices</h1><p class=\"note\">Agents that fetched a license or status \
+         token (trust on first use binds a device code to its key). Not seen for 7 days: stale.</p>\
+         <table><thead><tr><th>Device code</th><th>Device key</th><th>First seen</th><th>Last seen</th></tr>\
+         </thead><tbody>{list}</tbody></table></main>",
+        nav(csrf)
+    );
+    page(StatusCode::OK, "Devices", &body)
+}
+
+pub fn bad_action(m: &str) -> Resp {
+    page(
+        StatusCode::BAD_REQUEST,
+        "Not done",
+        &format!(
+            "<main class=\"narrow\"><h1>Not done</h1><p>{}</p>\
+             <p><a href=\"/console/instances\">Orders and instances</a></p></main>",
+            esc(m)
+        ),
+    )
+}
+
+pub fn unavailable(e: &str) -> Resp {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Database unavailable",
+        &format!(
+            "<main class=\"narrow\"><h1>Database unavailable</h1><p>{}</p></main>",
+            esc(e)
+        ),
+    )
 }
 
 pub fn forbidden() -> Resp {
