@@ -234,6 +234,34 @@ fn self_cpu_us() -> f64 {
     proc_cpu_us(std::process::id())
 }
 
+/// The 1-minute load average (`/proc/loadavg`), "?" where there is none.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Median and largest time (ms) of 20 appends of 4 KiB, each followed by fsync, in `dir`:
+/// the wait one SQLite commit (WAL, synchronous=FULL) has at least.
+fn fsync_ms(dir: &Path) -> (f64, f64) {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut t: Vec<f64> = (0..20)
+        .map(|_| {
+            f.write_all(&[0u8; 4096]).unwrap();
+            let t0 = Instant::now();
+            f.sync_all().unwrap();
+            t0.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    drop(f);
+    std::fs::remove_file(&path).unwrap();
+    t.sort_by(f64::total_cmp);
+    (t[t.len() / 2], t[t.len() - 1])
+}
+
 fn monotonic_s() -> f64 {
     // SAFETY: clock_gettime fills a local struct.
     let t = unsafe {
@@ -359,6 +387,14 @@ fn main() {
         None => "SQLite (WAL, synchronous=FULL)".to_string(),
     };
     println!("seller serve: {n} concurrent getLicense orders, {store}, TLS on loopback, {cpus} CPUs shared by client, server and database");
+    // What the machine gives besides our code: p99 follows the other processes' load
+    // (the CPUs) and the disk's fsync latency (each group commit waits for one), the CPU
+    // columns much less. Printed so that every table carries its conditions.
+    let (fsync_median, fsync_max) = fsync_ms(d);
+    println!(
+        "machine: load average {} before the rounds; fsync of a 4 KiB append on the state directory's file system: median {fsync_median:.1} ms, max {fsync_max:.1} ms (of 20)",
+        load_average()
+    );
     println!(
         "{:<8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10}",
         "round",
@@ -432,7 +468,8 @@ fn main() {
             .unwrap(),
     };
     println!(
-        "database: {rows} licenses, {ids} distinct license ids, {events} events; answered {total_ok}"
+        "database: {rows} licenses, {ids} distinct license ids, {events} events; answered {total_ok}; load average after: {}",
+        load_average()
     );
     assert_eq!(
         (rows, ids, events),

@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Times the agent is started to measure exec → ready
     #[arg(long, default_value_t = 5)]
     pub starts: usize,
+    /// Alternated rounds (ours, then Redis) for the rows compared with Redis; the table
+    /// shows the medians
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Skip the Redis reference even when redis-server is installed
     #[arg(long)]
     pub no_redis: bool,
@@ -94,10 +98,64 @@ pub const SCENARIOS: &[Scenario] = &[
 /// Records per `usage.record_batch` request in the batch measurement.
 pub const BATCH: usize = 1000;
 
+/// Requests kept in flight on the one connection of the pipelined `usage.record` row.
+pub const PIPELINE_DEPTH: usize = 32;
+/// Label of that row.
+const PIPELINED: &str = "usage.record (durable), pipelined 32 deep";
+
+/// What a row or measure should reach (issue 18), printed beside the figure so a run says
+/// at a glance whether it did.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub enum Target {
+    /// Throughput at least this ratio of Redis PING with the same client count.
+    VsRedis(f64),
+    /// At least this many requests per second.
+    PerSec(f64),
+}
+
+impl Target {
+    /// The target of a row, by its scenario and client count.
+    pub fn of(scenario: &str, clients: usize) -> Option<Target> {
+        match (scenario, clients) {
+            ("ping" | "license.check", 1) => Some(Target::VsRedis(1.2)),
+            ("ping" | "license.check", 32) => Some(Target::VsRedis(1.5)),
+            (PIPELINED, 1) => Some(Target::PerSec(30_000.0)),
+            _ => None,
+        }
+    }
+
+    /// Whether `row` reaches it; None when the figure is missing (no Redis reference).
+    pub fn met(&self, row: &Row) -> Option<bool> {
+        match *self {
+            Target::VsRedis(x) => row.vs_redis.map(|r| r >= x),
+            Target::PerSec(x) => Some(row.per_sec >= x),
+        }
+    }
+
+    fn describe(&self, met: Option<bool>) -> String {
+        let goal = match self {
+            Target::VsRedis(x) => format!("≥ {x:.1}× redis"),
+            Target::PerSec(x) => format!("≥ {x:.0}/s"),
+        };
+        format!("{goal} {}", verdict(met))
+    }
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "(met)",
+        Some(false) => "(MISSED)",
+        None => "(not measured)",
+    }
+}
+
+/// Idle RSS the agent must stay under (MiB).
+pub const IDLE_RSS_TARGET_MIB: f64 = 6.0;
+
 /// The product the bench's license is for.
 const BENCH_PRODUCT: &str = "bench";
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub scenario: String,
     pub clients: usize,
@@ -110,6 +168,9 @@ pub struct Row {
     /// The server's CPU time (user + system) per request, in µs: what a request costs,
     /// less disturbed by other load on the machine than requests/s.
     pub server_cpu_us: Option<f64>,
+    /// The row's target, if it has one ([`Target::of`]), and whether it was met.
+    pub target: Option<Target>,
+    pub target_met: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -317,6 +378,73 @@ async fn drive(
     Ok((all.len() as u64, all, elapsed))
 }
 
+/// One connection keeping `depth` requests in flight for `seconds`: whenever answers
+/// arrive, as many new requests go out in one write (a client pipelining `depth` deep).
+/// Latency runs from a request's write to its answer.
+async fn drive_pipelined(
+    socket: PathBuf,
+    request: Vec<u8>,
+    depth: usize,
+    seconds: f64,
+    expect: &'static str,
+) -> Result<(u64, Vec<u32>, f64)> {
+    let stream = tokio::net::UnixStream::connect(&socket).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = TokioBufReader::new(rd);
+    let mut line = Vec::with_capacity(512);
+    let mut lat = Vec::with_capacity(1 << 16);
+    let mut in_flight = std::collections::VecDeque::with_capacity(depth);
+    let mut batch = Vec::with_capacity(request.len() * depth);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    loop {
+        if Instant::now() < deadline && in_flight.len() < depth {
+            batch.clear();
+            let now = Instant::now();
+            while in_flight.len() < depth {
+                batch.extend_from_slice(&request);
+                in_flight.push_back(now);
+            }
+            wr.write_all(&batch).await?;
+        }
+        let Some(sent) = in_flight.pop_front() else {
+            break;
+        };
+        line.clear();
+        rd.read_until(b'\n', &mut line).await?;
+        lat.push(sent.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        if !line.windows(expect.len()).any(|w| w == expect.as_bytes()) {
+            bail!("unexpected answer: {}", String::from_utf8_lossy(&line));
+        }
+        // Take every answer already here before refilling, so refills are batches.
+        while rd.buffer().contains(&b'\n') {
+            let sent = in_flight
+                .pop_front()
+                .context("more answers than requests")?;
+            line.clear();
+            rd.read_until(b'\n', &mut line).await?;
+            lat.push(sent.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+            if !line.windows(expect.len()).any(|w| w == expect.as_bytes()) {
+                bail!("unexpected answer: {}", String::from_utf8_lossy(&line));
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok((lat.len() as u64, lat, elapsed))
+}
+
+/// The round with the median throughput.
+fn median_row(mut rounds: Vec<Row>) -> Row {
+    rounds.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    let i = rounds.len() / 2;
+    rounds.swap_remove(i)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -336,6 +464,8 @@ fn row(label: &str, clients: usize, n: u64, mut lat: Vec<u32>, elapsed: f64) -> 
         p99_us: percentile(&lat, 0.99),
         vs_redis: None,
         server_cpu_us: None,
+        target: None,
+        target_met: None,
     }
 }
 
@@ -490,14 +620,39 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         .into_bytes();
         req.push(b'\n');
         for &c in &args.clients {
-            let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
-            rows.push(measured_row(&rt, s.label, c, pid, load)?);
-            if let (Some(redis), "ping") = (&redis, s.op) {
-                reference.push(redis.measure(&rt, c, args.seconds)?);
+            // Rows with a target against Redis alternate with Redis for several rounds
+            // (same moments, same background load) and keep the medians.
+            let compared = redis.is_some() && (s.op == "ping" || Target::of(s.label, c).is_some());
+            let rounds = if compared { args.rounds.max(1) } else { 1 };
+            let mut ours = Vec::new();
+            let mut ratios = Vec::new();
+            for _ in 0..rounds {
+                let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
+                let row = measured_row(&rt, s.label, c, pid, load)?;
+                if let (true, Some(redis)) = (compared, &redis) {
+                    let base = redis.measure(&rt, c, args.seconds)?;
+                    ratios.push(row.per_sec / base.per_sec);
+                    reference.push(base);
+                }
+                ours.push(row);
             }
+            let mut row = median_row(ours);
+            row.vs_redis = median(ratios);
+            rows.push(row);
         }
     }
     drop(redis);
+    {
+        let req = b"{\"v\":1,\"id\":1,\"op\":\"usage.record\",\"params\":{\"meter\":\"bench\",\"value\":\"1.25\"}}\n";
+        let load = drive_pipelined(
+            socket.clone(),
+            req.to_vec(),
+            PIPELINE_DEPTH,
+            args.seconds,
+            "\"ok\":true",
+        );
+        rows.push(measured_row(&rt, PIPELINED, 1, pid, load)?);
+    }
     let mut batch_records_per_sec = Vec::new();
     {
         let one = r#"{"meter":"bench","value":"0.5"}"#;
@@ -520,12 +675,28 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
     let fdatasync_us_median = fdatasync_latency(&dir).unwrap_or(f64::NAN);
     let (license_verify_us, license_install_inproc_us) =
         license_in_process(&dir, &seller_key, &device_code)?;
-    for r in rows.iter_mut() {
-        if let Some(base) = reference.iter().find(|b| b.clients == r.clients) {
+    // One reference row per client count: the median of its rounds.
+    let mut by_clients: Vec<Row> = Vec::new();
+    for &c in &args.clients {
+        let rounds: Vec<Row> = reference
+            .iter()
+            .filter(|b| b.clients == c)
+            .cloned()
+            .collect();
+        if !rounds.is_empty() {
+            by_clients.push(median_row(rounds));
+        }
+    }
+    for r in rows.iter_mut().filter(|r| r.vs_redis.is_none()) {
+        if let Some(base) = by_clients.iter().find(|b| b.clients == r.clients) {
             r.vs_redis = Some(r.per_sec / base.per_sec);
         }
     }
-    rows.extend(reference);
+    rows.extend(by_clients);
+    for r in rows.iter_mut() {
+        r.target = Target::of(&r.scenario, r.clients);
+        r.target_met = r.target.and_then(|t| t.met(r));
+    }
     let ms = |d: &Duration| d.as_secs_f64() * 1e3;
     let report = Report {
         rows,
@@ -554,13 +725,13 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
 pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis | server CPU µs/req |"
+        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis | server CPU µs/req | target |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|")?;
     for row in &r.rows {
         writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} |",
             row.scenario,
             row.clients,
             row.requests,
@@ -572,61 +743,67 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             row.server_cpu_us
                 .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            row.target
+                .map(|t| t.describe(row.target_met))
+                .unwrap_or_default()
         )?;
     }
     writeln!(out)?;
-    writeln!(out, "| measure | value |")?;
-    writeln!(out, "|---|---:|")?;
+    writeln!(out, "| measure | value | target |")?;
+    writeln!(out, "|---|---:|---|")?;
     writeln!(
         out,
-        "| exec → socket ready (median) | {:.1} ms |",
+        "| exec → socket ready (median) | {:.1} ms | |",
         r.ready_ms_median
     )?;
     writeln!(
         out,
-        "| exec → socket ready (max) | {:.1} ms |",
+        "| exec → socket ready (max) | {:.1} ms | |",
         r.ready_ms_max
     )?;
+    let rss_mib = r.idle_rss_kib as f64 / 1024.0;
     writeln!(
         out,
-        "| idle RSS | {:.2} MiB |",
-        r.idle_rss_kib as f64 / 1024.0
+        "| idle RSS | {rss_mib:.2} MiB | ≤ {IDLE_RSS_TARGET_MIB:.0} MiB {} |",
+        verdict(Some(rss_mib <= IDLE_RSS_TARGET_MIB))
     )?;
     writeln!(
         out,
-        "| idle CPU over {:.0} s | {} ticks |",
-        r.idle_seconds, r.idle_cpu_ticks
+        "| idle CPU over {:.0} s | {} ticks | 0 ticks {} |",
+        r.idle_seconds,
+        r.idle_cpu_ticks,
+        verdict(Some(r.idle_cpu_ticks == 0))
     )?;
     for (clients, rate) in &r.batch_records_per_sec {
         writeln!(
             out,
-            "| usage.record_batch of 1000, {clients} client(s) | {rate:.0} records/s |"
+            "| usage.record_batch of 1000, {clients} client(s) | {rate:.0} records/s | |"
         )?;
     }
     writeln!(
         out,
-        "| peak RSS over the run | {:.2} MiB |",
+        "| peak RSS over the run | {:.2} MiB | |",
         r.peak_rss_kib as f64 / 1024.0
     )?;
     writeln!(
         out,
-        "| fdatasync in the bench directory (median) | {:.0} µs |",
+        "| fdatasync in the bench directory (median) | {:.0} µs | |",
         r.fdatasync_us_median
     )?;
     writeln!(
         out,
-        "| license verify, in-process (median) | {:.1} µs |",
+        "| license verify, in-process (median) | {:.1} µs | |",
         r.license_verify_us
     )?;
     writeln!(
         out,
-        "| license verify + install (fsync), in-process (median) | {:.1} µs |",
+        "| license verify + install (fsync), in-process (median) | {:.1} µs | |",
         r.license_install_inproc_us
     )?;
     writeln!(
         out,
-        "| license.install over the socket (median) | {:.1} µs |",
+        "| license.install over the socket (median) | {:.1} µs | |",
         r.license_install_socket_us
     )?;
     if let Some(m) = &r.idle_connections {

@@ -416,6 +416,13 @@ enum SellerCommand {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Set the seller console's admin password: reads it from standard input (one line,
+    /// at least 12 characters) and writes its argon2id hash to FILE (mode 0600), the
+    /// server's seller_server.console_password_file
+    ConsolePassword {
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Issue a signed license; the same inputs give the same bytes
     Issue(Box<IssueArgs>),
     /// Print a license's contents and whether it verifies
@@ -1655,6 +1662,27 @@ fn seller_cmd(g: &Global, first: &FirstFlags, command: SellerCommand) -> Result<
         ),
         #[cfg(feature = "seller-server")]
         SellerCommand::Call(a) => seller_call(&a),
+        #[cfg(not(feature = "seller-server"))]
+        SellerCommand::ConsolePassword { .. } => anyhow::bail!(
+            "this kooagent was built without the seller server; build it with \
+             `cargo build --release -p kooagent --features seller-server`"
+        ),
+        #[cfg(feature = "seller-server")]
+        SellerCommand::ConsolePassword { out } => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            let hash = crate::seller_server::console::auth::hash_password(password)?;
+            crate::store::atomic_write(&out, format!("{hash}\n").as_bytes(), 0o600)?;
+            println!(
+                "console password hash written to {} (mode 0600); set \
+                 seller_server.console_password_file to it and restart the server",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         SellerCommand::Keygen { out } => {
             let (pub_path, line) = seller::write_keypair(&out)?;
             println!("private key: {} (mode 0600; keep it secret)", out.display());

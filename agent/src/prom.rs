@@ -115,6 +115,24 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
+    /// An estimate of quantile `q` (0..1): the upper bound of the bucket it falls in
+    /// (None: no observation yet; infinity: above the last bound).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c.load(Ordering::Relaxed);
+            if seen >= want {
+                return Some(self.bounds.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
     /// The `_bucket`, `_sum` and `_count` lines of family `name` (after its header).
     pub fn write(&self, t: &mut Text, name: &str, labels: &[(&str, &str)]) {
         let mut total = 0u64;
@@ -164,6 +182,12 @@ impl<const N: usize> Counters<N> {
         let key = labels.map(str::to_string);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Every label set and its count.
+    pub fn snapshot(&self) -> Vec<([String; N], u64)> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// The samples of family `name`, labelled `names`.
@@ -216,6 +240,9 @@ mod tests {
              h_bucket{k=\"v\",le=\"+Inf\"} 3\nh_sum{k=\"v\"} 2.055\nh_count{k=\"v\"} 3\n"
         );
         assert_eq!(h.count(), 3);
+        assert_eq!(h.quantile(0.5), Some(0.1));
+        assert_eq!(h.quantile(0.3), Some(0.01));
+        assert_eq!(h.quantile(0.99), Some(f64::INFINITY));
     }
 
     #[test]

@@ -420,6 +420,95 @@ struct Reader {
 /// Bytes read per read(2): one page-sized chunk covers almost every request.
 const CHUNK: usize = 4 * 1024;
 
+/// Most calls served as one group (see [`gather`]); bounds the answers held back.
+const MAX_GROUP: usize = 256;
+/// Most bytes buffered while looking for more calls to add to a group.
+const GATHER_BYTES: usize = 16 * 1024;
+
+/// One request of a group: its id, and its call or why it could not be parsed.
+type Slot = (protocol::Id, Result<Call, OpError>);
+
+/// Takes the calls of `op` that follow `first` on the connection and have already arrived
+/// (buffered, or readable without waiting), up to the first request of another operation,
+/// which stays buffered to be served after them, in order. A line that does not parse is
+/// part of the group: it gets its error in its place and changes nothing.
+fn gather(rd: &mut Reader, op: &str, first: Slot, peer: Peer) -> Vec<Slot> {
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP {
+        let Some(line) = rd.buffered_line() else {
+            if rd.try_more() {
+                continue;
+            }
+            break;
+        };
+        let n = line.len() + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            rd.consume(n);
+            continue;
+        }
+        match protocol::parse_request(line) {
+            Ok(req) if req.op == op => {
+                group.push((
+                    req.id,
+                    Ok(Call {
+                        params: req.params,
+                        peer,
+                    }),
+                ));
+            }
+            Ok(_) => break,
+            Err((id, err)) => group.push((id, Err(err))),
+        }
+        rd.consume(n);
+    }
+    group
+}
+
+/// Serves a group from [`gather`]: its calls together, its answers in order into `out`.
+async fn serve_group(
+    out: &mut Vec<u8>,
+    group: Vec<Slot>,
+    op: &str,
+    agent: Arc<Agent>,
+    dispatcher: &Dispatcher,
+) {
+    let mut ids = Vec::with_capacity(group.len());
+    let mut calls = Vec::with_capacity(group.len());
+    for (id, call) in group {
+        ids.push((id, call.as_ref().err().cloned()));
+        if let Ok(c) = call {
+            calls.push(c);
+        }
+    }
+    let mut answers = dispatcher
+        .dispatch_group(agent, op, calls)
+        .await
+        .into_iter();
+    for (id, failed) in ids {
+        let answer = match failed {
+            Some(e) => Err(e),
+            None => answers.next().unwrap_or_else(|| {
+                Err(OpError::internal("the group handler gave too few answers"))
+            }),
+        };
+        write_answer(out, &id, answer);
+    }
+}
+
+/// Writes one answer of a group (no group operation streams).
+fn write_answer(out: &mut Vec<u8>, id: &protocol::Id, answer: crate::ops::OpResult) {
+    match answer {
+        Ok(Reply::Value(v)) => protocol::write_ok(out, id, &v),
+        Ok(Reply::Json(text)) => protocol::write_ok_json(out, id, &text),
+        Ok(Reply::Stream(_)) => protocol::write_err(
+            out,
+            id,
+            &OpError::internal("a stream cannot be answered in a group"),
+        ),
+        Err(e) => protocol::write_err(out, id, &e),
+    }
+}
+
 impl Reader {
     fn new(rd: OwnedReadHalf) -> Reader {
         Reader {
@@ -438,6 +527,32 @@ impl Reader {
         if self.pos >= self.buf.len() {
             self.release();
         }
+    }
+
+    /// The next complete line already buffered (without its newline), if any.
+    fn buffered_line(&self) -> Option<&[u8]> {
+        let b = self.buffered();
+        b.iter().position(|&b| b == b'\n').map(|i| &b[..i])
+    }
+
+    /// Reads what has already arrived, without waiting, after what is buffered. Whether
+    /// anything was added (false at end of stream, on an error, which the next `fill`
+    /// reports, and once `GATHER_BYTES` are buffered).
+    fn try_more(&mut self) -> bool {
+        if self.buffered().len() >= GATHER_BYTES {
+            return false;
+        }
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        let have = self.buf.len();
+        self.buf.reserve_exact(CHUNK);
+        self.buf.resize(have + CHUNK, 0);
+        let n = read_some(&self.rd, &mut self.buf[have..]).unwrap_or(0);
+        self.buf.truncate(have + n);
+        if self.buf.is_empty() {
+            self.release();
+        }
+        n > 0
     }
 
     /// Gives the buffer's memory back (the connection is between requests).
@@ -465,7 +580,7 @@ impl Reader {
             // Exactly one chunk: a Vec grown by push would round its capacity up.
             self.buf.reserve_exact(CHUNK);
             self.buf.resize(CHUNK, 0);
-            match self.rd.try_read(&mut self.buf) {
+            match read_some(&self.rd, &mut self.buf) {
                 Ok(n) => {
                     self.buf.truncate(n);
                     if n == 0 {
@@ -483,6 +598,29 @@ impl Reader {
                 }
             }
         }
+    }
+}
+
+/// One read(2) into `buf`, when the socket may be readable. A read that does not fill
+/// `buf` has taken every byte there was, so it also marks the socket not readable: the
+/// next wait parks at once rather than first paying a read that only says EAGAIN (one
+/// syscall in four per request). Bytes that arrive later raise a new readiness event (the
+/// reactor is edge-triggered), so none is missed.
+fn read_some(rd: &OwnedReadHalf, buf: &mut [u8]) -> io::Result<usize> {
+    let want = buf.len();
+    let mut short = None;
+    let stream: &UnixStream = rd.as_ref();
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = rustix::io::read(stream, &mut *buf).map_err(io::Error::from)?;
+        if n > 0 && n < want {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
     }
 }
 
@@ -594,6 +732,14 @@ async fn connection(
                 }
                 match protocol::parse_request(&line) {
                     Err((id, err)) => protocol::write_err(&mut out, &id, &err),
+                    Ok(req) if dispatcher.groups(&req.op) => {
+                        let call = Call {
+                            params: req.params,
+                            peer,
+                        };
+                        let group = gather(&mut rd, &req.op, (req.id, Ok(call)), peer);
+                        serve_group(&mut out, group, &req.op, agent.clone(), &dispatcher).await;
+                    }
                     Ok(req) => {
                         log::trace!("uid={} op={}", peer.uid, req.op);
                         let call = Call {

@@ -21,6 +21,8 @@ mod sdk;
 #[cfg(feature = "seller-server")]
 mod seller_call;
 #[cfg(feature = "seller-server")]
+mod seller_console;
+#[cfg(feature = "seller-server")]
 mod seller_hardening;
 #[cfg(feature = "seller-server")]
 mod seller_metrics;

@@ -709,7 +709,7 @@ fn lic_payload(text: &str) -> kooagent::license::format::License {
 }
 
 /// A well-formed device code `{prefix}-EFGH-JKMN-PQRS-TVW?` (the check symbol found by trying).
-fn valid_code(prefix: &str) -> String {
+pub(crate) fn valid_code(prefix: &str) -> String {
     "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
         .chars()
         .find_map(|c| {

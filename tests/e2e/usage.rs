@@ -608,6 +608,73 @@ fn bad_records_are_refused_with_clear_errors() {
         .contains("usage.key_file"));
 }
 
+/// Pipelined `usage.record` calls on one connection are committed as one group (one
+/// fsync, not one each), yet each is answered on its own, in order, with its own id: a bad
+/// call in the middle gets its own error and the others are recorded; the request of
+/// another operation after them sees them all.
+#[test]
+fn a_pipelined_burst_is_one_commit_answered_in_order() {
+    let a = TestAgent::start(&usage_toml(&["https://localhost:1".into()], None, None, ""));
+    let commits = |a: &TestAgent| status(a)["ledger"]["commits"].as_u64().unwrap();
+    let before = commits(&a);
+    let mut burst = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..32 {
+        let (params, want) = match i {
+            9 => (json!({"meter": "cpu", "value": "-1"}), Err("invalid_value")),
+            17 => (json!({"meter": "gpu", "value": "1"}), Err("unknown_meter")),
+            23 => (
+                json!({"meter": "cpu", "value": "1", "x": 1}),
+                Err("invalid_params"),
+            ),
+            _ => (json!({"meter": "cpu", "value": "0.5"}), Ok(())),
+        };
+        let id = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("r{i}"))
+        };
+        let line = json!({"v": 1, "id": id, "op": "usage.record", "params": params});
+        burst.extend_from_slice(format!("{line}\n").as_bytes());
+        expect.push((id, want));
+        if i == 12 {
+            // A line that is not JSON, in the middle: its own parse error, nothing else.
+            burst.extend_from_slice(b"{not json\n");
+            expect.push((Value::Null, Err("parse_error")));
+        }
+    }
+    burst.extend_from_slice(b"{\"v\":1,\"id\":\"after\",\"op\":\"usage.status\"}\n");
+    let mut c = a.connect();
+    c.send_raw(&burst);
+    for (id, want) in &expect {
+        let v = c.read_json();
+        assert_eq!(&v["id"], id, "answer out of order: {v}");
+        match want {
+            Ok(()) => {
+                assert_eq!(v["ok"], json!(true), "{v}");
+                assert!(v["result"]["hour"].is_string(), "{v}");
+            }
+            Err(code) => assert_eq!(v["error"]["code"], json!(code), "{v}"),
+        }
+    }
+    let after = c.read_json();
+    assert_eq!(after["id"], json!("after"), "{after}");
+    assert_eq!(
+        after["result"]["totals"]["cpu"]["records"],
+        json!(29),
+        "{after}"
+    );
+    assert_eq!(
+        after["result"]["totals"]["cpu"]["value"],
+        json!("14.5"),
+        "{after}"
+    );
+    // 29 durable records: one commit when the burst arrives at once, a few if it is
+    // split across reads; one per record without grouping.
+    let n = commits(&a) - before;
+    assert!(n <= 3, "{n} ledger commits for one pipelined burst");
+}
+
 #[test]
 fn a_key_file_others_can_read_is_refused_and_never_printed() {
     let dir = tempfile::tempdir().unwrap();
@@ -826,10 +893,12 @@ fn soak_kill9_cycles_during_mixed_ingest_lose_nothing_acknowledged() {
             threads.push(std::thread::spawn(move || {
                 let mut c = crate::harness::Conn::open(&socket);
                 let mut i = 0u64;
+                // Two clients pipeline 8 records at a time (committed as one group).
+                let depth = if client < 2 { 8 } else { 1 };
                 while !stop.load(Ordering::SeqCst) {
                     i += 1;
                     // cpu: one record of 0.5; mem: a batch of 5 × 0.25 every third request.
-                    let (line, m, u) = if (i + client).is_multiple_of(3) {
+                    let (line, m, u) = if depth == 1 && (i + client).is_multiple_of(3) {
                         let one = format!(r#"{{"meter":"mem","value":"0.25","at":{at}}}"#);
                         let list = vec![one; 5].join(",");
                         (
@@ -848,17 +917,20 @@ fn soak_kill9_cycles_during_mixed_ingest_lose_nothing_acknowledged() {
                             half,
                         )
                     };
-                    sent[m].fetch_add(u, Ordering::SeqCst);
-                    if std::io::Write::write_all(&mut c.writer, line.as_bytes()).is_err() {
+                    sent[m].fetch_add(u * depth, Ordering::SeqCst);
+                    let burst = line.repeat(depth as usize);
+                    if std::io::Write::write_all(&mut c.writer, burst.as_bytes()).is_err() {
                         return;
                     }
-                    let mut resp = String::new();
-                    match std::io::BufRead::read_line(&mut c.reader, &mut resp) {
-                        Ok(n) if n > 0 && resp.contains("\"ok\":true") => {
-                            acked[m].fetch_add(u, Ordering::SeqCst);
-                            acks_now.fetch_add(1, Ordering::SeqCst);
+                    for _ in 0..depth {
+                        let mut resp = String::new();
+                        match std::io::BufRead::read_line(&mut c.reader, &mut resp) {
+                            Ok(n) if n > 0 && resp.contains("\"ok\":true") => {
+                                acked[m].fetch_add(u, Ordering::SeqCst);
+                                acks_now.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => return,
                         }
-                        _ => return,
                     }
                 }
             }));

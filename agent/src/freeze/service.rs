@@ -848,4 +848,73 @@ mod tests {
         assert_eq!(ev["state"], json!("frozen"), "{ev}");
         assert_eq!(allowed(&license), json!(false));
     }
+
+    /// `watch` `{"verdicts": true}`: the table after the states, then a new one at every
+    /// rebuild, each showing what `license.check` answers at that moment.
+    #[test]
+    fn verdict_subscribers_get_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key(1);
+        let mut lic = sample();
+        lic.unbound = true;
+        lic.devices.clear();
+        let now = lic.not_before + 3600;
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let cfg = LicenseConfig {
+            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
+            ..Default::default()
+        };
+        let clock = Arc::new(FakeClock::new(now * 1000));
+        let license = LicenseService::new(dir.path(), &cfg, clock, device.clone());
+        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
+        license.set_freeze_hook(freeze.clone());
+        let text = crate::license::format::sign(&lic, &key).unwrap();
+        license.install(text.as_bytes(), None).unwrap();
+
+        let mut plain = freeze.subscribe();
+        let l = license.clone();
+        let mut events = freeze.subscribe_verdicts(&move || l.verdicts().cache_event());
+        let state = events.try_recv().unwrap();
+        assert_eq!(state["type"], json!("state"), "{state}");
+        let table = events.try_recv().unwrap();
+        assert_eq!(table["type"], json!("verdicts"), "{table}");
+        assert!(table["seq"].as_u64().unwrap() > state["seq"].as_u64().unwrap());
+        let entry = &table["licenses"][0];
+        assert_eq!(entry["check"]["license_id"], json!(lic.id));
+        assert_eq!(entry["check"]["allowed"], json!(true));
+        assert_eq!(entry["ends_at"], json!(lic.not_after));
+        assert!(events.try_recv().is_err());
+
+        let token = token::issue(
+            &token::TokenRequest {
+                license_id: lic.id.clone(),
+                action: token::Action::Freeze,
+                seq: 1,
+                issued_at: now,
+                devices: vec![],
+                reason: None,
+            },
+            &key,
+        )
+        .unwrap();
+        let time = license.time_view();
+        freeze
+            .apply_token(token.as_bytes(), &license.trusted_keys(), time)
+            .unwrap();
+        license.refresh_blocking();
+        let transition = events.try_recv().unwrap();
+        assert_eq!(transition["state"], json!("frozen"));
+        let table = events.try_recv().unwrap();
+        assert_eq!(table["type"], json!("verdicts"));
+        let check = &table["licenses"][0]["check"];
+        assert_eq!(
+            (&check["state"], &check["allowed"]),
+            (&json!("frozen"), &json!(false))
+        );
+        assert_eq!(table["licenses"][0]["ends_at"], Value::Null);
+        // Subscribers that did not ask get no tables.
+        while let Ok(ev) = plain.try_recv() {
+            assert_ne!(ev["type"], json!("verdicts"), "{ev}");
+        }
+    }
 }

@@ -67,6 +67,19 @@ pub struct OpSpec {
     pub handler: Handler,
 }
 
+/// Answers to a group of calls, one per call, in the calls' order.
+pub type GroupFuture = Pin<Box<dyn Future<Output = Vec<OpResult>> + Send>>;
+/// Serves several pipelined calls of one operation together (each entry is a call, or the
+/// reason it was already refused); answers exactly one result per entry, in order.
+pub type GroupHandler = fn(Arc<Agent>, Vec<Result<Call, OpError>>) -> GroupFuture;
+
+/// An operation that gains from serving consecutive pipelined calls as one: `usage.record`
+/// makes one ledger commit (one fsync) for all of them instead of one each.
+pub struct GroupSpec {
+    pub name: &'static str,
+    pub handler: GroupHandler,
+}
+
 /// Serialises a typed result into a reply.
 pub fn reply<T: Serialize>(value: &T) -> OpResult {
     serde_json::to_value(value)
@@ -88,8 +101,12 @@ const TABLES: &[&[OpSpec]] = &[
     freeze::OPS,
 ];
 
+/// Operations served in groups when pipelined (see [`GroupSpec`]).
+const GROUPS: &[GroupSpec] = &[usage::RECORD_GROUP];
+
 pub struct Dispatcher {
     ops: HashMap<&'static str, (&'static Operation, Handler)>,
+    groups: HashMap<&'static str, (&'static Operation, GroupHandler)>,
     /// The agent's own uid: with root, the [`Caller::Owner`] of every operation.
     own_uid: u32,
 }
@@ -110,8 +127,18 @@ impl Dispatcher {
             let clash = ops.insert(spec.name, (op, spec.handler));
             assert!(clash.is_none(), "operation {} registered twice", spec.name);
         }
+        let groups = GROUPS
+            .iter()
+            .map(|g| {
+                let (op, _) = ops
+                    .get(g.name)
+                    .unwrap_or_else(|| panic!("group handler for unknown operation {}", g.name));
+                (g.name, (*op, g.handler))
+            })
+            .collect();
         Dispatcher {
             ops,
+            groups,
             own_uid: crate::sys::euid(),
         }
     }
@@ -135,6 +162,34 @@ impl Dispatcher {
             None => OpError::new(codes::UNKNOWN_OP, format!("unknown operation {op:?}")),
         };
         Box::pin(async move { Err(err) })
+    }
+
+    /// Whether consecutive pipelined calls of `op` are served together ([`Self::dispatch_group`]).
+    pub fn groups(&self, op: &str) -> bool {
+        self.groups.contains_key(op)
+    }
+
+    /// Serves `calls` of `op` (an operation for which [`Self::groups`] holds) as one group:
+    /// each call is checked as [`Self::dispatch`] would, and answered on its own.
+    pub fn dispatch_group(&self, agent: Arc<Agent>, op: &str, calls: Vec<Call>) -> GroupFuture {
+        let Some((row, h)) = self.groups.get(op) else {
+            let err = OpError::new(codes::UNKNOWN_OP, format!("unknown operation {op:?}"));
+            let n = calls.len();
+            return Box::pin(async move { (0..n).map(|_| Err(err.clone())).collect() });
+        };
+        let checked = calls
+            .into_iter()
+            .map(|call| {
+                match self
+                    .refuse(row, call.peer)
+                    .or_else(|| unknown_param(row, &call.params))
+                {
+                    None => Ok(call),
+                    Some(err) => Err(err),
+                }
+            })
+            .collect();
+        h(agent, checked)
     }
 
     /// Why `peer` may not call `row`, if it may not (the peer's uid, from SO_PEERCRED).

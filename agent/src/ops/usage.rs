@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Call, OpFuture, OpSpec, Reply};
+use super::{Call, GroupFuture, GroupSpec, OpFuture, OpResult, OpSpec, Reply};
 use crate::agent::Agent;
 use crate::clock::{format_rfc3339, parse_rfc3339};
 use crate::protocol::{codes, params, OpError};
@@ -54,6 +54,13 @@ pub const OPS: &[OpSpec] = &[
         handler: flush,
     },
 ];
+
+/// Pipelined `usage.record` calls on one connection share one ledger commit (one fsync);
+/// each is still validated and answered on its own, and only once the commit is durable.
+pub const RECORD_GROUP: GroupSpec = GroupSpec {
+    name: "usage.record",
+    handler: record_group,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,12 +162,57 @@ fn record(agent: Arc<Agent>, call: Call) -> OpFuture {
         let it = item(&agent, &cfg.usage, now, &p, "")?;
         let at_hour = crate::usage::hours::hour_of(it.at);
         let hours = agent.usage.record(vec![it]).await.map_err(record_error)?;
-        let h = hours[0];
-        Ok(Reply::Value(json!({
-            "hour": format_rfc3339(h),
-            // The hour of `at` was already closed: the usage went into the current hour.
-            "moved": h != at_hour,
-        })))
+        Ok(recorded(hours[0], at_hour))
+    })
+}
+
+/// The answer to one durable `usage.record`: the hour it went into.
+fn recorded(hour: i64, at_hour: i64) -> Reply {
+    Reply::Value(json!({
+        "hour": format_rfc3339(hour),
+        // The hour of `at` was already closed: the usage went into the current hour.
+        "moved": hour != at_hour,
+    }))
+}
+
+/// Several `usage.record` calls as one ledger command: a call refused on its own (bad
+/// params, unknown meter) gets its error and takes nothing from the others; the valid ones
+/// are committed together and share the commit's outcome, as commands of one group commit
+/// always do.
+fn record_group(agent: Arc<Agent>, calls: Vec<Result<Call, OpError>>) -> GroupFuture {
+    Box::pin(async move {
+        let cfg = agent.config();
+        let now = agent.clock.now_secs();
+        let mut items = Vec::with_capacity(calls.len());
+        let checked: Vec<Result<i64, OpError>> = calls
+            .into_iter()
+            .map(|call| {
+                let p: RecordParams = params(&call?.params)?;
+                let it = item(&agent, &cfg.usage, now, &p, "")?;
+                let at_hour = crate::usage::hours::hour_of(it.at);
+                items.push(it);
+                Ok(at_hour)
+            })
+            .collect();
+        let committed = if items.is_empty() {
+            Ok(Vec::new())
+        } else {
+            agent.usage.record(items).await.map_err(record_error)
+        };
+        let mut hours = committed.as_deref().unwrap_or_default().iter();
+        checked
+            .into_iter()
+            .map(|c| -> OpResult {
+                let at_hour = c?;
+                match &committed {
+                    Ok(_) => {
+                        let h = *hours.next().expect("one hour per committed item");
+                        Ok(recorded(h, at_hour))
+                    }
+                    Err(e) => Err(e.clone()),
+                }
+            })
+            .collect()
     })
 }
 

@@ -77,6 +77,8 @@ pub struct State {
     pub conns: Arc<Conns>,
     /// `metrics_token_file`'s token; None: no `/metrics` ([`super::metrics`]).
     pub metrics_token: Option<Secret>,
+    /// `console_password_file` set: the console ([`super::console`]).
+    pub console: Option<super::console::Console>,
     last_prune: AtomicI64,
 }
 
@@ -107,6 +109,7 @@ impl State {
                 reserve: cfg.marketplace_reserved_connections,
             }),
             metrics_token: None,
+            console: None,
             last_prune: AtomicI64::new(0),
         }
     }
@@ -194,6 +197,11 @@ pub fn restart_keys(old: &SellerServerConfig, new: &SellerServerConfig) -> Vec<&
     check(
         "metrics_token_file",
         old.metrics_token_file == new.metrics_token_file,
+    );
+    check(
+        "console_password_file/console_audit_file",
+        old.console_password_file == new.console_password_file
+            && old.console_audit_file == new.console_audit_file,
     );
     check(
         "license_upload",
@@ -424,6 +432,9 @@ async fn route(
     if path == super::metrics::PATH {
         return Ok(super::metrics::handle(&state, &req).await);
     }
+    if path == super::console::PREFIX || path.starts_with("/console/") {
+        return Ok(super::console::handle(&state, peer, req).await);
+    }
     if path.starts_with("/v1/") && !state.conns.device_room() {
         // Device traffic must leave the marketplace's share free: busy, and the connection
         // closed to give its descriptor back.
@@ -542,7 +553,7 @@ fn signed(state: &State, body: String) -> Resp {
 /// The whole body within `body_timeout` (headers have their own limit): a body that never
 /// comes, or trickles, cannot hold a connection. With bodies of at most [`MAX_BODY`] the
 /// deadline is also the minimum transfer rate (64 KiB in 10 s by default).
-async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, String> {
+pub(super) async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, String> {
     let limit = state.live().body_timeout;
     match tokio::time::timeout(limit, Limited::new(req.into_body(), MAX_BODY).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
@@ -1067,6 +1078,19 @@ pub fn run(
         relay,
     );
     state.metrics_token = metrics_token;
+    if !cfg.console_password_file.as_os_str().is_empty() {
+        let audit = if cfg.console_audit_file.as_os_str().is_empty() {
+            crate::store::ensure_dir(&cfg.state_dir, 0o700)
+                .map_err(|e| format!("seller_server.state_dir: {e}"))?;
+            cfg.state_dir.join("console-audit.log")
+        } else {
+            cfg.console_audit_file.clone()
+        };
+        state.console = Some(super::console::Console::load(
+            &cfg.console_password_file,
+            audit,
+        )?);
+    }
     let state = Arc::new(state);
     let nofile = conns::raise_fd_limit();
     let fitted = fit_connections(cfg, nofile);

@@ -15,6 +15,7 @@
 //!   forwarding with the seller's AK/SK);
 //! - [`usage_relay`]: usage records from devices (device signatures), held in an outbox
 //!   and uploaded with the interconnection key;
+//! - [`console`]: the seller's web console under `/console`;
 //! - [`metrics`]: `GET /metrics`, the Prometheus counters, behind their own token;
 //! - [`http`]: TLS, HTTP, routing, timeouts.
 
@@ -27,6 +28,7 @@ pub mod activities;
 pub mod auth;
 pub mod call;
 pub mod conns;
+pub mod console;
 pub mod db;
 pub mod devices;
 pub mod http;
@@ -112,6 +114,11 @@ pub struct SellerServerConfig {
     /// The bearer token of `GET /metrics` (one line, mode 0600); empty: no `/metrics`
     /// (it answers 404). Must differ from the interconnection key.
     pub metrics_token_file: PathBuf,
+    /// The console's admin password hash (argon2id, `kooagent seller console-password`,
+    /// mode 0600); empty: no console (`/console` answers 404).
+    pub console_password_file: PathBuf,
+    /// The console's audit log (JSON lines); empty: `console-audit.log` in `state_dir`.
+    pub console_audit_file: PathBuf,
 }
 
 /// The seller server's own places, apart from the agent's: as root the FHS ones
@@ -172,6 +179,8 @@ impl Default for SellerServerConfig {
             max_connections_per_address: 64,
             marketplace_reserved_connections: 64,
             metrics_token_file: PathBuf::new(),
+            console_password_file: PathBuf::new(),
+            console_audit_file: PathBuf::new(),
         }
     }
 }
@@ -371,6 +380,9 @@ impl SellerServerConfig {
             }
             if p.path == metrics::PATH {
                 return Err(invalid(key("path"), "/metrics is the metrics endpoint"));
+            }
+            if p.path == console::PREFIX || p.path.starts_with("/console/") {
+                return Err(invalid(key("path"), "/console is the seller console's"));
             }
             if !paths.insert(p.path.as_str()) {
                 return Err(invalid(
