@@ -8,6 +8,8 @@ command -v socat >/dev/null || need_apt+=(socat)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
+# strace: the crash harness (tests/e2e/crash.rs) records the agent's file-system calls with it.
+command -v strace >/dev/null || need_apt+=(strace)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "== installing ${need_apt[*]}"

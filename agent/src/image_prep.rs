@@ -105,10 +105,28 @@ pub fn run(cfg: &Config, force: bool, dry_run: bool) -> Result<Report, PrepError
         }
         report.removed.push(path);
     }
-    if state.join("time.json").exists() {
-        report.kept.push(
-            "time.json: the trusted-time mark (clones can only be later than the capture)".into(),
-        );
+    let time_file = crate::license::time_file(state);
+    if time_file.exists() {
+        // The mark stays; the freeze anchor sealed with it is this device's (under the key
+        // removed above) and would read as damage on every clone.
+        let stripped = if dry_run {
+            crate::license::trusted_time::read_anchor(&time_file).is_ok_and(|a| a.is_some())
+        } else {
+            crate::license::trusted_time::strip_anchor(&time_file).map_err(|e| {
+                PrepError::Remove {
+                    path: time_file.clone(),
+                    source: e.source,
+                }
+            })?
+        };
+        report.kept.push(format!(
+            "time.json: the trusted-time mark (clones can only be later than the capture){}",
+            if stripped {
+                "; its freeze anchor (this device's) removed"
+            } else {
+                ""
+            }
+        ));
     }
     let mid = cfg.identity.root.join("etc/machine-id");
     if std::fs::metadata(&mid)

@@ -125,3 +125,64 @@ fn dry_run_never_refuses_and_root_prepares_an_image_tree() {
         text(&out)
     );
 }
+
+/// A clone of the image must not inherit the device's freeze state: both copies of it go
+/// with the device key (the second lives in `licenses/`, next to an unbound license the
+/// prep keeps), and so does the freeze anchor sealed into `time.json`, whose mark stays.
+/// Left there, the anchor (sealed under the deleted key) read as damage on every clone.
+#[test]
+fn image_prep_leaves_no_freeze_state_and_a_clone_starts_clean() {
+    let seller = crate::license::Seller::new();
+    let mut a = TestAgent::start(&seller.config());
+    let lic = seller.issue(&[
+        "--unbound",
+        "--product",
+        "p",
+        "--instance",
+        "i",
+        "--perpetual",
+        "--id",
+        "trial",
+    ]);
+    crate::license::install(&a, &lic).unwrap();
+    let backup = a.state.join("licenses/.lifecycle.json");
+    let time = a.state.join("time.json");
+    let t0 = std::time::Instant::now();
+    while !(backup.exists()
+        && std::fs::read_to_string(&time)
+            .unwrap_or_default()
+            .contains("freeze_anchor"))
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no freeze state saved"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    a.stop();
+    let out = a.cli(&["image-prep", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("freeze anchor"), "{}", text(&out));
+    assert!(!a.state.join("lifecycle.json").exists());
+    assert!(!backup.exists(), "{}", text(&out));
+    let kept = std::fs::read_to_string(&time).unwrap();
+    assert!(
+        kept.contains("\"mark\"") && !kept.contains("freeze_anchor"),
+        "{kept}"
+    );
+    assert!(
+        a.state.join("licenses/trial.lic").exists(),
+        "{}",
+        text(&out)
+    );
+
+    // The clone's first start: a new device key, nothing taken for damage or tampering.
+    let before = a.log().len();
+    a.spawn(&[]);
+    let s = a.call("freeze.status", json!({})).unwrap();
+    assert_eq!(s["tampered"], false, "{s}");
+    let v = crate::license::check(&a, "p");
+    assert_eq!(v["allowed"], true, "{v}");
+    let log = a.log()[before..].to_string();
+    assert!(!log.contains("anchor"), "{log}");
+}

@@ -68,6 +68,10 @@ fn post(
     (st, hd, String::from_utf8(b).unwrap())
 }
 
+fn page_of(s: &SellerServer, session: &str) -> String {
+    get(s, "/console/instances?q=CONSOLE-INST-1", Some(session)).2
+}
+
 fn login_form(s: &SellerServer) -> (String, String) {
     let (status, h, html) = get(s, "/console/login", None);
     assert_eq!(status, 200, "{html}");
@@ -166,12 +170,45 @@ fn console_sign_in_health_sign_out_and_its_boundaries() {
         );
         assert!(page.contains(">active<"), "{page}");
     }
+    // Freeze from the console: confirmed, CSRF-checked, audited; the agents' status
+    // endpoint then serves a freeze token, as after the marketplace's callback.
+    let page_csrf = csrf_in(&page_of(&s, &session));
+    let no_confirm = format!("csrf={page_csrf}&instance=CONSOLE-INST-1&status=FREEZE");
+    assert_eq!(
+        post(&s, "/console/instances/status", Some(&session), &no_confirm).0,
+        400
+    );
+    let forged = "csrf=forged&instance=CONSOLE-INST-1&status=FREEZE&confirm=yes";
+    assert_eq!(
+        post(&s, "/console/instances/status", Some(&session), forged).0,
+        403
+    );
+    let freeze = format!("{no_confirm}&confirm=yes");
+    let (status, h, _) = post(&s, "/console/instances/status", Some(&session), &freeze);
+    assert_eq!(status, 303);
+    assert_eq!(
+        header(&h, "location"),
+        Some("/console/instances?q=CONSOLE-INST-1")
+    );
+    let (_, _, page) = get(&s, "/console/instances?q=CONSOLE-INST-1", Some(&session));
+    assert!(
+        page.contains("active (frozen)") && page.contains(">Unfreeze<"),
+        "{page}"
+    );
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let target = format!("/v1/licenses/kg-CONSOLE-INST-1/status?device_code={code}");
+    let (status, _, token) = s.device_get(&key, &target);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&token));
+    let t =
+        kooagent::freeze::token::parse(String::from_utf8_lossy(&token).trim().as_bytes()).unwrap();
+    assert_eq!(t.req.action, kooagent::freeze::token::Action::Freeze);
+    assert_eq!(t.req.license_id, "kg-CONSOLE-INST-1");
+
     let (_, _, page) = get(&s, "/console/instances?q=%3Cscript%3E", Some(&session));
     assert!(
         page.contains("No instance matches <code>&lt;script&gt;</code>"),
         "{page}"
     );
-    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
     let target = format!("/v1/licenses/kg-CONSOLE-INST-1?device_code={code}");
     assert_eq!(s.device_get(&key, &target).0, 200);
     let (status, _, page) = get(&s, "/console/devices", Some(&session));
@@ -236,6 +273,7 @@ fn console_sign_in_health_sign_out_and_its_boundaries() {
     assert!(has("sign in", false), "{audit}");
     assert!(has("sign out", true), "{audit}");
     assert!(has("sign in (rate limited)", false), "{audit}");
+    assert!(has("freeze instance CONSOLE-INST-1", true), "{audit}");
     assert!(lines
         .iter()
         .all(|l| l["who"] == "admin" && l["at"].is_string()));

@@ -149,7 +149,8 @@ impl FreezeService {
                 (k, false)
             }
         };
-        let mut loaded = state_file::load(&paths, &key, created, now);
+        let first = created || interrupted_first_start(state_dir, &paths);
+        let mut loaded = state_file::load(&paths, &key, first, now);
         let (anchors, anchored_time) = if created {
             // Nothing sealed under the old key can be verified; the lifecycle copies
             // already tell a deleted key from a first start.
@@ -695,6 +696,26 @@ impl FreezeHook for FreezeService {
     }
 }
 
+/// The first start creates the device key and then saves the first freeze state; a crash
+/// between the two leaves a key and nothing else: no copy of the state and no anchor
+/// anywhere. That is a first start to finish, not a deletion (found by the crash harness,
+/// tests/e2e/crash.rs). Deleting all of it on purpose gains nothing that deleting the key
+/// with the copies does not already give (a fresh state, see docs/threat-model.md).
+fn interrupted_first_start(state_dir: &Path, paths: &Paths) -> bool {
+    let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let fresh = missing(&paths.primary)
+        && missing(&paths.backup)
+        && missing(&paths.anchor)
+        && matches!(
+            crate::license::trusted_time::read_anchor(&crate::license::time_file(state_dir)),
+            Ok(None)
+        );
+    if fresh {
+        log::info!("freeze state: a device key and nothing saved with it yet (a first start cut short); starting fresh");
+    }
+    fresh
+}
+
 /// Reads both anchors and judges the loaded state against them: marks every license
 /// tampered when a subset of the state was put back or removed, and raises the generation
 /// past the high-water mark. Returns the places holding a valid anchor and the highest
@@ -715,6 +736,23 @@ fn check_anchors(
         };
     let usage = state_file::read_anchor(&paths.anchor, key);
     let found = [(anchor::TIME, time), (anchor::USAGE, usage)];
+    // One the state does not list is not relied on, but a crash never leaves an anchor
+    // unreadable (each is replaced atomically): damage or an edit, so say so.
+    for (place, f) in &found {
+        if let Found::Bad(e) = f {
+            if !loaded.anchors.iter().any(|a| a == place) {
+                let file = if *place == anchor::TIME {
+                    crate::license::time_file(state_dir)
+                } else {
+                    paths.anchor.clone()
+                };
+                log::warn!(
+                    "the {place} anchor of the freeze state in {} is invalid ({e}); not relied on",
+                    file.display()
+                );
+            }
+        }
+    }
     let held = found
         .iter()
         .filter(|(_, f)| matches!(f, Found::Good(_)))

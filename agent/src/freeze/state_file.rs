@@ -174,6 +174,19 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
                 anchors,
             }
         }
+        // The first save writes the primary, then the backup: a crash in between leaves
+        // generation 1, listing no anchor yet, and no backup. Not a deletion (found by the
+        // crash harness); and the surviving copy is the state either way.
+        (Copy::Good(generation, machine, anchors), Copy::Missing)
+            if generation <= 1 && anchors.is_empty() =>
+        {
+            Loaded {
+                machine,
+                generation,
+                tamper: None,
+                anchors,
+            }
+        }
         (Copy::Good(generation, machine, anchors), other)
         | (other, Copy::Good(generation, machine, anchors)) => {
             let what = match other {
@@ -285,6 +298,26 @@ mod tests {
         let l = load(&p, &k, false, 1000);
         assert_eq!((l.generation, l.tamper), (3, None));
         assert_eq!(l.machine.records, m.records);
+    }
+
+    #[test]
+    fn a_first_save_cut_before_the_backup_is_not_tamper_a_later_one_is() {
+        let (_d, p, k) = setup();
+        save(&p, &k, 1, &Machine::default(), &[]).unwrap();
+        std::fs::remove_file(&p.backup).unwrap();
+        let l = load(&p, &k, false, 1000);
+        assert_eq!((l.generation, l.tamper), (1, None));
+        // Past the first save (or with anchors listed) a missing copy is deleted.
+        save(&p, &k, 2, &Machine::default(), &[]).unwrap();
+        std::fs::remove_file(&p.backup).unwrap();
+        assert!(load(&p, &k, false, 1000).tamper.is_some());
+        save(&p, &k, 1, &Machine::default(), &["time".into()]).unwrap();
+        std::fs::remove_file(&p.backup).unwrap();
+        assert!(load(&p, &k, false, 1000).tamper.is_some());
+        // The primary missing is never a crash: it is written first.
+        save(&p, &k, 1, &Machine::default(), &[]).unwrap();
+        std::fs::remove_file(&p.primary).unwrap();
+        assert!(load(&p, &k, false, 1000).tamper.is_some());
     }
 
     #[test]

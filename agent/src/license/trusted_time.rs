@@ -65,6 +65,26 @@ pub fn read_anchor(path: &Path) -> Result<Option<String>, String> {
     }
 }
 
+/// Removes the freeze anchor from the time file at `path`, keeping the mark (for
+/// `image-prep`: the anchor is sealed under the device key the prep deletes, and records
+/// this device's freeze state, which a clone must not inherit). Whether one was removed;
+/// a missing or unreadable file is left as it is (the agent reports the latter at start).
+pub fn strip_anchor(path: &Path) -> Result<bool, store::StoreError> {
+    let Some(bytes) = store::read_optional(path)? else {
+        return Ok(false);
+    };
+    let Ok(mut f) = serde_json::from_slice::<File>(&bytes) else {
+        return Ok(false);
+    };
+    if f.freeze_anchor.take().is_none() {
+        return Ok(false);
+    }
+    let mut bytes = serde_json::to_vec_pretty(&f).expect("time file serialises");
+    bytes.push(b'\n');
+    store::atomic_write(path, &bytes, 0o600)?;
+    Ok(true)
+}
+
 impl TrustedTime {
     /// Loads the mark from `path`. A missing file starts at `now`; a corrupt one is moved
     /// aside (evidence kept) and reported, and the mark restarts from `now`: nothing
@@ -82,6 +102,14 @@ impl TrustedTime {
         match store::read_optional(path) {
             Ok(None) => {}
             Ok(Some(bytes)) => match serde_json::from_slice::<File>(&bytes) {
+                // The two spellings of the mark must agree: a damaged digit in either
+                // (found by the crash harness's damage check) is not silently a new mark.
+                Ok(f) if f.v == 1 && f.mark_utc != format_rfc3339(f.mark) => {
+                    t.load_error = Some(format!(
+                        "mark {} and mark_utc {:?} disagree (damaged or edited)",
+                        f.mark, f.mark_utc
+                    ))
+                }
                 Ok(f) if f.v == 1 => {
                     t.mark = f.mark;
                     t.source = f.source;
@@ -228,6 +256,17 @@ mod tests {
         std::fs::write(&p, b"{garbage").unwrap();
         let t = TrustedTime::load(&p, 5000);
         assert!(t.load_error.is_some());
+        // A flipped digit still parses: the two spellings of the mark disagree.
+        let mut t = TrustedTime::load(&p, 1_000_000);
+        t.persist().unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replace("1000000", "1000009")).unwrap();
+        let t = TrustedTime::load(&p, 5000);
+        assert!(
+            t.load_error.as_deref().unwrap().contains("disagree"),
+            "{:?}",
+            t.load_error
+        );
         assert_eq!(t.mark(), 5000);
         assert!(std::fs::read_dir(d.path()).unwrap().any(|e| e
             .unwrap()

@@ -9,9 +9,9 @@
 //! agent endpoint, and neither the marketplace's signature nor the metrics token opens
 //! the console.
 //!
-//! Built so far: sign-in, sign-out, the health page, the instance search and the device
-//! list (read-only). The authorization-code page and the freeze/reissue/revoke actions are
-//! not built yet.
+//! Built so far: sign-in, sign-out, the health page, the instance search, the device list
+//! and freeze/unfreeze (through the marketplace callback's own activity). The
+//! authorization-code page and the reissue/revoke actions are not built yet.
 
 pub mod auth;
 mod pages;
@@ -140,6 +140,44 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
             }
             None => pages::redirect("/console/login", None),
         },
+        (Method::POST, "/console/instances/status") => {
+            let form = match form(state, req).await {
+                Ok(f) => f,
+                Err(r) => return r,
+            };
+            let Some(s) = session else {
+                return pages::redirect("/console/login", None);
+            };
+            if !csrf_ok(&form, &s.csrf) {
+                console.audit(
+                    now,
+                    "admin",
+                    "instance status (no CSRF token)",
+                    &address,
+                    false,
+                );
+                return pages::forbidden();
+            }
+            let instance = field(&form, "instance").unwrap_or("").to_string();
+            let status = field(&form, "status").unwrap_or("");
+            if !matches!(status, "FREEZE" | "UNFREEZE") || field(&form, "confirm") != Some("yes") {
+                return pages::bad_action("Tick the confirmation box to freeze or unfreeze.");
+            }
+            let what = format!("{} instance {instance}", status.to_lowercase());
+            match set_frozen(state, &instance, status == "FREEZE", now).await {
+                Ok(()) => {
+                    console.audit(now, "admin", &what, &address, true);
+                    pages::redirect(
+                        &format!("/console/instances?q={}", url_escape(&instance)),
+                        None,
+                    )
+                }
+                Err(m) => {
+                    console.audit(now, "admin", &what, &address, false);
+                    pages::bad_action(&m)
+                }
+            }
+        }
         (Method::GET, "/console/devices") => match session {
             Some(s) => match devices(state).await {
                 Ok(rows) => pages::devices(&rows, now, &s.csrf),
@@ -192,6 +230,64 @@ async fn search(state: &State, q: &str) -> Result<Vec<super::db::InstanceRow>, S
     match tokio::time::timeout(Duration::from_secs(3), read).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("the database did not answer within 3 s".into()),
+    }
+}
+
+/// `/` and the characters a query value may hold as they are; the rest percent-encoded.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Freezes or unfreezes an instance exactly as the marketplace's `updateInstanceStatus`
+/// callback does (the same activity code, a new status token for the agents).
+async fn set_frozen(state: &State, instance: &str, freeze: bool, now: i64) -> Result<(), String> {
+    let (key, tokens, products) = (
+        state.signing_key.clone(),
+        state.tokens.clone(),
+        state.products.clone(),
+    );
+    let id = instance.to_string();
+    let body = serde_json::json!({
+        "activity": "updateInstanceStatus",
+        "instanceId": instance,
+        "status": if freeze { "FREEZE" } else { "UNFREEZE" },
+    })
+    .to_string();
+    let run = state.db.run(move |tx| {
+        let Some(row) = tx.instance(&id)? else {
+            return Ok(Err(format!("no instance {id}")));
+        };
+        let Some(product) = products.iter().find(|p| p.product == row.product) else {
+            return Ok(Err(format!("product {} is not configured", row.product)));
+        };
+        let ctx = super::activities::Ctx {
+            now,
+            product,
+            key: &key,
+            tokens: tokens.as_ref(),
+            presigned: None,
+            upload: false,
+        };
+        let answer = super::activities::handle(tx, &ctx, body.as_bytes())?;
+        Ok(match super::metrics::result_code_of(&answer) {
+            "000000" => Ok(()),
+            _ => Err(serde_json::from_str::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|v| v["resultMsg"].as_str().map(str::to_string))
+                .unwrap_or(answer)),
+        })
+    });
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the database did not answer within 5 s".into()),
     }
 }
 

@@ -198,6 +198,25 @@ pub fn instances(q: &str, rows: &[crate::seller_server::db::InstanceRow], csrf: 
             r.not_after.map(time).unwrap_or_else(|| "perpetual".into()),
             time(r.updated_at),
         ));
+        if r.status.as_str() != "released" {
+            let (status, label) = if r.frozen {
+                ("UNFREEZE", "Unfreeze")
+            } else {
+                ("FREEZE", "Freeze")
+            };
+            list.push_str(&format!(
+                "<tr><td colspan=\"7\"><form method=\"post\" action=\"/console/instances/status\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"instance\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"status\" value=\"{status}\">\
+                 <label><input type=\"checkbox\" name=\"confirm\" value=\"yes\" required> \
+                 {label} {} (agents get a signed status token)</label>\
+                 <button type=\"submit\">{label}</button></form></td></tr>",
+                esc(csrf),
+                esc(&r.instance_id),
+                esc(&r.instance_id),
+            ));
+        }
     }
     let results = if q.is_empty() {
         String::new()
@@ -252,6 +271,18 @@ pub fn devices(rows: &[crate::seller_server::db::DeviceRow], now: i64, csrf: &st
         nav(csrf)
     );
     page(StatusCode::OK, "Devices", &body)
+}
+
+pub fn bad_action(m: &str) -> Resp {
+    page(
+        StatusCode::BAD_REQUEST,
+        "Not done",
+        &format!(
+            "<main class=\"narrow\"><h1>Not done</h1><p>{}</p>\
+             <p><a href=\"/console/instances\">Orders and instances</a></p></main>",
+            esc(m)
+        ),
+    )
 }
 
 pub fn unavailable(e: &str) -> Resp {
