@@ -434,6 +434,9 @@ fn frozen_after_snapshot(seller: &Seller) -> (TestAgent, Vec<u8>, Vec<u8>) {
     let primary = std::fs::read(a.state.join("lifecycle.json")).unwrap();
     let backup = std::fs::read(a.state.join("licenses/.lifecycle.json")).unwrap();
     a.spawn(&[]);
+    // Right after a start the device code may not be known yet (token.apply answers
+    // device_pending, "try again in a moment"): wait for the bound license to be valid.
+    crate::license::wait_state(&a, "p", "valid");
     apply(
         &a,
         &token(seller, "L-R", "freeze", 1, &["--issued-at", &utc_in(-1800)]),
