@@ -28,6 +28,9 @@ pub struct Agent {
     pub authcode: Arc<crate::authcode::service::AuthcodeService>,
     /// Connections open on the socket (`agent.status`, the metrics).
     pub connections: Arc<crate::socket_limits::Live>,
+    /// Woken when `[metrics]` changes: the textfile writer sleeps on it (no timer) while no
+    /// textfile is configured, so an idle agent stays asleep.
+    pub metrics_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -73,6 +76,7 @@ impl Agent {
             device,
             usage,
             connections: Default::default(),
+            metrics_changed: Default::default(),
         })
     }
 
@@ -94,5 +98,8 @@ impl Agent {
         self.license.reconfigure(&new.license);
         self.freeze.reconfigure(&new.freeze);
         self.authcode.reconfigure(&new.authcode);
+        if old.metrics != new.metrics {
+            self.metrics_changed.notify_one();
+        }
     }
 }

@@ -339,10 +339,20 @@ pub async fn collect(agent: &Arc<crate::agent::Agent>) -> Inputs {
 /// configuration again each time, so a reload applies) until the agent stops.
 pub async fn run_textfile(agent: std::sync::Weak<crate::agent::Agent>) {
     let mut last_error: Option<String> = None;
+    let Some(changed) = agent.upgrade().map(|a| a.metrics_changed.clone()) else {
+        return;
+    };
     loop {
         let Some(a) = agent.upgrade() else { return };
         let cfg = a.config().metrics.clone();
-        if !cfg.textfile.as_os_str().is_empty() {
+        if cfg.textfile.as_os_str().is_empty() {
+            // Nothing to write: no timer (an idle agent must not wake); a reload that sets
+            // a textfile wakes this.
+            drop(a);
+            changed.notified().await;
+            continue;
+        }
+        {
             let page = render(&collect(&a).await, a.clock.now_secs());
             match write_file(&cfg.textfile, &page) {
                 Ok(()) => last_error = None,
@@ -357,7 +367,10 @@ pub async fn run_textfile(agent: std::sync::Weak<crate::agent::Agent>) {
             }
         }
         drop(a);
-        tokio::time::sleep(Duration::from_secs(cfg.interval_secs.max(1))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(cfg.interval_secs.max(1))) => {}
+            _ = changed.notified() => {}
+        }
     }
 }
 
