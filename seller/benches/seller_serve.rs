@@ -368,20 +368,8 @@ fn main() {
     }
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(cfg));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let connector = common::tls_connector(cert.der());
+    let rt = common::runtime();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let store = match &pg {
         Some(_) => format!("PostgreSQL, {processes} server process(es)"),

@@ -241,20 +241,8 @@ fn main() {
     let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
     let pid = child.id();
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(cfg));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let connector = common::tls_connector(cert.der());
+    let rt = common::runtime();
     let now = now_ms() / 1000;
     let hour = now / 3600 * 3600;
     let mut rows = Vec::new();
