@@ -226,9 +226,9 @@ pub fn store(
         return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
     }
     let bound: HashMap<String, String> = tx
-        .instances_for_device(device_key)?
+        .usage()
+        .usage_billable(device_key)?
         .into_iter()
-        .map(|i| (i.instance_id, i.product))
         .collect();
     // A key bound to an instance is known: the registry is read apart only to tell an
     // unknown key from a known one bound to nothing (one query less per request).
@@ -388,8 +388,9 @@ pub async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> super::http::Resp {
     use http_body_util::{BodyExt, Limited};
-    let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let m = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
@@ -413,12 +414,21 @@ pub async fn handle(
             return relay_answer(http, code, &msg, sn.as_deref());
         }
     };
-    let meters = usage.cfg.meters.clone();
+    // The configuration is shared with the job, not copied per request.
+    let cfg = usage.clone();
     let key = device.key.clone();
     let rate = usage.device_rate();
-    let job = state
-        .db
-        .run(move |tx| store(tx, &key, &device.nonce, &records, &meters, rate, now_ms));
+    let job = state.db.run(move |tx| {
+        store(
+            tx,
+            &key,
+            &device.nonce,
+            &records,
+            &cfg.cfg.meters,
+            rate,
+            now_ms,
+        )
+    });
     match tokio::time::timeout(ANSWER_WITHIN, job).await {
         Ok(Ok(Decision::Held(results))) => {
             if results.iter().any(|r| r.state == "pending") {
