@@ -132,6 +132,8 @@ impl UsageRelayConfig {
 /// The relay's state in the server.
 pub struct UsageRelay {
     pub cfg: UsageRelayConfig,
+    /// Device keys decompressed once, not per request.
+    pub keys: super::key_cache::KeyCache,
     wake: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -139,6 +141,7 @@ impl UsageRelay {
     pub fn new(cfg: &UsageRelayConfig) -> UsageRelay {
         UsageRelay {
             cfg: cfg.clone(),
+            keys: Default::default(),
             wake: Mutex::new(None),
         }
     }
@@ -399,14 +402,21 @@ pub async fn handle(
     };
     let now_ms = state.clock.now_ms();
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let device = match super::relay::verify(header, "POST", relay::PATH, &body, now_ms) {
+    let usage = state.usage.clone();
+    let device = match super::relay::verify_cached(
+        &usage.keys,
+        header,
+        "POST",
+        relay::PATH,
+        &body,
+        now_ms,
+    ) {
         Ok(d) => d,
         Err(e) => {
             log::warn!("usage relay: refused: {e}");
             return relay_answer(401, codes::UNAUTHENTICATED, &e.to_string(), None);
         }
     };
-    let usage = state.usage.clone();
     let records = match parse(&body, now_ms.div_euclid(1000), usage.cfg.max_age_days) {
         Ok(r) => r,
         Err((http, code, msg, sn)) => {
