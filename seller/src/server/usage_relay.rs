@@ -228,11 +228,8 @@ pub fn store(
         let m = "x-kooagent-nonce was already used (replayed request)".to_string();
         return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
     }
-    let bound: HashMap<String, String> = tx
-        .usage()
-        .usage_billable(device_key)?
-        .into_iter()
-        .collect();
+    let bound: HashMap<String, String> =
+        tx.usage().usage_billable(device_key)?.into_iter().collect();
     // A key bound to an instance is known: the registry is read apart only to tell an
     // unknown key from a known one bound to nothing (one query less per request).
     if bound.is_empty() && tx.device(device_key)?.is_none() {

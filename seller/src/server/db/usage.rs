@@ -231,10 +231,7 @@ mod sqlite_impl {
     }
 
     impl UsageOutbox for Sqlite {
-        fn usage_billable(
-            &mut self,
-            device_key: &str,
-        ) -> Result<Vec<(String, String)>, DbError> {
+        fn usage_billable(&mut self, device_key: &str) -> Result<Vec<(String, String)>, DbError> {
             let mut st = self.conn.prepare_cached(BILLABLE_SQLITE).map_err(err)?;
             let it = st
                 .query_map(params![device_key], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -458,10 +455,7 @@ mod postgres_impl {
     }
 
     impl UsageOutbox for Postgres {
-        fn usage_billable(
-            &mut self,
-            device_key: &str,
-        ) -> Result<Vec<(String, String)>, DbError> {
+        fn usage_billable(&mut self, device_key: &str) -> Result<Vec<(String, String)>, DbError> {
             let sql = BILLABLE_SQLITE.replace("?1", "$1");
             let rows = self.client.query(&sql, &[&device_key]).map_err(err)?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
