@@ -105,6 +105,31 @@ pub fn verify<'a>(
     })
 }
 
+/// [`verify`] with the device keys kept decompressed in `keys`.
+pub fn verify_cached<'a>(
+    keys: &super::key_cache::KeyCache,
+    header: impl Fn(&str) -> Option<&'a str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<Device, RelayAuthError> {
+    let headers = RelayHeaders::from_lookup(header)?;
+    relay_auth::verify_with(
+        &headers,
+        |k| keys.parse(k),
+        method,
+        path,
+        body,
+        now_ms,
+        |_| true,
+    )?;
+    Ok(Device {
+        key: headers.device_key,
+        nonce: headers.nonce,
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActivateBody {
