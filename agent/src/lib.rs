@@ -28,6 +28,7 @@ pub mod ops;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 pub mod socket;
+pub mod socket_buffers;
 pub mod socket_limits;
 pub mod source_health;
 pub mod state_lock;
