@@ -94,9 +94,9 @@ pub struct Ctx<'a> {
     pub product: &'a ProductConfig,
     pub key: &'a SigningKey,
     pub tokens: &'a dyn StatusTokens,
-    /// The license [`presign`] made for this very request, if any: `getLicense` then
-    /// does no signing on the database thread.
-    pub presigned: Option<&'a str>,
+    /// What [`presign`] made of this very request, if anything: `getLicense` then
+    /// neither parses, checks nor signs on the database thread.
+    pub presigned: Option<&'a Presigned>,
     /// `license_upload` is on: a `getLicenseAsync` license also goes into the upload
     /// outbox, in the same transaction (see `super::upload`).
     pub upload: bool,
@@ -108,23 +108,49 @@ pub struct Ctx<'a> {
 /// discards this text when they decide otherwise). Ed25519 is deterministic, so the
 /// text is the one [`handle`] would sign itself. None: not a well-formed `getLicense`
 /// (then [`handle`] answers it as usual).
-pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
+pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<Presigned> {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
     let f = Fields(&obj);
-    let activity = f.req("activity", 32).ok()?;
-    if !matches!(activity, "getLicense" | "getLicenseAsync") {
-        return None;
-    }
+    let activity = match f.req("activity", 32).ok()? {
+        "getLicense" => "getLicense",
+        "getLicenseAsync" => "getLicenseAsync",
+        _ => return None,
+    };
     let order = license_order(ctx, activity, &f).ok()?;
-    seller::issue(&order.request, ctx.key).ok()
+    let text = seller::issue(&order.request, ctx.key).ok()?;
+    let answer = license_answer(
+        &order.instance_id,
+        &license_id_for(&order.instance_id),
+        &text,
+    );
+    Some(Presigned {
+        activity,
+        order,
+        text,
+        answer,
+    })
+}
+
+/// A `getLicense` body parsed, checked and signed on the workers: the database thread,
+/// which runs the requests of a batch one after the other, only decides and stores.
+pub struct Presigned {
+    activity: &'static str,
+    order: LicenseOrder,
+    /// The license for `order.instance_id`.
+    text: String,
+    /// The answer when the order gets that instance (the usual case).
+    answer: String,
 }
 
 /// Handles one authenticated request body; `Ok` is the response body (refusals
 /// included), `Err` rolls this request back (`Abort`: its message is answered with
 /// `000005`).
 pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
+    if let Some(p) = ctx.presigned {
+        return finish(get_license(tx, ctx, p.activity, &p.order));
+    }
     let obj = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(o)) => o,
         Ok(_) => {
@@ -146,7 +172,9 @@ pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbE
         Err(m) => return Ok(refuse(ResultCode::BadParams, m)),
     };
     let r = match activity {
-        "getLicense" | "getLicenseAsync" => get_license(tx, ctx, activity, &f),
+        "getLicense" | "getLicenseAsync" => {
+            license_order(ctx, activity, &f).and_then(|o| get_license(tx, ctx, activity, &o))
+        }
         "refreshLicense" => refresh_license(tx, ctx, &f),
         "expireLicense" => expire_license(tx, ctx, &f),
         "releaseLicense" => release_license(tx, ctx, &f),
@@ -156,6 +184,11 @@ pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbE
         "refreshLicenseCode" => refresh_code(tx, ctx, &f),
         other => Err(Refusal::params(format!("unknown activity {other:?}"))),
     };
+    finish(r)
+}
+
+/// An activity's outcome as [`handle`] returns it.
+fn finish(r: Result<String, Refusal>) -> Result<String, DbError> {
     match r {
         Ok(body) => Ok(body),
         Err(Refusal::Answer(code, msg)) => Ok(refuse(code, msg)),
@@ -297,14 +330,14 @@ fn remember(
     })
 }
 
-fn license_answer(row: &InstanceRow) -> String {
+fn license_answer(instance_id: &str, license_id: &str, license: &str) -> String {
     answer(
         ResultCode::Success,
         "success",
         &[
-            ("instanceId", Value::from(row.instance_id.as_str())),
-            ("licenseId", Value::from(row.license_id.as_str())),
-            ("license", Value::from(row.license.as_str())),
+            ("instanceId", Value::from(instance_id)),
+            ("licenseId", Value::from(license_id)),
+            ("license", Value::from(license)),
         ],
     )
 }
@@ -540,10 +573,9 @@ fn get_license(
     tx: &mut dyn Tx,
     ctx: &Ctx<'_>,
     activity: &str,
-    f: &Fields<'_>,
+    order: &LicenseOrder,
 ) -> Result<String, Refusal> {
-    let order = license_order(ctx, activity, f)?;
-    let (event_key, rebind) = match seen(tx, &order)? {
+    let (event_key, rebind) = match seen(tx, order)? {
         Seen::Answered(body) => return Ok(body),
         Seen::New {
             event_key,
@@ -582,10 +614,14 @@ fn get_license(
         }
     }
     let license_id = license_id_for(&instance_id);
-    let mut req = order.request;
-    let text = match ctx.presigned {
-        Some(t) if req.instance == instance_id => t.to_string(),
-        _ => {
+    let req = &order.request;
+    // Signed on the workers for the instance the order asked for; another one (a rebind,
+    // a businessId already taken) is signed here.
+    let presigned = ctx.presigned.filter(|_| req.instance == instance_id);
+    let text = match presigned {
+        Some(p) => p.text.clone(),
+        None => {
+            let mut req = req.clone();
             req.instance = instance_id.clone();
             req.id = Some(license_id.clone());
             seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?
@@ -596,7 +632,7 @@ fn get_license(
         seller::Term::Until(t) => Some(t),
         _ => None,
     };
-    let devices = req.devices;
+    let devices = req.devices.clone();
     let row = InstanceRow {
         instance_id: instance_id.clone(),
         product: ctx.product.product.clone(),
@@ -616,8 +652,11 @@ fn get_license(
     };
     tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
     tx.put_instance(&row)?;
-    let body = license_answer(&row);
-    remember(tx, ctx, &event_key, activity, order.digest, &body)?;
+    let body = match presigned {
+        Some(p) => p.answer.clone(),
+        None => license_answer(&row.instance_id, &row.license_id, &row.license),
+    };
+    remember(tx, ctx, &event_key, activity, order.digest.clone(), &body)?;
     if let (true, "getLicenseAsync", RequestKey::Event(e)) = (ctx.upload, activity, &order.key) {
         // Durable with the license itself: the upload cannot be forgotten by a crash.
         tx.put_upload(&UploadRow {
@@ -709,7 +748,7 @@ fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<Str
             kooagent_core::clock::format_rfc3339(expire)
         );
     }
-    let body = license_answer(&row);
+    let body = license_answer(&row.instance_id, &row.license_id, &row.license);
     if let Some(e) = event_id {
         remember(tx, ctx, e, "refreshLicense", digest, &body)?;
     }

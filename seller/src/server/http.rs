@@ -651,7 +651,7 @@ async fn marketplace_answer(
             product: &st.products[product],
             key: &st.signing_key,
             tokens: st.tokens.as_ref(),
-            presigned: presigned.as_deref(),
+            presigned: presigned.as_ref(),
             upload: st.upload,
         };
         activities::handle(tx, &ctx, &body)
