@@ -10,6 +10,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 # strace: the crash harness (tests/e2e/crash.rs) records the agent's file-system calls with it.
 command -v strace >/dev/null || need_apt+=(strace)
+# swtpm: the software TPM behind the freeze state's TPM anchor tests (tests/e2e/tpm.rs).
+command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "== installing ${need_apt[*]}"

@@ -33,4 +33,5 @@ pub mod source_health;
 pub mod state_lock;
 pub mod store;
 pub mod sys;
+pub mod tpm;
 pub mod usage;

@@ -27,6 +27,7 @@ mod seller_scale;
 mod seller_server;
 mod socket;
 mod toolchain;
+mod tpm;
 mod upstream;
 mod usage;
 mod usage_relay;

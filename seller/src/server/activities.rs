@@ -113,30 +113,30 @@ pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<Presigned> {
         return None;
     };
     let f = Fields(&obj);
-    let activity = match f.req("activity", 32).ok()? {
-        "getLicense" => "getLicense",
-        "getLicenseAsync" => "getLicenseAsync",
-        _ => return None,
-    };
+    let activity = f.req("activity", 32).ok()?;
+    if !matches!(activity, "getLicense" | "getLicenseAsync") {
+        return None;
+    }
     let order = license_order(ctx, activity, &f).ok()?;
     let text = seller::issue(&order.request, ctx.key).ok()?;
-    let answer = license_answer(
+    let answer = answer_for(
         &order.instance_id,
         &license_id_for(&order.instance_id),
         &text,
     );
     Some(Presigned {
-        activity,
+        obj,
         order,
         text,
         answer,
     })
 }
 
-/// A `getLicense` body parsed, checked and signed on the workers: the database thread,
-/// which runs the requests of a batch one after the other, only decides and stores.
+/// A `getLicense` body parsed, checked and signed on the workers, in parallel: the
+/// database thread, which runs a batch's requests one after the other, then only decides
+/// and stores.
 pub struct Presigned {
-    activity: &'static str,
+    obj: Map<String, Value>,
     order: LicenseOrder,
     /// The license for `order.instance_id`.
     text: String,
@@ -148,34 +148,53 @@ pub struct Presigned {
 /// included), `Err` rolls this request back (`Abort`: its message is answered with
 /// `000005`).
 pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
-    if let Some(p) = ctx.presigned {
-        return finish(get_license(tx, ctx, p.activity, &p.order));
-    }
-    let obj = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => {
-            return Ok(refuse(
-                ResultCode::BadParams,
-                "the body must be a JSON object",
-            ))
-        }
-        Err(e) => {
-            return Ok(refuse(
-                ResultCode::BadParams,
-                format!("the body is not JSON: {e}"),
-            ))
+    handle_from(tx, ctx, body, "")
+}
+
+/// [`handle`] for an action the seller took in the console, run through the marketplace
+/// callback's own activity: the call history marks it `(console)`.
+pub fn handle_for_console(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
+    handle_from(tx, ctx, body, " (console)")
+}
+
+fn handle_from(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    body: &[u8],
+    origin: &str,
+) -> Result<String, DbError> {
+    // Presigned: parsed on the workers already.
+    let parsed;
+    let obj = match ctx.presigned {
+        Some(p) => &p.obj,
+        None => {
+            parsed = match serde_json::from_slice::<Value>(body) {
+                Ok(Value::Object(o)) => o,
+                Ok(_) => {
+                    return Ok(refuse(
+                        ResultCode::BadParams,
+                        "the body must be a JSON object",
+                    ))
+                }
+                Err(e) => {
+                    return Ok(refuse(
+                        ResultCode::BadParams,
+                        format!("the body is not JSON: {e}"),
+                    ))
+                }
+            };
+            &parsed
         }
     };
-    let f = Fields(&obj);
+    let f = Fields(obj);
     let activity = match f.req("activity", 32) {
         Ok(a) => a,
         Err(m) => return Ok(refuse(ResultCode::BadParams, m)),
     };
+    let mut journal = Journal::default();
     let r = match activity {
-        "getLicense" | "getLicenseAsync" => {
-            license_order(ctx, activity, &f).and_then(|o| get_license(tx, ctx, activity, &o))
-        }
-        "refreshLicense" => refresh_license(tx, ctx, &f),
+        "getLicense" | "getLicenseAsync" => get_license(tx, ctx, activity, &f, &mut journal),
+        "refreshLicense" => refresh_license(tx, ctx, &f, &mut journal),
         "expireLicense" => expire_license(tx, ctx, &f),
         "releaseLicense" => release_license(tx, ctx, &f),
         "updateInstanceStatus" => update_instance_status(tx, ctx, &f),
@@ -184,16 +203,72 @@ pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbE
         "refreshLicenseCode" => refresh_code(tx, ctx, &f),
         other => Err(Refusal::params(format!("unknown activity {other:?}"))),
     };
-    finish(r)
+    let body = match r {
+        Ok(body) => body,
+        Err(Refusal::Answer(code, msg)) => refuse(code, msg),
+        Err(Refusal::Db(e)) => return Err(e),
+    };
+    if !journal.stored {
+        let label = format!("{activity}{origin}");
+        note_call(tx, ctx, &label, obj, journal.instance, &body)?;
+    }
+    Ok(body)
 }
 
-/// An activity's outcome as [`handle`] returns it.
-fn finish(r: Result<String, Refusal>) -> Result<String, DbError> {
-    match r {
-        Ok(body) => Ok(body),
-        Err(Refusal::Answer(code, msg)) => Ok(refuse(code, msg)),
-        Err(Refusal::Db(e)) => Err(e),
-    }
+/// What a request's own path already wrote into the call history.
+#[derive(Default)]
+struct Journal {
+    /// Its `events` row is written (a remembered answer) or updated (a resend).
+    stored: bool,
+    /// The instance it turned out to be about, when not the one its fields name (a
+    /// §2.1 order's, a rebind's).
+    instance: Option<String>,
+}
+
+/// A string field as sent, for the history only (cut to `max` characters; the
+/// activity's own checks refuse an over-long one).
+fn raw_field(obj: &Map<String, Value>, name: &str, max: usize) -> Option<String> {
+    obj.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.chars().take(max).collect())
+}
+
+/// The instance a call is about, as the call names it: `instanceId`, a §2.1 order's
+/// `businessId`, or for the authorization-code activities the code (`license`).
+fn subject(obj: &Map<String, Value>, journal_instance: Option<String>) -> Option<String> {
+    journal_instance
+        .or_else(|| raw_field(obj, "instanceId", 64))
+        .or_else(|| raw_field(obj, "businessId", 64))
+        .or_else(|| raw_field(obj, "license", 64))
+}
+
+/// Writes a call that is not remembered for idempotency (a refusal, a freeze, an
+/// expiry…) into the call history, in the request's transaction, under a key of its own
+/// (`call:` and 128 random bits) that no `eventId` lookup ever reads.
+fn note_call(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    activity: &str,
+    obj: &Map<String, Value>,
+    instance: Option<String>,
+    body: &str,
+) -> Result<(), DbError> {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| DbError::Backend(format!("random: {e}")))?;
+    tx.put_event(&EventRow {
+        event_id: format!("call:{}", format::hex(&id)),
+        activity: activity.chars().take(48).collect(),
+        digest: String::new(),
+        response: body.into(),
+        created_at: ctx.now,
+        instance_id: subject(obj, instance),
+        order_id: raw_field(obj, "orderId", 64),
+        customer_id: raw_field(obj, "customerId", 100),
+        result_code: Some(super::metrics::result_code_of(body).into()),
+        retries: 0,
+        last_at: None,
+    })
 }
 
 enum Refusal {
@@ -301,10 +376,19 @@ fn digest(parts: &[Option<&str>]) -> String {
     ))
 }
 
-/// A remembered answer for `event_id`, or a refusal if the request differs.
-fn replay(tx: &mut dyn Tx, event_id: &str, digest: &str) -> Result<Option<String>, Refusal> {
+/// A remembered answer for `event_id` (counted as a resend), or a refusal if the request
+/// differs.
+fn replay(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    event_id: &str,
+    digest: &str,
+) -> Result<Option<String>, Refusal> {
     match tx.event(event_id)? {
-        Some(e) if e.digest == digest => Ok(Some(e.response)),
+        Some(e) if e.digest == digest => {
+            tx.event_resent(event_id, ctx.now)?;
+            Ok(Some(e.response))
+        }
         Some(e) => Err(Refusal::params(format!(
             "eventId {event_id:?} was already used for a different {} request",
             e.activity
@@ -313,24 +397,38 @@ fn replay(tx: &mut dyn Tx, event_id: &str, digest: &str) -> Result<Option<String
     }
 }
 
-fn remember(
-    tx: &mut dyn Tx,
-    ctx: &Ctx<'_>,
-    event_id: &str,
-    activity: &str,
+/// Stores a license answer under its idempotency key, with what the call history shows.
+struct Remember<'a> {
+    event_id: &'a str,
+    activity: &'a str,
     digest: String,
-    response: &str,
-) -> Result<(), DbError> {
+    response: &'a str,
+    instance_id: &'a str,
+    order_id: Option<&'a str>,
+    customer_id: Option<&'a str>,
+}
+
+fn remember(tx: &mut dyn Tx, ctx: &Ctx<'_>, r: Remember<'_>) -> Result<(), DbError> {
     tx.put_event(&EventRow {
-        event_id: event_id.into(),
-        activity: activity.into(),
-        digest,
-        response: response.into(),
+        event_id: r.event_id.into(),
+        activity: r.activity.into(),
+        digest: r.digest,
+        response: r.response.into(),
         created_at: ctx.now,
+        instance_id: Some(r.instance_id.into()),
+        order_id: r.order_id.map(Into::into),
+        customer_id: r.customer_id.map(Into::into),
+        result_code: Some(super::metrics::result_code_of(r.response).into()),
+        retries: 0,
+        last_at: None,
     })
 }
 
-fn license_answer(instance_id: &str, license_id: &str, license: &str) -> String {
+fn license_answer(row: &InstanceRow) -> String {
+    answer_for(&row.instance_id, &row.license_id, &row.license)
+}
+
+fn answer_for(instance_id: &str, license_id: &str, license: &str) -> String {
     answer(
         ResultCode::Success,
         "success",
@@ -515,8 +613,8 @@ fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<Licens
 
 /// What the stored requests say about this one.
 enum Seen {
-    /// Answered before: these bytes again.
-    Answered(String),
+    /// Answered before under this events key: these bytes again.
+    Answered { key: String, body: String },
     /// New: store the answer under this events key, for this instance (None: the
     /// order's own).
     New {
@@ -537,7 +635,10 @@ fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
         });
     };
     if base.digest == order.digest || base.digest == order.legacy_digest {
-        return Ok(Seen::Answered(base.response));
+        return Ok(Seen::Answered {
+            key: base_key,
+            body: base.response,
+        });
     }
     let differs = || {
         Refusal::params(format!(
@@ -560,7 +661,10 @@ fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
         })?;
     let event_key = order.key.with_device(order.device());
     match tx.event(&event_key)? {
-        Some(e) if e.digest == order.digest => Ok(Seen::Answered(e.response)),
+        Some(e) if e.digest == order.digest => Ok(Seen::Answered {
+            key: event_key,
+            body: e.response,
+        }),
         Some(_) => Err(differs()),
         None => Ok(Seen::New {
             event_key,
@@ -573,16 +677,31 @@ fn get_license(
     tx: &mut dyn Tx,
     ctx: &Ctx<'_>,
     activity: &str,
-    order: &LicenseOrder,
+    f: &Fields<'_>,
+    journal: &mut Journal,
 ) -> Result<String, Refusal> {
+    // Presigned: checked on the workers already (a presigned request is a getLicense).
+    let checked;
+    let order = match ctx.presigned {
+        Some(p) => &p.order,
+        None => {
+            checked = license_order(ctx, activity, f)?;
+            &checked
+        }
+    };
     let (event_key, rebind) = match seen(tx, order)? {
-        Seen::Answered(body) => return Ok(body),
+        Seen::Answered { key, body } => {
+            tx.event_resent(&key, ctx.now)?;
+            journal.stored = true;
+            return Ok(body);
+        }
         Seen::New {
             event_key,
             instance,
         } => (event_key, instance),
     };
     let mut instance_id = rebind.clone().unwrap_or_else(|| order.instance_id.clone());
+    journal.instance = Some(instance_id.clone());
     let previous = match (&order.key, &rebind) {
         // A new order never shares an instance: its businessId should be new, but
         // should it name a known instance, the orderId (also unique) is used instead.
@@ -590,6 +709,7 @@ fn get_license(
             None => None,
             Some(_) if tx.instance(o)?.is_none() => {
                 instance_id = o.clone();
+                journal.instance = Some(instance_id.clone());
                 None
             }
             Some(_) => {
@@ -615,8 +735,8 @@ fn get_license(
     }
     let license_id = license_id_for(&instance_id);
     let req = &order.request;
-    // Signed on the workers for the instance the order asked for; another one (a rebind,
-    // a businessId already taken) is signed here.
+    // Signed on the workers for the instance the order names; another one (a rebind, a
+    // businessId already taken) is signed here.
     let presigned = ctx.presigned.filter(|_| req.instance == instance_id);
     let text = match presigned {
         Some(p) => p.text.clone(),
@@ -654,9 +774,22 @@ fn get_license(
     tx.put_instance(&row)?;
     let body = match presigned {
         Some(p) => p.answer.clone(),
-        None => license_answer(&row.instance_id, &row.license_id, &row.license),
+        None => license_answer(&row),
     };
-    remember(tx, ctx, &event_key, activity, order.digest.clone(), &body)?;
+    remember(
+        tx,
+        ctx,
+        Remember {
+            event_id: &event_key,
+            activity,
+            digest: order.digest.clone(),
+            response: &body,
+            instance_id: &instance_id,
+            order_id: f.opt("orderId", 64)?,
+            customer_id: f.opt("customerId", 100)?,
+        },
+    )?;
+    journal.stored = true;
     if let (true, "getLicenseAsync", RequestKey::Event(e)) = (ctx.upload, activity, &order.key) {
         // Durable with the license itself: the upload cannot be forgotten by a crash.
         tx.put_upload(&UploadRow {
@@ -695,7 +828,12 @@ fn known_instance(tx: &mut dyn Tx, ctx: &Ctx<'_>, id: &str) -> Result<InstanceRo
     }
 }
 
-fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+fn refresh_license(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    f: &Fields<'_>,
+    journal: &mut Journal,
+) -> Result<String, Refusal> {
     let instance_id = f.req("instanceId", 64)?;
     let expire = parse_time("expireTime", f.req("expireTime", 32)?)?;
     let event_id = f.opt("eventId", 64)?;
@@ -708,7 +846,8 @@ fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<Str
         order_id,
     ]);
     if let Some(e) = event_id {
-        if let Some(stored) = replay(tx, e, &digest)? {
+        if let Some(stored) = replay(tx, ctx, e, &digest)? {
+            journal.stored = true;
             return Ok(stored);
         }
     }
@@ -748,9 +887,22 @@ fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<Str
             kooagent_core::clock::format_rfc3339(expire)
         );
     }
-    let body = license_answer(&row.instance_id, &row.license_id, &row.license);
+    let body = license_answer(&row);
     if let Some(e) = event_id {
-        remember(tx, ctx, e, "refreshLicense", digest, &body)?;
+        remember(
+            tx,
+            ctx,
+            Remember {
+                event_id: e,
+                activity: "refreshLicense",
+                digest,
+                response: &body,
+                instance_id,
+                order_id,
+                customer_id: None,
+            },
+        )?;
+        journal.stored = true;
     }
     Ok(body)
 }
