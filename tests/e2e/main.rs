@@ -21,6 +21,7 @@ mod relay;
 mod sdk;
 mod seller_call;
 mod seller_console;
+mod seller_console_pages;
 mod seller_hardening;
 mod seller_metrics;
 mod seller_scale;
