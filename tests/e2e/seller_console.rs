@@ -14,7 +14,7 @@ use crate::seller_server::{write_private, SellerServer, KEY};
 const PASSWORD: &str = "correct horse battery staple";
 const METRICS: &str = "metrics-token-for-console-test";
 
-fn set_password(out: &std::path::Path, password: &str) -> std::process::Output {
+pub(crate) fn set_password(out: &std::path::Path, password: &str) -> std::process::Output {
     let mut child = Command::new(BIN)
         .args(["seller", "console-password", "--out"])
         .arg(out)
