@@ -125,6 +125,21 @@ pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
 /// included), `Err` rolls this request back (`Abort`: its message is answered with
 /// `000005`).
 pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
+    handle_from(tx, ctx, body, "")
+}
+
+/// [`handle`] for an action the seller took in the console, run through the marketplace
+/// callback's own activity: the call history marks it `(console)`.
+pub fn handle_for_console(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbError> {
+    handle_from(tx, ctx, body, " (console)")
+}
+
+fn handle_from(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    body: &[u8],
+    origin: &str,
+) -> Result<String, DbError> {
     let obj = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(o)) => o,
         Ok(_) => {
@@ -145,9 +160,10 @@ pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbE
         Ok(a) => a,
         Err(m) => return Ok(refuse(ResultCode::BadParams, m)),
     };
+    let mut journal = Journal::default();
     let r = match activity {
-        "getLicense" | "getLicenseAsync" => get_license(tx, ctx, activity, &f),
-        "refreshLicense" => refresh_license(tx, ctx, &f),
+        "getLicense" | "getLicenseAsync" => get_license(tx, ctx, activity, &f, &mut journal),
+        "refreshLicense" => refresh_license(tx, ctx, &f, &mut journal),
         "expireLicense" => expire_license(tx, ctx, &f),
         "releaseLicense" => release_license(tx, ctx, &f),
         "updateInstanceStatus" => update_instance_status(tx, ctx, &f),
@@ -156,11 +172,72 @@ pub fn handle(tx: &mut dyn Tx, ctx: &Ctx<'_>, body: &[u8]) -> Result<String, DbE
         "refreshLicenseCode" => refresh_code(tx, ctx, &f),
         other => Err(Refusal::params(format!("unknown activity {other:?}"))),
     };
-    match r {
-        Ok(body) => Ok(body),
-        Err(Refusal::Answer(code, msg)) => Ok(refuse(code, msg)),
-        Err(Refusal::Db(e)) => Err(e),
+    let body = match r {
+        Ok(body) => body,
+        Err(Refusal::Answer(code, msg)) => refuse(code, msg),
+        Err(Refusal::Db(e)) => return Err(e),
+    };
+    if !journal.stored {
+        let label = format!("{activity}{origin}");
+        note_call(tx, ctx, &label, &obj, journal.instance, &body)?;
     }
+    Ok(body)
+}
+
+/// What a request's own path already wrote into the call history.
+#[derive(Default)]
+struct Journal {
+    /// Its `events` row is written (a remembered answer) or updated (a resend).
+    stored: bool,
+    /// The instance it turned out to be about, when not the one its fields name (a
+    /// §2.1 order's, a rebind's).
+    instance: Option<String>,
+}
+
+/// A string field as sent, for the history only (cut to `max` characters; the
+/// activity's own checks refuse an over-long one).
+fn raw_field(obj: &Map<String, Value>, name: &str, max: usize) -> Option<String> {
+    obj.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.chars().take(max).collect())
+}
+
+/// The instance a call is about, as the call names it: `instanceId`, a §2.1 order's
+/// `businessId`, or for the authorization-code activities the code (`license`).
+fn subject(obj: &Map<String, Value>, journal_instance: Option<String>) -> Option<String> {
+    journal_instance
+        .or_else(|| raw_field(obj, "instanceId", 64))
+        .or_else(|| raw_field(obj, "businessId", 64))
+        .or_else(|| raw_field(obj, "license", 64))
+}
+
+/// Writes a call that is not remembered for idempotency (a refusal, a freeze, an
+/// expiry…) into the call history, in the request's transaction, under a key of its own
+/// (`call:` and 128 random bits) that no `eventId` lookup ever reads.
+fn note_call(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    activity: &str,
+    obj: &Map<String, Value>,
+    instance: Option<String>,
+    body: &str,
+) -> Result<(), DbError> {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| DbError::Backend(format!("random: {e}")))?;
+    tx.put_event(&EventRow {
+        event_id: format!("call:{}", format::hex(&id)),
+        activity: activity.chars().take(48).collect(),
+        digest: String::new(),
+        response: body.into(),
+        created_at: ctx.now,
+        instance_id: subject(obj, instance),
+        order_id: raw_field(obj, "orderId", 64),
+        customer_id: raw_field(obj, "customerId", 100),
+        result_code: Some(super::metrics::result_code_of(body).into()),
+        retries: 0,
+        last_at: None,
+    })
 }
 
 enum Refusal {
@@ -268,10 +345,19 @@ fn digest(parts: &[Option<&str>]) -> String {
     ))
 }
 
-/// A remembered answer for `event_id`, or a refusal if the request differs.
-fn replay(tx: &mut dyn Tx, event_id: &str, digest: &str) -> Result<Option<String>, Refusal> {
+/// A remembered answer for `event_id` (counted as a resend), or a refusal if the request
+/// differs.
+fn replay(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    event_id: &str,
+    digest: &str,
+) -> Result<Option<String>, Refusal> {
     match tx.event(event_id)? {
-        Some(e) if e.digest == digest => Ok(Some(e.response)),
+        Some(e) if e.digest == digest => {
+            tx.event_resent(event_id, ctx.now)?;
+            Ok(Some(e.response))
+        }
         Some(e) => Err(Refusal::params(format!(
             "eventId {event_id:?} was already used for a different {} request",
             e.activity
@@ -280,20 +366,30 @@ fn replay(tx: &mut dyn Tx, event_id: &str, digest: &str) -> Result<Option<String
     }
 }
 
-fn remember(
-    tx: &mut dyn Tx,
-    ctx: &Ctx<'_>,
-    event_id: &str,
-    activity: &str,
+/// Stores a license answer under its idempotency key, with what the call history shows.
+struct Remember<'a> {
+    event_id: &'a str,
+    activity: &'a str,
     digest: String,
-    response: &str,
-) -> Result<(), DbError> {
+    response: &'a str,
+    instance_id: &'a str,
+    order_id: Option<&'a str>,
+    customer_id: Option<&'a str>,
+}
+
+fn remember(tx: &mut dyn Tx, ctx: &Ctx<'_>, r: Remember<'_>) -> Result<(), DbError> {
     tx.put_event(&EventRow {
-        event_id: event_id.into(),
-        activity: activity.into(),
-        digest,
-        response: response.into(),
+        event_id: r.event_id.into(),
+        activity: r.activity.into(),
+        digest: r.digest,
+        response: r.response.into(),
         created_at: ctx.now,
+        instance_id: Some(r.instance_id.into()),
+        order_id: r.order_id.map(Into::into),
+        customer_id: r.customer_id.map(Into::into),
+        result_code: Some(super::metrics::result_code_of(r.response).into()),
+        retries: 0,
+        last_at: None,
     })
 }
 
@@ -482,8 +578,8 @@ fn license_order(ctx: &Ctx<'_>, activity: &str, f: &Fields<'_>) -> Result<Licens
 
 /// What the stored requests say about this one.
 enum Seen {
-    /// Answered before: these bytes again.
-    Answered(String),
+    /// Answered before under this events key: these bytes again.
+    Answered { key: String, body: String },
     /// New: store the answer under this events key, for this instance (None: the
     /// order's own).
     New {
@@ -504,7 +600,10 @@ fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
         });
     };
     if base.digest == order.digest || base.digest == order.legacy_digest {
-        return Ok(Seen::Answered(base.response));
+        return Ok(Seen::Answered {
+            key: base_key,
+            body: base.response,
+        });
     }
     let differs = || {
         Refusal::params(format!(
@@ -527,7 +626,10 @@ fn seen(tx: &mut dyn Tx, order: &LicenseOrder) -> Result<Seen, Refusal> {
         })?;
     let event_key = order.key.with_device(order.device());
     match tx.event(&event_key)? {
-        Some(e) if e.digest == order.digest => Ok(Seen::Answered(e.response)),
+        Some(e) if e.digest == order.digest => Ok(Seen::Answered {
+            key: event_key,
+            body: e.response,
+        }),
         Some(_) => Err(differs()),
         None => Ok(Seen::New {
             event_key,
@@ -541,16 +643,22 @@ fn get_license(
     ctx: &Ctx<'_>,
     activity: &str,
     f: &Fields<'_>,
+    journal: &mut Journal,
 ) -> Result<String, Refusal> {
     let order = license_order(ctx, activity, f)?;
     let (event_key, rebind) = match seen(tx, &order)? {
-        Seen::Answered(body) => return Ok(body),
+        Seen::Answered { key, body } => {
+            tx.event_resent(&key, ctx.now)?;
+            journal.stored = true;
+            return Ok(body);
+        }
         Seen::New {
             event_key,
             instance,
         } => (event_key, instance),
     };
     let mut instance_id = rebind.clone().unwrap_or_else(|| order.instance_id.clone());
+    journal.instance = Some(instance_id.clone());
     let previous = match (&order.key, &rebind) {
         // A new order never shares an instance: its businessId should be new, but
         // should it name a known instance, the orderId (also unique) is used instead.
@@ -558,6 +666,7 @@ fn get_license(
             None => None,
             Some(_) if tx.instance(o)?.is_none() => {
                 instance_id = o.clone();
+                journal.instance = Some(instance_id.clone());
                 None
             }
             Some(_) => {
@@ -617,7 +726,20 @@ fn get_license(
     tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
     tx.put_instance(&row)?;
     let body = license_answer(&row);
-    remember(tx, ctx, &event_key, activity, order.digest, &body)?;
+    remember(
+        tx,
+        ctx,
+        Remember {
+            event_id: &event_key,
+            activity,
+            digest: order.digest,
+            response: &body,
+            instance_id: &instance_id,
+            order_id: f.opt("orderId", 64)?,
+            customer_id: f.opt("customerId", 100)?,
+        },
+    )?;
+    journal.stored = true;
     if let (true, "getLicenseAsync", RequestKey::Event(e)) = (ctx.upload, activity, &order.key) {
         // Durable with the license itself: the upload cannot be forgotten by a crash.
         tx.put_upload(&UploadRow {
@@ -656,7 +778,12 @@ fn known_instance(tx: &mut dyn Tx, ctx: &Ctx<'_>, id: &str) -> Result<InstanceRo
     }
 }
 
-fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<String, Refusal> {
+fn refresh_license(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    f: &Fields<'_>,
+    journal: &mut Journal,
+) -> Result<String, Refusal> {
     let instance_id = f.req("instanceId", 64)?;
     let expire = parse_time("expireTime", f.req("expireTime", 32)?)?;
     let event_id = f.opt("eventId", 64)?;
@@ -669,7 +796,8 @@ fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<Str
         order_id,
     ]);
     if let Some(e) = event_id {
-        if let Some(stored) = replay(tx, e, &digest)? {
+        if let Some(stored) = replay(tx, ctx, e, &digest)? {
+            journal.stored = true;
             return Ok(stored);
         }
     }
@@ -711,7 +839,20 @@ fn refresh_license(tx: &mut dyn Tx, ctx: &Ctx<'_>, f: &Fields<'_>) -> Result<Str
     }
     let body = license_answer(&row);
     if let Some(e) = event_id {
-        remember(tx, ctx, e, "refreshLicense", digest, &body)?;
+        remember(
+            tx,
+            ctx,
+            Remember {
+                event_id: e,
+                activity: "refreshLicense",
+                digest,
+                response: &body,
+                instance_id,
+                order_id,
+                customer_id: None,
+            },
+        )?;
+        journal.stored = true;
     }
     Ok(body)
 }

@@ -28,7 +28,13 @@ CREATE TABLE IF NOT EXISTS events (
     activity   TEXT NOT NULL,
     digest     TEXT NOT NULL,
     response   TEXT NOT NULL,
-    created_at BIGINT NOT NULL
+    created_at BIGINT NOT NULL,
+    instance_id TEXT,
+    order_id    TEXT,
+    customer_id TEXT,
+    result_code TEXT,
+    retries     BIGINT NOT NULL DEFAULT 0,
+    last_at     BIGINT
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -125,6 +131,29 @@ CREATE TABLE instance_devices (
 CREATE INDEX instance_devices_by_instance ON instance_devices (instance_id);
 ";
 
+/// The call-history columns of `events` (issue 16, the console), added to databases made
+/// before them by each backend's migration, and the indexes the console's lookups use
+/// (created after the migration: an older table has no such columns before it). The
+/// order and customer indexes are partial: most calls (§2 `getLicense` with an
+/// `instanceId`) carry neither, and write no entry there.
+pub const EVENT_HISTORY_COLUMNS: [(&str, &str); 6] = [
+    ("instance_id", "TEXT"),
+    ("order_id", "TEXT"),
+    ("customer_id", "TEXT"),
+    ("result_code", "TEXT"),
+    ("retries", "BIGINT NOT NULL DEFAULT 0"),
+    ("last_at", "BIGINT"),
+];
+pub const EVENT_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS events_by_instance ON events (instance_id, created_at);
+CREATE INDEX IF NOT EXISTS events_by_order ON events (order_id) WHERE order_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id) WHERE customer_id IS NOT NULL;
+";
+
+/// The columns of an [`EventRow`], in the order both backends read them.
+pub const EVENT_COLS: &str = "event_id, activity, digest, response, created_at, instance_id, \
+                              order_id, customer_id, result_code, retries, last_at";
+
 /// The columns of an [`InstanceRow`], in the order both backends read them.
 pub const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, \
                                  not_after, status, frozen, license, seq, updated_at";
@@ -155,6 +184,26 @@ pub struct EventRow {
     /// The exact response body sent.
     pub response: String,
     pub created_at: i64,
+    /// What the call was about: its instance (the one a §2.1 order made), or for the
+    /// authorization-code activities the code. None: not known (rows from before these
+    /// columns, or a call refused before its instance could be read).
+    pub instance_id: Option<String>,
+    pub order_id: Option<String>,
+    pub customer_id: Option<String>,
+    /// The `resultCode` answered (None: a row from before this column).
+    pub result_code: Option<String>,
+    /// Times the marketplace sent the same request again and got this answer back.
+    pub retries: i64,
+    /// When it was last answered again (None: never resent).
+    pub last_at: Option<i64>,
+}
+
+/// Which calls the console's history lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallsBy<'a> {
+    Instance(&'a str),
+    Order(&'a str),
+    Customer(&'a str),
 }
 
 /// One marketplace instance and its current license.
@@ -282,6 +331,12 @@ pub trait Tx {
     fn prune_nonces(&mut self, before: i64) -> Result<u64, DbError>;
     fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError>;
     fn put_event(&mut self, row: &EventRow) -> Result<(), DbError>;
+    /// The marketplace sent `event_id` again and got its stored answer: one more retry,
+    /// last answered at `now`.
+    fn event_resent(&mut self, event_id: &str, now: i64) -> Result<(), DbError>;
+    /// The calls about an instance (or code), an order or a customer, latest first, at
+    /// most `limit`.
+    fn calls(&mut self, by: CallsBy<'_>, limit: i64) -> Result<Vec<EventRow>, DbError>;
     fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError>;
     fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError>;
     /// Inserts or replaces.
@@ -666,6 +721,57 @@ pub mod tests {
             ('C', 'K3', 1, 1);
     ";
 
+    /// The `events` table as made before the call-history columns (issue 16), with a
+    /// stored answer. SQL both backends take.
+    pub const OLD_EVENTS: &str = "
+        CREATE TABLE events (event_id TEXT PRIMARY KEY, activity TEXT NOT NULL,
+            digest TEXT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL);
+        INSERT INTO events VALUES ('e-old', 'getLicense', 'v2:abc:X', '{\"resultCode\":\"000000\"}', 5);
+    ";
+
+    /// What [`OLD_EVENTS`] reads once migrated: the old row whole with empty history
+    /// fields, resends counted on it, and new rows with every column.
+    pub fn check_old_events_migrated(tx: &mut dyn Tx) {
+        let old = tx.event("e-old").unwrap().unwrap();
+        assert_eq!(
+            (
+                old.activity.as_str(),
+                old.digest.as_str(),
+                old.response.as_str(),
+                old.created_at
+            ),
+            ("getLicense", "v2:abc:X", "{\"resultCode\":\"000000\"}", 5)
+        );
+        assert_eq!(
+            (old.instance_id, old.result_code, old.retries, old.last_at),
+            (None, None, 0, None)
+        );
+        tx.event_resent("e-old", 9).unwrap();
+        let old = tx.event("e-old").unwrap().unwrap();
+        assert_eq!((old.retries, old.last_at), (1, Some(9)));
+        let new = EventRow {
+            event_id: "e-new".into(),
+            activity: "getLicense".into(),
+            digest: "d".into(),
+            response: "r".into(),
+            created_at: 6,
+            instance_id: Some("i1".into()),
+            order_id: Some("o1".into()),
+            customer_id: Some("c1".into()),
+            result_code: Some("000000".into()),
+            retries: 0,
+            last_at: None,
+        };
+        tx.put_event(&new).unwrap();
+        for by in [
+            CallsBy::Instance("i1"),
+            CallsBy::Order("o1"),
+            CallsBy::Customer("c1"),
+        ] {
+            assert_eq!(tx.calls(by, 10).unwrap(), std::slice::from_ref(&new));
+        }
+    }
+
     /// The instance ids of a lookup.
     pub fn ids(rows: Vec<InstanceRow>) -> Vec<String> {
         rows.into_iter().map(|i| i.instance_id).collect()
@@ -889,6 +995,12 @@ pub mod tests {
                 digest: "d".into(),
                 response: " {\"a\":1}\t".into(),
                 created_at: 7,
+                instance_id: Some("i1".into()),
+                order_id: None,
+                customer_id: Some("c1".into()),
+                result_code: Some("000000".into()),
+                retries: 0,
+                last_at: None,
             };
             let e2 = ev.clone();
             db.run_blocking(move |tx| tx.put_event(&e2)).unwrap();

@@ -266,6 +266,87 @@ fn purchases_without_instance_are_idempotent_by_order() {
     }
 }
 
+/// The console's call history (issue 16): every call is in `events` with what it was
+/// about and the code answered, in the request's own transaction; a resend counts as a
+/// retry of the stored row; calls are found by instance, order and customer.
+#[test]
+fn every_call_is_in_the_history_with_its_result_and_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = code("HIST");
+    for (name, mut h) in Harness::all(dir.path(), Arc::new(TestTokens)) {
+        let first = h.call(order("inst-1", "e1", &dev));
+        assert_eq!(first.0, "000000", "{name}");
+        h.now = NOW + 10;
+        assert_eq!(h.call(order("inst-1", "e1", &dev)).2, first.2, "{name}");
+        h.now = NOW + 20;
+        assert_eq!(h.call(order("inst-1", "e1", &dev)).2, first.2, "{name}");
+        h.now = NOW + 30;
+        let freeze =
+            json!({"activity": "updateInstanceStatus", "instanceId": "inst-1", "status": "FREEZE"});
+        assert_eq!(h.call(freeze).0, "000000", "{name}");
+        h.now = NOW + 40;
+        let bad =
+            json!({"activity": "updateInstanceStatus", "instanceId": "inst-1", "status": "MELT"});
+        assert_eq!(h.call(bad).0, "000002", "{name}");
+        let unknown = json!({"activity": "expireLicense", "instanceId": "inst-9"});
+        assert_eq!(h.call(unknown).0, "000003", "{name}");
+        let purchase = json!({
+            "activity": "getLicense", "customerId": "cust-1", "customerName": "n",
+            "businessId": "B-1", "orderId": "O-1", "skuCode": "sku-1y",
+            "timeStamp": "20261130093015123", "deviceFingerprint": dev
+        });
+        assert_eq!(h.call(purchase).0, "000000", "{name}");
+        let calls =
+            |by: db::CallsBy<'static>| h.db.run_blocking(move |tx| tx.calls(by, 50)).unwrap();
+        let inst = calls(db::CallsBy::Instance("inst-1"));
+        let seen: Vec<_> = inst
+            .iter()
+            .map(|e| {
+                (
+                    e.activity.as_str(),
+                    e.result_code.as_deref(),
+                    e.retries,
+                    e.last_at,
+                    e.created_at - NOW,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("updateInstanceStatus", Some("000002"), 0, None, 40),
+                ("updateInstanceStatus", Some("000000"), 0, None, 30),
+                ("getLicense", Some("000000"), 2, Some(NOW + 20), 0),
+            ],
+            "{name}"
+        );
+        assert_eq!(inst[2].response, first.2, "{name}: the answer we gave");
+        assert!(inst[1].event_id.starts_with("call:"), "{name}");
+        assert_eq!(
+            calls(db::CallsBy::Instance("inst-9"))[0]
+                .result_code
+                .as_deref(),
+            Some("000003")
+        );
+        for by in [db::CallsBy::Order("O-1"), db::CallsBy::Customer("cust-1")] {
+            let rows = calls(by);
+            assert_eq!(rows.len(), 1, "{name} {by:?}");
+            assert_eq!(
+                (
+                    rows[0].instance_id.as_deref(),
+                    rows[0].order_id.as_deref(),
+                    rows[0].customer_id.as_deref()
+                ),
+                (Some("B-1"), Some("O-1"), Some("cust-1")),
+                "{name}"
+            );
+        }
+        assert!(calls(db::CallsBy::Order("O-2")).is_empty());
+        // The stored answer still replays (the key and digest untouched).
+        assert_eq!(h.call(order("inst-1", "e1", &dev)).2, first.2, "{name}");
+    }
+}
+
 /// `getLicenseAsync` with `license_upload` on: the license enters the upload outbox in
 /// the same transaction; `getLicense` and the option off do not.
 #[test]

@@ -275,7 +275,7 @@ async fn set_frozen(state: &State, instance: &str, freeze: bool, now: i64) -> Re
             presigned: None,
             upload: false,
         };
-        let answer = super::activities::handle(tx, &ctx, body.as_bytes())?;
+        let answer = super::activities::handle_for_console(tx, &ctx, body.as_bytes())?;
         Ok(match super::metrics::result_code_of(&answer) {
             "000000" => Ok(()),
             _ => Err(serde_json::from_str::<serde_json::Value>(&answer)

@@ -16,9 +16,25 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow, INSTANCE_COLS,
+    Backend, BucketRow, CallsBy, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
+    InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
 };
+
+fn event_row(r: &Row) -> EventRow {
+    EventRow {
+        event_id: r.get(0),
+        activity: r.get(1),
+        digest: r.get(2),
+        response: r.get(3),
+        created_at: r.get(4),
+        instance_id: r.get(5),
+        order_id: r.get(6),
+        customer_id: r.get(7),
+        result_code: r.get(8),
+        retries: r.get(9),
+        last_at: r.get(10),
+    }
+}
 
 pub struct Postgres {
     pub(super) client: Client,
@@ -78,6 +94,13 @@ impl Postgres {
                 super::SCHEMA.trim().trim_end_matches(';'),
                 super::usage::SCHEMA.trim()
             ))
+            .map_err(err)?;
+        let columns: String = super::EVENT_HISTORY_COLUMNS
+            .iter()
+            .map(|(name, ty)| format!("ALTER TABLE events ADD COLUMN IF NOT EXISTS {name} {ty}; "))
+            .collect();
+        client
+            .batch_execute(&format!("{columns}{}", super::EVENT_INDEXES))
             .map_err(err)?;
         link_table(&mut client)?;
         client
@@ -242,24 +265,62 @@ impl Tx for Postgres {
     fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
         Ok(self
             .opt(
-                "SELECT event_id, activity, digest, response, created_at FROM events WHERE event_id = $1",
+                &format!("SELECT {EVENT_COLS} FROM events WHERE event_id = $1"),
                 &[&event_id],
             )?
-            .map(|r| EventRow {
-                event_id: r.get(0),
-                activity: r.get(1),
-                digest: r.get(2),
-                response: r.get(3),
-                created_at: r.get(4),
-            }))
+            .map(|r| event_row(&r)))
     }
 
     fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
         self.exec(
-            "INSERT INTO events (event_id, activity, digest, response, created_at) VALUES ($1, $2, $3, $4, $5)",
-            &[&e.event_id, &e.activity, &e.digest, &e.response, &e.created_at],
+            &format!(
+                "INSERT INTO events ({EVENT_COLS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ),
+            &[
+                &e.event_id,
+                &e.activity,
+                &e.digest,
+                &e.response,
+                &e.created_at,
+                &e.instance_id,
+                &e.order_id,
+                &e.customer_id,
+                &e.result_code,
+                &e.retries,
+                &e.last_at,
+            ],
         )
         .map(drop)
+    }
+
+    fn event_resent(&mut self, event_id: &str, now: i64) -> Result<(), DbError> {
+        self.exec(
+            "UPDATE events SET retries = retries + 1, last_at = $2 WHERE event_id = $1",
+            &[&event_id, &now],
+        )
+        .map(drop)
+    }
+
+    fn calls(&mut self, by: CallsBy<'_>, limit: i64) -> Result<Vec<EventRow>, DbError> {
+        let (column, value) = match by {
+            CallsBy::Instance(v) => ("instance_id", v),
+            CallsBy::Order(v) => ("order_id", v),
+            CallsBy::Customer(v) => ("customer_id", v),
+        };
+        Ok(self
+            .client
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events WHERE {column} = $1 \
+                     ORDER BY created_at DESC, event_id DESC LIMIT $2"
+                ),
+                &[&value, &limit],
+            )
+            .map_err(err)?
+            .iter()
+            .map(event_row)
+            .collect())
     }
 
     fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
@@ -706,7 +767,35 @@ pub mod tests {
 #[cfg(test)]
 mod migration_tests {
     use super::*;
-    use crate::server::db::tests::{check_old_instances_migrated, ids, OLD_INSTANCES};
+    use crate::server::db::tests::{
+        check_old_events_migrated, check_old_instances_migrated, ids, OLD_EVENTS, OLD_INSTANCES,
+    };
+
+    /// A database made before the call-history columns: see the SQLite twin.
+    #[test]
+    fn an_older_database_gets_the_call_history_columns() {
+        let Some(url) = crate::server::db::tests::pg_url() else {
+            return;
+        };
+        let schema = tests::fresh_schema(&url);
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}; {OLD_EVENTS}"
+        ))
+        .unwrap();
+        drop(Postgres::connect(&url, &schema).unwrap());
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        let indexes: i64 = db
+            .client
+            .query_one(
+                "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = $1 AND indexname LIKE 'events_by_%'",
+                &[&schema],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(indexes, 3);
+        check_old_events_migrated(&mut db);
+    }
 
     /// A database made before the device links existed: see the SQLite twin.
     #[test]

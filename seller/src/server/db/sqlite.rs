@@ -6,8 +6,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Backend, BucketRow, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow, INSTANCE_COLS,
+    Backend, BucketRow, CallsBy, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
+    InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
 };
 
 pub struct Sqlite {
@@ -76,7 +76,31 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         log::info!("database: added codes.device_key (relay)");
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
+    event_history(conn)?;
     link_table(conn)
+}
+
+/// Adds the call-history columns to an `events` table made before them (issue 16), then
+/// their indexes. Each column is checked on its own: a second process opening the same
+/// file at the same time may have added some (an `ALTER` that lost that race fails with
+/// "duplicate column", which is checked for again).
+fn event_history(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |name: &str| {
+        conn.prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = ?1")?
+            .exists([name])
+    };
+    for (name, ty) in super::EVENT_HISTORY_COLUMNS {
+        if has(name)? {
+            continue;
+        }
+        if let Err(e) = conn.execute_batch(&format!("ALTER TABLE events ADD COLUMN {name} {ty}")) {
+            if !has(name)? {
+                return Err(e);
+            }
+        }
+        log::info!("database: added events.{name} (console call history)");
+    }
+    conn.execute_batch(super::EVENT_INDEXES)
 }
 
 /// Creates the device code → instance links ([`super::LINK_SCHEMA`]) if missing and fills
@@ -267,40 +291,63 @@ impl Tx for Sqlite {
 
     fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
         self.conn
-            .prepare_cached(
-                "SELECT event_id, activity, digest, response, created_at FROM events WHERE event_id = ?1",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![event_id], |r| {
-                    Ok(EventRow {
-                        event_id: r.get(0)?,
-                        activity: r.get(1)?,
-                        digest: r.get(2)?,
-                        response: r.get(3)?,
-                        created_at: r.get(4)?,
-                    })
-                })
-                .optional()
-            })
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLS} FROM events WHERE event_id = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![event_id], event_row).optional())
             .map_err(err)
     }
 
     fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
         self.conn
-            .prepare_cached(
-                "INSERT INTO events (event_id, activity, digest, response, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
+            .prepare_cached(&format!(
+                "INSERT INTO events ({EVENT_COLS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))
             .and_then(|mut s| {
                 s.execute(params![
                     e.event_id,
                     e.activity,
                     e.digest,
                     e.response,
-                    e.created_at
+                    e.created_at,
+                    e.instance_id,
+                    e.order_id,
+                    e.customer_id,
+                    e.result_code,
+                    e.retries,
+                    e.last_at
                 ])
             })
             .map(drop)
+            .map_err(err)
+    }
+
+    fn event_resent(&mut self, event_id: &str, now: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE events SET retries = retries + 1, last_at = ?2 WHERE event_id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![event_id, now]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn calls(&mut self, by: CallsBy<'_>, limit: i64) -> Result<Vec<EventRow>, DbError> {
+        let (column, value) = match by {
+            CallsBy::Instance(v) => ("instance_id", v),
+            CallsBy::Order(v) => ("order_id", v),
+            CallsBy::Customer(v) => ("customer_id", v),
+        };
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLS} FROM events WHERE {column} = ?1 \
+                 ORDER BY created_at DESC, event_id DESC LIMIT ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![value, limit], event_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
             .map_err(err)
     }
 
@@ -744,6 +791,22 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     })
 }
 
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        event_id: r.get(0)?,
+        activity: r.get(1)?,
+        digest: r.get(2)?,
+        response: r.get(3)?,
+        created_at: r.get(4)?,
+        instance_id: r.get(5)?,
+        order_id: r.get(6)?,
+        customer_id: r.get(7)?,
+        result_code: r.get(8)?,
+        retries: r.get(9)?,
+        last_at: r.get(10)?,
+    })
+}
+
 const UPLOAD_COLS: &str =
     "event_id, instance_id, license, attempts, next_at, done_at, last_error, created_at";
 
@@ -763,7 +826,33 @@ fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::db::tests::{check_old_instances_migrated, ids, OLD_INSTANCES};
+    use crate::server::db::tests::{
+        check_old_events_migrated, check_old_instances_migrated, ids, OLD_EVENTS, OLD_INSTANCES,
+    };
+
+    /// A database made before the call-history columns gets them (and their indexes),
+    /// keeps its stored answers, and opening it again changes nothing.
+    #[test]
+    fn an_older_database_gets_the_call_history_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(OLD_EVENTS)
+            .unwrap();
+        drop(Sqlite::open(&path).unwrap());
+        let mut db = Sqlite::open(&path).unwrap();
+        let indexes: i64 = db
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'events_by_%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 3);
+        check_old_events_migrated(&mut db);
+    }
 
     /// A database made before the device links existed opens, gets the links from each
     /// instance's device list, answers lookups like the old scan did, and opening it
