@@ -146,7 +146,10 @@ fn flow() -> Flow {
     let (status, _, body) = server.device_get(&device_key, &target);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     agent
-        .call("license.install", json!({"text": String::from_utf8(body).unwrap()}))
+        .call(
+            "license.install",
+            json!({"text": String::from_utf8(body).unwrap()}),
+        )
         .unwrap_or_else(|e| panic!("install renewed: {e}"));
     wait_agent_state(&agent, "valid");
 
@@ -198,7 +201,11 @@ fn check_no_overflow(b: &Browser, what: &str) {
         json!([]),
     );
     let (scroll, inner) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
-    assert_eq!(inner, u64::from(PHONE), "{what}: the page is not laid out at phone width");
+    assert_eq!(
+        inner,
+        u64::from(PHONE),
+        "{what}: the page is not laid out at phone width"
+    );
     assert!(
         scroll <= inner,
         "{what}: {scroll} px wide in a {inner} px window (horizontal scrolling)"
@@ -225,23 +232,12 @@ fn confirmed_action(b: &Browser, label: &str) {
         .into_iter()
         .find(|e| b.text(e).trim() == label)
         .unwrap_or_else(|| panic!("no {label} button on {}", b.url()));
-    // A mark in this document: gone if the click loaded another page.
-    b.exec("window.kooagentMark = 1", json!([]));
-    b.click(&button);
-    assert_eq!(
-        b.exec("return window.kooagentMark === 1", json!([])),
-        json!(true),
-        "{label} went through without its confirmation"
-    );
+    b.click_to_stay(&button);
     let confirm = b.find(&format!("{form} input[name=confirm]"));
+    assert!(!b.selected(&confirm), "the confirmation box came ticked");
     b.click(&confirm);
     assert!(b.selected(&confirm), "the confirmation box did not tick");
-    b.click(&button);
-    assert_eq!(
-        b.exec("return window.kooagentMark === undefined", json!([])),
-        json!(true),
-        "{label}: the form was not sent"
-    );
+    b.click_to_load(&button);
 }
 
 #[test]
@@ -279,7 +275,7 @@ fn console_in_headless_chromium() {
         let field = b.find("input[name=password]");
         b.clear(&field);
         b.type_into(&field, password);
-        b.click(&b.find("form[action='/console/login'] button[type=submit]"));
+        b.click_to_load(&b.find("form[action='/console/login'] button[type=submit]"));
     };
     sign_in("not the password");
     assert!(b.url().ends_with("/console/login"), "{}", b.url());
@@ -313,7 +309,10 @@ fn console_in_headless_chromium() {
     // The URLs walked again at phone width and without JavaScript, with what each shows.
     let mut visited: Vec<(String, Vec<String>)> = Vec::new();
     for link in &links {
-        assert!(link.starts_with(&origin), "the nav leaves the console: {link}");
+        assert!(
+            link.starts_with(&origin),
+            "the nav leaves the console: {link}"
+        );
         b.goto(link);
         let main = check_page(&b, link);
         let name = page_name(link);
@@ -325,7 +324,7 @@ fn console_in_headless_chromium() {
                 // types it (lower case, spaces).
                 let q = b.find("main form[method=get] input[name=q]");
                 b.type_into(&q, INSTANCE);
-                b.click(&b.find("main form[method=get] button"));
+                b.click_to_load(&b.find("main form[method=get] button"));
                 let main = check_page(&b, "search by instance");
                 for s in [INSTANCE, f.license_id.as_str(), f.code.as_str(), "active"] {
                     assert!(main.contains(s), "search by instance: no {s} in {main}");
@@ -334,7 +333,7 @@ fn console_in_headless_chromium() {
                 let q = b.find("main form[method=get] input[name=q]");
                 b.clear(&q);
                 b.type_into(&q, &f.other_code.to_lowercase().replace('-', " "));
-                b.click(&b.find("main form[method=get] button"));
+                b.click_to_load(&b.find("main form[method=get] button"));
                 let main = check_page(&b, "search by device code");
                 assert!(
                     main.contains(OTHER) && main.contains("expired"),
@@ -367,7 +366,10 @@ fn console_in_headless_chromium() {
     wait_agent_state(&f.agent, "frozen");
     let out = f.agent.cli(&["license", "status"]);
     let status = String::from_utf8_lossy(&out.stdout);
-    assert!(status.contains("frozen"), "kooagent license status: {status}");
+    assert!(
+        status.contains("frozen"),
+        "kooagent license status: {status}"
+    );
     shoot("instances-frozen-desktop", &b);
     confirmed_action(&b, "Unfreeze");
     let main = check_page(&b, "after unfreeze");
@@ -427,11 +429,17 @@ fn the_docs_show_the_console_screenshots() {
         .skip(1)
         .map(|s| s.split(')').next().unwrap())
         .collect();
-    assert!(!shown.is_empty(), "docs/seller-server.md shows no screenshot");
+    assert!(
+        !shown.is_empty(),
+        "docs/seller-server.md shows no screenshot"
+    );
     for name in &shown {
         let png = std::fs::read(root.join("docs/console").join(name))
             .unwrap_or_else(|e| panic!("docs/seller-server.md shows console/{name}: {e}"));
-        assert!(png.starts_with(b"\x89PNG"), "docs/console/{name} is not a PNG");
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "docs/console/{name} is not a PNG"
+        );
     }
     for entry in std::fs::read_dir(root.join("docs/console")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();

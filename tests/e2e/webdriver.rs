@@ -89,7 +89,9 @@ impl Browser {
                 break;
             }
             seen.push_str(&line);
-            if let Some(p) = line.trim().strip_prefix("ChromeDriver was started successfully on port ")
+            if let Some(p) = line
+                .trim()
+                .strip_prefix("ChromeDriver was started successfully on port ")
             {
                 port = p.trim_end_matches('.').parse::<u16>().ok();
                 break;
@@ -199,7 +201,10 @@ impl Browser {
     }
 
     pub fn url(&self) -> String {
-        self.cmd("GET", "/url", None).as_str().unwrap_or("").to_string()
+        self.cmd("GET", "/url", None)
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn title(&self) -> String {
@@ -211,11 +216,53 @@ impl Browser {
 
     /// Runs `script` (a function body) in the page; its return value.
     pub fn exec(&self, script: &str, args: Value) -> Value {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            Some(json!({"script": script, "args": args})),
-        )
+        self.try_exec(script, args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_exec(&self, script: &str, args: Value) -> Result<Value, String> {
+        let path = format!("/session/{}/execute/sync", self.session);
+        let body = json!({"script": script, "args": args});
+        self.send("POST", &path, Some(&body))
+    }
+
+    /// Clicks a button that sends a form and waits until the next page has loaded: a
+    /// click can return before the navigation it starts, so a mark set in this document
+    /// must be gone (bounded: 20 s).
+    pub fn click_to_load(&self, el: &str) {
+        self.exec("window.kooagentOldPage = true", json!([]));
+        self.click(el);
+        let t0 = std::time::Instant::now();
+        loop {
+            // Errors while the old document goes away: try again.
+            let done = self.try_exec(
+                "return window.kooagentOldPage === undefined && document.readyState === 'complete'",
+                json!([]),
+            );
+            if done == Ok(json!(true)) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no new page 20 s after the click ({}): {done:?}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Clicks and checks that no page is loaded (a form the browser refuses to send).
+    pub fn click_to_stay(&self, el: &str) {
+        self.exec("window.kooagentOldPage = true", json!([]));
+        self.click(el);
+        // Long enough for a navigation to begin: a form sent answers within milliseconds.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            self.try_exec("return window.kooagentOldPage === true", json!([])),
+            Ok(json!(true)),
+            "the click loaded another page ({})",
+            self.url()
+        );
     }
 
     pub fn find_all(&self, css: &str) -> Vec<String> {
