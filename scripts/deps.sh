@@ -14,6 +14,8 @@ command -v strace >/dev/null || need_apt+=(strace)
 # a headless Chromium through chromedriver (about 2 minutes to install on a fresh machine).
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# swtpm: the software TPM behind the freeze state's TPM anchor tests (tests/e2e/tpm.rs).
+command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "== installing ${need_apt[*]}"

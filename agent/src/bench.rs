@@ -171,6 +171,9 @@ pub struct Row {
     /// The row's target, if it has one ([`Target::of`]), and whether it was met.
     pub target: Option<Target>,
     pub target_met: Option<bool>,
+    /// Durable rows: usage records per ledger commit (one fdatasync) over the row, the
+    /// group size group commit reached.
+    pub records_per_commit: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -195,6 +198,54 @@ pub struct Report {
     pub license_install_socket_us: f64,
     /// RSS before, with and after many idle connections.
     pub idle_connections: Option<crate::bench_conns::ConnMemory>,
+    /// Load average (1 minute) when the run started and when it ended: a loaded machine
+    /// moves every figure (compare ratios and rows of one run).
+    pub load_start: Option<f64>,
+    pub load_end: Option<f64>,
+    pub cpus: usize,
+}
+
+/// The 1-minute load average (/proc/loadavg), if readable.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn fmt_load(l: Option<f64>) -> String {
+    l.map_or_else(|| "?".into(), |l| format!("{l:.2}"))
+}
+
+/// CPUs this process may run on.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Commits (fdatasyncs) of the agent's usage ledger so far (`usage.status`).
+fn ledger_commits(socket: &Path) -> Option<u64> {
+    let mut c = crate::client::Client::connect(socket).ok()?;
+    let v = c.call("usage.status", serde_json::json!({})).ok()?;
+    v["ledger"]["commits"].as_u64()
+}
+
+/// Runs `measure` (a durable usage row of `records` records per request) and notes on its
+/// row how many records each ledger commit carried.
+fn with_commits(
+    socket: &Path,
+    records: usize,
+    measure: impl FnOnce() -> Result<Row>,
+) -> Result<Row> {
+    let before = ledger_commits(socket);
+    let mut row = measure()?;
+    if let (Some(a), Some(b)) = (before, ledger_commits(socket)) {
+        if b > a {
+            row.records_per_commit = Some((row.requests * records as u64) as f64 / (b - a) as f64);
+        }
+    }
+    Ok(row)
 }
 
 pub(crate) struct Agent {
@@ -466,6 +517,7 @@ fn row(label: &str, clients: usize, n: u64, mut lat: Vec<u32>, elapsed: f64) -> 
         server_cpu_us: None,
         target: None,
         target_met: None,
+        records_per_commit: None,
     }
 }
 
@@ -543,6 +595,7 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         return crate::bench_cached::run(&args, exe);
     }
     let exe = exe.to_path_buf();
+    let load_start = load_average();
     let dir = tempdir()?;
     let seller_key = kooagent_edge::keyfile::generate()?;
     let trust = crate::license::keys::entry_for(&seller_key.verifying_key());
@@ -628,7 +681,11 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
             let mut ratios = Vec::new();
             for _ in 0..rounds {
                 let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
-                let row = measured_row(&rt, s.label, c, pid, load)?;
+                let row = if s.op == "usage.record" {
+                    with_commits(&socket, 1, || measured_row(&rt, s.label, c, pid, load))?
+                } else {
+                    measured_row(&rt, s.label, c, pid, load)?
+                };
                 if let (true, Some(redis)) = (compared, &redis) {
                     let base = redis.measure(&rt, c, args.seconds)?;
                     ratios.push(row.per_sec / base.per_sec);
@@ -651,7 +708,9 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
             args.seconds,
             "\"ok\":true",
         );
-        rows.push(measured_row(&rt, PIPELINED, 1, pid, load)?);
+        rows.push(with_commits(&socket, 1, || {
+            measured_row(&rt, PIPELINED, 1, pid, load)
+        })?);
     }
     let mut batch_records_per_sec = Vec::new();
     {
@@ -664,7 +723,9 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         req.push(b'\n');
         for &c in &args.clients {
             let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
-            let r = measured_row(&rt, "usage.record_batch of 1000", c, pid, load)?;
+            let r = with_commits(&socket, BATCH, || {
+                measured_row(&rt, "usage.record_batch of 1000", c, pid, load)
+            })?;
             batch_records_per_sec.push((c, r.per_sec * BATCH as f64));
             rows.push(r);
         }
@@ -712,6 +773,9 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         license_install_inproc_us,
         license_install_socket_us,
         idle_connections,
+        load_start,
+        load_end: load_average(),
+        cpus: cpus(),
     };
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
@@ -790,6 +854,31 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         out,
         "| fdatasync in the bench directory (median) | {:.0} µs | |",
         r.fdatasync_us_median
+    )?;
+    for row in r.rows.iter() {
+        if let Some(g) = row.records_per_commit {
+            writeln!(
+                out,
+                "| {}, {} client(s): records per fdatasync (group size) | {g:.1} | |",
+                row.scenario, row.clients
+            )?;
+        }
+    }
+    if r.fdatasync_us_median > 0.0 {
+        writeln!(
+            out,
+            "| most durable records/s from one connection {PIPELINE_DEPTH} deep at that fdatasync \
+             ({PIPELINE_DEPTH} / fdatasync) | {:.0} | ≥ 30000 needs fdatasync ≤ {:.0} µs |",
+            PIPELINE_DEPTH as f64 * 1e6 / r.fdatasync_us_median,
+            PIPELINE_DEPTH as f64 * 1e6 / 30_000.0
+        )?;
+    }
+    writeln!(
+        out,
+        "| load average (1 min) at start / end | {} / {} | {} CPU(s) |",
+        fmt_load(r.load_start),
+        fmt_load(r.load_end),
+        r.cpus
     )?;
     writeln!(
         out,

@@ -28,9 +28,11 @@ pub mod ops;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
 pub mod socket;
+pub mod socket_buffers;
 pub mod socket_limits;
 pub mod source_health;
 pub mod state_lock;
 pub mod store;
 pub mod sys;
+pub mod tpm;
 pub mod usage;

@@ -1,11 +1,13 @@
 //! The local Unix socket server: binds safely (refuses a live second agent, replaces a
 //! stale socket file), then serves newline-delimited JSON with one task per connection.
-//! Responses to pipelined requests are batched into one write; an idle connection costs a
-//! parked task and no buffer (buffers are taken when bytes arrive and given back once a
-//! request is answered), never a thread or a poll loop. Connections idle longer than
+//! A wakeup of a connection is one read of what has arrived and one write of every answer
+//! to it; buffers are borrowed from a per-thread pool (`socket_buffers`) only while bytes
+//! are being served, so an idle connection costs a parked task and no buffer, never a
+//! thread or a poll loop. Connections idle longer than
 //! `socket.idle_timeout_secs` are closed (`watch` streams excepted), and one uid may hold at
 //! most `socket.max_connections_per_uid` of them.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -14,13 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::agent::Agent;
 use crate::ops::{Call, Dispatcher, Peer, Reply};
 use crate::protocol::{self, codes, OpError, MAX_LINE};
+use crate::socket_buffers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -398,32 +400,153 @@ fn peer_of(stream: &UnixStream) -> Peer {
     }
 }
 
-enum Line {
-    /// A complete line is in the buffer.
-    Complete,
-    /// The line exceeded MAX_LINE; it was discarded up to its newline.
-    TooLong,
-    Eof,
-    /// Nothing arrived for the idle timeout.
-    Idle,
-}
-
-/// Bytes read from a connection but not yet consumed. Holds no memory while empty: a
-/// buffer is taken only once the socket is readable and given back when drained, so an
-/// idle connection costs its task and nothing more.
-struct Reader {
-    rd: OwnedReadHalf,
+/// A connection and the bytes read from it but not yet served: the rest of a pipelined
+/// burst while one of its requests is being served, or a request that has not fully
+/// arrived. Holds no buffer while everything read has been served (an idle connection
+/// costs its task and nothing more); while it has one, the buffer comes from
+/// [`socket_buffers`] and goes back there.
+struct Conn {
+    stream: UnixStream,
     buf: Vec<u8>,
     pos: usize,
+    /// The line being received is longer than MAX_LINE: its bytes are dropped up to its
+    /// newline, which is answered with `line_too_long`.
+    discarding: bool,
 }
-
-/// Bytes read per read(2): one page-sized chunk covers almost every request.
-const CHUNK: usize = 4 * 1024;
 
 /// Most calls served as one group (see [`gather`]); bounds the answers held back.
 const MAX_GROUP: usize = 256;
 /// Most bytes buffered while looking for more calls to add to a group.
 const GATHER_BYTES: usize = 16 * 1024;
+/// Answers held before they are written even though requests remain buffered.
+const MAX_HELD_ANSWERS: usize = 64 * 1024;
+
+/// A complete request line in [`Conn::buf`] (without its newline), or one too long.
+enum Next {
+    Line(std::ops::Range<usize>),
+    TooLong,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::new(),
+            pos: 0,
+            discarding: false,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// The next complete line buffered, without consuming it.
+    fn peek(&self) -> Option<(Next, usize)> {
+        let i = memchr_newline(self.buffered())?;
+        let end = self.pos + i + 1;
+        if self.discarding || i > MAX_LINE {
+            return Some((Next::TooLong, end));
+        }
+        Some((Next::Line(self.pos..self.pos + i), end))
+    }
+
+    /// The next complete line buffered, consumed.
+    fn next_line(&mut self) -> Option<Next> {
+        let (next, end) = self.peek()?;
+        self.pos = end;
+        self.discarding = false;
+        Some(next)
+    }
+
+    /// After the complete lines are served: gives the buffer back when nothing is left,
+    /// else keeps only the partial line (dropped, and remembered as too long, past
+    /// MAX_LINE).
+    fn settle(&mut self) {
+        let rest = self.buf.len() - self.pos;
+        if rest > MAX_LINE || (self.discarding && rest > 0) {
+            self.discarding = true;
+            self.buf.truncate(self.pos);
+        }
+        if self.pos == self.buf.len() {
+            socket_buffers::give(std::mem::take(&mut self.buf));
+            self.pos = 0;
+        } else if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+    }
+
+    /// One read(2) of what has arrived, appended to what is buffered. Ok(0): end of stream.
+    fn read(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf = socket_buffers::take();
+        }
+        // A line spanning many chunks grows the buffer geometrically, not a chunk at a time.
+        let want = socket_buffers::CHUNK.max(self.buf.len());
+        if self.buf.capacity() - self.buf.len() < socket_buffers::CHUNK / 2 {
+            self.buf.reserve(want);
+        }
+        read_some(&self.stream, &mut self.buf)
+    }
+
+    /// Reads what has already arrived, without waiting, after what is buffered. Whether
+    /// anything was added (false at end of stream, on an error, which the next read
+    /// reports, and once `GATHER_BYTES` are buffered).
+    fn try_more(&mut self) -> bool {
+        if self.discarding || self.buffered().len() >= GATHER_BYTES {
+            return false;
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        matches!(self.read(), Ok(n) if n > 0)
+    }
+}
+
+fn memchr_newline(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+/// One read(2) into the spare capacity of `buf`, when the socket may be readable. A read
+/// that does not fill it has taken every byte there was, so it also marks the socket not
+/// readable: the next wait parks at once rather than first paying a read that only says
+/// EAGAIN (one syscall in four per request). Bytes that arrive later raise a new readiness
+/// event (the reactor is edge-triggered, and clears only the readiness it saw), so none is
+/// missed.
+fn read_some(stream: &UnixStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let want = buf.capacity() - buf.len();
+    let mut short = None;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = rustix::io::read(stream, rustix::buffer::spare_capacity(&mut *buf))
+            .map_err(io::Error::from)?;
+        if n > 0 && n < want {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
+/// Writes all of `data`: at once when the socket takes it (the usual case), else as it
+/// drains.
+async fn write_all(stream: &UnixStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 /// One request of a group: its id, and its call or why it could not be parsed.
 type Slot = (protocol::Id, Result<Call, OpError>);
@@ -432,18 +555,19 @@ type Slot = (protocol::Id, Result<Call, OpError>);
 /// (buffered, or readable without waiting), up to the first request of another operation,
 /// which stays buffered to be served after them, in order. A line that does not parse is
 /// part of the group: it gets its error in its place and changes nothing.
-fn gather(rd: &mut Reader, op: &str, first: Slot, peer: Peer) -> Vec<Slot> {
+fn gather(conn: &mut Conn, op: &str, first: Slot, peer: Peer) -> Vec<Slot> {
     let mut group = vec![first];
     while group.len() < MAX_GROUP {
-        let Some(line) = rd.buffered_line() else {
-            if rd.try_more() {
+        let Some((next, end)) = conn.peek() else {
+            if conn.try_more() {
                 continue;
             }
             break;
         };
-        let n = line.len() + 1;
+        let Next::Line(range) = next else { break };
+        let line = &conn.buf[range];
         if line.iter().all(u8::is_ascii_whitespace) {
-            rd.consume(n);
+            conn.pos = end;
             continue;
         }
         match protocol::parse_request(line) {
@@ -459,7 +583,7 @@ fn gather(rd: &mut Reader, op: &str, first: Slot, peer: Peer) -> Vec<Slot> {
             Ok(_) => break,
             Err((id, err)) => group.push((id, Err(err))),
         }
-        rd.consume(n);
+        conn.pos = end;
     }
     group
 }
@@ -509,185 +633,30 @@ fn write_answer(out: &mut Vec<u8>, id: &protocol::Id, answer: crate::ops::OpResu
     }
 }
 
-impl Reader {
-    fn new(rd: OwnedReadHalf) -> Reader {
-        Reader {
-            rd,
-            buf: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    fn buffered(&self) -> &[u8] {
-        &self.buf[self.pos..]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.pos += n;
-        if self.pos >= self.buf.len() {
-            self.release();
-        }
-    }
-
-    /// The next complete line already buffered (without its newline), if any.
-    fn buffered_line(&self) -> Option<&[u8]> {
-        let b = self.buffered();
-        b.iter().position(|&b| b == b'\n').map(|i| &b[..i])
-    }
-
-    /// Reads what has already arrived, without waiting, after what is buffered. Whether
-    /// anything was added (false at end of stream, on an error, which the next `fill`
-    /// reports, and once `GATHER_BYTES` are buffered).
-    fn try_more(&mut self) -> bool {
-        if self.buffered().len() >= GATHER_BYTES {
-            return false;
-        }
-        self.buf.drain(..self.pos);
-        self.pos = 0;
-        let have = self.buf.len();
-        self.buf.reserve_exact(CHUNK);
-        self.buf.resize(have + CHUNK, 0);
-        let n = read_some(&self.rd, &mut self.buf[have..]).unwrap_or(0);
-        self.buf.truncate(have + n);
-        if self.buf.is_empty() {
-            self.release();
-        }
-        n > 0
-    }
-
-    /// Gives the buffer's memory back (the connection is between requests).
-    fn release(&mut self) {
-        self.buf = Vec::new();
-        self.pos = 0;
-    }
-
-    /// Waits for bytes (at most `idle` when nothing is buffered) and returns what is
-    /// buffered; empty at end of stream. None: the idle timeout passed.
-    async fn fill(&mut self, idle: Option<Duration>) -> io::Result<Option<&[u8]>> {
-        if self.pos < self.buf.len() {
-            return Ok(Some(&self.buf[self.pos..]));
-        }
-        self.release();
-        loop {
-            // Wait without a buffer: readiness first, memory only once bytes are there.
-            match idle {
-                Some(t) => match tokio::time::timeout(t, self.rd.readable()).await {
-                    Ok(r) => r?,
-                    Err(_) => return Ok(None),
-                },
-                None => self.rd.readable().await?,
-            }
-            // Exactly one chunk: a Vec grown by push would round its capacity up.
-            self.buf.reserve_exact(CHUNK);
-            self.buf.resize(CHUNK, 0);
-            match read_some(&self.rd, &mut self.buf) {
-                Ok(n) => {
-                    self.buf.truncate(n);
-                    if n == 0 {
-                        self.release();
-                    }
-                    return Ok(Some(&self.buf[..]));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.release();
-                    continue;
-                }
-                Err(e) => {
-                    self.release();
-                    return Err(e);
-                }
-            }
-        }
-    }
+fn write_too_long(out: &mut Vec<u8>) {
+    let err = OpError::new(
+        codes::LINE_TOO_LONG,
+        format!("request line longer than {MAX_LINE} bytes was refused"),
+    );
+    protocol::write_err(out, &serde_json::Value::Null, &err);
 }
 
-/// One read(2) into `buf`, when the socket may be readable. A read that does not fill
-/// `buf` has taken every byte there was, so it also marks the socket not readable: the
-/// next wait parks at once rather than first paying a read that only says EAGAIN (one
-/// syscall in four per request). Bytes that arrive later raise a new readiness event (the
-/// reactor is edge-triggered), so none is missed.
-fn read_some(rd: &OwnedReadHalf, buf: &mut [u8]) -> io::Result<usize> {
-    let want = buf.len();
-    let mut short = None;
-    let stream: &UnixStream = rd.as_ref();
-    let r = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = rustix::io::read(stream, &mut *buf).map_err(io::Error::from)?;
-        if n > 0 && n < want {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (r, short) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
-    }
+/// What woke a connection waiting for its next request.
+enum Wake {
+    Readable(io::Result<()>),
+    Idle,
+    Stop,
 }
 
-/// Reads one line into `line` (newline stripped), refusing to buffer more than MAX_LINE.
-/// `idle` bounds only the wait for the first byte of a request.
-async fn read_line(
-    rd: &mut Reader,
-    line: &mut Vec<u8>,
-    idle: Option<Duration>,
-) -> io::Result<Line> {
-    line.clear();
-    let mut too_long = false;
-    let mut first = true;
-    loop {
-        let wait = if first && rd.buffered().is_empty() {
-            idle
-        } else {
-            None
-        };
-        first = false;
-        let Some(buf) = rd.fill(wait).await? else {
-            return Ok(Line::Idle);
-        };
-        if buf.is_empty() {
-            return Ok(if too_long {
-                Line::TooLong
-            } else if line.is_empty() {
-                Line::Eof
-            } else {
-                Line::Complete
-            });
-        }
-        match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                if !too_long && line.len() + i <= MAX_LINE {
-                    line.extend_from_slice(&buf[..i]);
-                } else {
-                    too_long = true;
-                }
-                rd.consume(i + 1);
-                return Ok(if too_long {
-                    Line::TooLong
-                } else {
-                    Line::Complete
-                });
-            }
-            None => {
-                let n = buf.len();
-                if !too_long && line.len() + n <= MAX_LINE {
-                    line.extend_from_slice(buf);
-                } else {
-                    too_long = true;
-                    *line = Vec::new();
-                }
-                rd.consume(n);
-            }
-        }
-    }
-}
-
+/// Serves one connection: each wakeup reads what has arrived (one read), serves every
+/// complete request in it in order and writes all their answers at once (one write).
 async fn connection(
     stream: UnixStream,
     peer: Peer,
     agent: Arc<Agent>,
     dispatcher: Arc<Dispatcher>,
     idle_timeout: Option<Duration>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     log::debug!(
         "connection from uid={} gid={} pid={:?}",
@@ -695,115 +664,165 @@ async fn connection(
         peer.gid,
         peer.pid
     );
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = Reader::new(rd);
-    // Both grow on demand and are given back whenever the connection goes idle.
-    let mut line = Vec::new();
-    let mut out = Vec::new();
+    let mut conn = Conn::new(stream);
+    let mut stopping = *shutdown.borrow();
+    let mut stop_rx = shutdown.clone();
+    let stop = stop_rx.changed();
+    tokio::pin!(stop);
+    // One idle timer for the connection's life, moved on lazily: serving a request only
+    // notes the time, and when the timer fires early it is set again from that note. (A
+    // timer armed and cancelled per request cost two timer-wheel updates each.)
+    let idle = idle_timeout.map(tokio::time::sleep);
+    tokio::pin!(idle);
+    let mut last_active = tokio::time::Instant::now();
     loop {
-        if *shutdown.borrow() && rd.buffered().is_empty() {
+        if stopping && conn.buffered().is_empty() {
             break;
         }
-        let read = tokio::select! {
-            biased;
-            r = read_line(&mut rd, &mut line, idle_timeout) => r?,
-            _ = shutdown.changed(), if rd.buffered().is_empty() => break,
+        let woke = std::future::poll_fn(|cx| {
+            if !stopping && stop.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Wake::Stop);
+            }
+            if let std::task::Poll::Ready(r) = conn.stream.poll_read_ready(cx) {
+                return std::task::Poll::Ready(Wake::Readable(r));
+            }
+            match idle.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(Wake::Idle),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await;
+        match woke {
+            Wake::Stop => {
+                stopping = true;
+                continue;
+            }
+            Wake::Idle => {
+                let timeout = idle_timeout.unwrap_or_default();
+                let due = last_active + timeout;
+                if tokio::time::Instant::now() >= due {
+                    log::debug!(
+                        "closing a connection of uid={} idle for {timeout:?} \
+                         (socket.idle_timeout_secs)",
+                        peer.uid
+                    );
+                    break;
+                }
+                if let Some(t) = idle.as_mut().as_pin_mut() {
+                    t.reset(due);
+                }
+                continue;
+            }
+            Wake::Readable(r) => r?,
+        }
+        let eof = match conn.read() {
+            Ok(n) => n == 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.settle();
+                continue;
+            }
+            Err(e) => return Err(e),
         };
-        match read {
-            Line::Eof => break,
-            Line::Idle => {
-                log::debug!(
-                    "closing a connection of uid={} idle for {:?} (socket.idle_timeout_secs)",
-                    peer.uid,
-                    idle_timeout.unwrap_or_default()
-                );
-                break;
-            }
-            Line::TooLong => {
-                let err = OpError::new(
-                    codes::LINE_TOO_LONG,
-                    format!("request line longer than {MAX_LINE} bytes was refused"),
-                );
-                protocol::write_err(&mut out, &serde_json::Value::Null, &err);
-            }
-            Line::Complete => {
-                if line.iter().all(u8::is_ascii_whitespace) {
+        if eof && (conn.discarding || !conn.buffered().is_empty()) {
+            // A last request without its newline is still served.
+            conn.buf.push(b'\n');
+        }
+        let mut out = socket_buffers::take();
+        while let Some(next) = conn.next_line() {
+            let range = match next {
+                Next::TooLong => {
+                    write_too_long(&mut out);
                     continue;
                 }
-                match protocol::parse_request(&line) {
-                    Err((id, err)) => protocol::write_err(&mut out, &id, &err),
-                    Ok(req) if dispatcher.groups(&req.op) => {
-                        let call = Call {
-                            params: req.params,
-                            peer,
-                        };
-                        let group = gather(&mut rd, &req.op, (req.id, Ok(call)), peer);
-                        serve_group(&mut out, group, &req.op, agent.clone(), &dispatcher).await;
-                    }
-                    Ok(req) => {
-                        log::trace!("uid={} op={}", peer.uid, req.op);
-                        let call = Call {
-                            params: req.params,
-                            peer,
-                        };
-                        match dispatcher.dispatch(agent.clone(), &req.op, call).await {
-                            Ok(Reply::Value(v)) => protocol::write_ok(&mut out, &req.id, &v),
-                            Ok(Reply::Json(text)) => {
-                                protocol::write_ok_json(&mut out, &req.id, &text)
-                            }
-                            Err(e) => protocol::write_err(&mut out, &req.id, &e),
-                            Ok(Reply::Stream(events)) => {
-                                wr.write_all(&out).await?;
-                                drop(out);
-                                drop(line);
-                                return stream_events(wr, rd, &req.id, events, shutdown).await;
-                            }
+                Next::Line(range) => range,
+            };
+            let line = &conn.buf[range];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match protocol::parse_request(line) {
+                Err((id, err)) => protocol::write_err(&mut out, &id, &err),
+                Ok(req) if dispatcher.groups(&req.op) => {
+                    let call = Call {
+                        params: req.params,
+                        peer,
+                    };
+                    let group = gather(&mut conn, &req.op, (req.id, Ok(call)), peer);
+                    serve_group(&mut out, group, &req.op, agent.clone(), &dispatcher).await;
+                }
+                Ok(req) => {
+                    log::trace!("uid={} op={}", peer.uid, req.op);
+                    let call = Call {
+                        params: req.params,
+                        peer,
+                    };
+                    match dispatcher.dispatch(agent.clone(), &req.op, call).await {
+                        Ok(Reply::Value(v)) => protocol::write_ok(&mut out, &req.id, &v),
+                        Ok(Reply::Json(text)) => protocol::write_ok_json(&mut out, &req.id, &text),
+                        Err(e) => protocol::write_err(&mut out, &req.id, &e),
+                        Ok(Reply::Stream(events)) => {
+                            write_all(&conn.stream, &out).await?;
+                            socket_buffers::give(out);
+                            return stream_events(conn, &req.id, events, shutdown).await;
                         }
                     }
                 }
             }
+            if out.len() >= MAX_HELD_ANSWERS {
+                write_all(&conn.stream, &out).await?;
+                out.clear();
+            }
         }
-        // Pipelined requests already buffered are answered in one write.
-        if rd.buffered().is_empty() || out.len() >= 64 * 1024 {
-            wr.write_all(&out).await?;
-            out.clear();
+        conn.settle();
+        // Every answer of the wakeup in one write.
+        if !out.is_empty() {
+            write_all(&conn.stream, &out).await?;
         }
-        if rd.buffered().is_empty() {
-            // Between requests: hold no memory while waiting for the next one.
-            line = Vec::new();
-            out = Vec::new();
+        socket_buffers::give(out);
+        if eof {
+            break;
         }
-    }
-    if !out.is_empty() {
-        wr.write_all(&out).await?;
+        if idle_timeout.is_some() {
+            last_active = tokio::time::Instant::now();
+        }
     }
     Ok(())
 }
 
 /// A `watch` stream: exempt from the idle timeout (it waits for events, not requests).
+/// Events queued together go out in one write, as soon as they are sent.
 async fn stream_events(
-    mut wr: tokio::net::unix::OwnedWriteHalf,
-    mut rd: Reader,
+    conn: Conn,
     id: &protocol::Id,
     mut events: mpsc::Receiver<serde_json::Value>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    // Whatever followed the `watch` request is not read: the connection now carries events.
+    let Conn { stream, buf, .. } = conn;
+    socket_buffers::give(buf);
     let mut out = Vec::new();
-    let mut sink = Vec::new();
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => {
                     out.clear();
                     protocol::write_event(&mut out, id, &ev);
-                    wr.write_all(&out).await?;
+                    while let Ok(ev) = events.try_recv() {
+                        protocol::write_event(&mut out, id, &ev);
+                    }
+                    write_all(&stream, &out).await?;
                 }
                 None => return Ok(()),
             },
-            // The client closing its side ends the stream.
-            r = read_line(&mut rd, &mut sink, None) => {
-                if matches!(r?, Line::Eof) {
-                    return Ok(());
+            // The client closing its side ends the stream; anything it sends is dropped.
+            r = stream.readable() => {
+                r?;
+                let mut sink = [0u8; 256];
+                match stream.try_read(&mut sink) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
             }
             _ = shutdown.changed() => return Ok(()),

@@ -114,7 +114,7 @@ impl Entry {
 }
 
 /// The verdict table as the agent last sent it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     /// Every product's licenses, best first (the agent's order).
     products: HashMap<String, Vec<Arc<Entry>>>,
@@ -123,6 +123,8 @@ struct Table {
     device_pending: bool,
     /// The event's `seq`.
     seq: u64,
+    /// When the table was read off the stream: from then on every check answers from it.
+    received_at: std::time::Instant,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +157,7 @@ impl Table {
             products,
             device_pending: ev.device_pending,
             seq: ev.seq,
+            received_at: std::time::Instant::now(),
         })
     }
 }
@@ -363,6 +366,14 @@ impl CachedClient {
     pub fn table_seq(&self) -> Option<u64> {
         let t = self.shared.table.read().unwrap_or_else(|p| p.into_inner());
         t.as_ref().map(|t| t.seq)
+    }
+
+    /// When the table held arrived (from then on checks answered from it), `None` while
+    /// the stream is down. How fresh the cache is; the bench times a change in the agent
+    /// reaching the client with it.
+    pub fn table_received_at(&self) -> Option<std::time::Instant> {
+        let t = self.shared.table.read().unwrap_or_else(|p| p.into_inner());
+        t.as_ref().map(|t| t.received_at)
     }
 
     /// How many tables have arrived since the client was made.

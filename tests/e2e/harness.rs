@@ -101,11 +101,13 @@ pub fn short_tempdir() -> tempfile::TempDir {
 }
 
 /// The config every test agent gets, with `extra` (TOML) merged in: its keys replace or
-/// extend the base's, section by section.
+/// extend the base's, section by section. The TPM anchor is off (a test must never write
+/// to the host's TPM); tests/e2e/tpm.rs turns it on with a software TPM.
 pub fn base_config(dir: &Path, extra: &str) -> String {
     let base = format!(
         "[agent]\nstate_dir = \"{d}/state\"\npidfile = \"{d}/agent.pid\"\nlog_level = \"debug\"\n\
-         [socket]\npath = \"{d}/agent.sock\"\n[identity]\nmetadata = false\n",
+         [socket]\npath = \"{d}/agent.sock\"\n[identity]\nmetadata = false\n\
+         [freeze]\ntpm = \"off\"\n",
         d = dir.display()
     );
     let mut base: toml::Table = base.parse().unwrap();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::harness::{short_tempdir, BIN};
 use crate::seller_server::{write_private, SellerServer, KEY};
 
-const PASSWORD: &str = "correct horse battery staple";
+pub(crate) const PASSWORD: &str = "correct horse battery staple";
 const METRICS: &str = "metrics-token-for-console-test";
 
 pub(crate) fn set_password(out: &std::path::Path, password: &str) -> std::process::Output {
@@ -32,22 +32,26 @@ pub(crate) fn set_password(out: &std::path::Path, password: &str) -> std::proces
     child.wait_with_output().unwrap()
 }
 
-fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
     h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// The value of `name="csrf" value="..."` in a page.
-fn csrf_in(html: &str) -> String {
+pub(crate) fn csrf_in(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
     html[at..].split('"').next().unwrap().to_string()
 }
 
 /// `name=value` of a Set-Cookie header.
-fn cookie_pair(set_cookie: &str) -> String {
+pub(crate) fn cookie_pair(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap().to_string()
 }
 
-fn get(s: &SellerServer, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>, String) {
+pub(crate) fn get(
+    s: &SellerServer,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
     let h: Vec<(String, String)> = cookie
         .map(|c| vec![("Cookie".to_string(), c.to_string())])
         .unwrap_or_default();
@@ -55,7 +59,7 @@ fn get(s: &SellerServer, path: &str, cookie: Option<&str>) -> (u16, Vec<(String,
     (st, hd, String::from_utf8(b).unwrap())
 }
 
-fn post(
+pub(crate) fn post(
     s: &SellerServer,
     path: &str,
     cookie: Option<&str>,
@@ -72,7 +76,7 @@ fn page_of(s: &SellerServer, session: &str) -> String {
     get(s, "/console/instances?q=CONSOLE-INST-1", Some(session)).2
 }
 
-fn login_form(s: &SellerServer) -> (String, String) {
+pub(crate) fn login_form(s: &SellerServer) -> (String, String) {
     let (status, h, html) = get(s, "/console/login", None);
     assert_eq!(status, 200, "{html}");
     assert!(!html.contains("<script"), "{html}");

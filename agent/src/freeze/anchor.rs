@@ -35,6 +35,9 @@ pub struct Anchor {
     pub time_mark: i64,
     /// Licenses not allowed to run at that generation (for the tamper reason).
     pub stopped: Vec<String>,
+    /// The TPM counter value sealed with that generation (`tpm_anchor.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
 }
 
 fn tag(key: &[u8; 32], body: &[u8]) -> Hmac<Sha256> {
@@ -88,6 +91,8 @@ pub struct Judgement {
     pub time_mark: Option<i64>,
     /// Why the state is not to be trusted.
     pub tamper: Option<String>,
+    /// The highest TPM counter value any valid anchor sealed.
+    pub tpm: Option<u64>,
 }
 
 /// `generation`: the lifecycle state's; `expected`: the places its body lists; `found`:
@@ -104,6 +109,7 @@ pub fn judge(generation: u64, expected: &[String], found: &[(&str, Found)]) -> J
             Found::Good(a) => {
                 j.high_water = j.high_water.max(a.generation);
                 j.time_mark = Some(j.time_mark.map_or(a.time_mark, |t| t.max(a.time_mark)));
+                j.tpm = j.tpm.max(a.tpm);
                 if a.generation > generation {
                     let stopped = if a.stopped.is_empty() {
                         String::new()
@@ -142,6 +148,7 @@ mod tests {
             generation,
             time_mark: 1000 + generation as i64,
             stopped: vec!["L".into()],
+            tpm: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub use kooagent_core::freeze::lifecycle;
 pub mod online;
 pub mod service;
 pub mod state_file;
+pub mod tpm_anchor;
 pub use kooagent_core::freeze::token;
 
 pub use service::FreezeService;
@@ -42,6 +43,14 @@ pub struct FreezeConfig {
     pub poll_timeout_secs: u64,
     /// A CA (PEM) trusted for the seller's endpoint besides the web PKI roots.
     pub poll_extra_ca_file: PathBuf,
+    /// Whether the freeze high-water mark is anchored in a TPM 2.0 NV counter
+    /// (docs/threat-model.md "TPM 2.0 anchor"). Read at start.
+    pub tpm: tpm_anchor::Mode,
+    /// The TPM: a device, or a Unix socket speaking the raw command stream (a swtpm
+    /// sidecar); empty: `/dev/tpmrm0`, else `/dev/tpm0`.
+    pub tpm_device: PathBuf,
+    /// The NV index of the counter (owner range 0x01800000-0x01BFFFFF).
+    pub tpm_nv_index: u32,
 }
 
 impl Default for FreezeConfig {
@@ -57,6 +66,9 @@ impl Default for FreezeConfig {
             poll_jitter_secs: 1800,
             poll_timeout_secs: 10,
             poll_extra_ca_file: PathBuf::new(),
+            tpm: tpm_anchor::Mode::Auto,
+            tpm_device: PathBuf::new(),
+            tpm_nv_index: tpm_anchor::DEFAULT_NV_INDEX,
         }
     }
 }
@@ -115,6 +127,21 @@ impl FreezeConfig {
             return Err((
                 "freeze.poll_timeout_secs".into(),
                 "must be between 1 and 300".into(),
+            ));
+        }
+        if !self.tpm_device.as_os_str().is_empty() && !self.tpm_device.is_absolute() {
+            return Err((
+                "freeze.tpm_device".into(),
+                "must be an absolute path".into(),
+            ));
+        }
+        if !tpm_anchor::OWNER_NV_RANGE.contains(&self.tpm_nv_index) {
+            return Err((
+                "freeze.tpm_nv_index".into(),
+                format!(
+                    "{:#010x} is not in the owner's NV range 0x01800000-0x01bfffff",
+                    self.tpm_nv_index
+                ),
             ));
         }
         Ok(())

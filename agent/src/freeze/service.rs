@@ -18,6 +18,7 @@ use super::anchor;
 use super::lifecycle::{External, Input, Lease, LicenseFacts, Machine, Outcome, Phase, Refusal};
 use super::state_file::{self, Paths};
 use super::token::{self, TokenError};
+use super::tpm_anchor::{self, Mode as TpmMode, Verdict as TpmVerdict};
 use super::FreezeConfig;
 use crate::clock::format_rfc3339;
 use crate::device_service::DeviceState;
@@ -79,6 +80,13 @@ struct Inner {
     anchors: Vec<String>,
     /// The anchor sealed at the last save (the trusted-time file takes it from here).
     sealed: Option<String>,
+    /// The TPM counter in use, if any.
+    tpm: Option<tpm_anchor::Anchor>,
+    /// Without a TPM in use: the value the state sealed, carried on (so a TPM that comes
+    /// back finds the state it anchored).
+    tpm_carried: Option<u64>,
+    /// What the TPM anchor did or why it is not in use (`freeze.status`).
+    tpm_note: Option<String>,
 }
 
 /// A `watch` subscriber; `verdicts` when it asked for the verdict table too.
@@ -100,6 +108,8 @@ pub struct FreezeService {
     pub online: super::online::OnlineHealth,
     /// The highest trusted time the anchors recorded at start.
     anchored_time: Option<i64>,
+    tpm_mode: TpmMode,
+    tpm_index: u32,
 }
 
 fn lease_of(lic: &License) -> Option<Lease> {
@@ -151,14 +161,16 @@ impl FreezeService {
         };
         let first = created || interrupted_first_start(state_dir, &paths);
         let mut loaded = state_file::load(&paths, &key, first, now);
-        let (anchors, anchored_time) = if created {
+        let (anchors, anchored_time, anchored_tpm) = if created {
             // Nothing sealed under the old key can be verified; the lifecycle copies
             // already tell a deleted key from a first start.
-            (vec![], None)
+            (vec![], None, None)
         } else {
             check_anchors(state_dir, &paths, &key, &mut loaded, now)
         };
         let now = anchored_time.map_or(now, |t| t.max(now));
+        let sealed = loaded.tpm.max(anchored_tpm);
+        let tpm = start_tpm(cfg, sealed, &mut loaded, now);
         if let Some(t) = &loaded.tamper {
             log::warn!("freeze state tampered with: {t}; affected licenses stay frozen until a status token or a license issued from now on arrives");
         }
@@ -193,6 +205,9 @@ impl FreezeService {
                 tolerance: 86_400,
                 anchors,
                 sealed: None,
+                tpm: tpm.anchor,
+                tpm_carried: sealed,
+                tpm_note: tpm.note,
             }),
             journal,
             actions_tx: Mutex::new(tx),
@@ -200,10 +215,14 @@ impl FreezeService {
             device,
             online: Default::default(),
             anchored_time,
+            tpm_mode: cfg.tpm,
+            tpm_index: cfg.tpm_nv_index,
         });
-        // Written at once: the next start expects the files (missing means deleted).
+        // Written at once: the next start expects the files (missing means deleted). The
+        // mark rises if tampering was found or the TPM needs (re)anchoring.
         let mut inner = svc.lock();
-        svc.save(&mut inner);
+        let raise = tpm.raise || inner.tamper.is_some();
+        svc.save(&mut inner, raise);
         drop(inner);
         svc
     }
@@ -212,14 +231,21 @@ impl FreezeService {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, inner: &mut Inner) {
+    /// `raise`: the high-water mark rises (a phase changed, tampering was found): with a
+    /// TPM, the state seals the counter's next value and the counter is incremented after.
+    fn save(&self, inner: &mut Inner, raise: bool) {
         inner.generation += 1;
+        let tpm_value = match &inner.tpm {
+            Some(a) => Some(a.counter + u64::from(raise)),
+            None => inner.tpm_carried,
+        };
         match state_file::save(
             &self.paths,
             &self.key,
             inner.generation,
             &inner.machine,
             &inner.anchors,
+            tpm_value,
         ) {
             Ok(()) => inner.save_error = None,
             Err(e) => {
@@ -242,6 +268,7 @@ impl FreezeService {
                     .filter(|(_, r)| !r.phase.running())
                     .map(|(id, _)| id.clone())
                     .collect(),
+                tpm: tpm_value,
             },
         );
         match state_file::write_anchor(&self.paths.anchor, &sealed) {
@@ -253,6 +280,20 @@ impl FreezeService {
             Err(e) => log::error!("freeze: cannot write the state's anchor: {e}"),
         }
         inner.sealed = Some(sealed);
+        // Last: the counter must never be ahead of what was saved (that reads as a restore).
+        if let (true, Some(a)) = (raise, inner.tpm.as_mut()) {
+            match a.increment() {
+                Ok(()) => {
+                    inner.tpm_carried = Some(a.counter);
+                    log::debug!("freeze: TPM counter raised to {}", a.counter);
+                }
+                Err(e) => {
+                    // The state is one ahead of the counter: the next start catches up.
+                    log::error!("freeze: cannot increment the TPM counter: {e}");
+                    inner.tpm_note = Some(format!("the last increment failed: {e}"));
+                }
+            }
+        }
     }
 
     /// The highest trusted time the freeze anchors recorded (the time file may be behind).
@@ -302,7 +343,8 @@ impl FreezeService {
     /// Saves, publishes and acts on what an input did.
     fn after(&self, inner: &mut Inner, out: &Outcome) {
         if out.changed {
-            self.save(inner);
+            // A phase change is the mark rising (rare); other changes are not (NV wear).
+            self.save(inner, !out.transitions.is_empty());
         }
         for t in &out.transitions {
             log::info!(
@@ -503,6 +545,14 @@ impl FreezeService {
             "tamper": inner.tamper,
             "tampered_at": inner.machine.tampered_at.map(format_rfc3339),
             "state_file": self.paths.primary,
+            "tpm": {
+                "mode": self.tpm_mode.as_str(),
+                "in_use": inner.tpm.is_some(),
+                "device": inner.tpm.as_ref().map(|a| a.path.clone()),
+                "nv_index": format!("{:#010x}", self.tpm_index),
+                "counter": inner.tpm.as_ref().map(|a| a.counter),
+                "note": inner.tpm_note,
+            },
             "save_error": inner.save_error,
             "tokens_dir": self.tokens_dir,
             "online": {
@@ -726,7 +776,7 @@ fn check_anchors(
     key: &[u8; 32],
     loaded: &mut state_file::Loaded,
     now: i64,
-) -> (Vec<String>, Option<i64>) {
+) -> (Vec<String>, Option<i64>, Option<u64>) {
     use anchor::Found;
     let time =
         match crate::license::trusted_time::read_anchor(&crate::license::time_file(state_dir)) {
@@ -761,19 +811,97 @@ fn check_anchors(
     let j = anchor::judge(loaded.generation, &loaded.anchors, &found);
     loaded.generation = j.high_water;
     if let Some(why) = j.tamper {
-        let at = j.time_mark.map_or(now, |t| t.max(now));
-        // Every license the state knew stays frozen until a newer token or license; those
-        // it did not know (issued before now) start frozen.
-        for rec in loaded.machine.records.values_mut() {
-            rec.tampered_at = Some(at);
-        }
-        loaded.machine.tampered_at = Some(at);
-        loaded.tamper = Some(match loaded.tamper.take() {
-            Some(t) => format!("{t}; {why}"),
-            None => why,
-        });
+        mark_tampered(loaded, why, j.time_mark.map_or(now, |t| t.max(now)));
     }
-    (held, j.time_mark)
+    (held, j.time_mark, j.tpm)
+}
+
+/// Every license the state knew stays frozen until a newer token or license; those it
+/// did not know (issued before `at`) start frozen.
+fn mark_tampered(loaded: &mut state_file::Loaded, why: String, at: i64) {
+    for rec in loaded.machine.records.values_mut() {
+        rec.tampered_at = Some(at);
+    }
+    loaded.machine.tampered_at = Some(at);
+    loaded.tamper = Some(match loaded.tamper.take() {
+        Some(t) => format!("{t}; {why}"),
+        None => why,
+    });
+}
+
+/// The TPM anchor at start.
+struct TpmStart {
+    anchor: Option<tpm_anchor::Anchor>,
+    note: Option<String>,
+    raise: bool,
+}
+
+/// Opens the TPM (`[freeze] tpm`) and judges the state's sealed value against its counter:
+/// a state behind the counter is marked tampered.
+fn start_tpm(
+    cfg: &FreezeConfig,
+    sealed: Option<u64>,
+    loaded: &mut state_file::Loaded,
+    now: i64,
+) -> TpmStart {
+    if cfg.tpm == TpmMode::Off {
+        return TpmStart {
+            anchor: None,
+            note: Some("[freeze] tpm = \"off\"".into()),
+            raise: false,
+        };
+    }
+    let (anchor, counter) = match tpm_anchor::Anchor::open(&cfg.tpm_device, cfg.tpm_nv_index) {
+        Ok(x) => x,
+        Err(e) => {
+            if cfg.tpm == TpmMode::Required {
+                let why = format!(
+                    "[freeze] tpm = \"required\" but the TPM is unreachable ({e}): a restore \
+                     of the state directory cannot be ruled out"
+                );
+                log::error!("freeze: {why}");
+                mark_tampered(loaded, why, now);
+            } else if matches!(e, crate::tpm::TpmError::NoDevice) {
+                log::info!("freeze: {e}: the freeze state is not anchored in a TPM");
+            } else {
+                log::warn!("freeze: TPM anchor not in use: {e}; a restore of the whole state directory is not detected");
+            }
+            return TpmStart {
+                anchor: None,
+                note: Some(e.to_string()),
+                raise: false,
+            };
+        }
+    };
+    let verdict = tpm_anchor::judge(sealed, counter);
+    let note = match &verdict {
+        TpmVerdict::Match => None,
+        TpmVerdict::First => {
+            log::info!(
+                "freeze: anchoring the freeze state in the TPM counter {:#010x} on {}",
+                anchor.index,
+                anchor.path.display()
+            );
+            None
+        }
+        TpmVerdict::CatchUp => {
+            log::info!("freeze: the state is one step ahead of the TPM counter (an interrupted save); catching up");
+            None
+        }
+        TpmVerdict::Reanchor(why) => {
+            log::warn!("freeze: {why}; anchoring the state in this TPM anew");
+            Some(format!("re-anchored: {why}"))
+        }
+        TpmVerdict::Restored(why) => {
+            mark_tampered(loaded, why.clone(), now);
+            None
+        }
+    };
+    TpmStart {
+        raise: verdict.raise(),
+        anchor: Some(anchor),
+        note,
+    }
 }
 
 fn action_thread(

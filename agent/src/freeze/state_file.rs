@@ -47,6 +47,9 @@ struct Body {
     /// The places that held an anchor when this was written (all must still hold one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     anchors: Vec<String>,
+    /// The TPM counter value this state is anchored at (`tpm_anchor.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm: Option<u64>,
 }
 
 /// What was found on disk.
@@ -58,6 +61,8 @@ pub struct Loaded {
     pub tamper: Option<String>,
     /// The anchor places the state lists.
     pub anchors: Vec<String>,
+    /// The TPM counter value the state sealed.
+    pub tpm: Option<u64>,
 }
 
 /// One copy's verdict.
@@ -65,7 +70,7 @@ pub struct Loaded {
 enum Copy {
     Missing,
     Bad(String),
-    Good(u64, Machine, Vec<String>),
+    Good(Decoded),
 }
 
 fn mac(key: &[u8; 32], body: &[u8]) -> HmacSha256 {
@@ -90,12 +95,19 @@ pub fn device_key(path: &Path) -> Result<([u8; 32], bool), StoreError> {
     Ok((k, true))
 }
 
-fn encode(key: &[u8; 32], generation: u64, machine: &Machine, anchors: &[String]) -> Vec<u8> {
+fn encode(
+    key: &[u8; 32],
+    generation: u64,
+    machine: &Machine,
+    anchors: &[String],
+    tpm: Option<u64>,
+) -> Vec<u8> {
     let body = serde_json::to_vec(&Body {
         v: 1,
         generation,
         machine: machine.clone(),
         anchors: anchors.to_vec(),
+        tpm,
     })
     .expect("state encodes");
     let tag = mac(key, &body).finalize().into_bytes();
@@ -106,7 +118,13 @@ fn encode(key: &[u8; 32], generation: u64, machine: &Machine, anchors: &[String]
     out
 }
 
-type Decoded = (u64, Machine, Vec<String>);
+#[derive(Debug)]
+struct Decoded {
+    generation: u64,
+    machine: Machine,
+    anchors: Vec<String>,
+    tpm: Option<u64>,
+}
 
 fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Decoded, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
@@ -130,14 +148,19 @@ fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Decoded, String> {
         "the MAC does not match: the file was edited or written with another key".to_string()
     })?;
     let b: Body = serde_json::from_str(body).map_err(|e| format!("unreadable: {e}"))?;
-    Ok((b.generation, b.machine, b.anchors))
+    Ok(Decoded {
+        generation: b.generation,
+        machine: b.machine,
+        anchors: b.anchors,
+        tpm: b.tpm,
+    })
 }
 
 fn read_copy(path: &Path, key: &[u8; 32]) -> Copy {
     match store::read_optional(path) {
         Ok(None) => Copy::Missing,
         Ok(Some(b)) => match decode(key, &b) {
-            Ok((g, m, a)) => Copy::Good(g, m, a),
+            Ok(d) => Copy::Good(d),
             Err(e) => Copy::Bad(format!("{}: {e}", path.display())),
         },
         Err(e) => Copy::Bad(e.to_string()),
@@ -154,6 +177,7 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
         generation: 0,
         tamper: Some(why),
         anchors: vec![],
+        tpm: None,
     };
     match (a, b) {
         (Copy::Missing, Copy::Missing) if key_created => Loaded {
@@ -161,47 +185,51 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
             generation: 0,
             tamper: None,
             anchors: vec![],
+            tpm: None,
         },
         (Copy::Missing, Copy::Missing) => {
             lost("both copies of the freeze state were deleted".into())
         }
-        (Copy::Good(g1, m1, a1), Copy::Good(g2, m2, a2)) => {
-            let (generation, machine, anchors) = if g1 >= g2 { (g1, m1, a1) } else { (g2, m2, a2) };
+        (Copy::Good(d1), Copy::Good(d2)) => {
+            let tpm = d1.tpm.max(d2.tpm);
+            let d = if d1.generation >= d2.generation {
+                d1
+            } else {
+                d2
+            };
             Loaded {
-                machine,
-                generation,
+                machine: d.machine,
+                generation: d.generation,
                 tamper: None,
-                anchors,
+                anchors: d.anchors,
+                tpm,
             }
         }
         // The first save writes the primary, then the backup: a crash in between leaves
         // generation 1, listing no anchor yet, and no backup. Not a deletion (found by the
         // crash harness); and the surviving copy is the state either way.
-        (Copy::Good(generation, machine, anchors), Copy::Missing)
-            if generation <= 1 && anchors.is_empty() =>
-        {
-            Loaded {
-                machine,
-                generation,
-                tamper: None,
-                anchors,
-            }
-        }
-        (Copy::Good(generation, machine, anchors), other)
-        | (other, Copy::Good(generation, machine, anchors)) => {
+        (Copy::Good(d), Copy::Missing) if d.generation <= 1 && d.anchors.is_empty() => Loaded {
+            machine: d.machine,
+            generation: d.generation,
+            tamper: None,
+            anchors: d.anchors,
+            tpm: d.tpm,
+        },
+        (Copy::Good(d), other) | (other, Copy::Good(d)) => {
             let what = match other {
                 Copy::Missing => "one copy of the freeze state was deleted".to_string(),
                 Copy::Bad(e) => e,
                 Copy::Good(..) => unreachable!("handled above"),
             };
-            let mut machine = machine;
+            let mut machine = d.machine;
             // The surviving copy is trusted; a tamper mark stays on the record.
             machine.tampered_at = machine.tampered_at.or(Some(now));
             Loaded {
                 machine,
-                generation,
+                generation: d.generation,
                 tamper: Some(format!("{what}; restored from the other copy")),
-                anchors,
+                anchors: d.anchors,
+                tpm: d.tpm,
             }
         }
         (a, b) => {
@@ -220,15 +248,17 @@ pub fn load(paths: &Paths, key: &[u8; 32], key_created: bool, now: i64) -> Loade
     }
 }
 
-/// Writes both copies (primary first). `anchors`: the places holding an anchor already.
+/// Writes both copies (primary first). `anchors`: the places holding an anchor already;
+/// `tpm`: the TPM counter value sealed with it.
 pub fn save(
     paths: &Paths,
     key: &[u8; 32],
     generation: u64,
     machine: &Machine,
     anchors: &[String],
+    tpm: Option<u64>,
 ) -> Result<(), StoreError> {
-    let bytes = encode(key, generation, machine, anchors);
+    let bytes = encode(key, generation, machine, anchors, tpm);
     store::atomic_write(&paths.primary, &bytes, 0o600)?;
     if let Some(dir) = paths.backup.parent() {
         store::ensure_dir(dir, 0o700)?;
@@ -294,7 +324,7 @@ mod tests {
         let l = load(&p, &k, true, 1000);
         assert!(l.tamper.is_none() && l.machine.records.is_empty());
         let m = frozen_machine();
-        save(&p, &k, 3, &m, &[]).unwrap();
+        save(&p, &k, 3, &m, &[], None).unwrap();
         let l = load(&p, &k, false, 1000);
         assert_eq!((l.generation, l.tamper), (3, None));
         assert_eq!(l.machine.records, m.records);
@@ -303,19 +333,19 @@ mod tests {
     #[test]
     fn a_first_save_cut_before_the_backup_is_not_tamper_a_later_one_is() {
         let (_d, p, k) = setup();
-        save(&p, &k, 1, &Machine::default(), &[]).unwrap();
+        save(&p, &k, 1, &Machine::default(), &[], None).unwrap();
         std::fs::remove_file(&p.backup).unwrap();
         let l = load(&p, &k, false, 1000);
         assert_eq!((l.generation, l.tamper), (1, None));
         // Past the first save (or with anchors listed) a missing copy is deleted.
-        save(&p, &k, 2, &Machine::default(), &[]).unwrap();
+        save(&p, &k, 2, &Machine::default(), &[], None).unwrap();
         std::fs::remove_file(&p.backup).unwrap();
         assert!(load(&p, &k, false, 1000).tamper.is_some());
-        save(&p, &k, 1, &Machine::default(), &["time".into()]).unwrap();
+        save(&p, &k, 1, &Machine::default(), &["time".into()], None).unwrap();
         std::fs::remove_file(&p.backup).unwrap();
         assert!(load(&p, &k, false, 1000).tamper.is_some());
         // The primary missing is never a crash: it is written first.
-        save(&p, &k, 1, &Machine::default(), &[]).unwrap();
+        save(&p, &k, 1, &Machine::default(), &[], None).unwrap();
         std::fs::remove_file(&p.primary).unwrap();
         assert!(load(&p, &k, false, 1000).tamper.is_some());
     }
@@ -324,7 +354,7 @@ mod tests {
     fn edited_truncated_or_deleted_is_tamper() {
         let (_d, p, k) = setup();
         let m = frozen_machine();
-        save(&p, &k, 1, &m, &[]).unwrap();
+        save(&p, &k, 1, &m, &[], None).unwrap();
         // Edit the primary to say active: the backup keeps it frozen, tamper noted.
         let text = std::fs::read_to_string(&p.primary).unwrap();
         std::fs::write(&p.primary, text.replace("\"frozen\"", "\"active\"")).unwrap();
@@ -346,7 +376,7 @@ mod tests {
         let l = load(&p, &k, false, 1000);
         assert!(l.tamper.unwrap().contains("deleted"));
         // A forged file with a fresh key (the old key deleted) does not verify either.
-        save(&p, &[9; 32], 5, &Machine::default(), &[]).unwrap();
+        save(&p, &[9; 32], 5, &Machine::default(), &[], None).unwrap();
         let l = load(&p, &k, true, 1000);
         assert_eq!(l.machine.tampered_at, Some(1000));
     }

@@ -169,7 +169,30 @@ pub fn verify(
     now_ms: i64,
     nonce_fresh: impl FnOnce(&str) -> bool,
 ) -> Result<VerifyingKey, RelayAuthError> {
-    let key = parse_device_key(&headers.device_key)?;
+    verify_with(
+        headers,
+        parse_device_key,
+        method,
+        path,
+        body,
+        now_ms,
+        nonce_fresh,
+    )
+}
+
+/// [`verify`] with the caller's parser of `headers.device_key` (a [`parse_device_key`]
+/// behind a cache: decompressing a key costs a field inversion per request, and a
+/// server sees the same devices again and again).
+pub fn verify_with(
+    headers: &RelayHeaders,
+    parse_key: impl FnOnce(&str) -> Result<VerifyingKey, RelayAuthError>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+    nonce_fresh: impl FnOnce(&str) -> bool,
+) -> Result<VerifyingKey, RelayAuthError> {
+    let key = parse_key(&headers.device_key)?;
     if headers.ts.is_empty()
         || headers.ts.len() > 15
         || !headers.ts.bytes().all(|b| b.is_ascii_digit())

@@ -765,6 +765,78 @@ fn get_license(
     Ok(body)
 }
 
+/// The console's reissue (issue 16): the instance's license signed again with the same
+/// terms, bound to the corrected device code `device` (canonicalised as every device code
+/// is), recorded and made the instance's current license; the call history gets a
+/// `reissue (console)` row. `Ok(Err(..))`: refused, nothing written. A frozen instance is
+/// refused: the agent lifts a seller freeze for a license issued after it (docs/freeze.md),
+/// so a reissue would unfreeze it on the device; unfreeze first.
+pub fn reissue(
+    tx: &mut dyn Tx,
+    ctx: &Ctx<'_>,
+    instance_id: &str,
+    device: &str,
+) -> Result<Result<InstanceRow, String>, DbError> {
+    let code = match kooagent_core::device_code::parse_code(device) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(format!("device code {device:?}: {e}"))),
+    };
+    let Some(mut row) = tx.instance(instance_id)? else {
+        return Ok(Err(format!("no instance {instance_id}")));
+    };
+    if row.product != ctx.product.product {
+        return Ok(Err(format!(
+            "instance {instance_id} belongs to product {}",
+            row.product
+        )));
+    }
+    if row.status == InstanceStatus::Released {
+        return Ok(Err(format!(
+            "instance {instance_id} was released; a released instance gets no new license"
+        )));
+    }
+    if row.frozen {
+        return Ok(Err(format!(
+            "instance {instance_id} is frozen: a new license would lift the freeze on the \
+             device; unfreeze it first"
+        )));
+    }
+    if row.devices == [code.clone()] {
+        return Ok(Err(format!(
+            "the license of {instance_id} is already bound to {code}"
+        )));
+    }
+    let parsed = format::parse(row.license.as_bytes())
+        .map_err(|e| DbError::Backend(format!("stored license of {instance_id}: {e}")))?;
+    let mut lic = parsed.license;
+    lic.devices = vec![code.clone()];
+    lic.unbound = false;
+    lic.issued_at = ctx.now.max(lic.issued_at);
+    lic.meta.insert(
+        "kg_reissue".into(),
+        kooagent_core::clock::format_rfc3339(ctx.now),
+    );
+    let text = match format::sign(&lic, ctx.key) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    tx.record_license(&row.license_id, None, &text, lic.issued_at)?;
+    row.license = text;
+    row.devices = vec![code];
+    row.updated_at = ctx.now;
+    tx.put_instance(&row)?;
+    let body = license_answer(&row);
+    let mut obj = Map::new();
+    obj.insert("instanceId".into(), Value::from(instance_id));
+    note_call(tx, ctx, "reissue (console)", &obj, None, &body)?;
+    log::info!(
+        "console: reissued {} for instance {instance_id} bound to {}",
+        row.license_id,
+        row.devices[0]
+    );
+    Ok(Ok(row))
+}
+
 fn known_instance(tx: &mut dyn Tx, ctx: &Ctx<'_>, id: &str) -> Result<InstanceRow, Refusal> {
     match tx.instance(id)? {
         Some(r) if r.product == ctx.product.product => Ok(r),

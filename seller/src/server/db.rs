@@ -90,6 +90,15 @@ CREATE TABLE IF NOT EXISTS codes (
     updated_at BIGINT NOT NULL,
     device_key TEXT
 );
+CREATE TABLE IF NOT EXISTS code_activity (
+    code          TEXT PRIMARY KEY,
+    query_at      BIGINT,
+    query_status  TEXT,
+    usage_calls   BIGINT NOT NULL,
+    usage_entries BIGINT NOT NULL,
+    usage_at      BIGINT,
+    usage_result  TEXT
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_code TEXT PRIMARY KEY,
     device_key  TEXT NOT NULL,
@@ -277,6 +286,23 @@ pub struct CodeRow {
     pub device_key: Option<String>,
 }
 
+/// What the relay forwarded for an authorization code (the console's codes page): the
+/// last daily query and what the marketplace said, and the usage reports relayed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CodeActivityRow {
+    pub code: String,
+    /// The last daily query (heartbeat) relayed, and the marketplace's answer: the
+    /// code's status (`ALIVE`, `EXPIRED`…) or the error.
+    pub query_at: Option<i64>,
+    pub query_status: Option<String>,
+    /// Usage reports relayed that named this code, and their entries in total.
+    pub usage_calls: i64,
+    pub usage_entries: i64,
+    pub usage_at: Option<i64>,
+    /// The marketplace's answer to the last one (`accepted` or the error).
+    pub usage_result: Option<String>,
+}
+
 /// A license to upload to the marketplace (`getLicenseAsync`, §2): the outbox row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadRow {
@@ -354,6 +380,19 @@ pub trait Tx {
     fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError>;
     /// Inserts or replaces.
     fn put_code(&mut self, row: &CodeRow) -> Result<(), DbError>;
+    /// Every authorization code, latest change first, at most `limit`.
+    fn all_codes(&mut self, limit: i64) -> Result<Vec<CodeRow>, DbError>;
+    fn code_activity(&mut self, code: &str) -> Result<Option<CodeActivityRow>, DbError>;
+    /// The relay forwarded a daily query for `code`; the marketplace said `status`.
+    fn note_code_query(&mut self, code: &str, at: i64, status: &str) -> Result<(), DbError>;
+    /// The relay forwarded a usage report with `entries` entries for `code`.
+    fn note_code_usage(
+        &mut self,
+        code: &str,
+        at: i64,
+        entries: i64,
+        result: &str,
+    ) -> Result<(), DbError>;
     /// Distinct licenses issued so far (checks and the bench).
     fn count_licenses(&mut self) -> Result<i64, DbError>;
     /// The license upload outbox (`getLicenseAsync`): inserts or replaces by event.

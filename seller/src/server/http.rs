@@ -774,6 +774,7 @@ async fn relay_call(
     };
     let market_path = ep.market_path();
     let client = rl.clone();
+    let forwarded = (ep != Endpoint::Activate).then(|| forward.clone());
     let sent = rl
         .pool
         .run(priority, move || client.client.post(market_path, &forward))
@@ -802,6 +803,16 @@ async fn relay_call(
             return busy();
         }
     };
+    if let Some(forwarded) = forwarded {
+        // For the console's codes page, after the answer is known and without holding it.
+        let notes = relay::code_notes(ep, &codes, &forwarded, http, &text);
+        let db = state.db.clone();
+        tokio::spawn(async move {
+            if let Err(e) = db.run(move |tx| relay::record_notes(tx, &notes, now)).await {
+                log::warn!("relay: recording the codes' activity: {e}");
+            }
+        });
+    }
     if ep == Endpoint::Activate {
         let code = codes[0].clone();
         match relay::after_activate(http, &text, claimed) {

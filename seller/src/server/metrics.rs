@@ -107,6 +107,7 @@ pub fn marketplace_call(activity: &str, answer: &str, took: Duration) {
     let m = global();
     m.marketplace.inc([activity, result_code_of(answer)]);
     m.answer.observe(took);
+    super::console::recent::record(result_code_of(answer), took);
 }
 
 /// One agent call answered; `endpoint` is one of a fixed set.

@@ -32,6 +32,7 @@ pub mod console;
 pub mod db;
 pub mod devices;
 pub mod http;
+pub mod key_cache;
 pub mod limits;
 pub mod metrics;
 pub mod pool;

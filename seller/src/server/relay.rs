@@ -105,6 +105,31 @@ pub fn verify<'a>(
     })
 }
 
+/// [`verify`] with the device keys kept decompressed in `keys`.
+pub fn verify_cached<'a>(
+    keys: &super::key_cache::KeyCache,
+    header: impl Fn(&str) -> Option<&'a str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<Device, RelayAuthError> {
+    let headers = RelayHeaders::from_lookup(header)?;
+    relay_auth::verify_with(
+        &headers,
+        |k| keys.parse(k),
+        method,
+        path,
+        body,
+        now_ms,
+        |_| true,
+    )?;
+    Ok(Device {
+        key: headers.device_key,
+        nonce: headers.nonce,
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActivateBody {
@@ -400,6 +425,86 @@ pub fn recovered_answer(code: &str, http: u16, query_body: &str) -> Option<Strin
         })
         .to_string(),
     )
+}
+
+/// What the console's codes page keeps of a forwarded call (`code_activity`): for a daily
+/// query, the status the marketplace answered (or its error); for a usage report, the
+/// entries per code and the marketplace's verdict. Activations are not kept here (the
+/// code's row holds its binding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeNote {
+    Query {
+        code: String,
+        status: String,
+    },
+    Usage {
+        code: String,
+        entries: i64,
+        result: String,
+    },
+}
+
+pub fn code_notes(
+    ep: Endpoint,
+    codes: &[String],
+    forward: &[u8],
+    http: u16,
+    answer: &str,
+) -> Vec<CodeNote> {
+    let short = |e: String| -> String { e.chars().take(200).collect() };
+    match ep {
+        Endpoint::Activate => vec![],
+        Endpoint::Heartbeat => {
+            let status = match api::parse_heartbeat(http, answer) {
+                Ok(info) => match info.status {
+                    api::CodeStatus::Alive => "ALIVE".to_string(),
+                    api::CodeStatus::Expired => "EXPIRED".to_string(),
+                    api::CodeStatus::Released => "RELEASED".to_string(),
+                    api::CodeStatus::Other(o) => o,
+                },
+                Err(e) => short(format!("error: {e}")),
+            };
+            codes
+                .iter()
+                .map(|c| CodeNote::Query {
+                    code: c.clone(),
+                    status: status.clone(),
+                })
+                .collect()
+        }
+        Endpoint::Usage => {
+            let result = match api::parse_usage(http, answer) {
+                Ok(()) => "accepted".to_string(),
+                Err(e) => short(format!("error: {e}")),
+            };
+            let Ok(req) = serde_json::from_slice::<UsageRequest>(forward) else {
+                return vec![];
+            };
+            req.usage_info
+                .iter()
+                .map(|u| CodeNote::Usage {
+                    code: u.license.clone(),
+                    entries: u.software_usage_info.len() as i64,
+                    result: result.clone(),
+                })
+                .collect()
+        }
+    }
+}
+
+/// Writes [`code_notes`] (the caller's transaction).
+pub fn record_notes(tx: &mut dyn Tx, notes: &[CodeNote], now: i64) -> Result<(), DbError> {
+    for n in notes {
+        match n {
+            CodeNote::Query { code, status } => tx.note_code_query(code, now, status)?,
+            CodeNote::Usage {
+                code,
+                entries,
+                result,
+            } => tx.note_code_usage(code, now, *entries, result)?,
+        }
+    }
+    Ok(())
 }
 
 /// The relay's own JSON answer body.

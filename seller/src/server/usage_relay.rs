@@ -132,6 +132,8 @@ impl UsageRelayConfig {
 /// The relay's state in the server.
 pub struct UsageRelay {
     pub cfg: UsageRelayConfig,
+    /// Device keys decompressed once, not per request.
+    pub keys: super::key_cache::KeyCache,
     wake: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -139,6 +141,7 @@ impl UsageRelay {
     pub fn new(cfg: &UsageRelayConfig) -> UsageRelay {
         UsageRelay {
             cfg: cfg.clone(),
+            keys: Default::default(),
             wake: Mutex::new(None),
         }
     }
@@ -225,11 +228,8 @@ pub fn store(
         let m = "x-kooagent-nonce was already used (replayed request)".to_string();
         return Ok(refused(401, codes::UNAUTHENTICATED, m, None));
     }
-    let bound: HashMap<String, String> = tx
-        .instances_for_device(device_key)?
-        .into_iter()
-        .map(|i| (i.instance_id, i.product))
-        .collect();
+    let bound: HashMap<String, String> =
+        tx.usage().usage_billable(device_key)?.into_iter().collect();
     // A key bound to an instance is known: the registry is read apart only to tell an
     // unknown key from a known one bound to nothing (one query less per request).
     if bound.is_empty() && tx.device(device_key)?.is_none() {
@@ -388,8 +388,9 @@ pub async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> super::http::Resp {
     use http_body_util::{BodyExt, Limited};
-    let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let m = format!("request body unreadable or larger than {MAX_BODY} bytes: {e}");
@@ -398,14 +399,21 @@ pub async fn handle(
     };
     let now_ms = state.clock.now_ms();
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let device = match super::relay::verify(header, "POST", relay::PATH, &body, now_ms) {
+    let usage = state.usage.clone();
+    let device = match super::relay::verify_cached(
+        &usage.keys,
+        header,
+        "POST",
+        relay::PATH,
+        &body,
+        now_ms,
+    ) {
         Ok(d) => d,
         Err(e) => {
             log::warn!("usage relay: refused: {e}");
             return relay_answer(401, codes::UNAUTHENTICATED, &e.to_string(), None);
         }
     };
-    let usage = state.usage.clone();
     let records = match parse(&body, now_ms.div_euclid(1000), usage.cfg.max_age_days) {
         Ok(r) => r,
         Err((http, code, msg, sn)) => {
@@ -413,12 +421,21 @@ pub async fn handle(
             return relay_answer(http, code, &msg, sn.as_deref());
         }
     };
-    let meters = usage.cfg.meters.clone();
+    // The configuration is shared with the job, not copied per request.
+    let cfg = usage.clone();
     let key = device.key.clone();
     let rate = usage.device_rate();
-    let job = state
-        .db
-        .run(move |tx| store(tx, &key, &device.nonce, &records, &meters, rate, now_ms));
+    let job = state.db.run(move |tx| {
+        store(
+            tx,
+            &key,
+            &device.nonce,
+            &records,
+            &cfg.cfg.meters,
+            rate,
+            now_ms,
+        )
+    });
     match tokio::time::timeout(ANSWER_WITHIN, job).await {
         Ok(Ok(Decision::Held(results))) => {
             if results.iter().any(|r| r.state == "pending") {

@@ -9,12 +9,15 @@
 //! agent endpoint, and neither the marketplace's signature nor the metrics token opens
 //! the console.
 //!
-//! Built so far: sign-in, sign-out, the health page, the instance search, the device list
-//! and freeze/unfreeze (through the marketplace callback's own activity). The
-//! authorization-code page and the reissue/revoke actions are not built yet.
+//! Pages: health (with the last hour's calls), the instance search (by instance, license,
+//! device code, order, customer) and an instance's page (state, license, call history,
+//! actions), authorization codes, devices. Actions, each confirmed and audited:
+//! freeze/unfreeze and revoke (through the marketplace callback's own activities:
+//! `updateInstanceStatus`, `releaseLicense`), reissue to a corrected device code.
 
 pub mod auth;
 mod pages;
+pub mod recent;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,6 +27,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
+use super::db::{CallsBy, CodeActivityRow, CodeRow, EventRow, InstanceRow};
 use super::http::{Resp, State};
 
 pub const PREFIX: &str = "/console";
@@ -178,6 +182,77 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
                 }
             }
         }
+        (Method::GET, "/console/instance") => match session {
+            Some(s) => {
+                let id = query_field(req.uri().query(), "id");
+                match instance_page(state, &id).await {
+                    Ok(Some((row, calls))) => pages::instance(&row, &calls, &s.csrf),
+                    Ok(None) => pages::bad_action(&format!("No instance {id}.")),
+                    Err(e) => pages::unavailable(&e),
+                }
+            }
+            None => pages::redirect("/console/login", None),
+        },
+        (Method::POST, "/console/instances/reissue" | "/console/instances/revoke") => {
+            let form = match form(state, req).await {
+                Ok(f) => f,
+                Err(r) => return r,
+            };
+            let Some(s) = session else {
+                return pages::redirect("/console/login", None);
+            };
+            let reissue = path.ends_with("/reissue");
+            let verb = if reissue { "reissue" } else { "revoke" };
+            if !csrf_ok(&form, &s.csrf) {
+                console.audit(
+                    now,
+                    "admin",
+                    &format!("{verb} (no CSRF token)"),
+                    &address,
+                    false,
+                );
+                return pages::forbidden();
+            }
+            let instance = field(&form, "instance").unwrap_or("").to_string();
+            let device = field(&form, "device").unwrap_or("").trim().to_string();
+            if field(&form, "confirm") != Some("yes") {
+                // The confirmation step: what will happen, with the code as it will be bound.
+                return if reissue {
+                    match kooagent_core::device_code::parse_code(&device) {
+                        Ok(code) => pages::confirm_reissue(&instance, &code, &s.csrf),
+                        Err(e) => pages::bad_action(&format!("Device code {device:?}: {e}")),
+                    }
+                } else {
+                    pages::confirm_revoke(&instance, &s.csrf)
+                };
+            }
+            let (what, done) = if reissue {
+                (
+                    format!("reissue instance {instance} to device code {device}"),
+                    reissue_license(state, &instance, &device, now).await,
+                )
+            } else {
+                (
+                    format!("revoke instance {instance}"),
+                    revoke(state, &instance, now).await,
+                )
+            };
+            console.audit(now, "admin", &what, &address, done.is_ok());
+            match done {
+                Ok(()) => pages::redirect(
+                    &format!("/console/instance?id={}", url_escape(&instance)),
+                    None,
+                ),
+                Err(m) => pages::bad_action(&m),
+            }
+        }
+        (Method::GET, "/console/codes") => match session {
+            Some(s) => match codes(state).await {
+                Ok(rows) => pages::codes(&rows, &s.csrf),
+                Err(e) => pages::unavailable(&e),
+            },
+            None => pages::redirect("/console/login", None),
+        },
         (Method::GET, "/console/devices") => match session {
             Some(s) => match devices(state).await {
                 Ok(rows) => pages::devices(&rows, now, &s.csrf),
@@ -202,8 +277,8 @@ fn query_field(query: Option<&str>, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Instances matching `q` as an instance id, a license id or a device code (as typed or
-/// in capitals).
+/// Instances matching `q` as an instance id, a license id, a device code (as typed or
+/// in capitals), an order id or a customer id (through the call history).
 async fn search(state: &State, q: &str) -> Result<Vec<super::db::InstanceRow>, String> {
     if q.is_empty() {
         return Ok(vec![]);
@@ -224,6 +299,57 @@ async fn search(state: &State, q: &str) -> Result<Vec<super::db::InstanceRow>, S
         let upper = q.to_uppercase().replace(' ', "-");
         if upper != q {
             add(tx.instances_with_device(&upper)?);
+        }
+        let mut named = Vec::new();
+        for by in [CallsBy::Order(&q), CallsBy::Customer(&q)] {
+            for call in tx.calls(by, SEARCH_CALLS)? {
+                if let Some(i) = call.instance_id {
+                    if !named.contains(&i) {
+                        named.push(i);
+                    }
+                }
+            }
+        }
+        for i in named {
+            add(tx.instance(&i)?.into_iter().collect());
+        }
+        Ok(out)
+    });
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the database did not answer within 3 s".into()),
+    }
+}
+
+/// Calls read per order or customer when searching, and shown on an instance's page.
+const SEARCH_CALLS: i64 = 200;
+
+/// An instance and its call history (latest first).
+async fn instance_page(
+    state: &State,
+    id: &str,
+) -> Result<Option<(InstanceRow, Vec<EventRow>)>, String> {
+    let id = id.to_string();
+    let read = state.db.run(move |tx| {
+        let Some(row) = tx.instance(&id)? else {
+            return Ok(None);
+        };
+        let calls = tx.calls(CallsBy::Instance(&id), SEARCH_CALLS)?;
+        Ok(Some((row, calls)))
+    });
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the database did not answer within 3 s".into()),
+    }
+}
+
+/// Every authorization code with what the relay forwarded for it.
+async fn codes(state: &State) -> Result<Vec<(CodeRow, Option<CodeActivityRow>)>, String> {
+    let read = state.db.run(|tx| {
+        let mut out = Vec::new();
+        for c in tx.all_codes(500)? {
+            let a = tx.code_activity(&c.code)?;
+            out.push((c, a));
         }
         Ok(out)
     });
@@ -248,18 +374,74 @@ fn url_escape(s: &str) -> String {
 /// Freezes or unfreezes an instance exactly as the marketplace's `updateInstanceStatus`
 /// callback does (the same activity code, a new status token for the agents).
 async fn set_frozen(state: &State, instance: &str, freeze: bool, now: i64) -> Result<(), String> {
+    let body = serde_json::json!({
+        "activity": "updateInstanceStatus",
+        "instanceId": instance,
+        "status": if freeze { "FREEZE" } else { "UNFREEZE" },
+    });
+    run_activity(state, instance, body, now).await
+}
+
+/// Revokes an instance as the marketplace's `releaseLicense` callback does: the instance
+/// is released for good (no new license, no renewal) and agents get a signed `release`
+/// status token, after which the license may not run (docs/freeze.md).
+async fn revoke(state: &State, instance: &str, now: i64) -> Result<(), String> {
+    let body = serde_json::json!({"activity": "releaseLicense", "instanceId": instance});
+    run_activity(state, instance, body, now).await
+}
+
+/// Reissues the instance's license to the corrected device code `device`
+/// ([`super::activities::reissue`]).
+async fn reissue_license(
+    state: &State,
+    instance: &str,
+    device: &str,
+    now: i64,
+) -> Result<(), String> {
+    let (key, tokens, products) = (
+        state.signing_key.clone(),
+        state.tokens.clone(),
+        state.products.clone(),
+    );
+    let (id, device) = (instance.to_string(), device.to_string());
+    let run = state.db.run(move |tx| {
+        let Some(row) = tx.instance(&id)? else {
+            return Ok(Err(format!("no instance {id}")));
+        };
+        let Some(product) = products.iter().find(|p| p.product == row.product) else {
+            return Ok(Err(format!("product {} is not configured", row.product)));
+        };
+        let ctx = super::activities::Ctx {
+            now,
+            product,
+            key: &key,
+            tokens: tokens.as_ref(),
+            presigned: None,
+            upload: false,
+        };
+        Ok(super::activities::reissue(tx, &ctx, &id, &device)?.map(drop))
+    });
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the database did not answer within 5 s".into()),
+    }
+}
+
+/// Runs a marketplace activity for the console (marked so in the call history).
+async fn run_activity(
+    state: &State,
+    instance: &str,
+    body: serde_json::Value,
+    now: i64,
+) -> Result<(), String> {
     let (key, tokens, products) = (
         state.signing_key.clone(),
         state.tokens.clone(),
         state.products.clone(),
     );
     let id = instance.to_string();
-    let body = serde_json::json!({
-        "activity": "updateInstanceStatus",
-        "instanceId": instance,
-        "status": if freeze { "FREEZE" } else { "UNFREEZE" },
-    })
-    .to_string();
+    let body = body.to_string();
     let run = state.db.run(move |tx| {
         let Some(row) = tx.instance(&id)? else {
             return Ok(Err(format!("no instance {id}")));
@@ -363,6 +545,8 @@ pub struct Health {
     pub calls: Vec<(String, u64)>,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+    /// The last hour's calls, by result code, and answer times.
+    pub hour: recent::Summary,
 }
 
 async fn health(state: &State) -> Health {
@@ -389,5 +573,6 @@ async fn health(state: &State) -> Health {
         calls: by_code.into_iter().collect(),
         p50: m.answer.quantile(0.5),
         p99: m.answer.quantile(0.99),
+        hour: recent::global().summary_at(std::time::Instant::now()),
     }
 }

@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode};
 
 use super::auth;
 use super::Health;
+use crate::server::db::{CodeActivityRow, CodeRow, EventRow, InstanceRow};
 use crate::server::http::Resp;
 
 const CSS: &str = include_str!("console.css");
@@ -107,9 +108,11 @@ pub fn sign_in(message: Option<&str>) -> Resp {
 
 fn nav(csrf: &str) -> String {
     format!(
-        "<header><nav><a href=\"/console/instances\">Orders and instances</a>\
-         <a href=\"/console/devices\">Devices</a><a href=\"/console/health\">Health</a></nav>\
-         <form method=\"post\" action=\"/console/logout\" class=\"inline\">\
+        "<header><nav><a href=\"/console/instances\" id=\"nav-instances\">Orders and instances</a>\
+         <a href=\"/console/codes\" id=\"nav-codes\">Authorization codes</a>\
+         <a href=\"/console/devices\" id=\"nav-devices\">Devices</a>\
+         <a href=\"/console/health\" id=\"nav-health\">Health</a></nav>\
+         <form method=\"post\" action=\"/console/logout\" class=\"inline\" id=\"sign-out\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
          <button type=\"submit\">Sign out</button></form></header>",
         esc(csrf)
@@ -148,6 +151,10 @@ pub fn health(h: &Health, csrf: &str) -> Resp {
     if calls.is_empty() {
         calls = "<tr><td colspan=\"2\">none yet</td></tr>".into();
     }
+    let mut hour = code_rows(&h.hour.codes);
+    if hour.is_empty() {
+        hour = "<tr><td colspan=\"2\">none in the last hour</td></tr>".into();
+    }
     let body = format!(
         "{}<main><h1>Health</h1>\
          <table><tbody>\
@@ -157,16 +164,35 @@ pub fn health(h: &Health, csrf: &str) -> Resp {
          <tr><th>Answer time p50</th><td colspan=\"2\">{}</td></tr>\
          <tr><th>Answer time p99</th><td colspan=\"2\">{}</td></tr>\
          </tbody></table>\
+         <h2>Marketplace calls in the last hour</h2>\
+         <p class=\"note\">This server process; answer time p50 {}, p99 {}.</p>\
+         <table id=\"calls-last-hour\"><thead><tr><th>resultCode</th><th>calls</th></tr></thead>\
+         <tbody>{hour}</tbody></table>\
          <h2>Marketplace calls by result code</h2>\
          <p class=\"note\">Since this server process started.</p>\
-         <table><thead><tr><th>resultCode</th><th>calls</th></tr></thead><tbody>{calls}</tbody></table>\
+         <table id=\"calls-since-start\"><thead><tr><th>resultCode</th><th>calls</th></tr></thead><tbody>{calls}</tbody></table>\
          </main>",
         nav(csrf),
         esc(&h.key_id),
         seconds(h.p50),
         seconds(h.p99),
+        seconds(h.hour.p50),
+        seconds(h.hour.p99),
     );
     page(StatusCode::OK, "Health", &body)
+}
+
+fn code_rows(codes: &[(String, u64)]) -> String {
+    codes
+        .iter()
+        .map(|(code, n)| {
+            let class = if code == "000000" { "ok" } else { "bad" };
+            format!(
+                "<tr><td class=\"{class}\">{}</td><td>{n}</td></tr>",
+                esc(code)
+            )
+        })
+        .collect()
 }
 
 fn time(t: i64) -> String {
@@ -188,8 +214,10 @@ pub fn instances(q: &str, rows: &[crate::server::db::InstanceRow], csrf: &str) -
             "ok"
         };
         list.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td><td><code>{}</code></td>\
+            "<tr><td><a href=\"/console/instance?id={}\">{}</a></td><td>{}</td>\
+             <td class=\"{class}\">{}</td><td><code>{}</code></td>\
              <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&url(&r.instance_id)),
             esc(&r.instance_id),
             esc(&r.product),
             esc(&state),
@@ -205,7 +233,7 @@ pub fn instances(q: &str, rows: &[crate::server::db::InstanceRow], csrf: &str) -
                 ("FREEZE", "Freeze")
             };
             list.push_str(&format!(
-                "<tr><td colspan=\"7\"><form method=\"post\" action=\"/console/instances/status\">\
+                "<tr><td colspan=\"7\"><form method=\"post\" action=\"/console/instances/status\" class=\"freeze\">\
                  <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
                  <input type=\"hidden\" name=\"instance\" value=\"{}\">\
                  <input type=\"hidden\" name=\"status\" value=\"{status}\">\
@@ -231,13 +259,237 @@ pub fn instances(q: &str, rows: &[crate::server::db::InstanceRow], csrf: &str) -
     let body = format!(
         "{}<main><h1>Orders and instances</h1>\
          <form method=\"get\" action=\"/console/instances\">\
-         <label for=\"q\">Instance id, license id or device code</label>\
+         <label for=\"q\">Instance id, license id, device code, order id or customer id</label>\
          <input id=\"q\" name=\"q\" value=\"{}\" maxlength=\"200\">\
          <button type=\"submit\">Search</button></form>{results}</main>",
         nav(csrf),
         esc(q)
     );
     page(StatusCode::OK, "Orders and instances", &body)
+}
+
+/// A query value percent-encoded.
+fn url(s: &str) -> String {
+    super::url_escape(s)
+}
+
+fn state_of(r: &InstanceRow) -> (String, &'static str) {
+    let state = if r.frozen {
+        format!("{} (frozen)", r.status.as_str())
+    } else {
+        r.status.as_str().to_string()
+    };
+    let class = if r.frozen || r.status.as_str() != "active" {
+        "bad"
+    } else {
+        "ok"
+    };
+    (state, class)
+}
+
+fn hidden(name: &str, value: &str) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+        esc(value)
+    )
+}
+
+/// One instance: its state and license, the actions, and every marketplace call about it.
+pub fn instance(r: &InstanceRow, calls: &[EventRow], csrf: &str) -> Resp {
+    let (state, class) = state_of(r);
+    let lic_head: String = r.license.chars().take(48).collect();
+    let mut actions = String::new();
+    if r.status.as_str() != "released" {
+        let (status, label) = if r.frozen {
+            ("UNFREEZE", "Unfreeze")
+        } else {
+            ("FREEZE", "Freeze")
+        };
+        actions.push_str(&format!(
+            "<h2>Actions</h2>\
+             <form method=\"post\" action=\"/console/instances/status\" id=\"freeze-form\">{}{}{}\
+             <label><input type=\"checkbox\" name=\"confirm\" value=\"yes\" required> \
+             {label} this instance (agents get a signed status token)</label>\
+             <button type=\"submit\" id=\"freeze-submit\">{label}</button></form>\
+             <form method=\"post\" action=\"/console/instances/reissue\" id=\"reissue-form\">{}{}\
+             <label for=\"device\">Reissue the license to a corrected device code</label>\
+             <input id=\"device\" name=\"device\" required maxlength=\"64\" \
+             placeholder=\"XXXX-XXXX-XXXX-XXXX-XXXX\" autocomplete=\"off\">\
+             <button type=\"submit\" id=\"reissue-submit\">Reissue…</button></form>\
+             <form method=\"post\" action=\"/console/instances/revoke\" id=\"revoke-form\">{}{}\
+             <button type=\"submit\" id=\"revoke-submit\" class=\"danger\">Revoke…</button></form>",
+            hidden("csrf", csrf),
+            hidden("instance", &r.instance_id),
+            hidden("status", status),
+            hidden("csrf", csrf),
+            hidden("instance", &r.instance_id),
+            hidden("csrf", csrf),
+            hidden("instance", &r.instance_id),
+        ));
+    }
+    let mut history = String::new();
+    for c in calls {
+        let code = c.result_code.as_deref().unwrap_or("—");
+        let cclass = if code == "000000" { "ok" } else { "bad" };
+        let retries = match (c.retries, c.last_at) {
+            (0, _) => "0".to_string(),
+            (n, Some(at)) => format!("{n} (last {})", time(at)),
+            (n, None) => n.to_string(),
+        };
+        let answer: String = c.response.chars().take(4000).collect();
+        history.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td class=\"{cclass}\">{}</td><td>{}</td>\
+             <td>{}</td><td><details><summary>answer</summary><pre>{}</pre></details></td></tr>",
+            time(c.created_at),
+            esc(&c.activity),
+            esc(code),
+            retries,
+            esc(c.order_id.as_deref().unwrap_or("")),
+            esc(&answer),
+        ));
+    }
+    if history.is_empty() {
+        history = "<tr><td colspan=\"6\">No call recorded (calls before the call history \
+                   existed are not listed).</td></tr>"
+            .into();
+    }
+    let body = format!(
+        "{}<main><h1>Instance {}</h1>\
+         <table id=\"instance\"><tbody>\
+         <tr><th>Product</th><td>{}</td></tr>\
+         <tr><th>State</th><td class=\"{class}\">{}</td></tr>\
+         <tr><th>License id</th><td><code>{}</code></td></tr>\
+         <tr><th>License</th><td><code>{}…</code> (issued to the agents at \
+         <code>/v1/licenses/{}</code>)</td></tr>\
+         <tr><th>Device codes</th><td>{}</td></tr>\
+         <tr><th>Valid from</th><td>{}</td></tr>\
+         <tr><th>Expires</th><td>{}</td></tr>\
+         <tr><th>Status tokens issued</th><td>{}</td></tr>\
+         <tr><th>Updated</th><td>{}</td></tr>\
+         </tbody></table>{actions}\
+         <h2>Marketplace calls</h2>\
+         <table id=\"call-history\"><thead><tr><th>Time</th><th>Activity</th><th>resultCode</th>\
+         <th>Retries</th><th>Order</th><th>Our answer</th></tr></thead><tbody>{history}</tbody></table>\
+         </main>",
+        nav(csrf),
+        esc(&r.instance_id),
+        esc(&r.product),
+        esc(&state),
+        esc(&r.license_id),
+        esc(&lic_head),
+        esc(&r.license_id),
+        esc(&r.devices.join(", ")),
+        time(r.not_before),
+        r.not_after.map(time).unwrap_or_else(|| "perpetual".into()),
+        r.seq,
+        time(r.updated_at),
+    );
+    page(
+        StatusCode::OK,
+        &format!("Instance {}", r.instance_id),
+        &body,
+    )
+}
+
+/// The reissue's confirmation step: the code as it will be bound.
+pub fn confirm_reissue(instance: &str, code: &str, csrf: &str) -> Resp {
+    let body = format!(
+        "{}<main class=\"narrow\"><h1>Reissue the license?</h1>\
+         <p>Instance <code>{}</code> gets a new license with the same terms, bound to device \
+         code <code id=\"reissue-code\">{}</code>. Its agent fetches it from \
+         <code>/v1/licenses/…</code>; the license bound to the old code keeps its term.</p>\
+         <form method=\"post\" action=\"/console/instances/reissue\" id=\"confirm-reissue-form\">\
+         {}{}{}{}<button type=\"submit\" id=\"confirm-reissue\">Reissue</button></form>\
+         <p><a href=\"/console/instance?id={}\">Cancel</a></p></main>",
+        nav(csrf),
+        esc(instance),
+        esc(code),
+        hidden("csrf", csrf),
+        hidden("instance", instance),
+        hidden("device", code),
+        hidden("confirm", "yes"),
+        esc(&url(instance)),
+    );
+    page(StatusCode::OK, "Confirm reissue", &body)
+}
+
+/// The revoke's confirmation step.
+pub fn confirm_revoke(instance: &str, csrf: &str) -> Resp {
+    let body = format!(
+        "{}<main class=\"narrow\"><h1>Revoke this instance?</h1>\
+         <p>Instance <code>{}</code> is released as the marketplace's <code>releaseLicense</code> \
+         does: its agents get a signed <code>release</code> status token and stop running the \
+         license; the instance gets no new license or renewal. This cannot be undone.</p>\
+         <form method=\"post\" action=\"/console/instances/revoke\" id=\"confirm-revoke-form\">\
+         {}{}{}<button type=\"submit\" id=\"confirm-revoke\" class=\"danger\">Revoke</button></form>\
+         <p><a href=\"/console/instance?id={}\">Cancel</a></p></main>",
+        nav(csrf),
+        esc(instance),
+        hidden("csrf", csrf),
+        hidden("instance", instance),
+        hidden("confirm", "yes"),
+        esc(&url(instance)),
+    );
+    page(StatusCode::OK, "Confirm revoke", &body)
+}
+
+/// Authorization codes (License 2.0): the marketplace's status of each, and what the
+/// relay forwarded (last daily query, usage reports).
+pub fn codes(rows: &[(CodeRow, Option<CodeActivityRow>)], csrf: &str) -> Resp {
+    let mut list = String::new();
+    for (c, a) in rows {
+        let status = if c.frozen {
+            format!("{} (frozen)", c.status)
+        } else {
+            c.status.clone()
+        };
+        let class = if c.frozen || c.status != "active" {
+            "bad"
+        } else {
+            "ok"
+        };
+        let a = a.clone().unwrap_or_default();
+        let query = match (a.query_at, &a.query_status) {
+            (Some(at), Some(st)) => format!("{} — {}", time(at), esc(st)),
+            _ => "never".into(),
+        };
+        let usage = match a.usage_at {
+            Some(at) => format!(
+                "{} reports, {} entries; last {} — {}",
+                a.usage_calls,
+                a.usage_entries,
+                time(at),
+                esc(a.usage_result.as_deref().unwrap_or(""))
+            ),
+            None => "none".into(),
+        };
+        list.push_str(&format!(
+            "<tr><td><code>{}</code></td><td class=\"{class}\">{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.code),
+            esc(&status),
+            c.expire_at.map(time).unwrap_or_else(|| "—".into()),
+            if c.device_key.is_some() { "yes" } else { "no" },
+            query,
+            usage,
+            time(c.updated_at),
+        ));
+    }
+    if list.is_empty() {
+        list = "<tr><td colspan=\"7\">No authorization code yet (they are learnt from the \
+                marketplace's calls and the relay).</td></tr>"
+            .into();
+    }
+    let body = format!(
+        "{}<main><h1>Authorization codes</h1><p class=\"note\">License 2.0 codes: the status \
+         the marketplace's callbacks set, whether a device activated the code through this \
+         server's relay, its last daily query and the usage reports relayed.</p>\
+         <table id=\"codes\"><thead><tr><th>Code</th><th>Status</th><th>Expires</th>\
+         <th>Activated via relay</th><th>Last daily query</th><th>Usage relayed</th>\
+         <th>Updated</th></tr></thead><tbody>{list}</tbody></table></main>",
+        nav(csrf)
+    );
+    page(StatusCode::OK, "Authorization codes", &body)
 }
 
 /// A device not seen for this long is highlighted.

@@ -16,8 +16,8 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    Backend, BucketRow, CallsBy, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
+    Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
+    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
 };
 
 fn event_row(r: &Row) -> EventRow {
@@ -423,6 +423,74 @@ impl Tx for Postgres {
                 updated_at: r.get(5),
                 device_key: r.get(6),
             }))
+    }
+
+    fn all_codes(&mut self, limit: i64) -> Result<Vec<CodeRow>, DbError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT code, status, frozen, expire_at, seq, updated_at, device_key FROM codes \
+                 ORDER BY updated_at DESC, code LIMIT $1",
+                &[&limit],
+            )
+            .map_err(err)?
+            .iter()
+            .map(|r| CodeRow {
+                code: r.get(0),
+                status: r.get(1),
+                frozen: r.get::<_, i64>(2) != 0,
+                expire_at: r.get(3),
+                seq: r.get(4),
+                updated_at: r.get(5),
+                device_key: r.get(6),
+            })
+            .collect())
+    }
+
+    fn code_activity(&mut self, code: &str) -> Result<Option<CodeActivityRow>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT code, query_at, query_status, usage_calls, usage_entries, usage_at, \
+                 usage_result FROM code_activity WHERE code = $1",
+                &[&code],
+            )?
+            .map(|r| CodeActivityRow {
+                code: r.get(0),
+                query_at: r.get(1),
+                query_status: r.get(2),
+                usage_calls: r.get(3),
+                usage_entries: r.get(4),
+                usage_at: r.get(5),
+                usage_result: r.get(6),
+            }))
+    }
+
+    fn note_code_query(&mut self, code: &str, at: i64, status: &str) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO code_activity (code, query_at, query_status, usage_calls, usage_entries) \
+             VALUES ($1, $2, $3, 0, 0) ON CONFLICT (code) DO UPDATE SET \
+             query_at = excluded.query_at, query_status = excluded.query_status",
+            &[&code, &at, &status],
+        )
+        .map(drop)
+    }
+
+    fn note_code_usage(
+        &mut self,
+        code: &str,
+        at: i64,
+        entries: i64,
+        result: &str,
+    ) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO code_activity (code, usage_calls, usage_entries, usage_at, usage_result) \
+             VALUES ($1, 1, $2, $3, $4) ON CONFLICT (code) DO UPDATE SET \
+             usage_calls = code_activity.usage_calls + 1, \
+             usage_entries = code_activity.usage_entries + excluded.usage_entries, \
+             usage_at = excluded.usage_at, usage_result = excluded.usage_result",
+            &[&code, &entries, &at, &result],
+        )
+        .map(drop)
     }
 
     fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {

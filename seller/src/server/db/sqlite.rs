@@ -6,8 +6,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Backend, BucketRow, CallsBy, CodeRow, DbError, DeviceRow, EnrollmentRow, EventRow, InstanceRow,
-    InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
+    Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
+    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
 };
 
 pub struct Sqlite {
@@ -472,6 +472,84 @@ impl Tx for Sqlite {
                 })
                 .optional()
             })
+            .map_err(err)
+    }
+
+    fn all_codes(&mut self, limit: i64) -> Result<Vec<CodeRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT code, status, frozen, expire_at, seq, updated_at, device_key FROM codes \
+                 ORDER BY updated_at DESC, code LIMIT ?1",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![limit], |r| {
+                    Ok(CodeRow {
+                        code: r.get(0)?,
+                        status: r.get(1)?,
+                        frozen: r.get::<_, i64>(2)? != 0,
+                        expire_at: r.get(3)?,
+                        seq: r.get(4)?,
+                        updated_at: r.get(5)?,
+                        device_key: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(err)
+    }
+
+    fn code_activity(&mut self, code: &str) -> Result<Option<CodeActivityRow>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT code, query_at, query_status, usage_calls, usage_entries, usage_at, \
+                 usage_result FROM code_activity WHERE code = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![code], |r| {
+                    Ok(CodeActivityRow {
+                        code: r.get(0)?,
+                        query_at: r.get(1)?,
+                        query_status: r.get(2)?,
+                        usage_calls: r.get(3)?,
+                        usage_entries: r.get(4)?,
+                        usage_at: r.get(5)?,
+                        usage_result: r.get(6)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn note_code_query(&mut self, code: &str, at: i64, status: &str) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO code_activity (code, query_at, query_status, usage_calls, usage_entries) \
+                 VALUES (?1, ?2, ?3, 0, 0) ON CONFLICT (code) DO UPDATE SET \
+                 query_at = excluded.query_at, query_status = excluded.query_status",
+            )
+            .and_then(|mut s| s.execute(params![code, at, status]))
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn note_code_usage(
+        &mut self,
+        code: &str,
+        at: i64,
+        entries: i64,
+        result: &str,
+    ) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO code_activity (code, usage_calls, usage_entries, usage_at, usage_result) \
+                 VALUES (?1, 1, ?2, ?3, ?4) ON CONFLICT (code) DO UPDATE SET \
+                 usage_calls = code_activity.usage_calls + 1, \
+                 usage_entries = code_activity.usage_entries + excluded.usage_entries, \
+                 usage_at = excluded.usage_at, usage_result = excluded.usage_result",
+            )
+            .and_then(|mut s| s.execute(params![code, entries, at, result]))
+            .map(drop)
             .map_err(err)
     }
 

@@ -75,6 +75,11 @@ pub struct OutboxCounts {
 }
 
 pub trait UsageOutbox {
+    /// Instance id → product of every instance whose issued license is bound to a device
+    /// code bound to `device_key`: what a record from that device may bill. Only these two
+    /// columns: the relay asks once per request, and a whole `InstanceRow` carries the
+    /// license text (kilobytes) and the device list to parse.
+    fn usage_billable(&mut self, device_key: &str) -> Result<Vec<(String, String)>, DbError>;
     /// The rows of those of `sns` that exist.
     fn usage_get(&mut self, sns: &[&str]) -> Result<Vec<OutboxRow>, DbError>;
     /// Inserts `recs` as pending rows handed over by `device_key`, due at `next_at` (ms),
@@ -190,6 +195,12 @@ pub(super) fn finish_cols(
     }
 }
 
+/// [`UsageOutbox::usage_billable`]: index lookups (devices by key, links by code,
+/// instances by id).
+const BILLABLE_SQLITE: &str = "SELECT i.instance_id, i.product FROM devices d \
+     JOIN instance_devices l ON l.device_code = d.device_code \
+     JOIN instances i ON i.instance_id = l.instance_id WHERE d.device_key = ?1";
+
 mod sqlite_impl {
     use rusqlite::{params, OptionalExtension};
 
@@ -220,6 +231,14 @@ mod sqlite_impl {
     }
 
     impl UsageOutbox for Sqlite {
+        fn usage_billable(&mut self, device_key: &str) -> Result<Vec<(String, String)>, DbError> {
+            let mut st = self.conn.prepare_cached(BILLABLE_SQLITE).map_err(err)?;
+            let it = st
+                .query_map(params![device_key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(err)?;
+            it.collect::<Result<_, _>>().map_err(err)
+        }
+
         fn usage_get(&mut self, sns: &[&str]) -> Result<Vec<OutboxRow>, DbError> {
             let mut st = self
                 .conn
@@ -436,6 +455,12 @@ mod postgres_impl {
     }
 
     impl UsageOutbox for Postgres {
+        fn usage_billable(&mut self, device_key: &str) -> Result<Vec<(String, String)>, DbError> {
+            let sql = BILLABLE_SQLITE.replace("?1", "$1");
+            let rows = self.client.query(&sql, &[&device_key]).map_err(err)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        }
+
         fn usage_get(&mut self, sns: &[&str]) -> Result<Vec<OutboxRow>, DbError> {
             let sql = format!("SELECT {COLS} FROM usage_outbox WHERE metering_sn = ANY($1)");
             let rows = self.client.query(&sql, &[&sns]).map_err(err)?;
