@@ -27,6 +27,7 @@ use crate::webdriver::{self, Browser};
 const PASSWORD: &str = "correct horse battery staple";
 const INSTANCE: &str = "BRWS-INST-0001";
 const OTHER: &str = "BRWS-INST-0002";
+const CODE: &str = "BRWS-CODE-0001";
 /// CSS px of a current phone's screen (iPhone 12 to 15).
 const PHONE: u32 = 390;
 
@@ -161,6 +162,11 @@ fn flow() -> Flow {
     }));
     assert_eq!(v["resultCode"], "000000", "{v}");
     let (_, v) = server.market(&json!({"activity": "expireLicense", "instanceId": OTHER}));
+    assert_eq!(v["resultCode"], "000000", "{v}");
+    // An authorization code (License 2.0) the marketplace froze.
+    let (_, v) = server.market(
+        &json!({"activity": "updateLicenseCodeStatus", "license": CODE, "status": "FREEZE"}),
+    );
     assert_eq!(v["resultCode"], "000000", "{v}");
     let (_, v) = server.market(&json!({"activity": "expireLicense", "instanceId": "BRWS-NONE"}));
     assert_eq!(v["resultCode"], "000003", "{v}");
@@ -319,6 +325,7 @@ fn console_in_headless_chromium() {
         let must: Vec<String> = match name.as_str() {
             "health" => vec!["reachable".into(), "000000".into(), "000003".into()],
             "devices" => vec![f.code.clone()],
+            "codes" => vec![CODE.into()],
             "instances" => {
                 // Search by instance id through the form, then by device code as a buyer
                 // types it (lower case, spaces).
@@ -339,6 +346,16 @@ fn console_in_headless_chromium() {
                     main.contains(OTHER) && main.contains("expired"),
                     "search by device code: {main}"
                 );
+                b.goto(&format!("{origin}/console/instances?q={INSTANCE}"));
+                // The instance's own page, linked from the result: its marketplace calls.
+                b.click_to_load(&b.find(&format!("main a[href*='{INSTANCE}']")));
+                let page = b.url();
+                let main = check_page(&b, "the instance's page");
+                for s in [INSTANCE, f.code.as_str(), "getLicense", "refreshLicense"] {
+                    assert!(main.contains(s), "the instance's page: no {s} in {main}");
+                }
+                shoot(&format!("{}-desktop", page_name(&page)), &b);
+                visited.push((page, vec![INSTANCE.into(), "refreshLicense".into()]));
                 b.goto(&format!("{origin}/console/instances?q={INSTANCE}"));
                 vec![INSTANCE.into(), f.license_id.clone(), f.code.clone()]
             }
