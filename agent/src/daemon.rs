@@ -152,31 +152,8 @@ async fn serve_until_signal(
     crate::sys::set_signal_mask(libc::SIG_UNBLOCK);
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock.clone());
-    agent.device.start(&cfg, clock.clone());
-    agent.usage.start(&agent);
-    agent.license.start().await;
-    agent.freeze.start(agent.license.clone());
-    agent.authcode.start();
-    {
-        let weak = Arc::downgrade(&agent);
-        let key_file = crate::authcode::transport::relay_key_path(&cfg.agent.state_dir);
-        crate::freeze::online::start(
-            agent.freeze.clone(),
-            agent.license.clone(),
-            key_file,
-            move || {
-                weak.upgrade().map(|a| {
-                    let device = match a.device.current() {
-                        crate::device_service::DeviceState::Ready(r) => Some(r),
-                        _ => None,
-                    };
-                    (a.config().freeze.clone(), device)
-                })
-            },
-        );
-    }
-    tokio::spawn(crate::metrics::run_textfile(Arc::downgrade(&agent)));
+    let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock);
+    agent.services.start(&agent.config()).await;
     let dispatcher = Arc::new(Dispatcher::new());
     let listener = {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;
@@ -220,11 +197,9 @@ async fn serve_until_signal(
     notify_logged("STOPPING=1");
     let _ = shutdown_tx.send(true);
     let _ = server.await;
-    // Queued ledger writes finish; nothing acknowledged is pending in memory.
-    let a = agent.clone();
-    let _ = tokio::task::spawn_blocking(move || a.usage.stop()).await;
-    agent.license.shutdown();
-    agent.authcode.shutdown();
+    // In the reverse start order, the usage ledger last: its queued writes finish and
+    // nothing acknowledged is pending in memory.
+    agent.services.shutdown().await;
     if opts.daemon {
         let _ = std::fs::remove_file(&cfg.agent.pidfile);
     }
@@ -232,7 +207,7 @@ async fn serve_until_signal(
     Ok(())
 }
 
-fn reload(agent: &Arc<Agent>, opts: &RunOptions) {
+fn reload(agent: &Agent, opts: &RunOptions) {
     // Without --config the default location is looked at again: a file created since the
     // start is picked up, like a file edited in place.
     match config::load(opts.config.as_deref(), &opts.overrides) {

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_code::{DeviceReport, Resolver};
+use crate::services::{done, Service, Step};
 
 /// What the service knows right now.
 #[derive(Debug, Clone)]
@@ -23,8 +24,9 @@ pub enum DeviceState {
 
 pub struct DeviceService {
     state: watch::Sender<DeviceState>,
-    /// Bumped on reconfiguration so an older background task stops publishing.
+    /// Bumped on reconfiguration and shutdown so an older background task stops publishing.
     generation: Arc<Mutex<u64>>,
+    clock: Arc<dyn Clock>,
 }
 
 /// How long a first-boot identity may take to settle before the agent stops re-checking
@@ -32,12 +34,20 @@ pub struct DeviceService {
 const SETTLE_FAST_CHECKS: u32 = 30;
 
 impl DeviceService {
-    pub fn new(_config: &Config) -> DeviceService {
+    pub fn new(clock: Arc<dyn Clock>) -> DeviceService {
         let (state, _) = watch::channel(DeviceState::Pending);
         DeviceService {
             state,
             generation: Arc::new(Mutex::new(0)),
+            clock,
         }
+    }
+
+    /// A new generation: the task of the previous one stops at its next step.
+    fn next_generation(&self) -> u64 {
+        let mut g = self.generation.lock().expect("generation lock");
+        *g += 1;
+        *g
     }
 
     pub fn current(&self) -> DeviceState {
@@ -59,12 +69,9 @@ impl DeviceService {
     }
 
     /// Starts the background computation for `config`. Call from inside the runtime.
-    pub fn start(&self, config: &Config, clock: Arc<dyn Clock>) {
-        let generation = {
-            let mut g = self.generation.lock().expect("generation lock");
-            *g += 1;
-            *g
-        };
+    fn compute(&self, config: &Config) {
+        let generation = self.next_generation();
+        let clock = self.clock.clone();
         let resolver = Arc::new(Resolver::new(
             config.identity.clone(),
             config.agent.product_id.clone(),
@@ -130,9 +137,27 @@ impl DeviceService {
             }
         });
     }
+}
 
-    pub fn reconfigure(&self, config: &Config, clock: Arc<dyn Clock>) {
-        self.state.send_replace(DeviceState::Pending);
-        self.start(config, clock);
+impl Service for DeviceService {
+    fn name(&self) -> &'static str {
+        "device identity"
+    }
+
+    fn start(self: Arc<Self>, cfg: Arc<Config>) -> Step {
+        self.compute(&cfg);
+        done()
+    }
+
+    fn reconfigure(&self, old: &Config, new: &Config) {
+        if old.identity != new.identity || old.agent.product_id != new.agent.product_id {
+            self.state.send_replace(DeviceState::Pending);
+            self.compute(new);
+        }
+    }
+
+    fn shutdown(self: Arc<Self>) -> Step {
+        self.next_generation();
+        done()
     }
 }

@@ -1,6 +1,6 @@
 //! KooAgent library: everything the `kooagent` binary does, as testable modules.
 //!
-//! Layers (imports point down): `cli`/`bench` → `daemon`/`socket`/`client` → `ops` →
+//! Layers (imports point down): `cli` → `daemon`/`socket`/`client` → `ops` →
 //! `agent` + services → core logic (`device_code`, `clock`, `config`) → `store`. The wire
 //! format and the operation catalogue come from `kooagent-client`.
 pub mod agent;
@@ -8,9 +8,6 @@ pub mod agent;
 /// secret files, logging) lives in `kooagent-edge`, re-exported at the agent's old paths.
 pub use kooagent_edge::{backoff, https, logging, prom};
 pub mod authcode;
-pub mod bench;
-pub mod bench_cached;
-pub mod bench_conns;
 pub mod cli;
 pub mod client;
 pub use kooagent_core::clock;
@@ -18,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod device_code;
 pub mod device_service;
+pub mod dir_watch;
 pub mod drop_dir;
 pub mod freeze;
 pub mod image_prep;
@@ -27,6 +25,7 @@ pub mod notify;
 pub mod ops;
 /// The wire format lives in the client crate (shared with the seller's software).
 pub use kooagent_client::protocol;
+pub mod services;
 pub mod socket;
 pub mod socket_buffers;
 pub mod socket_limits;

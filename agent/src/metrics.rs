@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::config::Config;
 use crate::prom::Text;
+use crate::services::{done, Service, Step};
 
 /// `[metrics]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,13 +337,58 @@ pub async fn collect(agent: &Arc<crate::agent::Agent>) -> Inputs {
     Inputs::from_answers(answers)
 }
 
+/// The textfile writer's lifecycle. It renders what the socket operations answer, so it
+/// reads the whole agent (a face, like the CLI's `metrics`), through a weak reference.
+pub struct Textfile {
+    agent: std::sync::Weak<crate::agent::Agent>,
+    /// Woken when `[metrics]` changes: the writer sleeps on it (no timer) while no textfile
+    /// is configured, so an idle agent stays asleep.
+    changed: Arc<tokio::sync::Notify>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Textfile {
+    pub fn new(agent: std::sync::Weak<crate::agent::Agent>) -> Textfile {
+        Textfile {
+            agent,
+            changed: Default::default(),
+            task: Default::default(),
+        }
+    }
+}
+
+impl Service for Textfile {
+    fn name(&self) -> &'static str {
+        "metrics textfile"
+    }
+
+    fn start(self: Arc<Self>, _cfg: Arc<Config>) -> Step {
+        let task = tokio::spawn(run_textfile(self.agent.clone(), self.changed.clone()));
+        *self.task.lock().expect("task lock") = Some(task);
+        done()
+    }
+
+    fn reconfigure(&self, old: &Config, new: &Config) {
+        if old.metrics != new.metrics {
+            self.changed.notify_one();
+        }
+    }
+
+    fn shutdown(self: Arc<Self>) -> Step {
+        if let Some(t) = self.task.lock().expect("task lock").take() {
+            t.abort();
+        }
+        done()
+    }
+}
+
 /// With `[metrics] textfile` set: rewrites it every `interval_secs` (reading the
 /// configuration again each time, so a reload applies) until the agent stops.
-pub async fn run_textfile(agent: std::sync::Weak<crate::agent::Agent>) {
+async fn run_textfile(
+    agent: std::sync::Weak<crate::agent::Agent>,
+    changed: Arc<tokio::sync::Notify>,
+) {
     let mut last_error: Option<String> = None;
-    let Some(changed) = agent.upgrade().map(|a| a.metrics_changed.clone()) else {
-        return;
-    };
     loop {
         let Some(a) = agent.upgrade() else { return };
         let cfg = a.config().metrics.clone();

@@ -19,7 +19,9 @@ use super::config::AuthcodeConfig;
 use super::logic::{self, day_of, query_due, CodeRecord};
 use super::transport::Transport;
 use crate::clock::{format_rfc3339, Clock};
+use crate::config::Config;
 use crate::protocol::OpError;
+use crate::services::{done, Service, Step};
 
 /// The code is not a valid authorization code (empty, too long, not printable ASCII).
 pub const INVALID_CODE: &str = "invalid_code";
@@ -251,7 +253,7 @@ impl AuthcodeService {
         freeze.external(facts, &r.product, status, now);
     }
 
-    pub fn reconfigure(&self, cfg: &AuthcodeConfig) {
+    pub fn apply_config(&self, cfg: &AuthcodeConfig) {
         *self.cfg.write().expect("authcode cfg") = Arc::new(cfg.clone());
     }
 
@@ -261,7 +263,7 @@ impl AuthcodeService {
 
     /// Starts the network thread, and the daily query of codes whose last query (or
     /// activation) was on an earlier day.
-    pub fn start(self: &Arc<Self>) {
+    pub fn begin(self: &Arc<Self>) {
         let (tx, rx) = mpsc::channel();
         *self.tx.lock().expect("tx") = Some(tx);
         let me = self.clone();
@@ -294,7 +296,7 @@ impl AuthcodeService {
     }
 
     /// Stops the thread and saves the clients seen since the last save.
-    pub fn shutdown(&self) {
+    pub fn stop(&self) {
         self.tx.lock().expect("tx").take();
         self.save_clients();
     }
@@ -1042,6 +1044,26 @@ fn load(path: &Path) -> Result<Loaded, String> {
         s.clients,
         s.in_flight,
     ))
+}
+
+impl Service for AuthcodeService {
+    fn name(&self) -> &'static str {
+        "authorization codes"
+    }
+
+    fn start(self: Arc<Self>, _cfg: Arc<Config>) -> Step {
+        self.begin();
+        done()
+    }
+
+    fn reconfigure(&self, _old: &Config, new: &Config) {
+        self.apply_config(&new.authcode);
+    }
+
+    fn shutdown(self: Arc<Self>) -> Step {
+        self.stop();
+        done()
+    }
 }
 
 #[cfg(test)]

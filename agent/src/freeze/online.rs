@@ -9,17 +9,22 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use tokio::sync::watch;
 
 use super::{FreezeConfig, FreezeService};
 use crate::authcode::relay_auth;
 use crate::backoff::jitter;
+use crate::config::Config;
 use crate::device_code::DeviceReport;
+use crate::device_service::DeviceState;
 use crate::license::store::{InstallError, Installed};
 use crate::license::LicenseService;
+use crate::services::{done, Service, Step};
 use crate::source_health::SourceHealth;
 
 /// Who asks: every fetch is signed with the device key (the relay protocol's headers) and
@@ -284,7 +289,7 @@ impl Default for OnlineHealth {
 /// device identity) is read again before every round (SIGHUP changes take effect at the
 /// next one). `key_file`: the device key (`relay.key` in the state directory, created on
 /// first use).
-pub fn start(
+fn start(
     freeze: Arc<FreezeService>,
     license: Arc<LicenseService>,
     key_file: PathBuf,
@@ -325,6 +330,75 @@ pub fn start(
         });
     if let Err(e) = spawned {
         log::error!("freeze: cannot start the online source poller: {e}");
+    }
+}
+
+/// The online source's lifecycle: the poller thread runs while an endpoint is configured
+/// (started with the agent; a reload that sets one applies at the next start), reading the
+/// configuration and the device identity before every round, and stops at shutdown.
+pub struct Poller {
+    freeze: Arc<FreezeService>,
+    license: Arc<LicenseService>,
+    config: watch::Receiver<Arc<Config>>,
+    device: watch::Receiver<DeviceState>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Poller {
+    pub fn new(
+        freeze: Arc<FreezeService>,
+        license: Arc<LicenseService>,
+        config: watch::Receiver<Arc<Config>>,
+        device: watch::Receiver<DeviceState>,
+    ) -> Poller {
+        Poller {
+            freeze,
+            license,
+            config,
+            device,
+            stopped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Service for Poller {
+    fn name(&self) -> &'static str {
+        "freeze online source"
+    }
+
+    fn start(self: Arc<Self>, cfg: Arc<Config>) -> Step {
+        let key_file = crate::authcode::transport::relay_key_path(&cfg.agent.state_dir);
+        let (config, device, stopped) = (
+            self.config.clone(),
+            self.device.clone(),
+            self.stopped.clone(),
+        );
+        start(
+            self.freeze.clone(),
+            self.license.clone(),
+            key_file,
+            move || {
+                if stopped.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let device = match &*device.borrow() {
+                    DeviceState::Ready(r) => Some(r.clone()),
+                    _ => None,
+                };
+                Some((config.borrow().freeze.clone(), device))
+            },
+        );
+        done()
+    }
+
+    fn reconfigure(&self, _old: &Config, _new: &Config) {
+        // Read again before every round.
+    }
+
+    /// The thread ends before its next round.
+    fn shutdown(self: Arc<Self>) -> Step {
+        self.stopped.store(true, Ordering::Relaxed);
+        done()
     }
 }
 

@@ -21,11 +21,14 @@ use super::token::{self, TokenError};
 use super::tpm_anchor::{self, Mode as TpmMode, Verdict as TpmVerdict};
 use super::FreezeConfig;
 use crate::clock::format_rfc3339;
+use crate::config::Config;
 use crate::device_service::DeviceState;
+use crate::dir_watch::DirWatch;
 use crate::license::format::License;
 use crate::license::service::{FreezeHook, FreezeVerdict, FreezeView, Verdicts};
 use crate::license::verdict::{State, TimeView};
 use crate::license::LicenseService;
+use crate::services::{done, Service, Step};
 
 /// Error codes of token application (stable, snake_case).
 pub mod codes {
@@ -563,46 +566,31 @@ impl FreezeService {
     }
 
     /// Starts watching the drop directory. Call inside the runtime, after the license
-    /// service started.
-    pub fn start(self: &Arc<Self>, license: Arc<LicenseService>) {
+    /// service started. Returns the watching task.
+    fn watch_drop_dir(
+        self: &Arc<Self>,
+        license: Arc<LicenseService>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if let Err(e) = crate::store::ensure_dir(&self.tokens_dir, 0o770) {
             log::error!("freeze: {e}; dropped tokens are not picked up");
-            return;
+            return None;
         }
-        let fd = match crate::sys::inotify_watch(&self.tokens_dir) {
-            Ok(fd) => fd,
+        let mut watch = match DirWatch::new(&self.tokens_dir, "tokens directory", 16 * 1024) {
+            Ok(w) => w,
             Err(e) => {
                 log::error!("cannot watch {}: {e}", self.tokens_dir.display());
-                return;
+                return None;
             }
         };
         let me = self.clone();
-        let dir = self.tokens_dir.clone();
-        tokio::spawn(async move {
-            let scan = {
-                let (me, lic) = (me.clone(), license.clone());
-                move || me.scan_drop_dir(&lic)
-            };
+        Some(tokio::spawn(async move {
+            let scan = move || me.scan_drop_dir(&license);
             let _ = tokio::task::spawn_blocking(scan.clone()).await;
-            let Some(afd) = crate::sys::register(fd, "tokens directory watch") else {
-                return;
-            };
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    return;
-                };
-                let mut names = Some(BTreeSet::new());
-                while let Ok(r) = guard.try_io(|fd| crate::sys::read_fd(fd.get_ref(), &mut buf)) {
-                    let Ok(n) = r else { return };
-                    crate::sys::parse_inotify(&buf[..n], &mut names, &dir);
-                }
-                // Nothing but regular files being created (still being written): wait.
-                if names.as_ref().is_none_or(|n| !n.is_empty()) {
-                    let _ = tokio::task::spawn_blocking(scan.clone()).await;
-                }
+            // Any change: every `*.tok` file is looked at again.
+            while watch.next().await.is_some() {
+                let _ = tokio::task::spawn_blocking(scan.clone()).await;
             }
-        });
+        }))
     }
 
     /// Applies every `*.tok` file in the drop directory: applied (or replayed) ones are
@@ -944,6 +932,54 @@ fn action_thread(
         if let Err(e) = actions::save_journal(&path, &j) {
             log::error!("freeze: cannot save the action journal: {e}");
         }
+    }
+}
+
+/// The freeze service's lifecycle: its state is saved by every change; what runs is the
+/// watch of the tokens drop directory (a dropped token is checked against the licenses,
+/// hence the license service), and reloads change the configured actions.
+pub struct TokensDir {
+    freeze: Arc<FreezeService>,
+    license: Arc<LicenseService>,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl TokensDir {
+    pub fn new(freeze: Arc<FreezeService>, license: Arc<LicenseService>) -> TokensDir {
+        TokensDir {
+            freeze,
+            license,
+            watcher: Mutex::new(None),
+        }
+    }
+}
+
+impl Service for TokensDir {
+    fn name(&self) -> &'static str {
+        "freeze"
+    }
+
+    fn start(self: Arc<Self>, _cfg: Arc<Config>) -> Step {
+        let task = self.freeze.watch_drop_dir(self.license.clone());
+        *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = task;
+        done()
+    }
+
+    fn reconfigure(&self, _old: &Config, new: &Config) {
+        self.freeze.reconfigure(&new.freeze);
+    }
+
+    /// No token is applied from the drop directory once the socket stopped serving.
+    fn shutdown(self: Arc<Self>) -> Step {
+        if let Some(t) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+        done()
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde_json::{json, Map, Value};
@@ -25,8 +25,11 @@ use super::trusted_time::{Source, TrustedTime};
 use super::verdict::{self, DeviceView, State, TimeView};
 use super::LicenseConfig;
 use crate::clock::{format_rfc3339, Clock};
+use crate::config::Config;
 use crate::device_service::DeviceState;
-use crate::sys::{inotify_watch, parse_inotify, read_fd, register};
+use crate::dir_watch::DirWatch;
+use crate::services::{done, Service, Step};
+use crate::sys::{read_fd, register};
 
 /// The freeze capability's say about one license: why it may not run, since when, and its
 /// lifecycle phase (`frozen` or `released`).
@@ -363,7 +366,7 @@ fn device_view<R>(state: &DeviceState, f: impl FnOnce(DeviceView<'_>) -> R) -> R
 }
 
 impl LicenseService {
-    /// Builds the service with nothing loaded yet (see [`LicenseService::start`]). Reads
+    /// Builds the service with nothing loaded yet (see [`LicenseService::load_and_watch`]). Reads
     /// the trusted-time file. Keys that fail to load (the file vanished since the config
     /// check) leave the agent trusting none, loudly.
     pub fn new(
@@ -402,7 +405,7 @@ impl LicenseService {
     }
 
     /// Lets the freeze capability decide which licenses are frozen (set once, before
-    /// [`LicenseService::start`]).
+    /// [`LicenseService::load_and_watch`]).
     pub fn set_freeze_hook(&self, hook: Arc<dyn FreezeHook>) {
         let _ = self.freeze.set(hook);
     }
@@ -505,7 +508,7 @@ impl LicenseService {
 
     /// Loads the installed licenses and starts watching the directory, the clock and the
     /// device identity. Call from inside the runtime, before serving.
-    pub async fn start(self: &Arc<Self>) {
+    pub async fn load_and_watch(self: &Arc<Self>) {
         let me = self.clone();
         let dir = tokio::task::spawn_blocking(move || {
             let mut inner = me.lock();
@@ -525,9 +528,9 @@ impl LicenseService {
         })
         .await
         .expect("license load task");
-        match inotify_watch(&dir) {
-            Ok(fd) => {
-                tokio::spawn(watch_dir(self.clone(), fd, dir.clone()));
+        match DirWatch::new(&dir, "licenses directory", 64 * 1024) {
+            Ok(w) => {
+                tokio::spawn(watch_dir(self.clone(), w));
             }
             Err(e) => log::error!(
                 "cannot watch {} ({e}): dropped licenses are picked up at the next start only",
@@ -550,7 +553,7 @@ impl LicenseService {
     }
 
     /// Applies a reloaded `[license]` section.
-    pub fn reconfigure(&self, cfg: &LicenseConfig) {
+    pub fn apply_config(&self, cfg: &LicenseConfig) {
         let mut inner = self.lock();
         match cfg.trusted_keys() {
             Ok(k) => inner.keys = k,
@@ -627,7 +630,7 @@ impl LicenseService {
     }
 
     /// Saves the trusted time at shutdown, so a restart starts from the latest mark.
-    pub fn shutdown(&self) {
+    pub fn save_time(&self) {
         let mut inner = self.lock();
         inner
             .time
@@ -675,38 +678,30 @@ impl LicenseService {
     }
 }
 
-async fn watch_dir(svc: Arc<LicenseService>, fd: OwnedFd, dir: PathBuf) {
-    let Some(afd) = register(fd, "cannot watch the licenses directory") else {
-        return;
-    };
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let mut guard = match afd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
-                log::error!("licenses directory watch failed: {e}");
-                return;
-            }
-        };
-        let mut names = Some(BTreeSet::new());
-        let mut got = false;
-        loop {
-            match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
-                Ok(Ok(n)) => {
-                    parse_inotify(&buf[..n], &mut names, &dir);
-                    got = true;
-                }
-                Ok(Err(e)) => {
-                    log::error!("reading licenses directory events: {e}");
-                    return;
-                }
-                Err(_would_block) => break,
-            }
-        }
-        if got && names.as_ref().is_none_or(|n| !n.is_empty()) {
-            let me = svc.clone();
-            let _ = tokio::task::spawn_blocking(move || me.files_changed(names)).await;
-        }
+impl Service for LicenseService {
+    fn name(&self) -> &'static str {
+        "licenses"
+    }
+
+    fn start(self: Arc<Self>, _cfg: Arc<Config>) -> Step {
+        Box::pin(async move { self.load_and_watch().await })
+    }
+
+    fn reconfigure(&self, _old: &Config, new: &Config) {
+        // Always: the keys file may have changed under the same path.
+        self.apply_config(&new.license);
+    }
+
+    fn shutdown(self: Arc<Self>) -> Step {
+        self.save_time();
+        done()
+    }
+}
+
+async fn watch_dir(svc: Arc<LicenseService>, mut w: DirWatch) {
+    while let Some(names) = w.next().await {
+        let me = svc.clone();
+        let _ = tokio::task::spawn_blocking(move || me.files_changed(names)).await;
     }
 }
 

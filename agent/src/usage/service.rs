@@ -3,13 +3,14 @@
 //! deliver what is pending, back off with jitter after transient failures). Idle, the
 //! thread wakes only at the next hour boundary.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::config::{UsageConfig, UsageMode};
 use super::hours::{self, Key, HOUR};
@@ -18,9 +19,10 @@ use super::relay::RelayClient;
 use super::secret::Secret;
 use super::state::{amount, Delivery, Entry};
 use super::upload::{self, Client, Round};
-use crate::agent::Agent;
 use crate::clock::{format_rfc3339, Clock};
+use crate::config::Config;
 use crate::device_service::DeviceState;
+use crate::services::{Service, Step};
 use crate::source_health::SourceHealth;
 
 /// Resolves a meter name to what its usage is billed to.
@@ -99,10 +101,24 @@ struct Running {
     ledger: Ledger,
     wake: Mutex<mpsc::Sender<Wake>>,
     upload: Arc<Mutex<UploadInfo>>,
+    /// Set by `stop`: the upload thread ends even before the ledger is open.
+    stopped: Arc<AtomicBool>,
+}
+
+/// What the usage service needs from the rest of the agent, handed over when it is built.
+pub struct UsageInputs {
+    /// The configuration in force (the upload thread reads it before every round).
+    pub config: watch::Receiver<Arc<Config>>,
+    pub clock: Arc<dyn Clock>,
+    /// The device identity: closing an hour needs the device code (metering_sn).
+    pub device: watch::Receiver<DeviceState>,
+    /// Told the `Date` of every upstream answer (a trusted time for the licenses).
+    pub time_seen: Arc<dyn Fn(i64) + Send + Sync>,
 }
 
 pub struct UsageService {
     resolver: Box<dyn MeterResolver>,
+    inputs: UsageInputs,
     running: OnceLock<Running>,
 }
 
@@ -119,28 +135,32 @@ pub enum RecordError {
 }
 
 impl UsageService {
-    pub fn new(resolver: Box<dyn MeterResolver>) -> UsageService {
+    pub fn new(resolver: Box<dyn MeterResolver>, inputs: UsageInputs) -> UsageService {
         UsageService {
             resolver,
+            inputs,
             running: OnceLock::new(),
         }
     }
 
     /// Opens the ledger (on its own thread) and starts the upload thread.
-    pub fn start(&self, agent: &Arc<Agent>) {
-        let cfg = agent.config();
+    fn open(&self, cfg: &Config) {
         let ledger = Ledger::start(
             LedgerConfig {
                 dir: cfg.agent.state_dir.join("usage"),
                 max_bytes: cfg.usage.max_bytes,
             },
-            agent.clock.clone(),
+            self.inputs.clock.clone(),
         );
         let (tx, rx) = mpsc::channel();
         let upload = Arc::new(Mutex::new(UploadInfo::default()));
+        let stopped = Arc::new(AtomicBool::new(false));
         let uploader = Uploader {
-            agent: Arc::downgrade(agent),
-            clock: agent.clock.clone(),
+            config: self.inputs.config.clone(),
+            device: self.inputs.device.clone(),
+            time_seen: self.inputs.time_seen.clone(),
+            stopped: stopped.clone(),
+            clock: self.inputs.clock.clone(),
             ledger: ledger.clone(),
             info: upload.clone(),
             health: SourceHealth::new("usage upload"),
@@ -154,7 +174,7 @@ impl UsageService {
             .name("usage-upload".into())
             .spawn(move || uploader.run(rx))
             .expect("spawning the upload thread");
-        match route(&cfg) {
+        match route(cfg) {
             Ok(Route::Relay { base, .. }) => {
                 log::info!("usage: relay mode: closed hours go to the seller's server {base}");
                 if cfg.usage.key_file().is_some() {
@@ -179,6 +199,7 @@ impl UsageService {
             ledger,
             wake: Mutex::new(tx),
             upload,
+            stopped,
         });
     }
 
@@ -186,6 +207,7 @@ impl UsageService {
     /// abandoned; its records stay pending and are resent with the same metering_sn).
     pub fn stop(&self) {
         if let Some(r) = self.running.get() {
+            r.stopped.store(true, Ordering::Relaxed);
             let _ = r.wake.lock().expect("wake lock").send(Wake::Stop);
             r.ledger.stop();
         }
@@ -446,7 +468,10 @@ pub fn planned(cfg: &crate::config::Config) -> Result<Planned, String> {
 }
 
 struct Uploader {
-    agent: Weak<Agent>,
+    config: watch::Receiver<Arc<Config>>,
+    device: watch::Receiver<DeviceState>,
+    time_seen: Arc<dyn Fn(i64) + Send + Sync>,
+    stopped: Arc<AtomicBool>,
     clock: Arc<dyn Clock>,
     ledger: Ledger,
     info: Arc<Mutex<UploadInfo>>,
@@ -482,18 +507,14 @@ impl Uploader {
     fn run(mut self, rx: mpsc::Receiver<Wake>) {
         // What is pending is known only once the ledger is replayed.
         while !self.ledger.wait_open(Duration::from_secs(1)) {
-            if self.agent.strong_count() == 0 {
+            if self.stopped.load(Ordering::Relaxed) {
                 return;
             }
         }
         let mut close_at_ms = None::<i64>;
         loop {
-            let Some(agent) = self.agent.upgrade() else {
-                return;
-            };
-            let full = agent.config();
+            let full = self.config.borrow().clone();
             let cfg = full.usage.clone();
-            drop(agent);
             let lateness_ms = cfg.lateness_secs as i64 * 1000;
             let now = self.clock.now_ms();
             // Next close: the end of the current hour plus the lateness allowance. Hours
@@ -546,18 +567,16 @@ impl Uploader {
 
     /// Closes every closable hour. Needs the device code for metering_sn.
     fn close(&mut self, cfg: &UsageConfig) -> Result<usize, String> {
-        let code = match self.agent.upgrade().map(|a| a.device.current()) {
-            Some(DeviceState::Ready(r)) if r.settled => r.code.clone(),
-            Some(DeviceState::Ready(r)) => {
+        let device = self.device.borrow().clone();
+        let code = match device {
+            DeviceState::Ready(r) if r.settled => r.code.clone(),
+            DeviceState::Ready(r) => {
                 return self.blocked(format!("device identity settling: {}", r.detail))
             }
-            Some(DeviceState::Pending) => {
-                return self.blocked("device identity not computed yet".into())
-            }
-            Some(DeviceState::Failed(e)) => {
+            DeviceState::Pending => return self.blocked("device identity not computed yet".into()),
+            DeviceState::Failed(e) => {
                 return self.blocked(format!("device identity unavailable: {e}"))
             }
-            None => return Err("stopping".into()),
         };
         match self.ledger.close_hours(&code, cfg.lateness_secs as i64) {
             Ok(n) => {
@@ -579,10 +598,10 @@ impl Uploader {
     fn wait_for_identity(&self, limit: Duration) {
         let t0 = std::time::Instant::now();
         while t0.elapsed() < limit {
-            match self.agent.upgrade().map(|a| a.device.current()) {
-                Some(DeviceState::Pending) => std::thread::sleep(Duration::from_millis(20)),
-                _ => return,
+            if !matches!(*self.device.borrow(), DeviceState::Pending) {
+                return;
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -610,18 +629,13 @@ impl Uploader {
             timeout: cfg.upload_timeout_secs,
         };
         if self.client.as_ref().is_none_or(|(k, _)| *k != key) {
-            let agent = self.agent.clone();
+            let seen = self.time_seen.clone();
             let c = Client::new(
                 cfg.upstreams.clone(),
                 cfg.extra_ca_file(),
                 Duration::from_secs(cfg.upload_timeout_secs),
             )?
-            .with_date_observer(move |t| {
-                if let Some(a) = agent.upgrade() {
-                    a.license
-                        .observe_time(t, crate::license::trusted_time::Source::UpstreamDate);
-                }
-            });
+            .with_date_observer(move |t| seen(t));
             self.client = Some((key, c));
         }
         Ok(&self.client.as_ref().expect("just set").1)
@@ -640,8 +654,8 @@ impl Uploader {
             timeout: cfg.upload_timeout_secs,
         };
         if self.relay.as_ref().is_none_or(|(k, _)| *k != key) {
-            let agent = self.agent.upgrade().ok_or("stopping")?;
-            let path = crate::authcode::transport::relay_key_path(&agent.config().agent.state_dir);
+            let state_dir = self.config.borrow().agent.state_dir.clone();
+            let path = crate::authcode::transport::relay_key_path(&state_dir);
             let device_key = crate::authcode::relay_auth::load_or_create_key(&path)
                 .map_err(|e| format!("the device key {}: {e}", path.display()))?;
             let c = RelayClient::new(
@@ -797,6 +811,28 @@ fn next_close_ms(now_ms: i64, lateness_ms: i64) -> i64 {
 /// agents that lost the upstream together do not come back together.
 fn backoff_ms(cfg: &UsageConfig, attempt: u32) -> i64 {
     crate::backoff::equal_jitter(cfg.backoff_initial_ms, cfg.backoff_max_ms, attempt) as i64
+}
+
+impl Service for UsageService {
+    fn name(&self) -> &'static str {
+        "usage"
+    }
+
+    fn start(self: Arc<Self>, cfg: Arc<Config>) -> Step {
+        self.open(&cfg);
+        crate::services::done()
+    }
+
+    fn reconfigure(&self, _old: &Config, _new: &Config) {
+        // The upload thread reads the configuration before every round.
+    }
+
+    /// Waits for every queued ledger write (off the runtime's workers).
+    fn shutdown(self: Arc<Self>) -> Step {
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || self.stop()).await;
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,15 @@
 //! `kooagent-bench`: starts a private agent from the `kooagent` binary beside this one (or
-//! `--agent`) and prints a table of what it measured (agent/src/bench.rs). Its own binary so
-//! that the shipped `kooagent` carries no benchmark or Redis-comparison code.
+//! `--agent`) and prints a table of what it measured (`bench.rs`; `bench_cached.rs` for the
+//! cached check, `bench_conns.rs` for idle connections). Its own binary and module tree, so
+//! that neither the shipped `kooagent` nor its library carries benchmark or Redis-comparison
+//! code: the bench only uses the library, as a client of the agent would.
+
+mod bench;
+mod bench_cached;
+mod bench_conns;
+
+// The bench modules name the library's modules as `crate::clock`, `crate::license`, …
+use kooagent::{authcode, client, clock, freeze, license, store};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +28,7 @@ struct Cli {
     #[arg(long)]
     agent: Option<PathBuf>,
     #[command(flatten)]
-    args: kooagent::bench::BenchArgs,
+    args: bench::BenchArgs,
 }
 
 fn main() -> ExitCode {
@@ -30,7 +39,7 @@ fn main() -> ExitCode {
             .context("locating this program")
             .map(|me| me.with_file_name("kooagent")),
     };
-    match agent.and_then(|a| kooagent::bench::run(cli.args, &a)) {
+    match agent.and_then(|a| bench::run(cli.args, &a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kooagent-bench: {e:#}");
