@@ -276,3 +276,22 @@ fn v_license(raw: &str) -> String {
     let v: Value = serde_json::from_str(raw).unwrap();
     v["license"].as_str().unwrap().to_string()
 }
+
+/// Sessions are in the database: two `seller serve` processes on one database (the same
+/// SQLite file) both know a session made on either, and a sign-out on one ends it on both
+/// — no sticky routing needed.
+#[test]
+fn console_sessions_hold_across_processes_on_one_database() {
+    let keys = short_tempdir();
+    let pw = keys.path().join("console.pw");
+    assert!(set_password(&pw, PASSWORD).status.success());
+    let a = SellerServer::start(&format!("console_password_file = \"{}\"", pw.display()));
+    let b = a.replica_sharing_state();
+    let session = sign_in(&a);
+    let (status, _, page) = get(&b, "/console/health", Some(&session));
+    assert_eq!(status, 200, "the other process knows the session: {page}");
+    let form = format!("csrf={}", csrf_in(&page));
+    assert_eq!(post(&b, "/console/logout", Some(&session), &form).0, 303);
+    assert_eq!(get(&a, "/console/health", Some(&session)).0, 303);
+    assert_eq!(get(&b, "/console/health", Some(&session)).0, 303);
+}

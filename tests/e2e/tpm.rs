@@ -273,4 +273,20 @@ fn without_a_restore_nothing_is_flagged_and_a_lost_or_new_tpm_does_not_lock_out(
     restart(&mut a);
     let s = status(&a);
     assert_eq!(s["tampered"], false, "{s}");
+
+    // `required` with no TPM reachable: a restore cannot be ruled out, so frozen as tampered.
+    a.stop();
+    drop(fresh);
+    let cfg = std::fs::read_to_string(&a.config).unwrap();
+    assert!(cfg.contains("tpm = \"auto\""), "{cfg}");
+    std::fs::write(
+        &a.config,
+        cfg.replace("tpm = \"auto\"", "tpm = \"required\""),
+    )
+    .unwrap();
+    a.spawn(&[]);
+    assert_eq!(check(&a, "p")["allowed"], false);
+    let s = status(&a);
+    assert_eq!(s["tampered"], true, "{s}");
+    assert!(s["tamper"].as_str().unwrap().contains("required"), "{s}");
 }

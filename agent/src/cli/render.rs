@@ -551,6 +551,26 @@ pub(crate) fn freeze_status(v: &Value) -> String {
     if let Some(e) = v["save_error"].as_str() {
         w!(o, "cannot save the freeze state: {e}");
     }
+    let t = &v["tpm"];
+    if t["in_use"] == json!(true) {
+        w!(
+            o,
+            "TPM anchor: in use ({}, NV index {}, counter {}){}",
+            str_or(&t["device"], "?"),
+            str_or(&t["nv_index"], "?"),
+            t["counter"],
+            t["note"]
+                .as_str()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        );
+    } else if t.is_object() {
+        w!(
+            o,
+            "TPM anchor: not in use ({}); a restore of the whole state directory is not detected",
+            str_or(&t["note"], str_or(&t["mode"], "?"))
+        );
+    }
     for (name, key) in [("freeze poll", "tokens"), ("license refresh", "licenses")] {
         let h = &v["online"][key];
         if !h["last_attempt_at"].is_null() {
@@ -604,6 +624,21 @@ mod tests {
             text.contains("                 last error (2026-11-30T10:00:01Z): timed out\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn freeze_status_says_whether_the_tpm_anchor_is_in_use() {
+        let v = json!({"licenses": [], "tpm": {"mode": "auto", "in_use": true,
+            "device": "/dev/tpmrm0", "nv_index": "0x01804b41", "counter": 7, "note": null}});
+        assert!(
+            freeze_status(&v)
+                .contains("TPM anchor: in use (/dev/tpmrm0, NV index 0x01804b41, counter 7)\n"),
+            "{}",
+            freeze_status(&v)
+        );
+        let v = json!({"licenses": [], "tpm": {"mode": "off", "in_use": false,
+            "note": "[freeze] tpm = \"off\""}});
+        assert!(freeze_status(&v).contains("TPM anchor: not in use ([freeze] tpm = \"off\")"));
     }
 
     #[test]

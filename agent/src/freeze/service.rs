@@ -238,8 +238,20 @@ impl FreezeService {
     /// TPM, the state seals the counter's next value and the counter is incremented after.
     fn save(&self, inner: &mut Inner, raise: bool) {
         inner.generation += 1;
+        // Raise from the counter as it is now: an earlier increment may have acted though
+        // its answer was lost. A TPM that does not answer is not raised (logged).
+        let raise = raise
+            && inner.tpm.as_mut().is_some_and(|a| match a.refresh() {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!(
+                    "freeze: cannot read the TPM counter: {e}; the mark is not raised in the TPM"
+                );
+                    false
+                }
+            });
         let tpm_value = match &inner.tpm {
-            Some(a) => Some(a.counter + u64::from(raise)),
+            Some(a) => Some(a.sealed() + u64::from(raise)),
             None => inner.tpm_carried,
         };
         match state_file::save(
@@ -285,6 +297,7 @@ impl FreezeService {
         inner.sealed = Some(sealed);
         // Last: the counter must never be ahead of what was saved (that reads as a restore).
         if let (true, Some(a)) = (raise, inner.tpm.as_mut()) {
+            // The state sealed the counter + 1 read just above.
             match a.increment() {
                 Ok(()) => {
                     inner.tpm_carried = Some(a.counter);

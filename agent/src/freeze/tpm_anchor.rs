@@ -97,6 +97,9 @@ pub struct Anchor {
     pub index: u32,
     /// The counter's value as last read or incremented.
     pub counter: u64,
+    /// An increment failed and the value could not be read back: the counter is `counter`
+    /// or one more (an answer lost after the TPM acted).
+    pub unsure: bool,
 }
 
 impl Anchor {
@@ -111,17 +114,46 @@ impl Anchor {
                 path,
                 index,
                 counter: c.value,
+                unsure: false,
             },
             c,
         ))
     }
 
-    /// After the state sealing `counter + 1` is saved: increments the counter.
-    pub fn increment(&mut self) -> Result<(), tpm::TpmError> {
+    /// The value a save that does not raise the mark seals: never below the counter (that
+    /// would read as a restore), so the higher one when unsure.
+    pub fn sealed(&self) -> u64 {
+        self.counter + u64::from(self.unsure)
+    }
+
+    /// Reads the counter again (before a raise: the last increment may have been lost).
+    pub fn refresh(&mut self) -> Result<(), tpm::TpmError> {
         let mut t = Tpm::open(&self.path)?;
-        t.increment(self.index)?;
         self.counter = t.read(self.index)?;
+        self.unsure = false;
         Ok(())
+    }
+
+    /// After the state sealing `counter + 1` is saved: increments the counter. On an error
+    /// the counter is read back if possible; else it is unsure (see [`Anchor::sealed`]).
+    pub fn increment(&mut self) -> Result<(), tpm::TpmError> {
+        let done = Tpm::open(&self.path).and_then(|mut t| {
+            t.increment(self.index)?;
+            t.read(self.index)
+        });
+        match done {
+            Ok(v) => {
+                self.counter = v;
+                self.unsure = false;
+                Ok(())
+            }
+            Err(e) => {
+                if self.refresh().is_err() {
+                    self.unsure = true;
+                }
+                Err(e)
+            }
+        }
     }
 }
 

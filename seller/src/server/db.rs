@@ -99,6 +99,12 @@ CREATE TABLE IF NOT EXISTS code_activity (
     usage_at      BIGINT,
     usage_result  TEXT
 );
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id_sha256  TEXT PRIMARY KEY,
+    csrf       TEXT NOT NULL,
+    address    TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_code TEXT PRIMARY KEY,
     device_key  TEXT NOT NULL,
@@ -393,6 +399,25 @@ pub trait Tx {
         entries: i64,
         result: &str,
     ) -> Result<(), DbError>;
+    /// The console session whose cookie hashes to `id_sha256`, made at or after
+    /// `since`: (CSRF token, address, created).
+    fn console_session(
+        &mut self,
+        id_sha256: &str,
+        since: i64,
+    ) -> Result<Option<(String, String, i64)>, DbError>;
+    /// Stores a session; forgets those made before `expired_before`, and the oldest
+    /// beyond `max` sessions.
+    fn put_console_session(
+        &mut self,
+        id_sha256: &str,
+        csrf: &str,
+        address: &str,
+        created_at: i64,
+        expired_before: i64,
+        max: i64,
+    ) -> Result<(), DbError>;
+    fn delete_console_session(&mut self, id_sha256: &str) -> Result<(), DbError>;
     /// Distinct licenses issued so far (checks and the bench).
     fn count_licenses(&mut self) -> Result<i64, DbError>;
     /// The license upload outbox (`getLicenseAsync`): inserts or replaces by event.

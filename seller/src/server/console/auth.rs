@@ -1,9 +1,8 @@
 //! The console's sign-in: the admin password (argon2id), sessions, CSRF tokens, the
 //! sign-in rate limit. No I/O but the password file; every rule is tested here.
 //!
-//! Sessions live in this process's memory (a restart signs everyone out). With several
-//! `seller serve` processes, a console user must reach one process (sticky sessions, or
-//! one process's own address): documented in docs/seller-server.md "Console".
+//! Sessions are kept in the database (`console_sessions`, by the SHA-256 of the cookie;
+//! `super::sessions`), so every `seller serve` process on one database knows them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,7 +26,7 @@ pub const ATTEMPTS_PER_ADDRESS: u32 = 5;
 pub const ATTEMPTS_TOTAL: u32 = 50;
 pub const WINDOW_SECS: i64 = 60;
 /// Sessions held at once, at most (oldest signed out first).
-const MAX_SESSIONS: usize = 64;
+pub const MAX_SESSIONS: i64 = 64;
 /// Addresses remembered by the rate limit at most (a flood of addresses forgets the oldest
 /// windows, never grows the map).
 const MAX_ADDRESSES: usize = 4096;
@@ -101,59 +100,13 @@ pub struct Session {
     pub created: i64,
 }
 
-/// Sessions by the SHA-256 of their cookie (a memory dump shows no usable cookie).
-#[derive(Default)]
-pub struct Sessions(Mutex<HashMap<String, Session>>);
-
-fn key(cookie: &str) -> String {
+/// A session cookie's database key: its SHA-256 (a database dump shows no usable cookie).
+pub fn session_key(cookie: &str) -> String {
     hex(&Sha256::digest(cookie.as_bytes()))
 }
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-impl Sessions {
-    /// A new session: (cookie value, its CSRF token).
-    pub fn create(&self, address: &str, now: i64) -> (String, String) {
-        let (cookie, csrf) = (random_token(), random_token());
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, s| now - s.created < SESSION_SECS);
-        while m.len() >= MAX_SESSIONS {
-            let oldest = m
-                .iter()
-                .min_by_key(|(_, s)| s.created)
-                .map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => m.remove(&k),
-                None => break,
-            };
-        }
-        m.insert(
-            key(&cookie),
-            Session {
-                csrf: csrf.clone(),
-                address: address.into(),
-                created: now,
-            },
-        );
-        (cookie, csrf)
-    }
-
-    /// The session of `cookie`, if it is one and has not expired.
-    pub fn get(&self, cookie: &str, now: i64) -> Option<Session> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&key(cookie))
-            .filter(|s| now - s.created < SESSION_SECS)
-            .cloned()
-    }
-
-    pub fn remove(&self, cookie: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key(cookie));
-    }
 }
 
 /// Fixed windows of sign-in attempts, per address and in all.
@@ -232,17 +185,6 @@ mod tests {
         assert_eq!(load_hash(&p).unwrap(), h);
         std::fs::write(&p, "plain text").unwrap();
         assert!(load_hash(&p).is_err());
-    }
-
-    #[test]
-    fn sessions_expire_and_are_found_by_cookie_only() {
-        let s = Sessions::default();
-        let (c, csrf) = s.create("127.0.0.1", 1000);
-        assert_eq!(s.get(&c, 1001).unwrap().csrf, csrf);
-        assert!(s.get(&csrf, 1001).is_none());
-        assert!(s.get(&c, 1000 + SESSION_SECS).is_none());
-        s.remove(&c);
-        assert!(s.get(&c, 1001).is_none());
     }
 
     #[test]

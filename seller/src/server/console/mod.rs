@@ -18,6 +18,7 @@
 pub mod auth;
 mod pages;
 pub mod recent;
+pub mod sessions;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -36,7 +37,6 @@ pub const PREFIX: &str = "/console";
 /// every `/console` path answers 404.
 pub struct Console {
     pub hash: String,
-    pub sessions: auth::Sessions,
     pub limit: auth::SignInLimit,
     /// The audit log (JSON lines, appended, mode 0600).
     pub audit: PathBuf,
@@ -50,7 +50,6 @@ impl Console {
             .map_err(|e| format!("seller_server.console_password_file: {e}"))?;
         Ok(Console {
             hash,
-            sessions: Default::default(),
             limit: Default::default(),
             audit,
         })
@@ -94,9 +93,10 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let session_cookie = auth::cookie(cookies.as_deref(), auth::COOKIE).map(str::to_string);
-    let session = session_cookie
-        .as_deref()
-        .and_then(|c| console.sessions.get(c, now));
+    let session = match session_cookie.as_deref() {
+        Some(c) => sessions::get(&state.db, c, now).await,
+        None => None,
+    };
     let method = req.method().clone();
     match (method, path.as_str()) {
         (Method::GET, "/console/console.css") => pages::stylesheet(),
@@ -109,7 +109,7 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
                 Ok(f) => f,
                 Err(r) => return r,
             };
-            sign_in(console, &form, cookies.as_deref(), &address, now).await
+            sign_in(console, &state.db, &form, cookies.as_deref(), &address, now).await
         }
         (Method::POST, "/console/logout") => {
             let form = match form(state, req).await {
@@ -123,7 +123,9 @@ pub async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> 
                 console.audit(now, "admin", "sign out", &address, false);
                 return pages::forbidden();
             }
-            console.sessions.remove(&c);
+            if let Err(e) = sessions::remove(&state.db, &c).await {
+                log::error!("console sign-out: {e}");
+            }
             console.audit(now, "admin", "sign out", &address, true);
             pages::redirect(
                 "/console/login",
@@ -502,6 +504,7 @@ fn csrf_ok(form: &Form, want: &str) -> bool {
 
 async fn sign_in(
     console: &Console,
+    db: &super::db::Db,
     form: &Form,
     cookies: Option<&str>,
     address: &str,
@@ -528,7 +531,10 @@ async fn sign_in(
         console.audit(now, "admin", "sign in", address, false);
         return pages::sign_in(Some("Wrong password."));
     }
-    let (cookie, _) = console.sessions.create(address, now);
+    let (cookie, _) = match sessions::create(db, address, now).await {
+        Ok(c) => c,
+        Err(e) => return pages::unavailable(&e),
+    };
     console.audit(now, "admin", "sign in", address, true);
     pages::redirect(
         "/console/health",

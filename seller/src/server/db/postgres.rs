@@ -493,6 +493,54 @@ impl Tx for Postgres {
         .map(drop)
     }
 
+    fn console_session(
+        &mut self,
+        id_sha256: &str,
+        since: i64,
+    ) -> Result<Option<(String, String, i64)>, DbError> {
+        Ok(self
+            .opt(
+                "SELECT csrf, address, created_at FROM console_sessions \
+                 WHERE id_sha256 = $1 AND created_at >= $2",
+                &[&id_sha256, &since],
+            )?
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    fn put_console_session(
+        &mut self,
+        id_sha256: &str,
+        csrf: &str,
+        address: &str,
+        created_at: i64,
+        expired_before: i64,
+        max: i64,
+    ) -> Result<(), DbError> {
+        self.exec(
+            "DELETE FROM console_sessions WHERE created_at < $1",
+            &[&expired_before],
+        )?;
+        self.exec(
+            "DELETE FROM console_sessions WHERE id_sha256 IN (SELECT id_sha256 FROM \
+             console_sessions ORDER BY created_at DESC, id_sha256 OFFSET $1)",
+            &[&(max - 1)],
+        )?;
+        self.exec(
+            "INSERT INTO console_sessions (id_sha256, csrf, address, created_at) \
+             VALUES ($1, $2, $3, $4)",
+            &[&id_sha256, &csrf, &address, &created_at],
+        )
+        .map(drop)
+    }
+
+    fn delete_console_session(&mut self, id_sha256: &str) -> Result<(), DbError> {
+        self.exec(
+            "DELETE FROM console_sessions WHERE id_sha256 = $1",
+            &[&id_sha256],
+        )
+        .map(drop)
+    }
+
     fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
         self.exec(
             "INSERT INTO codes (code, status, frozen, expire_at, seq, updated_at, device_key) \

@@ -553,6 +553,67 @@ impl Tx for Sqlite {
             .map_err(err)
     }
 
+    fn console_session(
+        &mut self,
+        id_sha256: &str,
+        since: i64,
+    ) -> Result<Option<(String, String, i64)>, DbError> {
+        self.conn
+            .prepare_cached(
+                "SELECT csrf, address, created_at FROM console_sessions \
+                 WHERE id_sha256 = ?1 AND created_at >= ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![id_sha256, since], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(err)
+    }
+
+    fn put_console_session(
+        &mut self,
+        id_sha256: &str,
+        csrf: &str,
+        address: &str,
+        created_at: i64,
+        expired_before: i64,
+        max: i64,
+    ) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "DELETE FROM console_sessions WHERE created_at < ?1",
+                params![expired_before],
+            )
+            .map_err(err)?;
+        self.conn
+            .execute(
+                "DELETE FROM console_sessions WHERE id_sha256 IN (SELECT id_sha256 FROM \
+                 console_sessions ORDER BY created_at DESC, id_sha256 LIMIT -1 OFFSET ?1)",
+                params![max - 1],
+            )
+            .map_err(err)?;
+        self.conn
+            .execute(
+                "INSERT INTO console_sessions (id_sha256, csrf, address, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![id_sha256, csrf, address, created_at],
+            )
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn delete_console_session(&mut self, id_sha256: &str) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "DELETE FROM console_sessions WHERE id_sha256 = ?1",
+                params![id_sha256],
+            )
+            .map(drop)
+            .map_err(err)
+    }
+
     fn put_code(&mut self, c: &CodeRow) -> Result<(), DbError> {
         self.conn
             .prepare_cached(
