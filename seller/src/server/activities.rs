@@ -94,9 +94,9 @@ pub struct Ctx<'a> {
     pub product: &'a ProductConfig,
     pub key: &'a SigningKey,
     pub tokens: &'a dyn StatusTokens,
-    /// The license [`presign`] made for this very request, if any: `getLicense` then
-    /// does no signing on the database thread.
-    pub presigned: Option<&'a str>,
+    /// What [`presign`] made of this very request, if anything: `getLicense` then
+    /// neither parses, checks nor signs on the database thread.
+    pub presigned: Option<&'a Presigned>,
     /// `license_upload` is on: a `getLicenseAsync` license also goes into the upload
     /// outbox, in the same transaction (see `super::upload`).
     pub upload: bool,
@@ -108,7 +108,7 @@ pub struct Ctx<'a> {
 /// discards this text when they decide otherwise). Ed25519 is deterministic, so the
 /// text is the one [`handle`] would sign itself. None: not a well-formed `getLicense`
 /// (then [`handle`] answers it as usual).
-pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
+pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<Presigned> {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
@@ -118,7 +118,30 @@ pub fn presign(ctx: &Ctx<'_>, body: &[u8]) -> Option<String> {
         return None;
     }
     let order = license_order(ctx, activity, &f).ok()?;
-    seller::issue(&order.request, ctx.key).ok()
+    let text = seller::issue(&order.request, ctx.key).ok()?;
+    let answer = answer_for(
+        &order.instance_id,
+        &license_id_for(&order.instance_id),
+        &text,
+    );
+    Some(Presigned {
+        obj,
+        order,
+        text,
+        answer,
+    })
+}
+
+/// A `getLicense` body parsed, checked and signed on the workers, in parallel: the
+/// database thread, which runs a batch's requests one after the other, then only decides
+/// and stores.
+pub struct Presigned {
+    obj: Map<String, Value>,
+    order: LicenseOrder,
+    /// The license for `order.instance_id`.
+    text: String,
+    /// The answer when the order gets that instance (the usual case).
+    answer: String,
 }
 
 /// Handles one authenticated request body; `Ok` is the response body (refusals
@@ -140,22 +163,30 @@ fn handle_from(
     body: &[u8],
     origin: &str,
 ) -> Result<String, DbError> {
-    let obj = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => {
-            return Ok(refuse(
-                ResultCode::BadParams,
-                "the body must be a JSON object",
-            ))
-        }
-        Err(e) => {
-            return Ok(refuse(
-                ResultCode::BadParams,
-                format!("the body is not JSON: {e}"),
-            ))
+    // Presigned: parsed on the workers already.
+    let parsed;
+    let obj = match ctx.presigned {
+        Some(p) => &p.obj,
+        None => {
+            parsed = match serde_json::from_slice::<Value>(body) {
+                Ok(Value::Object(o)) => o,
+                Ok(_) => {
+                    return Ok(refuse(
+                        ResultCode::BadParams,
+                        "the body must be a JSON object",
+                    ))
+                }
+                Err(e) => {
+                    return Ok(refuse(
+                        ResultCode::BadParams,
+                        format!("the body is not JSON: {e}"),
+                    ))
+                }
+            };
+            &parsed
         }
     };
-    let f = Fields(&obj);
+    let f = Fields(obj);
     let activity = match f.req("activity", 32) {
         Ok(a) => a,
         Err(m) => return Ok(refuse(ResultCode::BadParams, m)),
@@ -179,7 +210,7 @@ fn handle_from(
     };
     if !journal.stored {
         let label = format!("{activity}{origin}");
-        note_call(tx, ctx, &label, &obj, journal.instance, &body)?;
+        note_call(tx, ctx, &label, obj, journal.instance, &body)?;
     }
     Ok(body)
 }
@@ -394,13 +425,17 @@ fn remember(tx: &mut dyn Tx, ctx: &Ctx<'_>, r: Remember<'_>) -> Result<(), DbErr
 }
 
 fn license_answer(row: &InstanceRow) -> String {
+    answer_for(&row.instance_id, &row.license_id, &row.license)
+}
+
+fn answer_for(instance_id: &str, license_id: &str, license: &str) -> String {
     answer(
         ResultCode::Success,
         "success",
         &[
-            ("instanceId", Value::from(row.instance_id.as_str())),
-            ("licenseId", Value::from(row.license_id.as_str())),
-            ("license", Value::from(row.license.as_str())),
+            ("instanceId", Value::from(instance_id)),
+            ("licenseId", Value::from(license_id)),
+            ("license", Value::from(license)),
         ],
     )
 }
@@ -645,8 +680,16 @@ fn get_license(
     f: &Fields<'_>,
     journal: &mut Journal,
 ) -> Result<String, Refusal> {
-    let order = license_order(ctx, activity, f)?;
-    let (event_key, rebind) = match seen(tx, &order)? {
+    // Presigned: checked on the workers already (a presigned request is a getLicense).
+    let checked;
+    let order = match ctx.presigned {
+        Some(p) => &p.order,
+        None => {
+            checked = license_order(ctx, activity, f)?;
+            &checked
+        }
+    };
+    let (event_key, rebind) = match seen(tx, order)? {
         Seen::Answered { key, body } => {
             tx.event_resent(&key, ctx.now)?;
             journal.stored = true;
@@ -691,10 +734,14 @@ fn get_license(
         }
     }
     let license_id = license_id_for(&instance_id);
-    let mut req = order.request;
-    let text = match ctx.presigned {
-        Some(t) if req.instance == instance_id => t.to_string(),
-        _ => {
+    let req = &order.request;
+    // Signed on the workers for the instance the order names; another one (a rebind, a
+    // businessId already taken) is signed here.
+    let presigned = ctx.presigned.filter(|_| req.instance == instance_id);
+    let text = match presigned {
+        Some(p) => p.text.clone(),
+        None => {
+            let mut req = req.clone();
             req.instance = instance_id.clone();
             req.id = Some(license_id.clone());
             seller::issue(&req, ctx.key).map_err(|e| Refusal::params(e.to_string()))?
@@ -705,7 +752,7 @@ fn get_license(
         seller::Term::Until(t) => Some(t),
         _ => None,
     };
-    let devices = req.devices;
+    let devices = req.devices.clone();
     let row = InstanceRow {
         instance_id: instance_id.clone(),
         product: ctx.product.product.clone(),
@@ -725,14 +772,17 @@ fn get_license(
     };
     tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
     tx.put_instance(&row)?;
-    let body = license_answer(&row);
+    let body = match presigned {
+        Some(p) => p.answer.clone(),
+        None => license_answer(&row),
+    };
     remember(
         tx,
         ctx,
         Remember {
             event_id: &event_key,
             activity,
-            digest: order.digest,
+            digest: order.digest.clone(),
             response: &body,
             instance_id: &instance_id,
             order_id: f.opt("orderId", 64)?,

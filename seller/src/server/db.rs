@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS licenses (
     issued_at  BIGINT NOT NULL,
     text       TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS licenses_by_id ON licenses (license_id);
 CREATE TABLE IF NOT EXISTS tokens (
     license_id TEXT NOT NULL,
     seq        BIGINT NOT NULL,
@@ -145,6 +144,12 @@ CREATE TABLE instance_devices (
 );
 CREATE INDEX instance_devices_by_instance ON instance_devices (instance_id);
 ";
+
+/// Indexes older versions made that no query reads, dropped by each backend's migration:
+/// each was one more B-tree insert, at a random position, for every license issued
+/// (`licenses_by_id`: nothing looks a license up by id in `licenses`; the current
+/// license of an id is `instances`', by its own unique index).
+pub const DROPPED_INDEXES: &str = "DROP INDEX IF EXISTS licenses_by_id;";
 
 /// The call-history columns of `events` (issue 16, the console), added to databases made
 /// before them by each backend's migration, and the indexes the console's lookups use
@@ -784,6 +789,23 @@ pub mod tests {
         INSERT INTO devices VALUES ('A', 'K1', 1, 5), ('AB', 'K1', 1, 4), ('B', 'K2', 1, 1),
             ('C', 'K3', 1, 1);
     ";
+
+    /// The `licenses` table as made before [`DROPPED_INDEXES`], with its index and two
+    /// licenses. SQL both backends take.
+    pub const OLD_LICENSES: &str = "
+        CREATE TABLE licenses (sha256 TEXT PRIMARY KEY, license_id TEXT NOT NULL,
+            event_id TEXT, issued_at BIGINT NOT NULL, text TEXT NOT NULL);
+        CREATE INDEX licenses_by_id ON licenses (license_id);
+        INSERT INTO licenses VALUES ('s1', 'kg-a', 'e1', 1, 'kl1.a'), ('s2', 'kg-b', NULL, 2, 'kl1.b');
+    ";
+
+    /// What [`OLD_LICENSES`] holds once migrated: the rows, and new licenses stored once.
+    pub fn check_old_licenses_migrated(tx: &mut dyn Tx) {
+        assert_eq!(tx.count_licenses().unwrap(), 2);
+        tx.record_license("kg-a", Some("e2"), "kl1.a2", 3).unwrap();
+        tx.record_license("kg-a", Some("e2"), "kl1.a2", 3).unwrap();
+        assert_eq!(tx.count_licenses().unwrap(), 3);
+    }
 
     /// The `events` table as made before the call-history columns (issue 16), with a
     /// stored answer. SQL both backends take.

@@ -421,7 +421,8 @@ impl SellerServerConfig {
         if self.database_url.is_empty() {
             crate::files::ensure_dir(&self.state_dir, 0o700)
                 .map_err(|e| db::DbError::Backend(format!("{}: {e}", self.state_dir.display())))?;
-            let backend = db::sqlite::Sqlite::open(&self.sqlite_path())?;
+            let mut backend = db::sqlite::Sqlite::open(&self.sqlite_path())?;
+            backend.checkpoint_in_background(&self.sqlite_path())?;
             return Ok(db::Db::start(Box::new(backend)));
         }
         let mut pool: Vec<Box<dyn db::Backend>> = Vec::new();

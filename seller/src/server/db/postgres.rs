@@ -90,8 +90,9 @@ impl Postgres {
             .batch_execute(&format!(
                 "SELECT pg_advisory_lock(7265001); \
                  CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {}; \
-                 {MIGRATIONS} {}",
+                 {MIGRATIONS} {} {}",
                 super::SCHEMA.trim().trim_end_matches(';'),
+                super::DROPPED_INDEXES,
                 super::usage::SCHEMA.trim()
             ))
             .map_err(err)?;
@@ -884,8 +885,38 @@ pub mod tests {
 mod migration_tests {
     use super::*;
     use crate::server::db::tests::{
-        check_old_events_migrated, check_old_instances_migrated, ids, OLD_EVENTS, OLD_INSTANCES,
+        check_old_events_migrated, check_old_instances_migrated, check_old_licenses_migrated, ids,
+        OLD_EVENTS, OLD_INSTANCES, OLD_LICENSES,
     };
+
+    /// The index no query reads: see the SQLite twin.
+    #[test]
+    fn an_older_database_loses_the_unread_license_index() {
+        let Some(url) = crate::server::db::tests::pg_url() else {
+            return;
+        };
+        let schema = tests::fresh_schema(&url);
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}; {OLD_LICENSES}"
+        ))
+        .unwrap();
+        let indexes = |db: &mut Postgres| -> i64 {
+            db.client
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = $1 \
+                     AND indexname = 'licenses_by_id'",
+                    &[&schema],
+                )
+                .unwrap()
+                .get(0)
+        };
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        assert_eq!(indexes(&mut db), 0);
+        check_old_licenses_migrated(&mut db);
+        let mut db = Postgres::connect(&url, &schema).unwrap();
+        assert_eq!(indexes(&mut db), 0);
+    }
 
     /// A database made before the call-history columns: see the SQLite twin.
     #[test]

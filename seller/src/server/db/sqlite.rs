@@ -1,7 +1,9 @@
 //! The embedded backend: one SQLite file, write-ahead log, `synchronous = FULL` (a
 //! commit is on disk before the marketplace hears success; group commit keeps that cheap).
 
+use std::cell::Cell;
 use std::path::Path;
+use std::sync::mpsc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -12,6 +14,37 @@ use super::{
 
 pub struct Sqlite {
     pub(super) conn: Connection,
+    /// Wakes the checkpoint thread ([`Sqlite::checkpoint_in_background`]); None: SQLite
+    /// checkpoints inline, in the commit that fills the log past 1000 pages.
+    checkpoints: Option<mpsc::SyncSender<()>>,
+    /// The log's length (pages) when a checkpoint was last asked for.
+    asked_at: i32,
+}
+
+/// Pages in the write-ahead log after which a checkpoint is due (SQLite's own
+/// `wal_autocheckpoint` default).
+const CHECKPOINT_PAGES: i32 = 1000;
+/// Pages after which the database thread checkpoints itself: the checkpoint thread's
+/// passive checkpoints copy pages while commits go on, but only a checkpoint that ends
+/// with nothing left to copy lets the next commit start the log from its beginning, so
+/// under a steady stream of commits the log would only grow.
+const CHECKPOINT_INLINE_PAGES: i32 = 8 * CHECKPOINT_PAGES;
+
+thread_local! {
+    /// Pages in the log after the last commit on this thread (the WAL hook runs on the
+    /// committing thread, inside `COMMIT`).
+    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
+}
+
+fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|p| p.set(pages));
+    Ok(())
+}
+
+fn checkpoint(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        log::warn!("database: checkpoint: {e}");
+    }
 }
 
 fn err(e: rusqlite::Error) -> DbError {
@@ -30,7 +63,42 @@ impl Sqlite {
         conn.execute_batch(super::SCHEMA).map_err(err)?;
         conn.execute_batch(super::usage::SCHEMA).map_err(err)?;
         migrate(&conn).map_err(err)?;
-        Ok(Sqlite { conn })
+        Ok(Sqlite {
+            conn,
+            checkpoints: None,
+            asked_at: 0,
+        })
+    }
+
+    /// Moves the log's checkpoints (copying committed pages into the database file, with
+    /// two fsyncs) to a thread of their own with a second connection to `path`: done
+    /// inline, one commit in a thousand pages waited for a checkpoint, and with it every
+    /// request of its group and of the groups queued behind it. The thread ends with this
+    /// connection.
+    pub fn checkpoint_in_background(&mut self, path: &Path) -> Result<(), DbError> {
+        let conn = Connection::open(path)
+            .map_err(|e| DbError::Backend(format!("{}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        let (wake, due) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("seller-db-ckpt".into())
+            .spawn(move || {
+                while due.recv().is_ok() {
+                    checkpoint(&conn);
+                }
+            })
+            .map_err(|e| DbError::Backend(format!("checkpoint thread: {e}")))?;
+        self.checkpoint_elsewhere(wake);
+        Ok(())
+    }
+
+    /// Commits no longer checkpoint (but past [`CHECKPOINT_INLINE_PAGES`]); `wake` gets a
+    /// message when one is due.
+    fn checkpoint_elsewhere(&mut self, wake: mpsc::SyncSender<()>) {
+        // Replaces SQLite's autocheckpoint, which is a WAL hook too.
+        self.conn.wal_hook(Some(note_wal_pages));
+        self.checkpoints = Some(wake);
     }
 }
 
@@ -76,6 +144,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         log::info!("database: added codes.device_key (relay)");
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
+    conn.execute_batch(super::DROPPED_INDEXES)?;
     event_history(conn)?;
     link_table(conn)
 }
@@ -164,7 +233,26 @@ impl Backend for Sqlite {
             .map_err(err)
     }
     fn commit(&mut self) -> Result<(), DbError> {
-        self.conn.execute_batch("COMMIT").map_err(err)
+        self.conn.execute_batch("COMMIT").map_err(err)?;
+        if let Some(wake) = &self.checkpoints {
+            let pages = WAL_PAGES.with(Cell::get);
+            if pages < self.asked_at {
+                // The log started over.
+                self.asked_at = 0;
+            }
+            if pages >= CHECKPOINT_INLINE_PAGES {
+                checkpoint(&self.conn);
+                self.asked_at = 0;
+            } else if pages - self.asked_at >= CHECKPOINT_PAGES {
+                // Once per 1000 new pages, as SQLite's own: a checkpoint running while
+                // commits go on leaves the log's length as it is, and asking after every
+                // commit would copy the same hot pages again and again. (Full: one is
+                // already due and will see these pages too.)
+                let _ = wake.try_send(());
+                self.asked_at = pages;
+            }
+        }
+        Ok(())
     }
     fn rollback(&mut self) {
         if !self.conn.is_autocommit() {
@@ -966,8 +1054,109 @@ fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
 mod tests {
     use super::*;
     use crate::server::db::tests::{
-        check_old_events_migrated, check_old_instances_migrated, ids, OLD_EVENTS, OLD_INSTANCES,
+        check_old_events_migrated, check_old_instances_migrated, check_old_licenses_migrated, ids,
+        OLD_EVENTS, OLD_INSTANCES, OLD_LICENSES,
     };
+
+    /// `n` commits of 100 rows of about a page each.
+    fn fill(db: &mut Sqlite, from: usize, n: usize) {
+        for c in 0..n {
+            db.begin().unwrap();
+            for r in 0..100 {
+                let nonce = format!("{:06}{}", from + c * 100 + r, "x".repeat(3000));
+                assert!(db.nonce_fresh(&nonce, 1).unwrap());
+            }
+            db.commit().unwrap();
+        }
+    }
+
+    /// A commit that fills the log past 1000 pages does not copy it (the database file
+    /// stays as it was) but asks for a checkpoint.
+    #[test]
+    fn commits_leave_checkpoints_to_the_checkpoint_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        let mut db = Sqlite::open(&path).unwrap();
+        let (wake, due) = mpsc::sync_channel(1);
+        db.checkpoint_elsewhere(wake);
+        let before = std::fs::metadata(&path).unwrap().len();
+        fill(&mut db, 0, 12);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        assert!(due.try_recv().is_ok(), "a checkpoint is asked for");
+        // Not again at every commit: once per 1000 new pages.
+        fill(&mut db, 2000, 2);
+        assert!(due.try_recv().is_err(), "asked once for these pages");
+        fill(&mut db, 4000, 10);
+        assert!(due.try_recv().is_ok(), "asked again 1000 pages later");
+    }
+
+    /// With the checkpoint thread, commits leave the log to it: the database file gets
+    /// the pages without a commit copying them, and under a steady stream of commits the
+    /// log still starts over (the inline fallback) instead of growing without end.
+    #[test]
+    fn the_checkpoint_thread_copies_the_log_and_the_log_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        let mut db = Sqlite::open(&path).unwrap();
+        db.checkpoint_in_background(&path).unwrap();
+        let file_len = || std::fs::metadata(&path).unwrap().len();
+        let before = file_len();
+        fill(&mut db, 0, 12);
+        let mut waited = 0;
+        while file_len() < before + 1000 * 4096 && waited < 200 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            waited += 1;
+        }
+        assert!(
+            file_len() >= before + 1000 * 4096,
+            "the checkpoint thread copied the log into the database file"
+        );
+        let wal = dir.path().join("seller.db-wal");
+        let mut largest = 0;
+        for i in 0..12 {
+            fill(&mut db, 10_000 + i * 1000, 10);
+            largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        assert!(
+            // Each commit here writes ≈ 300 pages (rows, index entries), ≈ 36,000 in all.
+            largest < (CHECKPOINT_INLINE_PAGES as u64 + 2000) * 4200,
+            "the log stays bounded: {largest} bytes"
+        );
+        assert_eq!(
+            db.conn
+                .query_row("SELECT COUNT(*) FROM nonces", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            13_200
+        );
+    }
+
+    /// A database made with the index no query reads loses it at start and keeps its
+    /// licenses; new ones are still stored once.
+    #[test]
+    fn an_older_database_loses_the_unread_license_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seller.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(OLD_LICENSES)
+            .unwrap();
+        let indexes = |db: &Sqlite| -> i64 {
+            db.conn
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'licenses' \
+                     AND name = 'licenses_by_id'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(indexes(&db), 0);
+        check_old_licenses_migrated(&mut db);
+        drop(db);
+        let db = Sqlite::open(&path).unwrap();
+        assert_eq!(indexes(&db), 0);
+    }
 
     /// A database made before the call-history columns gets them (and their indexes),
     /// keeps its stored answers, and opening it again changes nothing.
