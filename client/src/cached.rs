@@ -562,9 +562,12 @@ mod tests {
             go_rx.recv().unwrap();
             // Closing the stream: the cache must stop answering.
         });
+        let before = std::time::Instant::now();
         let c = CachedClient::with_client(Client::new(&path).reconnect_for(Duration::ZERO));
         assert!(c.wait_live(Duration::from_secs(10)));
         assert_eq!(c.check("p", None).unwrap().source, Source::Cache);
+        let at = c.table_received_at().expect("the time the table arrived");
+        assert!(before <= at && at <= std::time::Instant::now());
         go_tx.send(()).unwrap();
         fake.join().unwrap();
         let t0 = std::time::Instant::now();
@@ -572,6 +575,7 @@ mod tests {
             assert!(t0.elapsed() < Duration::from_secs(10), "still live");
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(c.table_received_at(), None);
         let _ = std::fs::remove_file(&path);
         // The agent is gone: the check reports it as the socket client does.
         let e = c.check("p", None).unwrap_err();

@@ -531,4 +531,25 @@ fn the_bench_is_its_own_binary_and_measures_the_agent() {
         "{report}"
     );
     assert!(report["idle_rss_kib"].as_u64().unwrap() > 0, "{report}");
+    // What tells a loaded run from a real miss, printed beside the figures.
+    assert!(report["load_start"].as_f64().is_some(), "{report}");
+    assert!(report["load_end"].as_f64().is_some(), "{report}");
+    assert!(
+        report["fdatasync_us_median"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    // Group commit's group sizes: one record per commit for one client waiting for each
+    // answer, several when one connection pipelines 32 deep.
+    let per_commit = |scenario: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == scenario)
+            .and_then(|r| r["records_per_commit"].as_f64())
+            .unwrap_or_else(|| panic!("no group size for {scenario}: {report}"))
+    };
+    let single = per_commit("usage.record (durable)");
+    assert!(single > 0.0 && single <= 1.0, "{report}");
+    assert!(
+        per_commit("usage.record (durable), pipelined 32 deep") > 1.0,
+        "{report}"
+    );
 }
