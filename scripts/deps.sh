@@ -10,6 +10,10 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 # strace: the crash harness (tests/e2e/crash.rs) records the agent's file-system calls with it.
 command -v strace >/dev/null || need_apt+=(strace)
+# chromium, chromium-driver: the console's browser test (tests/e2e/console_browser.rs) drives
+# a headless Chromium through chromedriver (about 2 minutes to install on a fresh machine).
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 # swtpm: the software TPM behind the freeze state's TPM anchor tests (tests/e2e/tpm.rs).
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 if ((${#need_apt[@]})); then

@@ -42,7 +42,15 @@ if [ "$(id -u)" = 0 ]; then
     set -euo pipefail   # the sourced script leaves errexit off for interactive shells
 fi
 stage "cargo test (all features)"
-cargo test --workspace --all-features 2>&1
+cargo test --workspace --all-features -- --skip console_browser:: 2>&1
+
+# The seller console in a real browser: headless Chromium through chromedriver (deps.sh
+# installs them; here their absence is a failure, not a skip) signs in, walks every page,
+# freezes an agent's instance; phone width and JavaScript off too. Same build as above.
+stage "console in headless Chromium (tests/e2e/console_browser.rs)"
+KOOAGENT_REQUIRE_BROWSER=1 cargo test --workspace --all-features --test e2e console_browser:: \
+    -- --nocapture >target/console-browser.log 2>&1 || { tail -n 80 target/console-browser.log; exit 1; }
+grep -E '^(console_browser:|test result)' target/console-browser.log
 
 # The shipped binary is the static build (scripts/release.sh, which checks it has no
 # program interpreter): run the end-to-end tests again on it (name lookups go through its
@@ -56,6 +64,7 @@ bash scripts/release.sh
 PATH="$PWD/target/debug:$PATH" KOOAGENT_E2E_BIN="$PWD/target/release/kooagent" \
     cargo test -p kooagent --test e2e -- --skip guide:: --skip relay:: --skip seller_call:: \
     --skip seller_hardening:: --skip seller_metrics:: --skip seller_scale:: --skip seller_server:: \
+    --skip console_browser:: \
     >target/static-e2e.log 2>&1 ||
     { sed -n '/^failures:/,$p' target/static-e2e.log; exit 1; }
 tail -n 3 target/static-e2e.log
