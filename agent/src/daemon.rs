@@ -35,7 +35,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     // Clients can connect as soon as the socket is bound, before the runtime has installed
     // its signal handlers; hold SIGTERM/SIGINT/SIGHUP pending until then, so an early
     // SIGHUP reloads instead of killing the agent with the default action.
-    crate::sys::set_signal_mask(libc::SIG_BLOCK);
+    crate::sys::block_daemon_signals();
     // The config check lets an unreadable keys file pass (for CLI users); the agent needs it.
     if let Err(e) = cfg.license.trusted_keys() {
         anyhow::bail!("config: {}: {}", e.key, e.message);
@@ -149,7 +149,7 @@ async fn serve_until_signal(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    crate::sys::set_signal_mask(libc::SIG_UNBLOCK);
+    crate::sys::unblock_daemon_signals();
     let cfg = loaded.config.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let agent = Agent::new(cfg.clone(), loaded.file.clone(), clock);

@@ -32,11 +32,14 @@ impl DropError {
 pub fn read(path: &Path, cap: usize) -> Result<Vec<u8>, DropError> {
     let f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(crate::sys::O_NOFOLLOW | crate::sys::O_NONBLOCK_NOCTTY)
         .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => DropError::Symlink,
-            _ => DropError::Io(e),
+        .map_err(|e| {
+            if crate::sys::is_symlink_refused(&e) {
+                DropError::Symlink
+            } else {
+                DropError::Io(e)
+            }
         })?;
     let meta = f.metadata()?;
     let t = meta.file_type();
@@ -91,9 +94,14 @@ mod tests {
         assert!(matches!(read(&link, 1 << 20), Err(DropError::Symlink)));
 
         let fifo = d.path().join("fifo.tok");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo on a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         // Returns at once (O_NONBLOCK) instead of waiting for a writer.
         assert!(matches!(
             read(&fifo, 1 << 20),

@@ -6,7 +6,12 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// Sends `state` (e.g. "READY=1"). Returns false when there is no notify socket.
 pub fn notify(state: &str) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    notify_to(std::env::var_os("NOTIFY_SOCKET"), state)
+}
+
+/// Sends `state` to the notify socket `path` (`$NOTIFY_SOCKET`'s syntax).
+fn notify_to(path: Option<std::ffi::OsString>, state: &str) -> io::Result<bool> {
+    let Some(path) = path else {
         return Ok(false);
     };
     let bytes = path.as_encoded_bytes();
@@ -30,13 +35,7 @@ pub fn notify_logged(state: &str) {
 
 /// `MONOTONIC_USEC` for RELOADING=1 (systemd ≥ 253 wants it with Type=notify-reload).
 pub fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    crate::sys::monotonic_usec()
 }
 
 #[cfg(test)]
@@ -48,13 +47,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let rx = UnixDatagram::bind(&path).unwrap();
-        // The environment is process-wide; this is the only test touching NOTIFY_SOCKET.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        assert!(notify("READY=1").unwrap());
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        assert!(notify_to(Some(path.into_os_string()), "READY=1").unwrap());
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
-        assert!(!notify("READY=1").unwrap());
+        assert!(!notify_to(None, "READY=1").unwrap());
     }
 }

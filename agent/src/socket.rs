@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,11 +132,8 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| cleanup(io_err("set mode of", path)(e)))?;
-    // SAFETY: fd is a bound, owned socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
-        return Err(cleanup(io_err("listen on", path)(
-            io::Error::last_os_error(),
-        )));
+    if let Err(e) = crate::sys::listen(&fd, 1024) {
+        return Err(cleanup(io_err("listen on", path)(e)));
     }
     let listener = std::os::unix::net::UnixListener::from(fd);
     let inode = std::fs::symlink_metadata(path)
@@ -151,40 +148,7 @@ pub fn bind(path: &Path, mode: u32, group: &str, group_required: bool) -> Result
 
 /// socket(2) + bind(2) without listen(2).
 fn bind_unlistened(path: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket call; the result is checked and then owned.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: addr is initialised and len is within its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            len as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    crate::sys::unix_socket_bound(path)
 }
 
 /// A group name, or a numeric gid (used as is: it needs no /etc/group entry to own a file).
@@ -195,27 +159,7 @@ fn lookup_group(name: &str) -> Result<Option<u32>, String> {
             .map(Some)
             .map_err(|_| "numeric gid out of range".to_string());
     }
-    let cname = std::ffi::CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the sizes given; getgrnam_r writes only into them.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "group lookup failed: {}",
-            io::Error::from_raw_os_error(rc)
-        ));
-    }
-    Ok((!result.is_null()).then_some(grp.gr_gid))
+    crate::sys::group_id(name)
 }
 
 fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
@@ -309,7 +253,7 @@ pub async fn serve(
         };
         let stream = match accepted {
             Ok((s, _)) => s,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            Err(e) if crate::sys::is_out_of_descriptors(&e) => {
                 if spare.refuse_one(&listener) {
                     refused_for_fds += 1;
                 } else {

@@ -114,11 +114,7 @@ pub fn should_trim(peak: usize, now: usize) -> bool {
 /// dynamic and the static builds link glibc's malloc); without this the RSS of a burst of
 /// 16,384 connections stays after they close.
 pub fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::malloc_trim();
 }
 
 #[cfg(test)]

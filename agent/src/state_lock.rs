@@ -85,7 +85,7 @@ impl StateLock {
             .write(create)
             .create(create)
             .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(crate::sys::O_NOFOLLOW)
             .mode(0o600)
             .open(&path)
             .map_err(io_err)?;

@@ -27,10 +27,7 @@ impl StoreError {
 
     /// True when the failure was the disk being full (or over quota).
     pub fn is_disk_full(&self) -> bool {
-        matches!(
-            self.source.raw_os_error(),
-            Some(libc::ENOSPC) | Some(libc::EDQUOT)
-        )
+        crate::sys::is_disk_full(&self.source)
     }
 }
 

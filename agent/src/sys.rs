@@ -1,17 +1,193 @@
 //! The agent's system edge: every call into the operating system that std does not wrap
 //! goes through here, so the rest of the agent (and `kooagent-core`, which makes none) has
-//! no `libc` and almost no `unsafe`. Where `rustix` offers the call safely it is used (it is
-//! already in the tree through tempfile, and its raw-syscall backend adds no C code);
-//! what it does not offer safely (the signal mask, glibc's group database, the raw socket
-//! setup, timerfd over the runtime) stays on `libc` here, each block with its SAFETY note.
+//! no `libc` and no `unsafe`. Where `rustix` offers the call safely it is used (it is
+//! already in the tree through tempfile, and its raw-syscall backend adds no C code):
+//! timerfd, inotify, flock, rlimit, kill, the socket's bind and listen, errno tests. What
+//! only glibc has (its user and group databases, the NSS override of the static build,
+//! malloc_trim) and the signal mask stay on `libc` here, each block with its SAFETY note.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{FlockOperation, OFlags};
+use rustix::io::Errno;
 use tokio::io::unix::AsyncFd;
+
+/// `open(2)` flags for `OpenOptionsExt::custom_flags`: refuse a symbolic link as the last
+/// component (the open fails with ELOOP, see [`is_symlink_refused`]).
+pub const O_NOFOLLOW: i32 = OFlags::NOFOLLOW.bits() as i32;
+/// Do not wait for a FIFO's writer; do not become the controlling terminal.
+pub const O_NONBLOCK_NOCTTY: i32 = (OFlags::NONBLOCK.bits() | OFlags::NOCTTY.bits()) as i32;
+
+fn errno_of(e: &io::Error) -> Option<Errno> {
+    Errno::from_io_error(e)
+}
+
+/// The disk (or the user's quota) is full: ENOSPC, EDQUOT.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(errno_of(e), Some(Errno::NOSPC | Errno::DQUOT))
+}
+
+/// The process or the system ran out of descriptors: EMFILE, ENFILE.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(errno_of(e), Some(Errno::MFILE | Errno::NFILE))
+}
+
+/// An open with [`O_NOFOLLOW`] met a symbolic link: ELOOP.
+pub fn is_symlink_refused(e: &io::Error) -> bool {
+    errno_of(e) == Some(Errno::LOOP)
+}
+
+/// A `CANCEL_ON_SET` timerfd read after the wall clock was set: ECANCELED.
+pub fn is_clock_set(e: &io::Error) -> bool {
+    errno_of(e) == Some(Errno::CANCELED)
+}
+
+/// SIGKILL to the process group `pgid` leads (a child started with `process_group(0)`).
+pub fn kill_process_group(pgid: u32) -> io::Result<()> {
+    let pid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::kill_process_group(
+        pid,
+        rustix::process::Signal::KILL,
+    )?)
+}
+
+/// Gives the allocator's free memory back to the system (glibc's `malloc_trim`; elsewhere
+/// nothing): after a burst of connections the idle agent shrinks back.
+pub fn malloc_trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (systemd's `MONOTONIC_USEC`).
+pub fn monotonic_usec() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// A non-blocking, close-on-exec `CLOCK_REALTIME` timerfd.
+pub fn timerfd() -> io::Result<OwnedFd> {
+    use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+    Ok(timerfd_create(
+        TimerfdClockId::Realtime,
+        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+    )?)
+}
+
+/// Arms `fd` at `at` (Unix seconds, wall clock, absolute), cancelled by any change of the
+/// clock. rustix uses `timerfd_settime64` on 32-bit targets (a time past 2038 as is); a
+/// 32-bit kernel older than 5.1 cannot take such a time (EOVERFLOW): it is armed at the
+/// latest time it can take and fires early, which the caller handles by arming again.
+pub fn timerfd_arm_abs(fd: impl AsFd, at: i64) -> io::Result<()> {
+    use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+    let spec = |sec: i64| Itimerspec {
+        it_interval: Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: Timespec {
+            tv_sec: sec,
+            tv_nsec: 0,
+        },
+    };
+    let flags = TimerfdTimerFlags::ABSTIME | TimerfdTimerFlags::CANCEL_ON_SET;
+    match timerfd_settime(&fd, flags, &spec(at)) {
+        Err(Errno::OVERFLOW) => {
+            timerfd_settime(&fd, flags, &spec(at.min(i64::from(i32::MAX))))?;
+        }
+        r => {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Seconds until `fd` fires.
+pub fn timerfd_remaining_secs(fd: impl AsFd) -> io::Result<i64> {
+    Ok(rustix::time::timerfd_gettime(fd)?.it_value.tv_sec)
+}
+
+/// The gid of a group by name from the group database (`None`: no such group).
+pub fn group_id(name: &str) -> Result<Option<u32>, String> {
+    let cname = std::ffi::CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: a zeroed group is a valid out-parameter; every pointer is valid for the sizes
+    // given; getgrnam_r writes only into `grp` and `buf`, and `result` points at `grp` or
+    // is null.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 {
+            return Err(format!(
+                "group lookup failed: {}",
+                io::Error::from_raw_os_error(rc)
+            ));
+        }
+        Ok((!result.is_null()).then_some(grp.gr_gid))
+    }
+}
+
+/// A Unix stream socket (close-on-exec) bound to `path`, not listening yet (the caller
+/// sets the file's owner and mode first).
+pub fn unix_socket_bound(path: &Path) -> io::Result<OwnedFd> {
+    use rustix::net::{bind, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path).map_err(|e| match e {
+        Errno::NAMETOOLONG | Errno::INVAL => {
+            io::Error::new(io::ErrorKind::InvalidInput, "socket path too long")
+        }
+        e => e.into(),
+    })?;
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    bind(&fd, &addr)?;
+    Ok(fd)
+}
+
+/// listen(2) on a bound socket.
+pub fn listen(fd: impl AsFd, backlog: i32) -> io::Result<()> {
+    Ok(rustix::net::listen(fd, backlog)?)
+}
+
+/// Pins the static binary's NSS databases to the modules built into glibc (see main.rs).
+#[cfg(target_feature = "crt-static")]
+pub fn static_nss() {
+    extern "C" {
+        // glibc, <nss.h>: overrides the service line of one database, for "static
+        // binaries" in the header's words.
+        fn __nss_configure_lookup(
+            db: *const std::ffi::c_char,
+            line: *const std::ffi::c_char,
+        ) -> std::ffi::c_int;
+    }
+    for (db, line) in [
+        (c"group", c"files"),
+        (c"passwd", c"files"),
+        (c"hosts", c"files dns"),
+    ] {
+        // SAFETY: both are NUL-terminated static strings; called before any thread
+        // exists, as the function is not thread-safe.
+        unsafe { __nss_configure_lookup(db.as_ptr(), line.as_ptr()) };
+    }
+}
 
 /// `N` bytes from the kernel's secure random source (the `getrandom` crate: getrandom(2)
 /// with its fallbacks, so no hand-written syscall).
@@ -85,9 +261,20 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Holds the signals the daemon handles (SIGTERM, SIGINT, SIGHUP) pending, for the calling
+/// thread and the threads it starts later, until [`unblock_daemon_signals`].
+pub fn block_daemon_signals() {
+    set_signal_mask(libc::SIG_BLOCK);
+}
+
+/// Lets the daemon's signals through again (their handlers are installed).
+pub fn unblock_daemon_signals() {
+    set_signal_mask(libc::SIG_UNBLOCK);
+}
+
 /// Blocks or unblocks the signals the daemon handles, for the calling thread (threads
 /// started later inherit it; a blocked signal stays pending for a thread that unblocks it).
-pub fn set_signal_mask(how: libc::c_int) {
+fn set_signal_mask(how: libc::c_int) {
     // SAFETY: the sigset is initialised by sigemptyset before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -210,6 +397,59 @@ mod tests {
         assert!(!try_lock_exclusive(&b).unwrap());
         drop(a);
         assert!(try_lock_exclusive(&b).unwrap());
+    }
+
+    #[test]
+    fn errno_tests_name_the_right_errors() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert!(is_disk_full(&e(Errno::NOSPC.raw_os_error())));
+        assert!(is_disk_full(&e(Errno::DQUOT.raw_os_error())));
+        assert!(!is_disk_full(&e(Errno::IO.raw_os_error())));
+        assert!(is_out_of_descriptors(&e(Errno::MFILE.raw_os_error())));
+        assert!(!is_out_of_descriptors(&io::Error::other("x")));
+        assert!(is_symlink_refused(&e(Errno::LOOP.raw_os_error())));
+        assert!(is_clock_set(&e(Errno::CANCELED.raw_os_error())));
+    }
+
+    #[test]
+    fn a_symlink_is_refused_with_nofollow() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("t"), "x").unwrap();
+        std::os::unix::fs::symlink(d.path().join("t"), d.path().join("l")).unwrap();
+        let e = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NOFOLLOW | O_NONBLOCK_NOCTTY)
+            .open(d.path().join("l"))
+            .unwrap_err();
+        assert!(is_symlink_refused(&e), "{e}");
+    }
+
+    #[test]
+    fn a_bound_socket_listens_and_accepts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        let fd = unix_socket_bound(&p).unwrap();
+        listen(&fd, 8).unwrap();
+        let l = std::os::unix::net::UnixListener::from(fd);
+        let _c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        l.accept().unwrap();
+        let long = d.path().join("x".repeat(200));
+        assert!(unix_socket_bound(&long).is_err());
+    }
+
+    #[test]
+    fn groups_by_name() {
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("no-such-group-kooagent").unwrap(), None);
+        assert!(group_id("a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn monotonic_time_moves_forward() {
+        let a = monotonic_usec();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(monotonic_usec() >= a + 1_000);
     }
 
     #[test]

@@ -52,11 +52,8 @@ impl Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        // Best effort: don't leave the key in freed memory.
-        for b in self.0.iter_mut() {
-            // SAFETY: a volatile write to a byte we own.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        // Don't leave the key in freed memory (zeroize: writes the compiler cannot drop).
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 

@@ -147,7 +147,7 @@ fn hand_over(path: &Path, bytes: &[u8]) -> Result<(), DeviceError> {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(crate::sys::O_NOFOLLOW)
             .open(&tmp)?;
         let me = f.metadata()?;
         if (me.uid(), me.gid()) != (owner.uid(), owner.gid()) {

@@ -60,12 +60,8 @@ pub(crate) fn run(argv: &[String], timeout: Duration) -> Result<String, String> 
 }
 
 fn kill_group(child: &mut std::process::Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) on the process group we created with process_group(0); no memory involved.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-    }
+    // The group we created with process_group(0): the helper's own children too.
+    let _ = crate::sys::kill_process_group(child.id());
     let _ = child.kill();
     let _ = child.wait();
 }

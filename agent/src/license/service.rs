@@ -724,7 +724,7 @@ async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
                 match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
                     // Fired, or the clock was set (ECANCELED): either way, recompute.
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                    Ok(Err(e)) if crate::sys::is_clock_set(&e) => {
                         log::info!("the system clock was set; re-checking licenses");
                     }
                     Ok(Err(e)) => {

@@ -56,9 +56,10 @@ pub enum LedgerError {
 
 impl LedgerError {
     fn from_io(e: &io::Error) -> LedgerError {
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => LedgerError::DiskFull(e.to_string()),
-            _ => LedgerError::Io(e.to_string()),
+        if crate::sys::is_disk_full(e) {
+            LedgerError::DiskFull(e.to_string())
+        } else {
+            LedgerError::Io(e.to_string())
         }
     }
 }

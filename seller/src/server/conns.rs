@@ -202,29 +202,25 @@ impl RefusalLog {
 /// Lifts the soft descriptor limit to the hard one (under systemd `LimitNOFILE=` has done
 /// it already); returns the soft limit in force.
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return u64::MAX;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // rustix: `None` is unlimited.
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum || (lim.current.is_some() && lim.maximum.is_none()) {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return raised.current.unwrap_or(u64::MAX);
         }
     }
-    // rlim_t is 32 bits on some cross targets.
-    #[allow(clippy::unnecessary_cast)]
-    let soft = lim.rlim_cur as u64;
-    soft
+    lim.current.unwrap_or(u64::MAX)
+}
+
+/// The process or the system ran out of descriptors (EMFILE, ENFILE).
+pub fn out_of_descriptors(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE))
 }
 
 #[cfg(test)]

@@ -351,7 +351,7 @@ pub async fn serve(
                         }
                     }
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                Err(e) if super::conns::out_of_descriptors(&e) => {
                     if spare.refuse_one(&listener) {
                         refused(Refusal::Descriptors);
                     } else {
