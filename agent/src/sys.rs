@@ -286,6 +286,41 @@ fn set_signal_mask(how: libc::c_int) {
     }
 }
 
+/// CPU time (user + system, all threads) of process `pid` so far, in µs: its CPU clock,
+/// the nanosecond sum of what /proc/<pid>/stat counts in 10 ms ticks. None once it is
+/// gone. The bench measures the agent with it.
+pub fn process_cpu_us(pid: u32) -> Option<f64> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: plain libc calls on local values; rustix has no clock_getcpuclockid.
+    unsafe {
+        let mut clock: libc::clockid_t = 0;
+        if libc::clock_getcpuclockid(pid, &mut clock) != 0 {
+            return None;
+        }
+        let mut t: libc::timespec = std::mem::zeroed();
+        if libc::clock_gettime(clock, &mut t) != 0 {
+            return None;
+        }
+        Some(t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3)
+    }
+}
+
+/// This thread's CPU time so far, µs.
+pub fn thread_cpu_us() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
+}
+
+/// Asks process `pid` to stop (SIGTERM); gone already is not an error.
+pub fn terminate(pid: u32) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
 /// Lifts the soft limit on open descriptors to the hard one; returns the soft limit in
 /// force (`u64::MAX`: unlimited).
 pub fn raise_fd_limit() -> u64 {

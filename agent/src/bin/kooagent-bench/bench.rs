@@ -255,8 +255,7 @@ pub(crate) struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        kooagent::sys::terminate(self.child.id());
         let _ = self.child.wait();
     }
 }
@@ -336,24 +335,6 @@ pub(crate) fn start_agent(exe: &Path, config: &Path, socket: &Path) -> Result<(A
     }
 }
 
-/// CPU time (user + system, all threads) of process `pid` so far, in µs: its CPU clock,
-/// the nanosecond sum of what /proc/<pid>/stat counts in 10 ms ticks. None once it is gone.
-/// The seller server's bench uses it too.
-pub fn process_cpu_us(pid: u32) -> Option<f64> {
-    // SAFETY: plain libc calls on local values.
-    unsafe {
-        let mut clock: libc::clockid_t = 0;
-        if libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) != 0 {
-            return None;
-        }
-        let mut t: libc::timespec = std::mem::zeroed();
-        if libc::clock_gettime(clock, &mut t) != 0 {
-            return None;
-        }
-        Some(t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3)
-    }
-}
-
 /// Runs one load (a [`drive`]) to its end and makes its row, with the CPU the server
 /// (`server_pid`) spent per request over the same window.
 fn measured_row(
@@ -363,9 +344,9 @@ fn measured_row(
     server_pid: u32,
     load: impl std::future::Future<Output = Result<(u64, Vec<u32>, f64)>>,
 ) -> Result<Row> {
-    let before = process_cpu_us(server_pid);
+    let before = kooagent::sys::process_cpu_us(server_pid);
     let (n, lat, el) = rt.block_on(load)?;
-    let after = process_cpu_us(server_pid);
+    let after = kooagent::sys::process_cpu_us(server_pid);
     let mut r = row(label, clients, n, lat, el);
     r.server_cpu_us = before.zip(after).map(|(a, b)| (b - a) / n.max(1) as f64);
     Ok(r)

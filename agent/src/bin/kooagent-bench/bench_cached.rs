@@ -56,16 +56,6 @@ pub struct CachedReport {
     pub ack_p99_ms: f64,
 }
 
-/// This thread's CPU time so far, µs.
-fn thread_cpu_us() -> f64 {
-    // SAFETY: clock_gettime on a local timespec.
-    unsafe {
-        let mut t: libc::timespec = std::mem::zeroed();
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t);
-        t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
-    }
-}
-
 /// Mean µs of `f` over `seconds`, timed in batches of `batch`.
 fn mean_us(seconds: f64, batch: u32, f: impl FnMut()) -> f64 {
     mean_wall_cpu_us(seconds, batch, f).0
@@ -75,7 +65,7 @@ fn mean_us(seconds: f64, batch: u32, f: impl FnMut()) -> f64 {
 /// costs, whatever else the machine is running).
 fn mean_wall_cpu_us(seconds: f64, batch: u32, mut f: impl FnMut()) -> (f64, f64) {
     let t0 = Instant::now();
-    let c0 = thread_cpu_us();
+    let c0 = kooagent::sys::thread_cpu_us();
     let mut n = 0u64;
     while t0.elapsed().as_secs_f64() < seconds {
         for _ in 0..batch {
@@ -84,7 +74,7 @@ fn mean_wall_cpu_us(seconds: f64, batch: u32, mut f: impl FnMut()) -> (f64, f64)
         n += u64::from(batch);
     }
     let wall = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
-    (wall, (thread_cpu_us() - c0) / n as f64)
+    (wall, (kooagent::sys::thread_cpu_us() - c0) / n as f64)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {

@@ -26,25 +26,6 @@ pub struct ConnMemory {
     pub per_connection_bytes: f64,
 }
 
-/// Raises this process's descriptor limit to its hard limit (the bench holds one
-/// descriptor per connection); the limit it ends with.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain rlimit calls on a valid struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on armv7
-    let cur = lim.rlim_cur as u64;
-    cur
-}
-
 fn rss_kib(pid: u32) -> Result<u64> {
     Ok(crate::bench::proc_stat(pid)?.0)
 }
@@ -76,7 +57,7 @@ const PING: &[u8] = b"{\"v\":1,\"id\":1,\"op\":\"ping\"}\n";
 
 /// Starts an agent in `dir` allowing `n` connections from one uid, and measures.
 pub fn measure(exe: &Path, dir: &Path, trust: &str, n: usize) -> Result<ConnMemory> {
-    let nofile = raise_nofile();
+    let nofile = kooagent::sys::raise_fd_limit();
     if (nofile as usize) < n + 64 {
         bail!(
             "{n} idle connections need a descriptor limit above {} (ulimit -Hn is {nofile}); \
