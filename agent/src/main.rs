@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     // pins those databases to the modules built into libc itself: `files` (/etc/group,
     // /etc/passwd, /etc/hosts) and `dns` (/etc/resolv.conf). See docs/operations.md ("The
     // static binary"). Before any thread exists: the call is not thread-safe.
-    #[cfg(target_feature = "crt-static")]
+    #[cfg(all(target_feature = "crt-static", target_env = "gnu"))]
     kooagent::sys::static_nss();
     kooagent::cli::main()
 }

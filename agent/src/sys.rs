@@ -168,7 +168,10 @@ pub fn listen(fd: impl AsFd, backlog: i32) -> io::Result<()> {
 }
 
 /// Pins the static binary's NSS databases to the modules built into glibc (see main.rs).
-#[cfg(target_feature = "crt-static")]
+/// Gated on glibc, not on `crt-static`: scripts/release.sh links the binary alone
+/// statically (`cargo rustc … -C target-feature=+crt-static`), so this library is built
+/// without that feature and only main.rs can tell a static link.
+#[cfg(target_env = "gnu")]
 pub fn static_nss() {
     extern "C" {
         // glibc, <nss.h>: overrides the service line of one database, for "static
