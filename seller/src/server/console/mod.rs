@@ -400,34 +400,11 @@ async fn reissue_license(
     device: &str,
     now: i64,
 ) -> Result<(), String> {
-    let (key, tokens, products) = (
-        state.signing_key.clone(),
-        state.tokens.clone(),
-        state.products.clone(),
-    );
-    let (id, device) = (instance.to_string(), device.to_string());
-    let run = state.db.run(move |tx| {
-        let Some(row) = tx.instance(&id)? else {
-            return Ok(Err(format!("no instance {id}")));
-        };
-        let Some(product) = products.iter().find(|p| p.product == row.product) else {
-            return Ok(Err(format!("product {} is not configured", row.product)));
-        };
-        let ctx = super::activities::Ctx {
-            now,
-            product,
-            key: &key,
-            tokens: tokens.as_ref(),
-            presigned: None,
-            upload: false,
-        };
-        Ok(super::activities::reissue(tx, &ctx, &id, &device)?.map(drop))
-    });
-    match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the database did not answer within 5 s".into()),
-    }
+    let device = device.to_string();
+    with_instance(state, instance, now, move |tx, ctx, id| {
+        Ok(super::activities::reissue(tx, ctx, id, &device)?.map(drop))
+    })
+    .await
 }
 
 /// Runs a marketplace activity for the console (marked so in the call history).
@@ -437,13 +414,38 @@ async fn run_activity(
     body: serde_json::Value,
     now: i64,
 ) -> Result<(), String> {
+    let body = body.to_string();
+    with_instance(state, instance, now, move |tx, ctx, _| {
+        let answer = super::activities::handle_for_console(tx, ctx, body.as_bytes())?;
+        Ok(match super::metrics::result_code_of(&answer) {
+            "000000" => Ok(()),
+            _ => Err(serde_json::from_str::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|v| v["resultMsg"].as_str().map(str::to_string))
+                .unwrap_or(answer)),
+        })
+    })
+    .await
+}
+
+/// Runs `act` on the database thread for `instance`, with the activity context its
+/// product gives a marketplace callback (its answer within 5 s, or an error saying so).
+async fn with_instance<F>(state: &State, instance: &str, now: i64, mut act: F) -> Result<(), String>
+where
+    F: FnMut(
+            &mut dyn super::db::Tx,
+            &super::activities::Ctx<'_>,
+            &str,
+        ) -> Result<Result<(), String>, super::db::DbError>
+        + Send
+        + 'static,
+{
     let (key, tokens, products) = (
         state.signing_key.clone(),
         state.tokens.clone(),
         state.products.clone(),
     );
     let id = instance.to_string();
-    let body = body.to_string();
     let run = state.db.run(move |tx| {
         let Some(row) = tx.instance(&id)? else {
             return Ok(Err(format!("no instance {id}")));
@@ -459,14 +461,7 @@ async fn run_activity(
             presigned: None,
             upload: false,
         };
-        let answer = super::activities::handle_for_console(tx, &ctx, body.as_bytes())?;
-        Ok(match super::metrics::result_code_of(&answer) {
-            "000000" => Ok(()),
-            _ => Err(serde_json::from_str::<serde_json::Value>(&answer)
-                .ok()
-                .and_then(|v| v["resultMsg"].as_str().map(str::to_string))
-                .unwrap_or(answer)),
-        })
+        act(tx, &ctx, &id)
     });
     match tokio::time::timeout(Duration::from_secs(5), run).await {
         Ok(Ok(r)) => r,
