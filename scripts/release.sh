@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target_args=()
-bin=target/release/kooagent
+bin="${CARGO_TARGET_DIR:-target}/release/kooagent"
 if [ -n "${TARGET:-}" ]; then
     target_args=(--target "$TARGET")
     bin="${CARGO_TARGET_DIR:-target}/$TARGET/release/kooagent"

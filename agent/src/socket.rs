@@ -684,9 +684,17 @@ async fn connection(
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match protocol::parse_request(line) {
-                Err((id, err)) => protocol::write_err(&mut out, &id, &err),
-                Ok(req) if dispatcher.groups(&req.op) => {
+            // A plain request is read in place; a hot operation is answered there, straight
+            // into `out` (no task, no allocation). Everything else is served as before.
+            let parsed = match protocol::parse_request_ref(line) {
+                Some(req) if dispatcher.answer_inline(&agent, &req, peer, &mut out) => None,
+                Some(req) => Some(Ok(req.to_request())),
+                None => Some(protocol::parse_request(line)),
+            };
+            match parsed {
+                None => {}
+                Some(Err((id, err))) => protocol::write_err(&mut out, &id, &err),
+                Some(Ok(req)) if dispatcher.groups(&req.op) => {
                     let call = Call {
                         params: req.params,
                         peer,
@@ -694,7 +702,7 @@ async fn connection(
                     let group = gather(&mut conn, &req.op, (req.id, Ok(call)), peer);
                     serve_group(&mut out, group, &req.op, agent.clone(), &dispatcher).await;
                 }
-                Ok(req) => {
+                Some(Ok(req)) => {
                     log::trace!("uid={} op={}", peer.uid, req.op);
                     let call = Call {
                         params: req.params,

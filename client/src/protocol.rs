@@ -85,8 +85,12 @@ impl Id {
 
     /// A string or a number: the only ids a request may carry.
     fn is_valid(&self) -> bool {
+        Id::raw_is_valid(&self.0)
+    }
+
+    fn raw_is_valid(raw: &RawValue) -> bool {
         matches!(
-            self.0.get().as_bytes().first(),
+            raw.get().as_bytes().first(),
             Some(b'"' | b'-' | b'0'..=b'9')
         )
     }
@@ -145,6 +149,117 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Id, OpError)> {
         // Anything else is refused; the general path below says exactly why.
         _ => parse_request_slow(line),
     }
+}
+
+/// A well-formed request read in place: nothing copied out of the line. The agent serves
+/// its hot operations (`ping`, `license.check`) from this without allocating; everything
+/// else becomes a [`Request`] ([`RequestRef::to_request`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRef<'a> {
+    /// The id exactly as sent (a string or a number).
+    pub id: &'a RawValue,
+    pub op: &'a str,
+    /// The params object as sent; None when absent or null.
+    pub params: Option<&'a RawValue>,
+}
+
+impl RequestRef<'_> {
+    /// The same request as [`parse_request`] gives it.
+    pub fn to_request(&self) -> Request {
+        let params = match self.params {
+            Some(raw) => serde_json::from_str(raw.get()).expect("checked to be a JSON object"),
+            None => Value::Object(Default::default()),
+        };
+        Request {
+            id: Id(self.id.to_owned()),
+            op: self.op.to_owned(),
+            params,
+        }
+    }
+}
+
+/// Reads a plain well-formed request in place: `v` 1, a string or number `id`, an `op`
+/// without escapes, `params` an object, null or absent, no other field. None for anything
+/// else, which [`parse_request`] then reads (and names what is wrong with it): the two
+/// agree on every line this accepts.
+pub fn parse_request_ref(line: &[u8]) -> Option<RequestRef<'_>> {
+    let f: BorrowedFields = serde_json::from_slice(line).ok()?;
+    if f.v != Some(VERSION) || f.unknown {
+        return None;
+    }
+    let id = f.id?;
+    if !Id::raw_is_valid(id) {
+        return None;
+    }
+    let params = match f.params {
+        None => None,
+        Some(p) if p.get() == "null" => None,
+        Some(p) if p.get().starts_with('{') => Some(p),
+        Some(_) => return None,
+    };
+    Some(RequestRef {
+        id,
+        op: f.op?,
+        params,
+    })
+}
+
+/// The request fields borrowed from the line ([`parse_request_ref`]).
+#[derive(Default)]
+struct BorrowedFields<'a> {
+    v: Option<u64>,
+    id: Option<&'a RawValue>,
+    op: Option<&'a str>,
+    params: Option<&'a RawValue>,
+    unknown: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for BorrowedFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = BorrowedFields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a request object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BorrowedFields<'de>, A::Error> {
+                let mut f = BorrowedFields::default();
+                // A duplicate field keeps its last value, as in [`Fields`].
+                while let Some(key) = m.next_key::<Key>()? {
+                    match key {
+                        Key::V => f.v = Some(m.next_value()?),
+                        Key::Id => f.id = Some(m.next_value()?),
+                        Key::Op => f.op = Some(m.next_value()?),
+                        Key::Params => f.params = Some(m.next_value()?),
+                        Key::Other => {
+                            f.unknown = true;
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Appends the start of a success line, up to its result (which the caller appends, then
+/// [`write_ok_end`]): for answers written straight into the output buffer.
+pub fn write_ok_start(out: &mut Vec<u8>, id: &RawValue) {
+    out.extend_from_slice(b"{\"v\":1,\"id\":");
+    out.extend_from_slice(id.get().as_bytes());
+    out.extend_from_slice(b",\"ok\":true,\"result\":");
+}
+
+/// Ends a line begun with [`write_ok_start`].
+pub fn write_ok_end(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"}\n");
 }
 
 /// The four fields of a request as they appear on the line, read without building a map
@@ -397,6 +512,55 @@ mod tests {
             assert_eq!(
                 parse_request(c),
                 parse_request_slow(c),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
+        }
+    }
+
+    /// Every line read in place is the request the general path reads; lines it does not
+    /// take are left to the general path.
+    #[test]
+    fn the_borrowed_path_agrees_with_the_general_one() {
+        let taken: &[&[u8]] = &[
+            br#"{"v":1,"id":"a","op":"ping"}"#,
+            br#"{"op":"license.check","params":{"product":"p","feature":"f"},"id":7,"v":1}"#,
+            br#" {"v":1,"id":7,"op":"x","params":null} "#,
+            br#"{"v":1,"id":7,"op":"x","params":{},"v":1}"#,
+            br#"{"v":1,"id":7,"op":"x","id":8}"#,
+            br#"{"v":1,"id":123456789012345678901234567890,"op":"x"}"#,
+            br#"{"v":1,"id":7,"o\u0070":"escaped key"}"#,
+            br#"{"v":1,"id":"caf\u00e9","op":"x","params":{"a":[1,{"b":null}]}}"#,
+        ];
+        for c in taken {
+            let r =
+                parse_request_ref(c).unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(c)));
+            assert_eq!(
+                Ok(r.to_request()),
+                parse_request(c),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
+        }
+        let left: &[&[u8]] = &[
+            br#"{"v":1,"id":7,"op":"p\u0069ng"}"#,
+            br#"{"v":1.0,"id":7,"op":"x"}"#,
+            br#"{"v":2,"id":7,"op":"x"}"#,
+            br#"{"v":1,"id":null,"op":"x"}"#,
+            br#"{"v":1,"id":true,"op":"x"}"#,
+            br#"{"v":1,"id":7,"op":3}"#,
+            br#"{"v":1,"id":7,"op":"x","params":[]}"#,
+            br#"{"v":1,"id":7,"op":"x","params":"{}"}"#,
+            br#"{"v":1,"id":7,"op":"x","zz":1}"#,
+            br#"{"v":1,"op":"x"}"#,
+            br#"{"v":1,"id":7}"#,
+            br#"{"v":1,"id":7,"op":"x"} trailing"#,
+            b"{nope",
+            b"",
+        ];
+        for c in left {
+            assert!(
+                parse_request_ref(c).is_none(),
                 "{}",
                 String::from_utf8_lossy(c)
             );

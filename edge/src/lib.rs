@@ -7,7 +7,8 @@
 //! - [`upload`]: the usage-data API client and the delivery loop over a [`upload::Sink`]
 //!   (the agent's ledger, the seller server's outbox);
 //! - [`secret`]: secret files (interconnection key, AK/SK): mode and owner checked;
-//! - [`keyfile`]: Ed25519 key files (PKCS#8 PEM, trust lines);
+//! - [`keyfile`]: Ed25519 key files (PKCS#8 PEM, trust lines); [`input`]: a license or
+//!   token named on the command line (a file or standard input), bounded in size;
 //! - [`backoff`]: retry delays with jitter; [`random`]: the kernel's random source;
 //! - [`logging`]: the stderr/journald logger; [`prom`]: the Prometheus text format of
 //!   both `/metrics` endpoints.
@@ -16,6 +17,7 @@
 //! `kooagent-core`; this crate is the thin transport around them.
 pub mod backoff;
 pub mod https;
+pub mod input;
 pub mod keyfile;
 pub mod logging;
 pub mod marketplace;

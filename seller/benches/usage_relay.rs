@@ -12,9 +12,13 @@
 //! - "1 device, 1000/request": one device catching up, batches of 1000 one after the other
 //!   on one kept-alive connection;
 //! - "8 devices, 1000/request": eight of them at once;
-//! - "N devices, 4/request (1 h)": N devices (default 1000) each send their hour at once,
-//!   on warmed-up connections (the relay's intake per request) and on new connections (TCP
-//!   and TLS inside the timed window, as at a real fleet's hourly close);
+//! - "N devices, 4/request (1 h)": N devices (default 1000) each send their hour at once:
+//!   on warmed-up connections (the relay's intake per request, no connection cost); on new
+//!   connections resuming the TLS session each device got the hour before (TCP and an
+//!   abbreviated TLS handshake inside the timed window: a real fleet's hourly close, since
+//!   a device's idle connection does not last the hour but the agent's HTTPS client keeps
+//!   its session tickets); and on new connections with a full handshake (a device's first
+//!   contact, or a server restarted since: tickets are per process);
 //! - "N devices, 96/request (24 h)": the whole fleet catching up a day at once on new
 //!   connections (the relay was unreachable for a day).
 //!
@@ -159,29 +163,64 @@ fn load_average() -> String {
 enum Conn {
     /// Connected (TCP + TLS) before the timed window: a kept-alive connection.
     Warm,
-    /// Connected inside the timed window, as at a real fleet's hourly close: the agent's
-    /// idle connection of the hour before is gone, and the server's session cache holds
-    /// fewer than a fleet, so each is a full handshake.
+    /// Connected inside the timed window with a full handshake: a device's first contact,
+    /// or one whose TLS session expired (the client offers no session).
     New,
+    /// Connected inside the timed window, resuming the TLS session of the connection it
+    /// made the hour before (its own session cache, as the agent's relay client keeps
+    /// one): a real fleet's hourly close, whose idle connections of the hour before are
+    /// gone. The previous hour's request is sent (untimed) on that earlier connection.
+    Resumed,
+}
+
+/// A device's own TLS client: `base`'s trust, its own session cache (`sessions` tickets;
+/// 0: it offers none).
+fn own_connector(base: &TlsConnector, sessions: usize) -> TlsConnector {
+    let mut cfg = (**base.config()).clone();
+    cfg.resumption = if sessions == 0 {
+        rustls::client::Resumption::disabled()
+    } else {
+        rustls::client::Resumption::in_memory_sessions(sessions)
+    };
+    TlsConnector::from(Arc::new(cfg))
 }
 
 /// One request per device (`reqs[i]` from device i), all at once: (records held, wall,
-/// server CPU µs, client CPU µs).
+/// server CPU µs, client CPU µs). `prev[i]`: device i's request of the hour before, sent
+/// before the timed window on a connection of its own (for [`Conn::Resumed`]).
 async fn fleet(
     connector: TlsConnector,
     port: u16,
     pid: u32,
     reqs: Vec<Vec<u8>>,
+    mut prev: Vec<Vec<u8>>,
     conn: Conn,
 ) -> (usize, Duration, f64, f64) {
     let barrier = Arc::new(tokio::sync::Barrier::new(reqs.len() + 1));
+    // The hour before, a few devices at a time (not the measured burst).
+    let earlier = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
-    for req in reqs {
-        let (connector, barrier) = (connector.clone(), barrier.clone());
+    prev.resize(reqs.len(), Vec::new());
+    for (req, prev) in reqs.into_iter().zip(prev) {
+        let (barrier, earlier) = (barrier.clone(), earlier.clone());
+        let connector = match conn {
+            Conn::Warm => connector.clone(),
+            Conn::New => own_connector(&connector, 0),
+            Conn::Resumed => own_connector(&connector, 4),
+        };
         tasks.push(tokio::spawn(async move {
+            if !prev.is_empty() {
+                let _p = earlier.acquire().await.unwrap();
+                let mut s = connect(connector.clone(), port).await;
+                s.write_all(&prev).await.unwrap();
+                let (st, body) = read_response(&mut s).await;
+                held(st, &body);
+                // The server's session tickets arrive before the answer, so they are in.
+                let _ = s.shutdown().await;
+            }
             let mut warm = match conn {
                 Conn::Warm => Some(connect(connector.clone(), port).await),
-                Conn::New => None,
+                Conn::New | Conn::Resumed => None,
             };
             barrier.wait().await;
             let mut s = match warm.take() {
@@ -322,6 +361,8 @@ fn main() {
     let now = now_ms() / 1000;
     let hour = now / 3600 * 3600;
     let mut rows = Vec::new();
+    // Records accepted outside the timed windows (the hour before a resumed row).
+    let mut untimed = 0;
     let load_before = load_average();
 
     // One device, batches of 1000 records, one after the other.
@@ -440,39 +481,56 @@ fn main() {
                 Conn::Warm,
             ),
             (
-                format!("{devices} devices, 4/request (1 h), new conns"),
-                "cold",
+                format!("{devices} devices, 4/request (1 h), resumed TLS"),
+                "back",
                 1,
                 2,
+                Conn::Resumed,
+            ),
+            (
+                format!("{devices} devices, 4/request (1 h), new TLS"),
+                "cold",
+                1,
+                4,
                 Conn::New,
             ),
             (
-                format!("{devices} devices, 96/request (24 h), new conns"),
+                format!("{devices} devices, 96/request (24 h), new TLS"),
                 "day",
                 24,
-                3,
+                5,
                 Conn::New,
             ),
         ] {
-            let reqs: Vec<Vec<u8>> = (0..devices)
-                .map(|i| {
-                    let (k, _, _) = device(i);
-                    let recs = (0..hours * METERS)
-                        .map(|n| {
-                            let h = first_hour + (n / METERS) as i64;
-                            record(
-                                format!("{tag}-{i}-{n}"),
-                                &format!("inst-{i}"),
-                                n % METERS,
-                                hour - 3600 * h,
-                                now,
-                            )
-                        })
-                        .collect();
-                    request(&k, recs)
-                })
-                .collect();
-            let r = rt.block_on(fleet(connector.clone(), port, pid, reqs, conn));
+            let reqs_of = |tag: &str, first_hour: i64| -> Vec<Vec<u8>> {
+                (0..devices)
+                    .map(|i| {
+                        let (k, _, _) = device(i);
+                        let recs = (0..hours * METERS)
+                            .map(|n| {
+                                let h = first_hour + (n / METERS) as i64;
+                                record(
+                                    format!("{tag}-{i}-{n}"),
+                                    &format!("inst-{i}"),
+                                    n % METERS,
+                                    hour - 3600 * h,
+                                    now,
+                                )
+                            })
+                            .collect();
+                        request(&k, recs)
+                    })
+                    .collect()
+            };
+            let reqs = reqs_of(tag, first_hour);
+            let prev = if conn == Conn::Resumed {
+                let p = reqs_of(&format!("{tag}-before"), first_hour + 1);
+                untimed += devices * hours * METERS;
+                p
+            } else {
+                Vec::new()
+            };
+            let r = rt.block_on(fleet(connector.clone(), port, pid, reqs, prev, conn));
             rows.push(Row {
                 name,
                 requests: devices,
@@ -528,7 +586,7 @@ fn main() {
     let held: i64 = db
         .query_row("SELECT COUNT(*) FROM usage_outbox", [], |r| r.get(0))
         .unwrap();
-    let want: usize = rows.iter().map(|r| r.records).sum();
+    let want: usize = rows.iter().map(|r| r.records).sum::<usize>() + untimed;
     println!("outbox: {held} records held (answered {want})");
     assert_eq!(held as usize, want);
 }

@@ -548,7 +548,7 @@ fn seller_cmd(first: &FirstFlags, command: SellerCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SellerCommand::Inspect { file, key, json } => {
-            let bytes = read_input(&file)?;
+            let bytes = kooagent_edge::input::read_license_input(&file)?;
             let parsed = format::parse(&bytes).with_context(|| format!("{}", file.display()))?;
             let (verdict, ok) = match &key {
                 Some(k) => {
@@ -756,20 +756,4 @@ fn utc(flag: &str, s: &str) -> Result<i64> {
     kooagent_core::clock::parse_rfc3339(s)
         .filter(|_| s.ends_with('Z'))
         .with_context(|| format!("{flag}: {s:?} is not a UTC time written YYYY-MM-DDTHH:MM:SSZ"))
-}
-
-fn read_input(file: &std::path::Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let limit = kooagent_core::license::format::MAX_LICENSE_BYTES as u64 + 1;
-    let mut bytes = Vec::new();
-    if file.as_os_str() == "-" {
-        std::io::stdin().take(limit).read_to_end(&mut bytes)?;
-    } else {
-        std::fs::File::open(file)
-            .with_context(|| format!("opening {}", file.display()))?
-            .take(limit)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", file.display()))?;
-    }
-    Ok(bytes)
 }

@@ -296,3 +296,74 @@ fn the_per_uid_cap_is_configurable() {
     let mut extra = a.connect();
     assert_eq!(extra.read_json()["error"]["code"], json!("busy"));
 }
+
+/// `ping` and `license.check` are answered in place when their request is plain
+/// (`ops::InlineSpec`); the same request written so that it cannot be read in place (an
+/// escape in its `op`) goes through the operation's handler. Both answer byte for byte
+/// alike, in order, whichever way each is served, errors included.
+#[test]
+fn hot_operations_answer_in_place_exactly_as_their_handlers() {
+    let seller = crate::license::Seller::new();
+    let a = TestAgent::start(&seller.config());
+    let code = crate::license::device_code(&a);
+    let text = seller.bound(
+        &code,
+        "sku-pro",
+        &["--days", "30", "--feature", "sso", "--id", "L-1"],
+    );
+    crate::license::install(&a, &text).unwrap();
+    let mut c = a.connect();
+    let cases = [
+        ("ping", r#""params":{}"#),
+        ("ping", r#""params":{ }"#),
+        ("ping", r#""params":null"#),
+        ("ping", r#""params":{"x":1}"#),
+        ("license.check", r#""params":{"product":"sku-pro"}"#),
+        (
+            "license.check",
+            r#""params":{"product":"sku-pro","feature":"sso"}"#,
+        ),
+        (
+            "license.check",
+            r#""params":{"feature":"audit","product":"sku-pro"}"#,
+        ),
+        (
+            "license.check",
+            r#""params":{"product":"sku-pro","feature":null}"#,
+        ),
+        (
+            "license.check",
+            r#""params":{"product":"sku-pro","feature":"a\"b"}"#,
+        ),
+        ("license.check", r#""params":{"product":"sku-\u0070ro"}"#),
+        ("license.check", r#""params":{"product":"sku-basic"}"#),
+        ("license.check", r#""params":{"product":"sku-pro","x":1}"#),
+        ("license.check", r#""params":{}"#),
+        ("license.check", ""),
+    ];
+    for (op, params) in cases {
+        let escaped = op.replacen('i', "\\u0069", 1);
+        let sep = if params.is_empty() { "" } else { "," };
+        let line =
+            |op: &str, id: &str| format!("{{\"v\":1,\"id\":{id},\"op\":\"{op}\"{sep}{params}}}\n");
+        // Both in one write: served in one wakeup, so a time-dependent answer (secs_left)
+        // rarely straddles a second; a pair that did is sent again.
+        let mut same = false;
+        for _ in 0..5 {
+            c.send_raw(format!("{}{}", line(op, "\"k\""), line(&escaped, "\"k\"")).as_bytes());
+            let mut in_place = String::new();
+            let mut handled = String::new();
+            std::io::BufRead::read_line(&mut c.reader, &mut in_place).unwrap();
+            std::io::BufRead::read_line(&mut c.reader, &mut handled).unwrap();
+            assert!(in_place.starts_with("{\"v\":1,\"id\":\"k\","), "{in_place}");
+            if in_place == handled {
+                same = true;
+                break;
+            }
+        }
+        assert!(
+            same,
+            "{op} {params}: in place and through the handler differ"
+        );
+    }
+}

@@ -135,20 +135,8 @@ fn install(g: &Global, file: &Path, product: Option<String>) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// A license or token file, or standard input for `-`, read up to the largest license the
-/// format allows (plus one byte, so that the parser names an oversized file).
+/// A license or token file, or standard input for `-` (bounded: see
+/// `kooagent_edge::input`).
 pub(crate) fn read_input(file: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let limit = crate::license::format::MAX_LICENSE_BYTES as u64 + 1;
-    let mut bytes = Vec::new();
-    if file.as_os_str() == "-" {
-        std::io::stdin().take(limit).read_to_end(&mut bytes)?;
-    } else {
-        std::fs::File::open(file)
-            .with_context(|| format!("opening {}", file.display()))?
-            .take(limit)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", file.display()))?;
-    }
-    Ok(bytes)
+    Ok(kooagent_edge::input::read_license_input(file)?)
 }

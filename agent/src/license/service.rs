@@ -142,37 +142,51 @@ impl Verdicts {
     }
 
     /// The `license.check` answer for `product` (and `feature`) as JSON text, or `None`
-    /// when no license for it is installed. Picks the best license: one that allows use
-    /// (and grants the feature, when asked) first, then by state, then the longest running.
-    /// Built from the answer serialised in advance: no map is built per request.
+    /// when no license for it is installed ([`Verdicts::write_check`]).
     pub fn check_json(&self, product: &str, feature: Option<&str>, now: i64) -> Option<String> {
-        use std::fmt::Write;
-        let pick = self.pick(product, feature)?;
-        let left = pick.secs_left(now);
-        let mut out = String::with_capacity(pick.answer_head.len() + 96);
-        out.push_str(&pick.answer_head);
-        if out.len() > 1 {
-            out.push(',');
+        let mut out = Vec::new();
+        self.write_check(&mut out, product, feature, now)
+            .then(|| String::from_utf8(out).expect("the answer is JSON text"))
+    }
+
+    /// Appends the `license.check` answer for `product` (and `feature`) to `out` as JSON
+    /// text; false (nothing appended) when no license for it is installed. Picks the best
+    /// license: one that allows use (and grants the feature, when asked) first, then by
+    /// state, then the longest running. Built from the answer serialised in advance: no map
+    /// is built and nothing allocated per request.
+    pub fn write_check(
+        &self,
+        out: &mut Vec<u8>,
+        product: &str,
+        feature: Option<&str>,
+        now: i64,
+    ) -> bool {
+        use std::io::Write;
+        let Some(pick) = self.pick(product, feature) else {
+            return false;
+        };
+        out.extend_from_slice(pick.answer_head.as_bytes());
+        if pick.answer_head.len() > 1 {
+            out.push(b',');
         }
         let allowed = match feature {
             Some(f) => pick.state.allows_use() && pick.grants(f),
             None => pick.state.allows_use(),
         };
-        let (secs, days) = match left {
-            Some(s) => (s.to_string(), (s / 86_400).to_string()),
-            None => ("null".into(), "null".into()),
-        };
-        let _ = write!(
-            out,
-            "\"allowed\":{allowed},\"secs_left\":{secs},\"days_left\":{days}"
-        );
+        let _ = write!(out, "\"allowed\":{allowed},");
+        match pick.secs_left(now) {
+            Some(s) => {
+                let _ = write!(out, "\"secs_left\":{s},\"days_left\":{}", s / 86_400);
+            }
+            None => out.extend_from_slice(b"\"secs_left\":null,\"days_left\":null"),
+        }
         if let Some(f) = feature {
-            out.push_str(",\"feature\":{\"name\":");
-            out.push_str(&serde_json::to_string(f).expect("strings serialise"));
+            out.extend_from_slice(b",\"feature\":{\"name\":");
+            serde_json::to_writer(&mut *out, f).expect("strings serialise");
             let _ = write!(out, ",\"granted\":{}}}", pick.grants(f));
         }
-        out.push('}');
-        Some(out)
+        out.push(b'}');
+        true
     }
 
     /// The license `license.check` answers with for `product` (and `feature`).
@@ -398,6 +412,13 @@ impl LicenseService {
     /// The current verdict table (cheap: an `Arc` clone).
     pub fn verdicts(&self) -> Arc<Verdicts> {
         self.verdicts.read().expect("verdicts lock").clone()
+    }
+
+    /// The current verdict table, borrowed under the read lock (no reference count
+    /// touched): for a lookup that ends at once, as a socket check's does. Holding it
+    /// blocks the table's replacement.
+    pub fn verdicts_ref(&self) -> std::sync::RwLockReadGuard<'_, Arc<Verdicts>> {
+        self.verdicts.read().expect("verdicts lock")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Call, OpFuture, OpSpec, Reply};
+use super::{Call, Inline, InlineSpec, OpFuture, OpSpec, Reply};
 use crate::agent::Agent;
 use crate::license::store::Installed;
 use crate::protocol::{params, OpError};
@@ -45,6 +45,46 @@ struct CheckParams {
     product: String,
     #[serde(default)]
     feature: Option<String>,
+}
+
+pub const CHECK_INLINE: InlineSpec = InlineSpec {
+    name: "license.check",
+    handler: check_inline,
+};
+
+/// [`CheckParams`] borrowed from the request line; a string with escapes does not borrow
+/// and leaves the request to [`check`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRef<'a> {
+    product: &'a str,
+    #[serde(default)]
+    feature: Option<&'a str>,
+}
+
+/// `license.check` answered in place from the verdict table, borrowed under its read lock
+/// and written straight into `out`. Left to [`check`]: params it cannot borrow or that are
+/// wrong (which [`check`] names), a table still waiting for the device code, and products
+/// without a license (the authorization-code lookup and the `no_license` error).
+fn check_inline(agent: &Agent, req: &Inline<'_>, out: &mut Vec<u8>) -> bool {
+    let Some(Ok(p)) = req
+        .params
+        .map(|raw| serde_json::from_str::<CheckRef>(raw.get()))
+    else {
+        return false;
+    };
+    let v = agent.license.verdicts_ref();
+    if v.device_pending {
+        return false;
+    }
+    let start = out.len();
+    crate::protocol::write_ok_start(out, req.id);
+    if !v.write_check(out, p.product, p.feature, agent.clock.now_secs()) {
+        out.truncate(start);
+        return false;
+    }
+    crate::protocol::write_ok_end(out);
+    true
 }
 
 fn check(agent: Arc<Agent>, call: Call) -> OpFuture {

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -80,6 +81,29 @@ pub struct GroupSpec {
     pub handler: GroupHandler,
 }
 
+/// A request to an operation that can be answered in place ([`InlineSpec`]), borrowed from
+/// the request line.
+pub struct Inline<'a> {
+    pub id: &'a RawValue,
+    /// The params object as sent; None when absent or null.
+    pub params: Option<&'a RawValue>,
+    pub peer: Peer,
+}
+
+/// Answers a request in place when it can: writes its whole answer line into the output
+/// buffer and returns true, or writes nothing and returns false, leaving the request to the
+/// operation's [`Handler`] (which answers every case: bad params, errors, waits). It must
+/// leave any params it does not fully understand to the handler, which names what is wrong.
+pub type InlineHandler = fn(&Agent, &Inline<'_>, &mut Vec<u8>) -> bool;
+
+/// The hot operations (`ping`, `license.check`) also answer in place: no task, no future,
+/// no allocation and no copy of the request or the answer per request; a request served
+/// this way answers byte for byte what its handler would.
+pub struct InlineSpec {
+    pub name: &'static str,
+    pub handler: InlineHandler,
+}
+
 /// Serialises a typed result into a reply.
 pub fn reply<T: Serialize>(value: &T) -> OpResult {
     serde_json::to_value(value)
@@ -104,9 +128,14 @@ const TABLES: &[&[OpSpec]] = &[
 /// Operations served in groups when pipelined (see [`GroupSpec`]).
 const GROUPS: &[GroupSpec] = &[usage::RECORD_GROUP];
 
+/// Operations also answered in place (see [`InlineSpec`]).
+const INLINE: &[InlineSpec] = &[ping::INLINE, license::CHECK_INLINE];
+
 pub struct Dispatcher {
     ops: HashMap<&'static str, (&'static Operation, Handler)>,
     groups: HashMap<&'static str, (&'static Operation, GroupHandler)>,
+    /// Two entries: a scan is cheaper than hashing the name.
+    inline: Vec<(&'static Operation, InlineHandler)>,
     /// The agent's own uid: with root, the [`Caller::Owner`] of every operation.
     own_uid: u32,
 }
@@ -136,9 +165,19 @@ impl Dispatcher {
                 (g.name, (*op, g.handler))
             })
             .collect();
+        let inline = INLINE
+            .iter()
+            .map(|i| {
+                let (op, _) = ops
+                    .get(i.name)
+                    .unwrap_or_else(|| panic!("inline handler for unknown operation {}", i.name));
+                (*op, i.handler)
+            })
+            .collect();
         Dispatcher {
             ops,
             groups,
+            inline,
             own_uid: crate::sys::euid(),
         }
     }
@@ -162,6 +201,30 @@ impl Dispatcher {
             None => OpError::new(codes::UNKNOWN_OP, format!("unknown operation {op:?}")),
         };
         Box::pin(async move { Err(err) })
+    }
+
+    /// Answers `req` in place into `out` when its operation has an [`InlineHandler`], the
+    /// peer may call it and the handler can; false (nothing written) otherwise: then
+    /// [`Self::dispatch`] serves it.
+    pub fn answer_inline(
+        &self,
+        agent: &Agent,
+        req: &crate::protocol::RequestRef<'_>,
+        peer: Peer,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let Some((row, h)) = self.inline.iter().find(|(row, _)| row.name == req.op) else {
+            return false;
+        };
+        if self.refuse(row, peer).is_some() {
+            return false;
+        }
+        let call = Inline {
+            id: req.id,
+            params: req.params,
+            peer,
+        };
+        h(agent, &call, out)
     }
 
     /// Whether consecutive pipelined calls of `op` are served together ([`Self::dispatch_group`]).

@@ -192,6 +192,45 @@ pub fn verify_with(
     now_ms: i64,
     nonce_fresh: impl FnOnce(&str) -> bool,
 ) -> Result<VerifyingKey, RelayAuthError> {
+    let p = prepare(headers, parse_key, method, path, body, now_ms)?;
+    if !p.verify() {
+        return Err(RelayAuthError::BadSignature);
+    }
+    if !nonce_fresh(&headers.nonce) {
+        return Err(RelayAuthError::Replay);
+    }
+    Ok(p.key)
+}
+
+/// A request whose headers passed every check but the signature itself: what the
+/// signature must verify against. A server checking many requests at once verifies these
+/// together (`ed25519_dalek::verify_batch`); [`verify_with`] checks one.
+#[derive(Debug, Clone)]
+pub struct Unverified {
+    pub key: VerifyingKey,
+    /// The signed bytes ([`signing_bytes`]).
+    pub message: Vec<u8>,
+    pub signature: Signature,
+}
+
+impl Unverified {
+    /// The signature alone (the verdict [`verify_with`] gives).
+    pub fn verify(&self) -> bool {
+        self.key.verify(&self.message, &self.signature).is_ok()
+    }
+}
+
+/// Every check of [`verify_with`] before the signature (key, timestamp window, nonce
+/// format, signature encoding), in the same order with the same errors; the nonce's
+/// freshness is the caller's, after the signature.
+pub fn prepare(
+    headers: &RelayHeaders,
+    parse_key: impl FnOnce(&str) -> Result<VerifyingKey, RelayAuthError>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<Unverified, RelayAuthError> {
     let key = parse_key(&headers.device_key)?;
     if headers.ts.is_empty()
         || headers.ts.len() > 15
@@ -222,15 +261,11 @@ pub fn verify_with(
     if skew_ms.abs() > WINDOW_MS {
         return Err(RelayAuthError::Stale { skew_ms });
     }
-    key.verify(
-        &signing_bytes(method, path, &headers.ts, &headers.nonce, body),
-        &Signature::from_bytes(&sig),
-    )
-    .map_err(|_| RelayAuthError::BadSignature)?;
-    if !nonce_fresh(&headers.nonce) {
-        return Err(RelayAuthError::Replay);
-    }
-    Ok(key)
+    Ok(Unverified {
+        key,
+        message: signing_bytes(method, path, &headers.ts, &headers.nonce, body),
+        signature: Signature::from_bytes(&sig),
+    })
 }
 
 #[cfg(test)]

@@ -240,6 +240,11 @@ pub fn tls_config(cert_file: &Path, key_file: &Path) -> Result<Arc<rustls::Serve
         .with_single_cert(certs, key)
         .map_err(|e| format!("seller_server.cert_file/key_file: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless TLS 1.3 session tickets (keys rotated every 6 h, random per process): a
+    // device reconnecting each hour (the usage relay, the authorization-code relay)
+    // resumes its session instead of a full handshake, however large the fleet. The
+    // default stateful cache holds 256 sessions, which a fleet's hourly close evicts.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
     Ok(Arc::new(cfg))
 }
 
@@ -1219,5 +1224,85 @@ mod tests {
         ));
         let q = [("authToken".to_string(), "x".to_string())];
         assert!(has_auth_token(&q, b"not json"));
+    }
+
+    /// One handshake in memory between `client` and `server`, the server's session
+    /// tickets read by the client: how it went.
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> rustls::HandshakeKind {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        let mut buf = Vec::new();
+        // Bounded: a TLS 1.3 handshake and its tickets take a few flights.
+        for _ in 0..10 {
+            buf.clear();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut r = &buf[..];
+            while !r.is_empty() {
+                s.read_tls(&mut r).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut r = &buf[..];
+            while !r.is_empty() {
+                c.read_tls(&mut r).unwrap();
+            }
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        s.handshake_kind().unwrap()
+    }
+
+    /// A device reconnecting the next hour resumes its TLS session even when a fleet
+    /// larger than a session cache connected in between (stateless tickets), so the
+    /// hourly close does not cost every device a full handshake.
+    #[test]
+    fn a_device_resumes_its_session_after_a_fleet_connected() {
+        let d = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(d.path().join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(d.path().join("k.pem"), key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            d.path().join("k.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let server = tls_config(&d.path().join("c.pem"), &d.path().join("k.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let device = || {
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
+            )
+        };
+        let me = device();
+        assert_eq!(handshake(&me, &server), rustls::HandshakeKind::Full);
+        // The rest of the fleet: more sessions than rustls' default cache (256) holds.
+        for _ in 0..300 {
+            handshake(&device(), &server);
+        }
+        assert_eq!(handshake(&me, &server), rustls::HandshakeKind::Resumed);
     }
 }

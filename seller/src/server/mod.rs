@@ -37,6 +37,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod relay;
+pub mod sig_batch;
 pub mod tokens;
 pub mod upload;
 pub mod usage_relay;

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::db::usage::{OutboxRow, OutboxState};
 use super::db::{Db, DbError, Tx};
 use super::limits::{self, Rate};
+use kooagent_core::authcode::relay_auth::{self, RelayAuthError, RelayHeaders};
 use kooagent_core::clock::Clock;
 use kooagent_core::usage::hours::HourRecord;
 use kooagent_core::usage::relay::{self, codes, RecordResult};
@@ -134,6 +135,8 @@ pub struct UsageRelay {
     pub cfg: UsageRelayConfig,
     /// Device keys decompressed once, not per request.
     pub keys: super::key_cache::KeyCache,
+    /// Device signatures of concurrent requests checked together.
+    pub signatures: super::sig_batch::BatchVerifier,
     wake: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -142,6 +145,7 @@ impl UsageRelay {
         UsageRelay {
             cfg: cfg.clone(),
             keys: Default::default(),
+            signatures: Default::default(),
             wake: Mutex::new(None),
         }
     }
@@ -400,15 +404,34 @@ pub async fn handle(
     let now_ms = state.clock.now_ms();
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let usage = state.usage.clone();
-    let device = match super::relay::verify_cached(
-        &usage.keys,
-        header,
-        "POST",
-        relay::PATH,
-        &body,
-        now_ms,
-    ) {
-        Ok(d) => d,
+    // The checks of `relay::verify_cached`, the signature itself batched with other
+    // requests' (`sig_batch`); the nonce's freshness is checked in the transaction.
+    let unverified = RelayHeaders::from_lookup(header).and_then(|h| {
+        let u = relay_auth::prepare(
+            &h,
+            |k| usage.keys.parse(k),
+            "POST",
+            relay::PATH,
+            &body,
+            now_ms,
+        )?;
+        Ok((h, u))
+    });
+    let checked = match unverified {
+        Ok((h, u)) => {
+            if usage.signatures.verify(u).await {
+                Ok(h)
+            } else {
+                Err(RelayAuthError::BadSignature)
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let device = match checked {
+        Ok(h) => super::relay::Device {
+            key: h.device_key,
+            nonce: h.nonce,
+        },
         Err(e) => {
             log::warn!("usage relay: refused: {e}");
             return relay_answer(401, codes::UNAUTHENTICATED, &e.to_string(), None);

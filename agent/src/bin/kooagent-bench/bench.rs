@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Freezes/unfreezes timed to the cached answer flipping (with --cached)
     #[arg(long, default_value_t = 200)]
     pub changes: usize,
+    /// Measure only these scenarios (labels as in the table, comma-separated; the
+    /// pipelined and batch rows are skipped then): for comparing builds quickly
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// One operation to measure: a name for the table, the request's op and params.
@@ -95,8 +99,14 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+/// Label of the Redis reference rows.
+const REDIS: &str = "redis PING (reference)";
+
 /// Records per `usage.record_batch` request in the batch measurement.
 pub const BATCH: usize = 1000;
+
+/// Label of the `usage.record_batch` rows.
+const BATCH_LABEL: &str = "usage.record_batch of 1000";
 
 /// Requests kept in flight on the one connection of the pipelined `usage.record` row.
 pub const PIPELINE_DEPTH: usize = 32;
@@ -168,6 +178,10 @@ pub struct Row {
     /// The server's CPU time (user + system) per request, in µs: what a request costs,
     /// less disturbed by other load on the machine than requests/s.
     pub server_cpu_us: Option<f64>,
+    /// This bench's own CPU time (its client loop, one thread) per request over the same
+    /// window, in µs: client and server share the machine's CPUs, so the two together
+    /// bound what any server can reach under this client (see [`Ceiling`]).
+    pub client_cpu_us: Option<f64>,
     /// The row's target, if it has one ([`Target::of`]), and whether it was met.
     pub target: Option<Target>,
     pub target_met: Option<bool>,
@@ -203,6 +217,52 @@ pub struct Report {
     pub load_start: Option<f64>,
     pub load_end: Option<f64>,
     pub cpus: usize,
+    /// What the CPU costs measured allow each row compared with Redis (and Redis itself).
+    pub ceilings: Vec<Ceiling>,
+}
+
+/// The most requests/s a row's CPU costs allow on this machine with this client: client
+/// and server run on the same CPUs, so `clients` requests in flight can use at most
+/// min(CPUs, clients) CPUs between them (one client: client and server take turns), and
+/// each request costs the client's CPU plus the server's. A server cheaper than Redis still
+/// cannot pass this ceiling; a target above it is out of reach with this client on this
+/// machine, whatever the server does.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub scenario: String,
+    pub clients: usize,
+    /// CPUs the load can keep busy: min(CPUs, clients).
+    pub cpus_used: f64,
+    pub client_cpu_us: f64,
+    pub server_cpu_us: f64,
+    /// cpus_used × 1e6 / (client + server CPU per request).
+    pub max_per_sec: f64,
+    /// max_per_sec over Redis's measured PING rate at the same client count.
+    pub max_vs_redis: f64,
+    /// Client + server CPU per request the row's target needs (None: no target).
+    pub target_needs_us: Option<f64>,
+}
+
+impl Ceiling {
+    fn of(row: &Row, redis: &Row, cpus: usize) -> Option<Ceiling> {
+        let (client, server) = (row.client_cpu_us?, row.server_cpu_us?);
+        let cpus_used = cpus.min(row.clients).max(1) as f64;
+        let max_per_sec = cpus_used * 1e6 / (client + server);
+        let target_needs_us = match row.target {
+            Some(Target::VsRedis(x)) => Some(cpus_used * 1e6 / (x * redis.per_sec)),
+            _ => None,
+        };
+        Some(Ceiling {
+            scenario: row.scenario.clone(),
+            clients: row.clients,
+            cpus_used,
+            client_cpu_us: client,
+            server_cpu_us: server,
+            max_per_sec,
+            max_vs_redis: max_per_sec / redis.per_sec,
+            target_needs_us,
+        })
+    }
 }
 
 /// The 1-minute load average (/proc/loadavg), if readable.
@@ -344,11 +404,16 @@ fn measured_row(
     server_pid: u32,
     load: impl std::future::Future<Output = Result<(u64, Vec<u32>, f64)>>,
 ) -> Result<Row> {
+    let me = std::process::id();
     let before = kooagent::sys::process_cpu_us(server_pid);
+    let client_before = kooagent::sys::process_cpu_us(me);
     let (n, lat, el) = rt.block_on(load)?;
+    let client_after = kooagent::sys::process_cpu_us(me);
     let after = kooagent::sys::process_cpu_us(server_pid);
     let mut r = row(label, clients, n, lat, el);
-    r.server_cpu_us = before.zip(after).map(|(a, b)| (b - a) / n.max(1) as f64);
+    let per_request = |(a, b): (f64, f64)| (b - a) / n.max(1) as f64;
+    r.server_cpu_us = before.zip(after).map(per_request);
+    r.client_cpu_us = client_before.zip(client_after).map(per_request);
     Ok(r)
 }
 
@@ -496,6 +561,7 @@ fn row(label: &str, clients: usize, n: u64, mut lat: Vec<u32>, elapsed: f64) -> 
         p99_us: percentile(&lat, 0.99),
         vs_redis: None,
         server_cpu_us: None,
+        client_cpu_us: None,
         target: None,
         target_met: None,
         records_per_commit: None,
@@ -559,7 +625,7 @@ impl Redis {
             seconds,
             "PONG",
         );
-        measured_row(rt, "redis PING (reference)", clients, self.child.id(), load)
+        measured_row(rt, REDIS, clients, self.child.id(), load)
     }
 }
 
@@ -646,7 +712,8 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
     };
     let mut reference = Vec::new();
     let mut rows = Vec::new();
-    for s in SCENARIOS {
+    let wanted = |label: &str| args.only.is_empty() || args.only.iter().any(|o| o == label);
+    for s in SCENARIOS.iter().filter(|s| wanted(s.label)) {
         let mut req = format!(
             "{{\"v\":1,\"id\":1,\"op\":\"{}\",\"params\":{}}}",
             s.op, s.params
@@ -680,7 +747,7 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         }
     }
     drop(redis);
-    {
+    if wanted(PIPELINED) {
         let req = b"{\"v\":1,\"id\":1,\"op\":\"usage.record\",\"params\":{\"meter\":\"bench\",\"value\":\"1.25\"}}\n";
         let load = drive_pipelined(
             socket.clone(),
@@ -694,7 +761,7 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         })?);
     }
     let mut batch_records_per_sec = Vec::new();
-    {
+    if wanted(BATCH_LABEL) {
         let one = r#"{"meter":"bench","value":"0.5"}"#;
         let list = vec![one; BATCH].join(",");
         let mut req = format!(
@@ -705,7 +772,7 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         for &c in &args.clients {
             let load = drive(socket.clone(), req.clone(), c, args.seconds, "\"ok\":true");
             let r = with_commits(&socket, BATCH, || {
-                measured_row(&rt, "usage.record_batch of 1000", c, pid, load)
+                measured_row(&rt, BATCH_LABEL, c, pid, load)
             })?;
             batch_records_per_sec.push((c, r.per_sec * BATCH as f64));
             rows.push(r);
@@ -739,6 +806,18 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         r.target = Target::of(&r.scenario, r.clients);
         r.target_met = r.target.and_then(|t| t.met(r));
     }
+    let ceilings = rows
+        .iter()
+        .filter(|r| {
+            r.target.is_some_and(|t| matches!(t, Target::VsRedis(_))) || r.scenario == REDIS
+        })
+        .filter_map(|r| {
+            let redis = rows
+                .iter()
+                .find(|b| b.scenario == REDIS && b.clients == r.clients)?;
+            Ceiling::of(r, redis, cpus())
+        })
+        .collect();
     let ms = |d: &Duration| d.as_secs_f64() * 1e3;
     let report = Report {
         rows,
@@ -757,6 +836,7 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
         load_start,
         load_end: load_average(),
         cpus: cpus(),
+        ceilings,
     };
     let _ = std::fs::remove_dir_all(&dir);
     if args.json {
@@ -770,13 +850,14 @@ pub fn run(args: BenchArgs, exe: &Path) -> Result<()> {
 pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis | server CPU µs/req | target |"
+        "| scenario | clients | requests | req/s | p50 µs | p99 µs | vs redis | server CPU µs/req | \
+         client CPU µs/req | target |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
     for row in &r.rows {
         writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
             row.scenario,
             row.clients,
             row.requests,
@@ -789,11 +870,15 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             row.server_cpu_us
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            row.client_cpu_us
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
             row.target
                 .map(|t| t.describe(row.target_met))
                 .unwrap_or_default()
         )?;
     }
+    print_ceilings(r, out)?;
     writeln!(out)?;
     writeln!(out, "| measure | value | target |")?;
     writeln!(out, "|---|---:|---|")?;
@@ -879,6 +964,48 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     if let Some(m) = &r.idle_connections {
         writeln!(out)?;
         crate::bench_conns::print_table(m, out)?;
+    }
+    Ok(())
+}
+
+/// The ceiling lines: what client + server CPU per request allow on this machine.
+fn print_ceilings(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if r.ceilings.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| ceiling: min(CPUs, clients) × 1e6 / (client + server CPU per request) | clients | \
+         CPUs used | client + server µs/req | most req/s | most vs redis | target needs \
+         client + server ≤ |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---|")?;
+    for c in &r.ceilings {
+        let needs = match c.target_needs_us {
+            Some(us) => format!(
+                "{us:.2} µs/req ({})",
+                if c.client_cpu_us + c.server_cpu_us <= us {
+                    "within reach"
+                } else if c.client_cpu_us >= us {
+                    "the client alone costs more: out of reach with this client"
+                } else {
+                    "server must be cheaper"
+                }
+            ),
+            None => String::new(),
+        };
+        writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.2} + {:.2} | {:.0} | {:.2}× | {needs} |",
+            c.scenario,
+            c.clients,
+            c.cpus_used,
+            c.client_cpu_us,
+            c.server_cpu_us,
+            c.max_per_sec,
+            c.max_vs_redis
+        )?;
     }
     Ok(())
 }
