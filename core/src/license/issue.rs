@@ -130,7 +130,7 @@ fn derived_id(lic: &License) -> String {
 /// Issues: builds and signs.
 pub fn issue(req: &IssueRequest, key: &SigningKey) -> Result<String, IssueError> {
     let lic = build(req)?;
-    format::sign(&lic, key).map_err(|e| IssueError(e.to_string()))
+    format::sign_checked(lic, key).map_err(|e| IssueError(e.to_string()))
 }
 
 #[cfg(test)]

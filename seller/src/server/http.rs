@@ -622,7 +622,6 @@ async fn marketplace_answer(
             );
         }
     };
-    let activity = super::metrics::activity_of(&body);
     let now = now_ms.div_euclid(1000);
     let prune = state.prune_before(now);
     // The new license is signed here, on the workers, in parallel; the database thread
@@ -638,6 +637,10 @@ async fn marketplace_answer(
         },
         &body,
     );
+    let activity = match &presigned {
+        Some(p) => p.activity(),
+        None => super::metrics::activity_of(&body),
+    };
     let st = state.clone();
     let job = move |tx: &mut dyn super::db::Tx| {
         if let Some(before) = prune {
