@@ -687,7 +687,10 @@ async fn connection(
             // A plain request is read in place; a hot operation is answered there, straight
             // into `out` (no task, no allocation). Everything else is served as before.
             let parsed = match protocol::parse_request_ref(line) {
-                Some(req) if dispatcher.answer_inline(&agent, &req, peer, &mut out) => None,
+                Some(req) if dispatcher.answer_inline(&agent, &req, peer, &mut out) => {
+                    log::trace!("uid={} op={}", peer.uid, req.op);
+                    None
+                }
                 Some(req) => Some(Ok(req.to_request())),
                 None => Some(protocol::parse_request(line)),
             };

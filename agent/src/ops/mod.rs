@@ -156,23 +156,19 @@ impl Dispatcher {
             let clash = ops.insert(spec.name, (op, spec.handler));
             assert!(clash.is_none(), "operation {} registered twice", spec.name);
         }
+        // A group or in-place handler serves an operation that has a row and a handler.
+        let row = |name: &str, kind: &str| {
+            ops.get(name)
+                .map(|(op, _)| *op)
+                .unwrap_or_else(|| panic!("{kind} handler for unknown operation {name}"))
+        };
         let groups = GROUPS
             .iter()
-            .map(|g| {
-                let (op, _) = ops
-                    .get(g.name)
-                    .unwrap_or_else(|| panic!("group handler for unknown operation {}", g.name));
-                (g.name, (*op, g.handler))
-            })
+            .map(|g| (g.name, (row(g.name, "group"), g.handler)))
             .collect();
         let inline = INLINE
             .iter()
-            .map(|i| {
-                let (op, _) = ops
-                    .get(i.name)
-                    .unwrap_or_else(|| panic!("inline handler for unknown operation {}", i.name));
-                (*op, i.handler)
-            })
+            .map(|i| (row(i.name, "inline"), i.handler))
             .collect();
         Dispatcher {
             ops,

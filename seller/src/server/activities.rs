@@ -163,10 +163,7 @@ impl Presigned {
     /// The request's activity, as [`super::metrics::activity_of`] names it (without
     /// parsing the body a second time).
     pub fn activity(&self) -> &'static str {
-        match self.obj.get("activity").and_then(Value::as_str) {
-            Some("getLicenseAsync") => "getLicenseAsync",
-            _ => "getLicense",
-        }
+        super::metrics::activity_label(self.obj.get("activity").and_then(Value::as_str))
     }
 }
 

@@ -1233,35 +1233,33 @@ mod tests {
         server: &Arc<rustls::ServerConfig>,
     ) -> rustls::HandshakeKind {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-        let mut buf = Vec::new();
+        let mut c =
+            rustls::Connection::from(rustls::ClientConnection::new(client.clone(), name).unwrap());
+        let mut s =
+            rustls::Connection::from(rustls::ServerConnection::new(server.clone()).unwrap());
         // Bounded: a TLS 1.3 handshake and its tickets take a few flights.
         for _ in 0..10 {
-            buf.clear();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut r = &buf[..];
-            while !r.is_empty() {
-                s.read_tls(&mut r).unwrap();
-            }
-            s.process_new_packets().unwrap();
-            buf.clear();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut r = &buf[..];
-            while !r.is_empty() {
-                c.read_tls(&mut r).unwrap();
-            }
-            c.process_new_packets().unwrap();
+            flight(&mut c, &mut s);
+            flight(&mut s, &mut c);
             if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
                 break;
             }
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
         s.handshake_kind().unwrap()
+    }
+
+    /// Everything `from` has to send, read and processed by `to`.
+    fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut r = &buf[..];
+        while !r.is_empty() {
+            to.read_tls(&mut r).unwrap();
+        }
+        to.process_new_packets().unwrap();
     }
 
     /// A device reconnecting the next hour resumes its TLS session even when a fleet

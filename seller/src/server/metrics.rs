@@ -83,14 +83,15 @@ pub fn activity_of(body: &[u8]) -> &'static str {
     let a = serde_json::from_slice::<A<'_>>(body)
         .ok()
         .and_then(|a| a.activity);
-    match a {
-        Some(a) => ACTIVITIES
-            .iter()
-            .find(|k| **k == a.as_ref())
-            .copied()
-            .unwrap_or("other"),
-        None => "other",
-    }
+    activity_label(a.as_deref())
+}
+
+/// The label of a request's `activity` field: a known activity or `other`.
+pub fn activity_label(activity: Option<&str>) -> &'static str {
+    activity
+        .and_then(|a| ACTIVITIES.iter().find(|k| **k == a))
+        .copied()
+        .unwrap_or("other")
 }
 
 /// The `resultCode` of one of our answers ([`super::activities::answer`] writes it first).

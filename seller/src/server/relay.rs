@@ -99,15 +99,15 @@ pub fn verify<'a>(
 ) -> Result<Device, RelayAuthError> {
     let headers = RelayHeaders::from_lookup(header)?;
     relay_auth::verify(&headers, method, path, body, now_ms, |_| true)?;
-    Ok(Device {
-        key: headers.device_key,
-        nonce: headers.nonce,
-    })
+    Ok(Device::from(headers))
 }
 
-/// [`verify`] with the device keys kept decompressed in `keys`.
-pub fn verify_cached<'a>(
+/// [`verify`] with the device keys kept decompressed in `keys` and the signature checked
+/// by `signatures` together with other requests' (`sig_batch`): the same checks in the
+/// same order with the same errors.
+pub async fn verify_batched<'a>(
     keys: &super::key_cache::KeyCache,
+    signatures: &super::sig_batch::BatchVerifier,
     header: impl Fn(&str) -> Option<&'a str>,
     method: &str,
     path: &str,
@@ -115,19 +115,20 @@ pub fn verify_cached<'a>(
     now_ms: i64,
 ) -> Result<Device, RelayAuthError> {
     let headers = RelayHeaders::from_lookup(header)?;
-    relay_auth::verify_with(
-        &headers,
-        |k| keys.parse(k),
-        method,
-        path,
-        body,
-        now_ms,
-        |_| true,
-    )?;
-    Ok(Device {
-        key: headers.device_key,
-        nonce: headers.nonce,
-    })
+    let unverified = relay_auth::prepare(&headers, |k| keys.parse(k), method, path, body, now_ms)?;
+    if !signatures.verify(unverified).await {
+        return Err(RelayAuthError::BadSignature);
+    }
+    Ok(Device::from(headers))
+}
+
+impl From<RelayHeaders> for Device {
+    fn from(h: RelayHeaders) -> Device {
+        Device {
+            key: h.device_key,
+            nonce: h.nonce,
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -23,7 +23,6 @@ use serde::{Deserialize, Serialize};
 use super::db::usage::{OutboxRow, OutboxState};
 use super::db::{Db, DbError, Tx};
 use super::limits::{self, Rate};
-use kooagent_core::authcode::relay_auth::{self, RelayAuthError, RelayHeaders};
 use kooagent_core::clock::Clock;
 use kooagent_core::usage::hours::HourRecord;
 use kooagent_core::usage::relay::{self, codes, RecordResult};
@@ -404,34 +403,20 @@ pub async fn handle(
     let now_ms = state.clock.now_ms();
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let usage = state.usage.clone();
-    // The checks of `relay::verify_cached`, the signature itself batched with other
-    // requests' (`sig_batch`); the nonce's freshness is checked in the transaction.
-    let unverified = RelayHeaders::from_lookup(header).and_then(|h| {
-        let u = relay_auth::prepare(
-            &h,
-            |k| usage.keys.parse(k),
-            "POST",
-            relay::PATH,
-            &body,
-            now_ms,
-        )?;
-        Ok((h, u))
-    });
-    let checked = match unverified {
-        Ok((h, u)) => {
-            if usage.signatures.verify(u).await {
-                Ok(h)
-            } else {
-                Err(RelayAuthError::BadSignature)
-            }
-        }
-        Err(e) => Err(e),
-    };
+    // The signature is checked together with other requests' (`sig_batch`); the nonce's
+    // freshness in the transaction.
+    let checked = super::relay::verify_batched(
+        &usage.keys,
+        &usage.signatures,
+        header,
+        "POST",
+        relay::PATH,
+        &body,
+        now_ms,
+    )
+    .await;
     let device = match checked {
-        Ok(h) => super::relay::Device {
-            key: h.device_key,
-            nonce: h.nonce,
-        },
+        Ok(d) => d,
         Err(e) => {
             log::warn!("usage relay: refused: {e}");
             return relay_answer(401, codes::UNAUTHENTICATED, &e.to_string(), None);
