@@ -300,6 +300,37 @@ pub fn reload(
     Ok(restart_keys(started, &new))
 }
 
+/// Accept queue length asked of the kernel (it caps it at `net.core.somaxconn`, 4096 on
+/// current kernels). tokio's `TcpListener::bind` asks for 128: a fleet closing its hour or
+/// a burst of marketplace calls opening 1,000 connections at once overflowed it, and every
+/// connection past the queue waited for its client's SYN retransmit, a whole second
+/// (measured: 426 of 1,000 in the usage relay bench).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (`host:port`) with [`LISTEN_BACKLOG`], trying each address it resolves to.
+pub async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(a)?;
+            s.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "resolves to no address")
+    }))
+}
+
 /// One descriptor held back so that a connection can still be accepted and closed when the
 /// process is out of descriptors: otherwise it would wait in the backlog (its client
 /// hanging) and the listener would stay readable, the accept loop spinning.
@@ -1162,7 +1193,7 @@ pub fn run(
                 }
             }
         });
-        let listener = TcpListener::bind(&cfg.listen)
+        let listener = bind_listener(&cfg.listen)
             .await
             .map_err(|e| format!("seller_server.listen {}: {e}", cfg.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -1302,5 +1333,35 @@ mod tests {
             handshake(&device(), &server);
         }
         assert_eq!(handshake(&me, &server), rustls::HandshakeKind::Resumed);
+    }
+
+    /// 300 clients connect at once and nobody accepts: with tokio's default backlog (128)
+    /// the connections past the queue wait a second for their SYN retransmit.
+    #[test]
+    fn a_burst_of_connections_fits_the_accept_queue() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = 300.min(somaxconn);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = bind_listener("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut connects = tokio::task::JoinSet::new();
+            for _ in 0..burst {
+                connects.spawn(tokio::time::timeout(
+                    Duration::from_millis(700),
+                    tokio::net::TcpStream::connect(addr),
+                ));
+            }
+            let done = connects.join_all().await;
+            let connected = done.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+            assert_eq!(connected, burst, "connections completed without an accept");
+            drop(listener);
+        });
     }
 }
