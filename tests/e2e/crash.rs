@@ -501,11 +501,28 @@ fn freeze_in_flight(promises: &[(u64, Promise)], acked: &[u64]) -> bool {
 /// refusal to start. `device.key` counts only once something is sealed under it. `identity.json` is left out: it is the record the device code is
 /// compared with, rebuilt from the hardware at every start, not a source of it (see
 /// docs/operations.md, "Crash consistency").
+/// The ledger segment's number when `name` is one (`ledger-<seq>.log`).
+fn segment_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("ledger-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
 fn check_damage(seller: &Seller, tree: &Tree, rng: &mut Rng) -> Result<String, String> {
+    // A crash between a compaction's rename and its unlink leaves the old segment beside
+    // the new one; the new one's snapshot supersedes it and the agent deletes it unread.
+    let newest_segment = tree
+        .keys()
+        .filter_map(|p| segment_seq(&p.file_name()?.to_string_lossy()))
+        .max();
     let files: Vec<&PathBuf> = tree
         .iter()
         .filter(|(p, c)| {
             let name = p.file_name().unwrap().to_string_lossy();
+            if segment_seq(&name).is_some_and(|seq| Some(seq) != newest_segment) {
+                return false;
+            }
             // The lock's content is not read; temporaries and evidence are not state.
             c.as_ref().is_some_and(|b| !b.is_empty())
                 && !name.ends_with(".lock")
