@@ -90,6 +90,12 @@ struct Inner {
     tpm_carried: Option<u64>,
     /// What the TPM anchor did or why it is not in use (`freeze.status`).
     tpm_note: Option<String>,
+    /// The wishes last handed to the action thread: the same list again plans nothing (the
+    /// journal already holds its outcome), so it is not sent and the thread sleeps through
+    /// every verdict rebuild that changed no phase.
+    wants_sent: Vec<Want>,
+    /// How many lists were handed to the action thread (tests).
+    wants_sends: u64,
 }
 
 /// A `watch` subscriber; `verdicts` when it asked for the verdict table too.
@@ -211,6 +217,8 @@ impl FreezeService {
                 tpm: tpm.anchor,
                 tpm_carried: sealed,
                 tpm_note: tpm.note,
+                wants_sent: vec![],
+                wants_sends: 0,
             }),
             journal,
             actions_tx: Mutex::new(tx),
@@ -400,11 +408,16 @@ impl FreezeService {
                 since: r.since,
             })
             .collect();
-        let _ = self
-            .actions_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(wants);
+        // Nothing sent yet plans nothing for an empty list either.
+        if wants != inner.wants_sent {
+            inner.wants_sent = wants.clone();
+            inner.wants_sends += 1;
+            let _ = self
+                .actions_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(wants);
+        }
     }
 
     /// Applies a status token (blocking). The caller refreshes the license verdicts after;
@@ -1062,6 +1075,78 @@ mod tests {
         let ev = events.try_recv().expect("the transition after the refresh");
         assert_eq!(ev["state"], json!("frozen"), "{ev}");
         assert_eq!(allowed(&license), json!(false));
+    }
+
+    /// Every verdict rebuild (a timer, a clock set, the device identity, a reload) runs the
+    /// freeze hook; one that changes no phase must not wake the action thread: an idle
+    /// agent whose verdicts are rebuilt often (a clock set again and again on a busy host)
+    /// woke it at each rebuild.
+    #[test]
+    fn rebuilds_that_change_no_phase_do_not_wake_the_action_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = test_key(1);
+        let mut lic = sample();
+        lic.unbound = true;
+        lic.devices.clear();
+        let now = lic.not_before + 3600;
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let cfg = LicenseConfig {
+            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
+            ..Default::default()
+        };
+        let clock = Arc::new(FakeClock::new(now * 1000));
+        let license = LicenseService::new(dir.path(), &cfg, clock.clone(), device.clone());
+        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
+        license.set_freeze_hook(freeze.clone());
+        let sends = || freeze.lock().wants_sends;
+        // No license: nothing to act on, nothing sent however often the table is rebuilt.
+        for _ in 0..5 {
+            license.refresh_blocking();
+        }
+        assert_eq!(sends(), 0);
+        let text = crate::license::format::sign(&lic, &key).unwrap();
+        license.install(text.as_bytes(), None).unwrap();
+        let installed = sends();
+        assert_eq!(
+            installed, 1,
+            "a new license is the action thread's to judge"
+        );
+        for _ in 0..5 {
+            clock.advance_secs(1);
+            license.refresh_blocking();
+        }
+        assert_eq!(
+            sends(),
+            installed,
+            "rebuilds that changed nothing were sent"
+        );
+        let token = token::issue(
+            &token::TokenRequest {
+                license_id: lic.id.clone(),
+                action: token::Action::Freeze,
+                seq: 1,
+                issued_at: now,
+                devices: vec![],
+                reason: None,
+            },
+            &key,
+        )
+        .unwrap();
+        freeze
+            .apply_token(
+                token.as_bytes(),
+                &license.trusted_keys(),
+                license.time_view(),
+            )
+            .unwrap();
+        license.refresh_blocking();
+        assert_eq!(sends(), installed + 1, "the freeze is sent once");
+        assert_eq!(
+            freeze.lock().wants_sent[0].side,
+            Side::Stopped,
+            "{:?}",
+            freeze.lock().wants_sent
+        );
     }
 
     /// `watch` `{"verdicts": true}`: the table after the states, then a new one at every

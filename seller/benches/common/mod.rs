@@ -48,7 +48,9 @@ pub fn tls_connector(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
 
-/// The client's runtime: two workers, like the server's.
+/// The client's runtime: two workers, like the server's (the usage relay bench's;
+/// seller_serve's client runs on one thread, see there).
+#[allow(dead_code)]
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

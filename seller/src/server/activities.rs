@@ -291,6 +291,7 @@ fn note_call(
         result_code: Some(super::metrics::result_code_of(body).into()),
         retries: 0,
         last_at: None,
+        license_sha256: None,
     })
 }
 
@@ -429,6 +430,9 @@ struct Remember<'a> {
     instance_id: &'a str,
     order_id: Option<&'a str>,
     customer_id: Option<&'a str>,
+    /// `response` is the license answer for the license stored under this key in
+    /// `licenses`: the row references it instead of holding a second copy.
+    license_sha256: Option<String>,
 }
 
 fn remember(tx: &mut dyn Tx, ctx: &Ctx<'_>, r: Remember<'_>) -> Result<(), DbError> {
@@ -444,6 +448,7 @@ fn remember(tx: &mut dyn Tx, ctx: &Ctx<'_>, r: Remember<'_>) -> Result<(), DbErr
         result_code: Some(super::metrics::result_code_of(r.response).into()),
         retries: 0,
         last_at: None,
+        license_sha256: r.license_sha256,
     })
 }
 
@@ -451,7 +456,10 @@ fn license_answer(row: &InstanceRow) -> String {
     answer_for(&row.instance_id, &row.license_id, &row.license)
 }
 
-fn answer_for(instance_id: &str, license_id: &str, license: &str) -> String {
+/// The answer that carries a license: also what an `events` row stored by reference
+/// is rebuilt with (`super::db::stored_response`), so its bytes must not depend on
+/// anything else.
+pub(super) fn answer_for(instance_id: &str, license_id: &str, license: &str) -> String {
     answer(
         ResultCode::Success,
         "success",
@@ -793,12 +801,18 @@ fn get_license(
         RequestKey::Event(e) => e.clone(),
         RequestKey::Order(o) => format!("order:{o}"),
     };
-    tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
-    tx.put_instance(&row)?;
+    let sha = tx.record_license(&license_id, Some(&event_ref), &text, ctx.now)?;
+    if previous.is_some() {
+        tx.put_instance(&row)?;
+    } else {
+        tx.put_new_instance(&row)?;
+    }
     let body = match presigned {
         Some(p) => p.answer.clone(),
         None => license_answer(&row),
     };
+    // Stored by reference: reading rebuilds it from the license with answer_for.
+    debug_assert_eq!(body, answer_for(&instance_id, &license_id, &text));
     remember(
         tx,
         ctx,
@@ -810,6 +824,7 @@ fn get_license(
             instance_id: &instance_id,
             order_id: f.opt("orderId", 64)?,
             customer_id: f.opt("customerId", 100)?,
+            license_sha256: Some(sha),
         },
     )?;
     journal.stored = true;
@@ -995,6 +1010,7 @@ fn refresh_license(
                 instance_id,
                 order_id,
                 customer_id: None,
+                license_sha256: None,
             },
         )?;
         journal.stored = true;

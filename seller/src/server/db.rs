@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS events (
     customer_id TEXT,
     result_code TEXT,
     retries     BIGINT NOT NULL DEFAULT 0,
-    last_at     BIGINT
+    last_at     BIGINT,
+    license_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -156,13 +157,18 @@ pub const DROPPED_INDEXES: &str = "DROP INDEX IF EXISTS licenses_by_id;";
 /// (created after the migration: an older table has no such columns before it). The
 /// order and customer indexes are partial: most calls (§2 `getLicense` with an
 /// `instanceId`) carry neither, and write no entry there.
-pub const EVENT_HISTORY_COLUMNS: [(&str, &str); 6] = [
+///
+/// `license_sha256` came later (storing each license once): a license answer's row keeps
+/// the license it answered by reference (`licenses.sha256`) and an empty `response`, which
+/// reading rebuilds byte for byte ([`stored_response`]).
+pub const EVENT_HISTORY_COLUMNS: [(&str, &str); 7] = [
     ("instance_id", "TEXT"),
     ("order_id", "TEXT"),
     ("customer_id", "TEXT"),
     ("result_code", "TEXT"),
     ("retries", "BIGINT NOT NULL DEFAULT 0"),
     ("last_at", "BIGINT"),
+    ("license_sha256", "TEXT"),
 ];
 pub const EVENT_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS events_by_instance ON events (instance_id, created_at);
@@ -170,13 +176,59 @@ CREATE INDEX IF NOT EXISTS events_by_order ON events (order_id) WHERE order_id I
 CREATE INDEX IF NOT EXISTS events_by_customer ON events (customer_id) WHERE customer_id IS NOT NULL;
 ";
 
-/// The columns of an [`EventRow`], in the order both backends read them.
-pub const EVENT_COLS: &str = "event_id, activity, digest, response, created_at, instance_id, \
-                              order_id, customer_id, result_code, retries, last_at";
+/// The columns of an [`EventRow`] as both backends write them.
+macro_rules! event_cols {
+    () => {
+        "event_id, activity, digest, response, created_at, instance_id, order_id, \
+         customer_id, result_code, retries, last_at, license_sha256"
+    };
+}
+pub(crate) use event_cols;
+
+/// What both backends read for an [`EventRow`]: its columns in [`event_cols`]' order, then
+/// the referenced license's id and text (NULL for an answer stored whole), which
+/// [`stored_response`] turns back into the answer. A `WHERE` on `e.` follows.
+/// (A macro, so that the hot statements are `concat!`ed constants, not rebuilt per call.)
+macro_rules! event_select {
+    () => {
+        "SELECT e.event_id, e.activity, e.digest, e.response, e.created_at, e.instance_id, \
+         e.order_id, e.customer_id, e.result_code, e.retries, e.last_at, e.license_sha256, \
+         l.license_id, l.text FROM events e LEFT JOIN licenses l ON l.sha256 = e.license_sha256"
+    };
+}
+pub(crate) use event_select;
+pub const EVENT_SELECT: &str = event_select!();
+
+/// The answer an `events` row stands for: `response` as stored, or for a row that
+/// references its license (`license_sha256`, with that license's id and text from
+/// `licenses`) the license answer rebuilt from it, the same bytes
+/// ([`super::activities::answer_for`] made them when the row was written).
+pub fn stored_response(
+    row: &mut EventRow,
+    license: Option<(String, String)>,
+) -> Result<(), DbError> {
+    let Some(sha) = &row.license_sha256 else {
+        return Ok(());
+    };
+    let (Some((license_id, text)), Some(instance)) = (license, &row.instance_id) else {
+        return Err(DbError::Backend(format!(
+            "events {}: license {sha} or its instance is missing",
+            row.event_id
+        )));
+    };
+    row.response = super::activities::answer_for(instance, &license_id, &text);
+    Ok(())
+}
 
 /// The columns of an [`InstanceRow`], in the order both backends read them.
-pub const INSTANCE_COLS: &str = "instance_id, product, license_id, devices, not_before, \
-                                 not_after, status, frozen, license, seq, updated_at";
+macro_rules! instance_cols {
+    () => {
+        "instance_id, product, license_id, devices, not_before, not_after, status, frozen, \
+         license, seq, updated_at"
+    };
+}
+pub(crate) use instance_cols;
+pub const INSTANCE_COLS: &str = instance_cols!();
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DbError {
@@ -216,6 +268,12 @@ pub struct EventRow {
     pub retries: i64,
     /// When it was last answered again (None: never resent).
     pub last_at: Option<i64>,
+    /// A license answer stored by reference: the SHA-256 (hex) of the license in
+    /// `licenses`, which holds the only copy; `response` is then not written (an empty
+    /// string) and reading rebuilds it. It must be the license answer
+    /// `activities::answer_for(instance_id, that license's id, its text)`. None: the
+    /// response is stored whole.
+    pub license_sha256: Option<String>,
 }
 
 /// Which calls the console's history lists.
@@ -378,14 +436,20 @@ pub trait Tx {
     fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError>;
     /// Inserts or replaces.
     fn put_instance(&mut self, row: &InstanceRow) -> Result<(), DbError>;
-    /// Keeps a copy of every license issued (the same bytes twice are stored once).
+    /// Inserts an instance the caller has just looked up in this transaction and not
+    /// found: no upsert, and no device links to compare with.
+    fn put_new_instance(&mut self, row: &InstanceRow) -> Result<(), DbError> {
+        self.put_instance(row)
+    }
+    /// Keeps a copy of every license issued (the same bytes twice are stored once);
+    /// returns its key, the SHA-256 (hex) of the text.
     fn record_license(
         &mut self,
         license_id: &str,
         event_id: Option<&str>,
         text: &str,
         issued_at: i64,
-    ) -> Result<(), DbError>;
+    ) -> Result<String, DbError>;
     fn put_token(&mut self, row: &TokenRow) -> Result<(), DbError>;
     fn latest_token(&mut self, license_id: &str) -> Result<Option<TokenRow>, DbError>;
     fn code(&mut self, code: &str) -> Result<Option<CodeRow>, DbError>;
@@ -847,6 +911,7 @@ pub mod tests {
             result_code: Some("000000".into()),
             retries: 0,
             last_at: None,
+            license_sha256: None,
         };
         tx.put_event(&new).unwrap();
         for by in [
@@ -856,6 +921,35 @@ pub mod tests {
         ] {
             assert_eq!(tx.calls(by, 10).unwrap(), std::slice::from_ref(&new));
         }
+        check_answer_by_reference(tx);
+    }
+
+    /// A license answer stored by reference (its license's one copy in `licenses`) reads
+    /// back byte for byte, by `eventId` and in the call history.
+    pub fn check_answer_by_reference(tx: &mut dyn Tx) {
+        let text = "kl1.by-ref \"quoted\"";
+        let sha = tx.record_license("kg-i9", Some("e-ref"), text, 7).unwrap();
+        let answer = crate::server::activities::answer_for("i9", "kg-i9", text);
+        let by_ref = EventRow {
+            event_id: "e-ref".into(),
+            activity: "getLicense".into(),
+            digest: "d".into(),
+            response: answer,
+            created_at: 7,
+            instance_id: Some("i9".into()),
+            order_id: None,
+            customer_id: None,
+            result_code: Some("000000".into()),
+            retries: 0,
+            last_at: None,
+            license_sha256: Some(sha),
+        };
+        tx.put_event(&by_ref).unwrap();
+        assert_eq!(tx.event("e-ref").unwrap().as_ref(), Some(&by_ref));
+        assert_eq!(
+            tx.calls(CallsBy::Instance("i9"), 10).unwrap(),
+            std::slice::from_ref(&by_ref)
+        );
     }
 
     /// The instance ids of a lookup.
@@ -1087,6 +1181,7 @@ pub mod tests {
                 result_code: Some("000000".into()),
                 retries: 0,
                 last_at: None,
+                license_sha256: None,
             };
             let e2 = ev.clone();
             db.run_blocking(move |tx| tx.put_event(&e2)).unwrap();

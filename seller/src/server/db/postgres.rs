@@ -17,11 +17,16 @@ use postgres::{Client, NoTls, Row};
 
 use super::{
     Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
-    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
+    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_SELECT, INSTANCE_COLS,
 };
 
-fn event_row(r: &Row) -> EventRow {
-    EventRow {
+/// A row of [`EVENT_SELECT`], its answer rebuilt when it references its license.
+fn event_row(r: &Row) -> Result<EventRow, DbError> {
+    let license = match (r.get(12), r.get(13)) {
+        (Some(id), Some(text)) => Some((id, text)),
+        _ => None,
+    };
+    let mut row = EventRow {
         event_id: r.get(0),
         activity: r.get(1),
         digest: r.get(2),
@@ -33,7 +38,10 @@ fn event_row(r: &Row) -> EventRow {
         result_code: r.get(8),
         retries: r.get(9),
         last_at: r.get(10),
-    }
+        license_sha256: r.get(11),
+    };
+    super::stored_response(&mut row, license)?;
+    Ok(row)
 }
 
 pub struct Postgres {
@@ -264,25 +272,31 @@ impl Tx for Postgres {
     }
 
     fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
-        Ok(self
-            .opt(
-                &format!("SELECT {EVENT_COLS} FROM events WHERE event_id = $1"),
-                &[&event_id],
-            )?
-            .map(|r| event_row(&r)))
+        self.opt(
+            concat!(super::event_select!(), " WHERE e.event_id = $1"),
+            &[&event_id],
+        )?
+        .map(|r| event_row(&r))
+        .transpose()
     }
 
     fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
+        // By reference: the license's one copy is in `licenses`.
+        let response = match e.license_sha256 {
+            Some(_) => "",
+            None => e.response.as_str(),
+        };
         self.exec(
-            &format!(
-                "INSERT INTO events ({EVENT_COLS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            concat!(
+                "INSERT INTO events (",
+                super::event_cols!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             ),
             &[
                 &e.event_id,
                 &e.activity,
                 &e.digest,
-                &e.response,
+                &response,
                 &e.created_at,
                 &e.instance_id,
                 &e.order_id,
@@ -290,6 +304,7 @@ impl Tx for Postgres {
                 &e.result_code,
                 &e.retries,
                 &e.last_at,
+                &e.license_sha256,
             ],
         )
         .map(drop)
@@ -309,19 +324,18 @@ impl Tx for Postgres {
             CallsBy::Order(v) => ("order_id", v),
             CallsBy::Customer(v) => ("customer_id", v),
         };
-        Ok(self
-            .client
+        self.client
             .query(
                 &format!(
-                    "SELECT {EVENT_COLS} FROM events WHERE {column} = $1 \
-                     ORDER BY created_at DESC, event_id DESC LIMIT $2"
+                    "{EVENT_SELECT} WHERE e.{column} = $1 \
+                     ORDER BY e.created_at DESC, e.event_id DESC LIMIT $2"
                 ),
                 &[&value, &limit],
             )
             .map_err(err)?
             .iter()
             .map(event_row)
-            .collect())
+            .collect()
     }
 
     fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
@@ -368,21 +382,53 @@ impl Tx for Postgres {
         self.link_devices(&r.instance_id, &r.devices)
     }
 
+    fn put_new_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+        let devices = serde_json::to_string(&r.devices).expect("strings serialise");
+        self.exec(
+            concat!(
+                "INSERT INTO instances (",
+                super::instance_cols!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ),
+            &[
+                &r.instance_id,
+                &r.product,
+                &r.license_id,
+                &devices,
+                &r.not_before,
+                &r.not_after,
+                &r.status.as_str(),
+                &(r.frozen as i64),
+                &r.license,
+                &r.seq,
+                &r.updated_at,
+            ],
+        )?;
+        for code in &r.devices {
+            self.exec(
+                "INSERT INTO instance_devices (device_code, instance_id) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+                &[code, &r.instance_id],
+            )?;
+        }
+        Ok(())
+    }
+
     fn record_license(
         &mut self,
         license_id: &str,
         event_id: Option<&str>,
         text: &str,
         issued_at: i64,
-    ) -> Result<(), DbError> {
+    ) -> Result<String, DbError> {
         let sha =
             kooagent_core::license::format::hex(&<sha2::Sha256 as sha2::Digest>::digest(text));
         self.exec(
             "INSERT INTO licenses (sha256, license_id, event_id, issued_at, text) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             &[&sha, &license_id, &event_id, &issued_at, &text],
-        )
-        .map(drop)
+        )?;
+        Ok(sha)
     }
 
     fn put_token(&mut self, t: &TokenRow) -> Result<(), DbError> {

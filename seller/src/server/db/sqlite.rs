@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
-    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_COLS, INSTANCE_COLS,
+    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_SELECT, INSTANCE_COLS,
 };
 
 pub struct Sqlite {
@@ -298,6 +298,43 @@ impl Sqlite {
         Ok(())
     }
 
+    /// The links of an instance that had none (it was just inserted).
+    fn link_new_devices(&mut self, instance_id: &str, devices: &[String]) -> Result<(), DbError> {
+        for code in devices {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO instance_devices (device_code, instance_id) VALUES (?1, ?2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![code, instance_id]))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sql`, an insert of an instance's columns in `instance_cols!` order.
+    fn write_instance(&mut self, sql: &str, r: &InstanceRow) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.instance_id,
+                    r.product,
+                    r.license_id,
+                    devices_json(&r.devices),
+                    r.not_before,
+                    r.not_after,
+                    r.status.as_str(),
+                    r.frozen as i64,
+                    r.license,
+                    r.seq,
+                    r.updated_at
+                ])
+            })
+            .map(drop)
+            .map_err(err)
+    }
+
     /// The instances whose id `ids` selects (a query with one parameter, `?1`), by id.
     fn instances_where(&mut self, ids: &str, arg: &str) -> Result<Vec<InstanceRow>, DbError> {
         let rows = self
@@ -379,32 +416,39 @@ impl Tx for Sqlite {
 
     fn event(&mut self, event_id: &str) -> Result<Option<EventRow>, DbError> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT {EVENT_COLS} FROM events WHERE event_id = ?1"
-            ))
+            .prepare_cached(concat!(super::event_select!(), " WHERE e.event_id = ?1"))
             .and_then(|mut s| s.query_row(params![event_id], event_row).optional())
-            .map_err(err)
+            .map_err(err)?
+            .map(finish_event)
+            .transpose()
     }
 
     fn put_event(&mut self, e: &EventRow) -> Result<(), DbError> {
+        // By reference: the license's one copy is in `licenses`.
+        let response = match e.license_sha256 {
+            Some(_) => "",
+            None => e.response.as_str(),
+        };
         self.conn
-            .prepare_cached(&format!(
-                "INSERT INTO events ({EVENT_COLS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            .prepare_cached(concat!(
+                "INSERT INTO events (",
+                super::event_cols!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ))
             .and_then(|mut s| {
                 s.execute(params![
                     e.event_id,
                     e.activity,
                     e.digest,
-                    e.response,
+                    response,
                     e.created_at,
                     e.instance_id,
                     e.order_id,
                     e.customer_id,
                     e.result_code,
                     e.retries,
-                    e.last_at
+                    e.last_at,
+                    e.license_sha256
                 ])
             })
             .map(drop)
@@ -429,21 +473,26 @@ impl Tx for Sqlite {
         };
         self.conn
             .prepare_cached(&format!(
-                "SELECT {EVENT_COLS} FROM events WHERE {column} = ?1 \
-                 ORDER BY created_at DESC, event_id DESC LIMIT ?2"
+                "{EVENT_SELECT} WHERE e.{column} = ?1 \
+                 ORDER BY e.created_at DESC, e.event_id DESC LIMIT ?2"
             ))
             .and_then(|mut s| {
                 s.query_map(params![value, limit], event_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .map_err(err)
+            .map_err(err)?
+            .into_iter()
+            .map(finish_event)
+            .collect()
     }
 
     fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
         let x = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id = ?1"
+            .prepare_cached(concat!(
+                "SELECT ",
+                super::instance_cols!(),
+                " FROM instances WHERE instance_id = ?1"
             ))
             .and_then(|mut s| s.query_row(params![instance_id], instance_row).optional())
             .map_err(err)?;
@@ -453,8 +502,10 @@ impl Tx for Sqlite {
     fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError> {
         let x = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {INSTANCE_COLS} FROM instances WHERE license_id = ?1"
+            .prepare_cached(concat!(
+                "SELECT ",
+                super::instance_cols!(),
+                " FROM instances WHERE license_id = ?1"
             ))
             .and_then(|mut s| s.query_row(params![license_id], instance_row).optional())
             .map_err(err)?;
@@ -462,33 +513,32 @@ impl Tx for Sqlite {
     }
 
     fn put_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
-        self.conn
-            .prepare_cached(&format!(
-                "INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+        self.write_instance(
+            concat!(
+                "INSERT INTO instances (",
+                super::instance_cols!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
                  ON CONFLICT (instance_id) DO UPDATE SET product = excluded.product, \
                  license_id = excluded.license_id, devices = excluded.devices, \
                  not_before = excluded.not_before, not_after = excluded.not_after, \
                  status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
                  seq = excluded.seq, updated_at = excluded.updated_at"
-            ))
-            .and_then(|mut s| {
-                s.execute(params![
-                    r.instance_id,
-                    r.product,
-                    r.license_id,
-                    devices_json(&r.devices),
-                    r.not_before,
-                    r.not_after,
-                    r.status.as_str(),
-                    r.frozen as i64,
-                    r.license,
-                    r.seq,
-                    r.updated_at
-                ])
-            })
-            .map(drop)
-            .map_err(err)?;
+            ),
+            r,
+        )?;
         self.link_devices(&r.instance_id, &r.devices)
+    }
+
+    fn put_new_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+        self.write_instance(
+            concat!(
+                "INSERT INTO instances (",
+                super::instance_cols!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ),
+            r,
+        )?;
+        self.link_new_devices(&r.instance_id, &r.devices)
     }
 
     fn record_license(
@@ -497,7 +547,7 @@ impl Tx for Sqlite {
         event_id: Option<&str>,
         text: &str,
         issued_at: i64,
-    ) -> Result<(), DbError> {
+    ) -> Result<String, DbError> {
         let sha =
             kooagent_core::license::format::hex(&<sha2::Sha256 as sha2::Digest>::digest(text));
         self.conn
@@ -506,8 +556,8 @@ impl Tx for Sqlite {
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             )
             .and_then(|mut s| s.execute(params![sha, license_id, event_id, issued_at, text]))
-            .map(drop)
-            .map_err(err)
+            .map_err(err)?;
+        Ok(sha)
     }
 
     fn put_token(&mut self, t: &TokenRow) -> Result<(), DbError> {
@@ -1018,8 +1068,15 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     })
 }
 
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
-    Ok(EventRow {
+/// A row of [`EVENT_SELECT`], and the license it references (id, text), if any.
+type StoredEvent = (EventRow, Option<(String, String)>);
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let license = match (r.get(12)?, r.get(13)?) {
+        (Some(id), Some(text)) => Some((id, text)),
+        _ => None,
+    };
+    let row = EventRow {
         event_id: r.get(0)?,
         activity: r.get(1)?,
         digest: r.get(2)?,
@@ -1031,7 +1088,14 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
         result_code: r.get(8)?,
         retries: r.get(9)?,
         last_at: r.get(10)?,
-    })
+        license_sha256: r.get(11)?,
+    };
+    Ok((row, license))
+}
+
+fn finish_event((mut row, license): StoredEvent) -> Result<EventRow, DbError> {
+    super::stored_response(&mut row, license)?;
+    Ok(row)
 }
 
 const UPLOAD_COLS: &str =
@@ -1180,6 +1244,16 @@ mod tests {
             .unwrap();
         assert_eq!(indexes, 3);
         check_old_events_migrated(&mut db);
+        // The answer by reference holds no second copy of its license.
+        let stored: String = db
+            .conn
+            .query_row(
+                "SELECT response FROM events WHERE event_id = 'e-ref'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, "");
     }
 
     /// A database made before the device links existed opens, gets the links from each
