@@ -269,10 +269,10 @@ pub struct EventRow {
     /// When it was last answered again (None: never resent).
     pub last_at: Option<i64>,
     /// A license answer stored by reference: the SHA-256 (hex) of the license in
-    /// `licenses`, which holds the only copy; `response` is then not written (an empty
-    /// string) and reading rebuilds it. It must be the license answer
-    /// `activities::answer_for(instance_id, that license's id, its text)`. None: the
-    /// response is stored whole.
+    /// `licenses`, which holds the only copy; `put_event` then ignores `response`
+    /// (stores an empty string) and reading rebuilds it. The answer must be the license
+    /// answer `activities::answer_for(instance_id, that license's id, its text)`. None:
+    /// the response is stored whole.
     pub license_sha256: Option<String>,
 }
 
@@ -672,7 +672,11 @@ fn db_thread(mut backend: Box<dyn Backend>, rx: &std::sync::Mutex<mpsc::Receiver
             (limit + 1).min(MAX_BATCH)
         };
         for (job, r) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(r);
+            // The work first: what it holds that the caller shares is then the caller's
+            // to free, on its own thread, once it has the answer.
+            let Job { work, reply } = job;
+            drop(work);
+            let _ = reply.send(r);
         }
     }
 }
