@@ -22,6 +22,9 @@
 //! - "N devices, 96/request (24 h)": the whole fleet catching up a day at once on new
 //!   connections (the relay was unreachable for a day).
 //!
+//! `KOOAGENT_BENCH_MARKS=1` prints the fleet rows' timed windows in CLOCK_MONOTONIC seconds, for
+//! `perf record -k CLOCK_MONOTONIC ...` and `perf report --time START,END`.
+//!
 //! `cargo bench -p kooagent-seller --bench usage_relay` (optionally
 //! `-- BATCHES DEVICES`). The marketplace host is unreachable on purpose: the delivery
 //! worker backs off and the timed window measures acceptance (signature, checks, the
@@ -146,6 +149,28 @@ fn cpu_us(pid: u32) -> f64 {
     common::process_cpu_us(pid).expect("the process's CPU clock")
 }
 
+/// CLOCK_MONOTONIC now, in seconds (perf's `-k CLOCK_MONOTONIC` clock).
+fn monotonic_s() -> f64 {
+    // SAFETY: plain libc call on a local value.
+    unsafe {
+        let mut t: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t);
+        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    }
+}
+
+/// With `KOOAGENT_BENCH_MARKS` set, prints a timed window that just ended (`wall` long)
+/// for `perf record -k CLOCK_MONOTONIC ...` then `perf report --time START,END`.
+fn mark(name: &str, wall: Duration) {
+    if std::env::var_os("KOOAGENT_BENCH_MARKS").is_some() {
+        let end = monotonic_s();
+        eprintln!(
+            "{name} window (CLOCK_MONOTONIC s): {:.6},{end:.6}",
+            end - wall.as_secs_f64()
+        );
+    }
+}
+
 /// Meters a product bills: a device's hour is this many records.
 const METERS: usize = 4;
 /// Issue 19's target: records/s accepted by one server process.
@@ -247,6 +272,12 @@ async fn fleet(
     let out = (n, wall, cpu_us(pid) - s0, cpu_us(std::process::id()) - c0);
     drop(kept);
     out
+}
+
+/// Records per second of server CPU times the CPUs: the rate one server process would
+/// reach with the machine to itself (derived from the CPU column, not measured).
+fn server_only(records: usize, server_us: f64, cpus: usize) -> f64 {
+    records as f64 / (server_us / 1e6) * cpus as f64
 }
 
 struct Row {
@@ -531,6 +562,7 @@ fn main() {
                 Vec::new()
             };
             let r = rt.block_on(fleet(connector.clone(), port, pid, reqs, prev, conn));
+            mark(&name, r.1);
             rows.push(Row {
                 name,
                 requests: devices,
@@ -557,11 +589,24 @@ fn main() {
          \"warm\" is the intake alone (no connection cost), \"new TLS\" the worst case (first contact, server restarted)"
     );
     println!(
+        "what the client does per request in a timed window (what a device does when it sends): the request \
+         is built and signed before the window (an agent signs its request when it closes the hour, before it \
+         connects); inside it, warm: write the request on its open TCP + TLS connection and read the whole \
+         answer; resumed TLS: TCP connect, a TLS 1.3 handshake resuming its own session of the hour before \
+         (psk_dhe_ke: a fresh X25519 exchange), write, read the whole answer; new TLS: the same with a full \
+         handshake (certificate chain checked)"
+    );
+    println!(
+        "server-only capacity: records per second of server CPU (records / server CPU time) x {cpus} CPUs: what \
+         one server process would accept if it had the machine alone (the client's CPU not sharing it); \
+         a derived figure, not a measured rate"
+    );
+    println!(
         "load average: {load_before} before, {} after",
         load_average()
     );
     println!(
-        "{:<44} {:>8} {:>9} {:>8} {:>10} {:>8} {:>13} {:>13} {:>13}",
+        "{:<44} {:>8} {:>9} {:>8} {:>10} {:>8} {:>13} {:>13} {:>13} {:>13} {:>18}",
         "load",
         "requests",
         "records",
@@ -570,12 +615,14 @@ fn main() {
         "≥ 50,000",
         "server µs/rec",
         "server µs/req",
-        "client µs/rec"
+        "client µs/rec",
+        "client µs/req",
+        "server-only rec/s"
     );
     for r in &rows {
         let rate = r.records as f64 / r.wall.as_secs_f64();
         println!(
-            "{:<44} {:>8} {:>9} {:>8.0} {:>10.0} {:>8} {:>13.2} {:>13.1} {:>13.2}",
+            "{:<44} {:>8} {:>9} {:>8.0} {:>10.0} {:>8} {:>13.2} {:>13.1} {:>13.2} {:>13.1} {:>18.0}",
             r.name,
             r.requests,
             r.records,
@@ -584,7 +631,9 @@ fn main() {
             if rate >= TARGET { "yes" } else { "no" },
             r.server_us / r.records as f64,
             r.server_us / r.requests as f64,
-            r.client_us / r.records as f64
+            r.client_us / r.records as f64,
+            r.client_us / r.requests as f64,
+            server_only(r.records, r.server_us, cpus)
         );
     }
     let db = rusqlite::Connection::open(d.join("state/seller.db")).unwrap();
