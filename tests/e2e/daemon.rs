@@ -495,7 +495,12 @@ fn an_idle_agent_does_not_wake_up_for_a_minute() {
             (*n != was).then(|| format!("{name}: {}", n - was))
         })
         .collect();
-    assert!(woke.is_empty(), "threads woke while idle: {woke:?}");
+    // The log (debug) names what woke it: a timer, a clock set, the device identity.
+    assert!(
+        woke.is_empty(),
+        "threads woke while idle: {woke:?}; agent log:\n{}",
+        a.log()
+    );
 }
 
 /// The bench is not part of the shipped binary: `kooagent bench` is unknown, and the

@@ -10,7 +10,6 @@
 //! once. Idle, nothing runs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -20,7 +19,7 @@ use tokio::sync::{watch, Notify};
 use super::format::License;
 use super::keys::{Integrity, TrustedKeys};
 use super::store::{InstallError, Installed, LicenseStore, Rejected};
-use super::timer::{arm, timerfd};
+use super::timer::{Alarm, Rang, TimerFd};
 use super::trusted_time::{Source, TrustedTime};
 use super::verdict::{self, DeviceView, State, TimeView};
 use super::LicenseConfig;
@@ -29,7 +28,6 @@ use crate::config::Config;
 use crate::device_service::DeviceState;
 use crate::dir_watch::DirWatch;
 use crate::services::{done, Service, Step};
-use crate::sys::{read_fd, register};
 
 /// The freeze capability's say about one license: why it may not run, since when, and its
 /// lifecycle phase (`frozen` or `released`).
@@ -558,9 +556,9 @@ impl LicenseService {
                 dir.display()
             ),
         }
-        match timerfd() {
-            Ok(fd) => {
-                tokio::spawn(run_timer(self.clone(), fd));
+        match TimerFd::new() {
+            Ok(alarm) => {
+                tokio::spawn(run_timer(self.clone(), alarm));
             }
             Err(e) => log::error!("cannot create the license timer: {e}"),
         }
@@ -568,6 +566,7 @@ impl LicenseService {
         let mut rx = self.device.clone();
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
+                log::debug!("device identity changed; rebuilding the verdicts");
                 me.refresh().await;
             }
         });
@@ -726,33 +725,36 @@ async fn watch_dir(svc: Arc<LicenseService>, mut w: DirWatch) {
     }
 }
 
-async fn run_timer(svc: Arc<LicenseService>, fd: OwnedFd) {
-    let Some(afd) = register(fd, "license timer") else {
-        return;
-    };
-    let mut buf = [0u8; 8];
+async fn run_timer(svc: Arc<LicenseService>, mut alarm: impl Alarm) {
     loop {
-        let wake_at = svc.verdicts().wake_at;
-        if let Some(at) = wake_at {
-            if let Err(e) = arm(afd.get_ref(), at) {
-                log::error!("license timer: cannot arm it: {e}");
-                return;
+        if let Some(at) = svc.verdicts().wake_at {
+            match alarm.arm(at) {
+                Ok(()) => {}
+                // The clock was set after the last wait (during a rebuild, or twice in a
+                // row): the alarm is armed all the same; judge the licenses again. Giving
+                // up here left them without a timer until the next restart.
+                Err(e) if crate::sys::is_clock_set(&e) => {
+                    log::info!("the system clock was set; re-checking licenses");
+                    svc.refresh().await;
+                    continue;
+                }
+                Err(e) => {
+                    log::error!("license timer: cannot arm it: {e}");
+                    return;
+                }
             }
         }
         tokio::select! {
-            r = afd.readable() => {
-                let Ok(mut guard) = r else { return };
-                match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
-                    // Fired, or the clock was set (ECANCELED): either way, recompute.
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) if crate::sys::is_clock_set(&e) => {
+            r = alarm.wait() => {
+                match r {
+                    Ok(Rang::Due) => log::debug!("license timer: due; rebuilding the verdicts"),
+                    Ok(Rang::ClockSet) => {
                         log::info!("the system clock was set; re-checking licenses");
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         log::error!("license timer: {e}");
                         return;
                     }
-                    Err(_would_block) => continue,
                 }
                 svc.refresh().await;
             }
@@ -825,5 +827,85 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An alarm that refuses its first arming with ECANCELED (the clock was set while the
+    /// verdicts were being rebuilt) and then rings when the test says.
+    struct SetClockAlarm {
+        arms: Arc<Mutex<Vec<i64>>>,
+        refused: bool,
+        ring: tokio::sync::mpsc::UnboundedReceiver<Rang>,
+    }
+
+    impl Alarm for SetClockAlarm {
+        fn arm(&mut self, at: i64) -> std::io::Result<()> {
+            self.arms.lock().unwrap().push(at);
+            if !self.refused {
+                self.refused = true;
+                return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+            }
+            Ok(())
+        }
+
+        async fn wait(&mut self) -> std::io::Result<Rang> {
+            match self.ring.recv().await {
+                Some(r) => Ok(r),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// timerfd_settime answers ECANCELED when the clock was set after the last read: the
+    /// timer is armed all the same and the licenses are judged again. The timer task used
+    /// to end there, and no boundary (an expiry, a grace period's end) fired again.
+    #[tokio::test]
+    async fn a_clock_set_seen_while_arming_keeps_the_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let clock = Arc::new(crate::clock::FakeClock::new(1_800_000_000_000));
+        let svc = LicenseService::new(dir.path(), &LicenseConfig::default(), clock, device);
+        svc.refresh().await;
+        let arms = Arc::new(Mutex::new(vec![]));
+        let (ring, rx) = tokio::sync::mpsc::unbounded_channel();
+        let alarm = SetClockAlarm {
+            arms: arms.clone(),
+            refused: false,
+            ring: rx,
+        };
+        let task = tokio::spawn(run_timer(svc.clone(), alarm));
+        let armed = |n: usize| {
+            let arms = arms.clone();
+            async move {
+                for _ in 0..500 {
+                    if arms.lock().unwrap().len() >= n {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        let before = svc.verdicts();
+        assert!(
+            armed(2).await,
+            "not armed again after ECANCELED: {:?}",
+            arms.lock().unwrap()
+        );
+        assert!(
+            !Arc::ptr_eq(&before, &svc.verdicts()),
+            "the verdicts were not rebuilt after the clock was set"
+        );
+        assert!(!task.is_finished(), "the timer task ended");
+        // And it still rings.
+        let n = arms.lock().unwrap().len();
+        let before = svc.verdicts();
+        ring.send(Rang::Due).unwrap();
+        assert!(armed(n + 1).await, "not armed after ringing");
+        assert!(!Arc::ptr_eq(&before, &svc.verdicts()));
+        assert_eq!(
+            *arms.lock().unwrap().last().unwrap(),
+            svc.verdicts().wake_at.unwrap()
+        );
+        task.abort();
     }
 }

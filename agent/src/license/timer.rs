@@ -7,7 +7,11 @@
 //! the kernel's `timerfd_settime64` (Linux ≥ 5.1) there; an older kernel gets the time
 //! clamped to `i32::MAX`: the timer fires early, finds nothing to change, and is armed again.
 
+use std::future::Future;
+use std::io;
 use std::os::fd::OwnedFd;
+
+use tokio::io::unix::AsyncFd;
 
 /// The latest time armed: the kernel refuses times past 2262; farther boundaries fire early
 /// and are re-armed.
@@ -21,6 +25,57 @@ pub fn timerfd() -> std::io::Result<OwnedFd> {
 /// Arms the timer at `at` (Unix seconds, wall clock), cancelled by any clock change.
 pub fn arm(fd: &OwnedFd, at: i64) -> std::io::Result<()> {
     crate::sys::timerfd_arm_abs(fd, at.clamp(1, MAX_ARM))
+}
+
+/// How a wait on an [`Alarm`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rang {
+    /// The armed time came.
+    Due,
+    /// The wall clock was set (back or forward).
+    ClockSet,
+}
+
+/// The license service's wake-up: the timerfd below in the agent, a fake in tests.
+pub trait Alarm: Send {
+    /// Arms at `at` (Unix seconds, wall clock). An error that
+    /// [`is_clock_set`](crate::sys::is_clock_set) says the clock was set since the last
+    /// wait, with the alarm armed all the same (`timerfd_settime`'s ECANCELED).
+    fn arm(&mut self, at: i64) -> io::Result<()>;
+    /// Waits until the alarm rings. Cancel-safe (the caller selects on it).
+    fn wait(&mut self) -> impl Future<Output = io::Result<Rang>> + Send;
+}
+
+/// The timerfd registered with the runtime.
+pub struct TimerFd(AsyncFd<OwnedFd>);
+
+impl TimerFd {
+    /// Call inside the runtime.
+    pub fn new() -> io::Result<TimerFd> {
+        let fd = timerfd()?;
+        // SAFETY: the OwnedFd stays open, and is the same descriptor, as long as the AsyncFd.
+        Ok(TimerFd(unsafe { AsyncFd::register(fd)? }))
+    }
+}
+
+impl Alarm for TimerFd {
+    fn arm(&mut self, at: i64) -> io::Result<()> {
+        arm(self.0.get_ref(), at)
+    }
+
+    async fn wait(&mut self) -> io::Result<Rang> {
+        let mut buf = [0u8; 8];
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.try_io(|fd| crate::sys::read_fd(fd.get_ref(), &mut buf)) {
+                Ok(Ok(_)) => return Ok(Rang::Due),
+                Ok(Err(e)) if crate::sys::is_clock_set(&e) => return Ok(Rang::ClockSet),
+                Ok(Err(e)) => return Err(e),
+                // Readiness left over from the last read: wait for the next edge.
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }
 
 /// Seconds until the timer fires (for tests), read with a 64-bit time on every target.
