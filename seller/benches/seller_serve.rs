@@ -373,6 +373,9 @@ fn main() {
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
 
     let connector = common::tls_connector(cert.der());
+    // The server's allocator settings (kooagent_seller::server::heap) for the client too:
+    // it allocates per order as the server does, on the same two CPUs.
+    kooagent_seller::server::heap::keep_freed_memory();
     // One thread for the client: it shares the two CPUs with the server, and a
     // multi-threaded runtime's work stealing and cross-thread wake-ups cost it CPU the
     // marketplace's many separate clients would not put on this machine.
@@ -386,7 +389,7 @@ fn main() {
         None => "SQLite (WAL, synchronous=FULL)".to_string(),
     };
     println!("seller serve: {n} concurrent getLicense orders, {store}, TLS on loopback, {cpus} CPUs shared by client, server and database");
-    println!("client: one tokio current_thread runtime (one OS thread); warm: one kept-alive TLS connection per order, cold: a fresh one per order");
+    println!("client: one tokio current_thread runtime (one OS thread), glibc heap kept (server::heap); warm: one kept-alive TLS connection per order, cold: a fresh one per order");
     // What the machine gives besides our code: p99 follows the other processes' load
     // (the CPUs) and the disk's fsync latency (each group commit waits for one), the CPU
     // columns much less. Printed so that every table carries its conditions.

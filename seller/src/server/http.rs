@@ -1111,6 +1111,7 @@ pub fn run(
     config_path: Option<&Path>,
     clock: Arc<dyn Clock>,
 ) -> Result<(), String> {
+    super::heap::keep_freed_memory();
     // The runtime and the SIGHUP handler come first: a reload asked for while the server
     // still reads its keys and opens the database (seconds on a busy PostgreSQL) is carried
     // out once it listens, instead of killing it (SIGHUP's default action).

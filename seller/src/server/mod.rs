@@ -31,6 +31,7 @@ pub mod conns;
 pub mod console;
 pub mod db;
 pub mod devices;
+pub mod heap;
 pub mod http;
 pub mod key_cache;
 pub mod limits;
