@@ -1,7 +1,8 @@
 //! The usage service held by `Agent`: resolves meters, hands records to the ledger, and
 //! runs the upload thread (close hours at each hour boundary plus the lateness allowance,
-//! deliver what is pending, back off with jitter after transient failures). Idle, the
-//! thread wakes only at the next hour boundary.
+//! deliver what is pending, back off with jitter after transient failures). With nothing
+//! recorded (or everything recorded pruned), the thread sleeps until the next record: an
+//! idle agent does not wake every hour to close nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -95,6 +96,8 @@ enum Wake {
         reply: oneshot::Sender<FlushResult>,
     },
     Stop,
+    /// Usage was recorded while the thread slept with nothing to close.
+    Recorded,
 }
 
 struct Running {
@@ -103,6 +106,8 @@ struct Running {
     upload: Arc<Mutex<UploadInfo>>,
     /// Set by `stop`: the upload thread ends even before the ledger is open.
     stopped: Arc<AtomicBool>,
+    /// The upload thread sleeps with nothing to close: the next record wakes it.
+    asleep: Arc<AtomicBool>,
 }
 
 /// What the usage service needs from the rest of the agent, handed over when it is built.
@@ -155,7 +160,9 @@ impl UsageService {
         let (tx, rx) = mpsc::channel();
         let upload = Arc::new(Mutex::new(UploadInfo::default()));
         let stopped = Arc::new(AtomicBool::new(false));
+        let asleep = Arc::new(AtomicBool::new(false));
         let uploader = Uploader {
+            asleep: asleep.clone(),
             config: self.inputs.config.clone(),
             device: self.inputs.device.clone(),
             time_seen: self.inputs.time_seen.clone(),
@@ -200,6 +207,7 @@ impl UsageService {
             wake: Mutex::new(tx),
             upload,
             stopped,
+            asleep,
         });
     }
 
@@ -224,7 +232,13 @@ impl UsageService {
     /// Records items durably; answers each item's hour.
     pub async fn record(&self, items: Vec<Item>) -> Result<Vec<i64>, RecordError> {
         let r = self.running.get().ok_or(RecordError::NotStarted)?;
-        Ok(r.ledger.record(items).await?)
+        let hours = r.ledger.record(items).await?;
+        // The ledger's state shows the record before this: an upload thread that found it
+        // empty raised the flag first (see `Uploader::run`), so it is seen here.
+        if r.asleep.load(Ordering::Relaxed) && r.asleep.swap(false, Ordering::SeqCst) {
+            let _ = r.wake.lock().expect("wake lock").send(Wake::Recorded);
+        }
+        Ok(hours)
     }
 
     /// Closes what can be closed and delivers now; waits for the outcome.
@@ -487,6 +501,8 @@ struct Uploader {
     /// A flush found the hours could not be closed (no device identity yet): close and
     /// deliver as soon as they can be, not only at the next hour boundary.
     close_wanted: bool,
+    /// Raised while the thread sleeps with nothing to close (`Running::asleep`).
+    asleep: Arc<AtomicBool>,
 }
 
 #[derive(PartialEq)]
@@ -521,6 +537,28 @@ impl Uploader {
             // already closable at start are closed at the first boundary (or by a flush),
             // so late usage for them can still arrive while the agent catches up.
             let due = *close_at_ms.get_or_insert_with(|| next_close_ms(now, lateness_ms));
+            if !self.close_wanted && self.nothing_recorded() {
+                self.asleep.store(true, Ordering::SeqCst);
+                // A record that landed before the flag went up is seen here; one after it
+                // finds the flag and wakes this thread. A close that fell due meanwhile
+                // runs then (it finds only the hours closable by then).
+                if self.nothing_recorded() {
+                    match rx.recv() {
+                        Ok(Wake::Stop) | Err(_) => return,
+                        Ok(Wake::Recorded) => {}
+                        Ok(Wake::Flush {
+                            retry_parked,
+                            reply,
+                        }) => {
+                            self.asleep.store(false, Ordering::SeqCst);
+                            let r = self.flush(&full, retry_parked);
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+                self.asleep.store(false, Ordering::SeqCst);
+                continue;
+            }
             let mut wake_at = due;
             if self.close_wanted {
                 wake_at = wake_at.min(now + FLUSH_CLOSE_RETRY_MS);
@@ -536,6 +574,7 @@ impl Uploader {
             let timeout = Duration::from_millis((wake_at - now).clamp(0, 3_600_000) as u64);
             match rx.recv_timeout(timeout) {
                 Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Wake::Recorded) => {}
                 Ok(Wake::Flush {
                     retry_parked,
                     reply,
@@ -563,6 +602,12 @@ impl Uploader {
                 }
             }
         }
+    }
+
+    /// Nothing open, carried or kept: no hour to close, nothing to deliver or prune.
+    fn nothing_recorded(&self) -> bool {
+        let st = self.ledger.state();
+        st.open.is_empty() && st.carry.is_empty() && st.records.is_empty()
     }
 
     /// Closes every closable hour. Needs the device code for metering_sn.
@@ -838,6 +883,66 @@ impl Service for UsageService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle agent sleeps: with nothing recorded the upload thread does not wake at the
+    /// hour's close (it used to, every hour, to close nothing); the first record wakes it
+    /// and the hour it lands in is closed at the boundary after it.
+    #[tokio::test]
+    async fn nothing_recorded_no_hourly_wakeup_and_a_record_wakes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.agent.state_dir = dir.path().to_path_buf();
+        let cfg = Arc::new(cfg);
+        let (_cfg_tx, config) = watch::channel(cfg.clone());
+        // The device identity is not known: every close attempt says so in close_blocked.
+        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let hour = 1_800_000_000 / HOUR * HOUR;
+        let lateness = cfg.usage.lateness_secs as i64;
+        // The real clock, shifted to half a second before this hour's close.
+        struct Shifted(i64);
+        impl Clock for Shifted {
+            fn now_ms(&self) -> i64 {
+                crate::clock::SystemClock.now_ms() + self.0
+            }
+        }
+        let close_ms = (hour + lateness) * 1000;
+        let clock = Arc::new(Shifted(close_ms - 500 - crate::clock::SystemClock.now_ms()));
+        let svc = UsageService::new(
+            Box::new(ConfigMeters),
+            UsageInputs {
+                config,
+                clock: clock.clone(),
+                device,
+                time_seen: Arc::new(|_| {}),
+            },
+        );
+        svc.open(&cfg);
+        svc.wait_open().await;
+        let attempted = || svc.upload_info().unwrap().close_blocked.is_some();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(clock.now_ms() > close_ms);
+        assert!(!attempted(), "woke at the close with nothing recorded");
+        svc.record(vec![Item {
+            key: Key {
+                instance: "i-1".into(),
+                meter: "cpu".into(),
+                pkg: None,
+            },
+            at: clock.now_secs(),
+            value: 1_000_000_000,
+        }])
+        .await
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        while !attempted() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "a record did not wake the upload thread"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        svc.stop();
+    }
 
     #[test]
     fn next_close_is_the_hour_end_plus_lateness() {
