@@ -42,7 +42,8 @@ fn try_market(s: &SellerServer, body: &Value) -> Option<Value> {
 }
 
 /// (licenses per license id, instances without their license or event, events) in the
-/// schema: what "nothing half-written" is checked against.
+/// schema: what "nothing half-written" is checked against. An instance holds its license
+/// itself or references it (`license_sha256`, the order path).
 fn tally(url: &str, schema: &str) -> (BTreeMap<String, i64>, i64, i64) {
     let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
     c.batch_execute(&format!("SET search_path TO {schema}"))
@@ -59,7 +60,8 @@ fn tally(url: &str, schema: &str) -> (BTreeMap<String, i64>, i64, i64) {
     let orphans: i64 = c
         .query_one(
             "SELECT COUNT(*) FROM instances i WHERE NOT EXISTS \
-             (SELECT 1 FROM licenses l WHERE l.license_id = i.license_id AND l.text = i.license) \
+             (SELECT 1 FROM licenses l WHERE l.license_id = i.license_id \
+              AND (l.text = i.license OR l.sha256 = i.license_sha256)) \
              OR NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = 'ev-' || i.instance_id)",
             &[],
         )

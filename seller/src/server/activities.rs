@@ -809,7 +809,7 @@ fn get_license(
     if previous.is_some() {
         tx.put_instance(&row)?;
     } else {
-        tx.put_new_instance(&row)?;
+        tx.put_new_instance(&row, &sha)?;
     }
     let body = match presigned {
         Some(p) => p.answer.clone(),

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS instances (
     frozen      BIGINT NOT NULL,
     license     TEXT NOT NULL,
     seq         BIGINT NOT NULL,
-    updated_at  BIGINT NOT NULL
+    updated_at  BIGINT NOT NULL,
+    license_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS licenses (
     sha256     TEXT PRIMARY KEY,
@@ -229,6 +230,26 @@ macro_rules! instance_cols {
 }
 pub(crate) use instance_cols;
 pub const INSTANCE_COLS: &str = instance_cols!();
+
+/// What both backends read for an [`InstanceRow`], in [`instance_cols`]' order: the
+/// license from `licenses` when the row references it (`license_sha256`, written by
+/// [`Tx::put_new_instance`]; its own `license` is then empty), else its own. A `WHERE`
+/// on `i.` follows.
+macro_rules! instance_select {
+    () => {
+        "SELECT i.instance_id, i.product, i.license_id, i.devices, i.not_before, \
+         i.not_after, i.status, i.frozen, \
+         CASE WHEN i.license_sha256 IS NULL THEN i.license ELSE l.text END, i.seq, \
+         i.updated_at FROM instances i LEFT JOIN licenses l ON l.sha256 = i.license_sha256"
+    };
+}
+pub(crate) use instance_select;
+pub const INSTANCE_SELECT: &str = instance_select!();
+
+/// Columns of `instances` added since the first schema, for databases made before them
+/// (SQLite's migration; PostgreSQL's `MIGRATIONS` names it too): `license_sha256`, an
+/// instance's license by reference.
+pub const INSTANCE_COLUMNS: [(&str, &str); 1] = [("license_sha256", "TEXT")];
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DbError {
@@ -437,8 +458,12 @@ pub trait Tx {
     /// Inserts or replaces.
     fn put_instance(&mut self, row: &InstanceRow) -> Result<(), DbError>;
     /// Inserts an instance the caller has just looked up in this transaction and not
-    /// found: no upsert, and no device links to compare with.
-    fn put_new_instance(&mut self, row: &InstanceRow) -> Result<(), DbError> {
+    /// found: no upsert, and no device links to compare with. Its license is the one
+    /// [`Tx::record_license`] stored under `license_sha256` (in this transaction): the row
+    /// references it instead of holding a second copy, and reads give it back whole.
+    /// ([`Tx::put_instance`], e.g. a freeze, writes the license inline again.)
+    fn put_new_instance(&mut self, row: &InstanceRow, license_sha256: &str) -> Result<(), DbError> {
+        let _ = license_sha256;
         self.put_instance(row)
     }
     /// Keeps a copy of every license issued (the same bytes twice are stored once);
@@ -990,6 +1015,37 @@ pub mod tests {
         assert_eq!(ids(tx.instances_for_device("K1").unwrap()), ["i2", "i5"]);
         assert_eq!(ids(tx.instances_for_device("K3").unwrap()), ["i1", "i3"]);
         assert_eq!(ids(tx.instances_with_device("A").unwrap()), ["i2"]);
+        check_instance_by_reference(tx);
+    }
+
+    /// An instance written with its license by reference reads back whole by every
+    /// lookup; rewritten by `put_instance` (a freeze) it holds its license itself again.
+    pub fn check_instance_by_reference(tx: &mut dyn Tx) {
+        let text = "kl1.instance-by-ref";
+        let sha = tx.record_license("kg-r1", Some("e-r1"), text, 7).unwrap();
+        let mut row = InstanceRow {
+            instance_id: "r1".into(),
+            product: "p1".into(),
+            license_id: "kg-r1".into(),
+            devices: vec!["R".into()],
+            not_before: 1,
+            not_after: None,
+            status: InstanceStatus::Active,
+            frozen: false,
+            license: text.into(),
+            seq: 0,
+            updated_at: 1,
+        };
+        tx.put_new_instance(&row, &sha).unwrap();
+        assert_eq!(tx.instance("r1").unwrap().as_ref(), Some(&row));
+        assert_eq!(
+            tx.instance_by_license("kg-r1").unwrap().as_ref(),
+            Some(&row)
+        );
+        assert_eq!(tx.instances_with_device("R").unwrap(), [row.clone()]);
+        row.frozen = true;
+        tx.put_instance(&row).unwrap();
+        assert_eq!(tx.instance("r1").unwrap().as_ref(), Some(&row));
     }
 
     /// Links follow every `put_instance`, inside its transaction: a rebind moves them, a

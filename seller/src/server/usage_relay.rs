@@ -429,22 +429,30 @@ pub async fn handle(
             return relay_answer(http, code, &msg, sn.as_deref());
         }
     };
-    // The configuration is shared with the job, not copied per request.
+    // The configuration is shared with the job, not copied per request. So are the
+    // request's records and device: this worker holds them until the answer is back and
+    // frees them itself, the database thread drops only its references (glibc's free of
+    // another thread's memory takes that thread's arena lock: the same finding as the
+    // getLicense path's, `http::marketplace_answer`).
     let cfg = usage.clone();
-    let key = device.key.clone();
     let rate = usage.device_rate();
+    let request = Arc::new((device, records));
+    let shared = request.clone();
     let job = state.db.run(move |tx| {
+        let (device, records) = &*shared;
         store(
             tx,
-            &key,
+            &device.key,
             &device.nonce,
-            &records,
+            records,
             &cfg.cfg.meters,
             rate,
             now_ms,
         )
     });
-    match tokio::time::timeout(ANSWER_WITHIN, job).await {
+    let answer = tokio::time::timeout(ANSWER_WITHIN, job).await;
+    let device = &request.0;
+    match answer {
         Ok(Ok(Decision::Held(results))) => {
             if results.iter().any(|r| r.state == "pending") {
                 usage.wake();

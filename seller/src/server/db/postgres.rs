@@ -18,6 +18,7 @@ use postgres::{Client, NoTls, Row};
 use super::{
     Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
     EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_SELECT, INSTANCE_COLS,
+    INSTANCE_SELECT,
 };
 
 /// A row of [`EVENT_SELECT`], its answer rebuilt when it references its license.
@@ -79,7 +80,8 @@ pub fn valid_schema(s: &str) -> bool {
 
 /// Columns added since the first schema, for databases made by an older version.
 const MIGRATIONS: &str = "ALTER TABLE codes ADD COLUMN IF NOT EXISTS device_key TEXT; \
-                          CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key);";
+                          CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key); \
+                          ALTER TABLE instances ADD COLUMN IF NOT EXISTS license_sha256 TEXT;";
 
 impl Postgres {
     /// Connects (a libpq-style URL or key=value string) and creates the tables in
@@ -159,10 +161,7 @@ impl Postgres {
     fn instances_where(&mut self, ids: &str, arg: &str) -> Result<Vec<InstanceRow>, DbError> {
         self.client
             .query(
-                &format!(
-                    "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id IN ({ids}) \
-                     ORDER BY instance_id"
-                ),
+                &format!("{INSTANCE_SELECT} WHERE i.instance_id IN ({ids}) ORDER BY i.instance_id"),
                 &[&arg],
             )
             .map_err(err)?
@@ -340,7 +339,7 @@ impl Tx for Postgres {
 
     fn instance(&mut self, instance_id: &str) -> Result<Option<InstanceRow>, DbError> {
         let r = self.opt(
-            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE instance_id = $1"),
+            concat!(super::instance_select!(), " WHERE i.instance_id = $1"),
             &[&instance_id],
         )?;
         instance_row(r)
@@ -348,7 +347,7 @@ impl Tx for Postgres {
 
     fn instance_by_license(&mut self, license_id: &str) -> Result<Option<InstanceRow>, DbError> {
         let r = self.opt(
-            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE license_id = $1"),
+            concat!(super::instance_select!(), " WHERE i.license_id = $1"),
             &[&license_id],
         )?;
         instance_row(r)
@@ -363,7 +362,7 @@ impl Tx for Postgres {
                  license_id = excluded.license_id, devices = excluded.devices, \
                  not_before = excluded.not_before, not_after = excluded.not_after, \
                  status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
-                 seq = excluded.seq, updated_at = excluded.updated_at"
+                 seq = excluded.seq, updated_at = excluded.updated_at, license_sha256 = NULL"
             ),
             &[
                 &r.instance_id,
@@ -382,13 +381,13 @@ impl Tx for Postgres {
         self.link_devices(&r.instance_id, &r.devices)
     }
 
-    fn put_new_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+    fn put_new_instance(&mut self, r: &InstanceRow, license_sha256: &str) -> Result<(), DbError> {
         let devices = serde_json::to_string(&r.devices).expect("strings serialise");
         self.exec(
             concat!(
                 "INSERT INTO instances (",
                 super::instance_cols!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                ", license_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             ),
             &[
                 &r.instance_id,
@@ -399,9 +398,10 @@ impl Tx for Postgres {
                 &r.not_after,
                 &r.status.as_str(),
                 &(r.frozen as i64),
-                &r.license,
+                &"",
                 &r.seq,
                 &r.updated_at,
+                &license_sha256,
             ],
         )?;
         for code in &r.devices {

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Backend, BucketRow, CallsBy, CodeActivityRow, CodeRow, DbError, DeviceRow, EnrollmentRow,
-    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_SELECT, INSTANCE_COLS,
+    EventRow, InstanceRow, InstanceStatus, TokenRow, Tx, UploadRow, EVENT_SELECT, INSTANCE_SELECT,
 };
 
 pub struct Sqlite {
@@ -145,8 +145,31 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS codes_by_key ON codes (device_key)")?;
     conn.execute_batch(super::DROPPED_INDEXES)?;
+    for (name, ty) in super::INSTANCE_COLUMNS {
+        add_column(conn, "instances", name, ty)?;
+    }
     event_history(conn)?;
     link_table(conn)
+}
+
+/// Adds column `name` to `table` if missing. A second process opening the same file at
+/// the same time may add it first (an `ALTER` that lost that race fails with "duplicate
+/// column", which is checked for again).
+fn add_column(conn: &Connection, table: &str, name: &str, ty: &str) -> rusqlite::Result<()> {
+    let has = || {
+        conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists([table, name])
+    };
+    if has()? {
+        return Ok(());
+    }
+    if let Err(e) = conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty}")) {
+        if !has()? {
+            return Err(e);
+        }
+    }
+    log::info!("database: added {table}.{name}");
+    Ok(())
 }
 
 /// Adds the call-history columns to an `events` table made before them (issue 16), then
@@ -312,8 +335,14 @@ impl Sqlite {
         Ok(())
     }
 
-    /// Runs `sql`, an insert of an instance's columns in `instance_cols!` order.
-    fn write_instance(&mut self, sql: &str, r: &InstanceRow) -> Result<(), DbError> {
+    /// Runs `sql`, an insert of an instance's columns in `instance_cols!` order then
+    /// `license_sha256`, with `license` (its text, or empty when stored by reference).
+    fn write_instance(
+        &mut self,
+        sql: &str,
+        r: &InstanceRow,
+        license: (&str, Option<&str>),
+    ) -> Result<(), DbError> {
         self.conn
             .prepare_cached(sql)
             .and_then(|mut s| {
@@ -326,9 +355,10 @@ impl Sqlite {
                     r.not_after,
                     r.status.as_str(),
                     r.frozen as i64,
-                    r.license,
+                    license.0,
                     r.seq,
-                    r.updated_at
+                    r.updated_at,
+                    license.1
                 ])
             })
             .map(drop)
@@ -340,8 +370,7 @@ impl Sqlite {
         let rows = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {INSTANCE_COLS} FROM instances WHERE instance_id IN ({ids}) \
-                 ORDER BY instance_id"
+                "{INSTANCE_SELECT} WHERE i.instance_id IN ({ids}) ORDER BY i.instance_id"
             ))
             .and_then(|mut s| {
                 s.query_map(params![arg], instance_row)?
@@ -490,9 +519,8 @@ impl Tx for Sqlite {
         let x = self
             .conn
             .prepare_cached(concat!(
-                "SELECT ",
-                super::instance_cols!(),
-                " FROM instances WHERE instance_id = ?1"
+                super::instance_select!(),
+                " WHERE i.instance_id = ?1"
             ))
             .and_then(|mut s| s.query_row(params![instance_id], instance_row).optional())
             .map_err(err)?;
@@ -503,9 +531,8 @@ impl Tx for Sqlite {
         let x = self
             .conn
             .prepare_cached(concat!(
-                "SELECT ",
-                super::instance_cols!(),
-                " FROM instances WHERE license_id = ?1"
+                super::instance_select!(),
+                " WHERE i.license_id = ?1"
             ))
             .and_then(|mut s| s.query_row(params![license_id], instance_row).optional())
             .map_err(err)?;
@@ -517,26 +544,29 @@ impl Tx for Sqlite {
             concat!(
                 "INSERT INTO instances (",
                 super::instance_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                ", license_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
                  ON CONFLICT (instance_id) DO UPDATE SET product = excluded.product, \
                  license_id = excluded.license_id, devices = excluded.devices, \
                  not_before = excluded.not_before, not_after = excluded.not_after, \
                  status = excluded.status, frozen = excluded.frozen, license = excluded.license, \
-                 seq = excluded.seq, updated_at = excluded.updated_at"
+                 seq = excluded.seq, updated_at = excluded.updated_at, \
+                 license_sha256 = excluded.license_sha256"
             ),
             r,
+            (&r.license, None),
         )?;
         self.link_devices(&r.instance_id, &r.devices)
     }
 
-    fn put_new_instance(&mut self, r: &InstanceRow) -> Result<(), DbError> {
+    fn put_new_instance(&mut self, r: &InstanceRow, license_sha256: &str) -> Result<(), DbError> {
         self.write_instance(
             concat!(
                 "INSERT INTO instances (",
                 super::instance_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                ", license_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ),
             r,
+            ("", Some(license_sha256)),
         )?;
         self.link_new_devices(&r.instance_id, &r.devices)
     }
@@ -1279,6 +1309,26 @@ mod tests {
         let mut db = Sqlite::open(&path).unwrap();
         assert_eq!(links(&db), 5);
         check_old_instances_migrated(&mut db);
+        // Frozen by put_instance, r1 holds its license itself again; a new instance
+        // written by reference holds none.
+        let license = |db: &Sqlite, id: &str| -> String {
+            db.conn
+                .query_row(
+                    "SELECT license FROM instances WHERE instance_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(license(&db, "r1"), "kl1.instance-by-ref");
+        let sha = db.record_license("kg-r2", None, "kl1.r2", 8).unwrap();
+        let mut r2 = db.instance("r1").unwrap().unwrap();
+        r2.instance_id = "r2".into();
+        r2.license_id = "kg-r2".into();
+        r2.license = "kl1.r2".into();
+        db.put_new_instance(&r2, &sha).unwrap();
+        assert_eq!(license(&db, "r2"), "");
+        assert_eq!(db.instance("r2").unwrap(), Some(r2));
         drop(db);
         let mut db = Sqlite::open(&path).unwrap();
         assert_eq!(ids(db.instances_for_device("K3").unwrap()), ["i1", "i3"]);
