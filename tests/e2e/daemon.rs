@@ -483,7 +483,10 @@ fn switches(pid: u32) -> Vec<(String, u64)> {
 fn an_idle_agent_does_not_wake_up_for_a_minute() {
     let a = TestAgent::start("");
     let pid = a.child.as_ref().unwrap().id();
-    // Let start-up work (identity, first scans) settle.
+    // The socket accepts from the bind, before the services start (slow on a loaded
+    // machine): an answer means they have; then let start-up work (identity, first
+    // scans) settle.
+    a.call("ping", json!({})).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let before = switches(pid);
     std::thread::sleep(Duration::from_secs(61));
