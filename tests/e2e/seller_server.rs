@@ -297,7 +297,7 @@ impl SellerServer {
     pub fn market(&self, body: &Value) -> (String, Value) {
         let body = body.to_string();
         let ts = now_ms().to_string();
-        let nonce = format!("N{}", now_ms() as u128 * 1000 + rand_u16() as u128);
+        let nonce = fresh_nonce();
         self.market_signed(&body, &ts, &nonce, &sign(KEY, &nonce, &ts, &body))
     }
 
@@ -406,13 +406,16 @@ pub fn device_headers(
     ]
 }
 
-fn rand_u16() -> u16 {
-    let mut b = [0u8; 2];
+/// What §4.1 asks of the marketplace: a secure random value per call (128 bits, in the
+/// hex the documents' examples show). A millisecond clock plus 16 random bits could
+/// repeat among quick parallel orders, and the second got "nonce already used".
+fn fresh_nonce() -> String {
+    let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut b)
         .unwrap();
-    u16::from_le_bytes(b)
+    b.iter().map(|x| format!("{x:02X}")).collect()
 }
 
 /// §4.1 as documented, written independently of the server's code.
