@@ -309,20 +309,16 @@ impl Sqlite {
                 .and_then(|mut s| s.execute(params![gone, instance_id]))
                 .map_err(err)?;
         }
-        for new in devices.iter().filter(|d| !have.contains(d)) {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO instance_devices (device_code, instance_id) VALUES (?1, ?2) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .and_then(|mut s| s.execute(params![new, instance_id]))
-                .map_err(err)?;
-        }
-        Ok(())
+        self.link_new_devices(instance_id, devices.iter().filter(|d| !have.contains(d)))
     }
 
-    /// The links of an instance that had none (it was just inserted).
-    fn link_new_devices(&mut self, instance_id: &str, devices: &[String]) -> Result<(), DbError> {
+    /// Adds links of `instance_id` it does not have yet (all of them for an instance just
+    /// inserted).
+    fn link_new_devices<'a>(
+        &mut self,
+        instance_id: &str,
+        devices: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), DbError> {
         for code in devices {
             self.conn
                 .prepare_cached(
