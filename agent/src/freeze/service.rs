@@ -1016,25 +1016,63 @@ mod tests {
     use crate::license::LicenseConfig;
     use kooagent_core::testing::{sample, test_key};
 
-    /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
-    /// verdict: no event is out before the verdict table shows it.
-    #[test]
-    fn watch_events_go_out_after_the_verdicts_show_them() {
+    /// A license service on a fake clock with the freeze service as its hook, trusting
+    /// `key`; `lic` (unbound, not installed) is an hour into its validity at `now`. Bind
+    /// `_dir` and `_device_tx` by name: the state directory and the device channel must
+    /// live as long as the test.
+    struct Services {
+        _dir: tempfile::TempDir,
+        _device_tx: watch::Sender<DeviceState>,
+        key: ed25519_dalek::SigningKey,
+        lic: License,
+        now: i64,
+        clock: Arc<FakeClock>,
+        license: Arc<LicenseService>,
+        freeze: Arc<FreezeService>,
+    }
+
+    fn services() -> Services {
         let dir = tempfile::tempdir().unwrap();
         let key = test_key(1);
         let mut lic = sample();
         lic.unbound = true;
         lic.devices.clear();
         let now = lic.not_before + 3600;
-        let (_device_tx, device) = watch::channel(DeviceState::Pending);
+        let (device_tx, device) = watch::channel(DeviceState::Pending);
         let cfg = LicenseConfig {
             trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
             ..Default::default()
         };
         let clock = Arc::new(FakeClock::new(now * 1000));
-        let license = LicenseService::new(dir.path(), &cfg, clock, device.clone());
+        let license = LicenseService::new(dir.path(), &cfg, clock.clone(), device.clone());
         let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
         license.set_freeze_hook(freeze.clone());
+        Services {
+            _dir: dir,
+            _device_tx: device_tx,
+            key,
+            lic,
+            now,
+            clock,
+            license,
+            freeze,
+        }
+    }
+
+    /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
+    /// verdict: no event is out before the verdict table shows it.
+    #[test]
+    fn watch_events_go_out_after_the_verdicts_show_them() {
+        let Services {
+            key,
+            lic,
+            now,
+            license,
+            freeze,
+            _dir,
+            _device_tx,
+            ..
+        } = services();
         let text = crate::license::format::sign(&lic, &key).unwrap();
         license.install(text.as_bytes(), None).unwrap();
         let allowed = |l: &LicenseService| {
@@ -1083,21 +1121,17 @@ mod tests {
     /// woke it at each rebuild.
     #[test]
     fn rebuilds_that_change_no_phase_do_not_wake_the_action_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = test_key(1);
-        let mut lic = sample();
-        lic.unbound = true;
-        lic.devices.clear();
-        let now = lic.not_before + 3600;
-        let (_device_tx, device) = watch::channel(DeviceState::Pending);
-        let cfg = LicenseConfig {
-            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
-            ..Default::default()
-        };
-        let clock = Arc::new(FakeClock::new(now * 1000));
-        let license = LicenseService::new(dir.path(), &cfg, clock.clone(), device.clone());
-        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
-        license.set_freeze_hook(freeze.clone());
+        let Services {
+            key,
+            lic,
+            now,
+            clock,
+            license,
+            freeze,
+            _dir,
+            _device_tx,
+            ..
+        } = services();
         let sends = || freeze.lock().wants_sends;
         // No license: nothing to act on, nothing sent however often the table is rebuilt.
         for _ in 0..5 {
@@ -1153,21 +1187,16 @@ mod tests {
     /// rebuild, each showing what `license.check` answers at that moment.
     #[test]
     fn verdict_subscribers_get_every_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = test_key(1);
-        let mut lic = sample();
-        lic.unbound = true;
-        lic.devices.clear();
-        let now = lic.not_before + 3600;
-        let (_device_tx, device) = watch::channel(DeviceState::Pending);
-        let cfg = LicenseConfig {
-            trusted_keys: vec![crate::license::keys::entry_for(&key.verifying_key())],
-            ..Default::default()
-        };
-        let clock = Arc::new(FakeClock::new(now * 1000));
-        let license = LicenseService::new(dir.path(), &cfg, clock, device.clone());
-        let freeze = FreezeService::new(dir.path(), &FreezeConfig::default(), now, device);
-        license.set_freeze_hook(freeze.clone());
+        let Services {
+            key,
+            lic,
+            now,
+            license,
+            freeze,
+            _dir,
+            _device_tx,
+            ..
+        } = services();
         let text = crate::license::format::sign(&lic, &key).unwrap();
         license.install(text.as_bytes(), None).unwrap();
 

@@ -1335,11 +1335,9 @@ mod tests {
         to.process_new_packets().unwrap();
     }
 
-    /// A device reconnecting the next hour resumes its TLS session even when a fleet
-    /// larger than a session cache connected in between (stateless tickets), so the
-    /// hourly close does not cost every device a full handshake.
-    #[test]
-    fn a_device_resumes_its_session_after_a_fleet_connected() {
+    /// The server's TLS configuration (`tls_config`, from files as `seller serve` reads
+    /// them) for a fresh self-signed `localhost` certificate, and roots that trust it.
+    fn server_for_localhost() -> (Arc<rustls::ServerConfig>, rustls::RootCertStore) {
         let d = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
@@ -1357,6 +1355,15 @@ mod tests {
         let server = tls_config(&d.path().join("c.pem"), &d.path().join("k.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
+        (server, roots)
+    }
+
+    /// A device reconnecting the next hour resumes its TLS session even when a fleet
+    /// larger than a session cache connected in between (stateless tickets), so the
+    /// hourly close does not cost every device a full handshake.
+    #[test]
+    fn a_device_resumes_its_session_after_a_fleet_connected() {
+        let (server, roots) = server_for_localhost();
         let device = || {
             Arc::new(
                 rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -1383,23 +1390,7 @@ mod tests {
     /// (forward secrecy: no psk_ke-only resumption).
     #[test]
     fn tls13_connections_get_aes128_sha256_and_resume_with_x25519() {
-        let d = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(d.path().join("c.pem"), cert.pem()).unwrap();
-        std::fs::write(d.path().join("k.pem"), key.serialize_pem()).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            d.path().join("k.pem"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-        let server = tls_config(&d.path().join("c.pem"), &d.path().join("k.pem")).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
+        let (server, roots) = server_for_localhost();
         let provider = rustls::crypto::ring::default_provider();
         assert_eq!(
             provider.cipher_suites[0].suite(),
