@@ -147,11 +147,21 @@ impl Postgres {
                 &[gone, &instance_id],
             )?;
         }
-        for new in devices.iter().filter(|d| !have.contains(d)) {
+        self.link_new_devices(instance_id, devices.iter().filter(|d| !have.contains(d)))
+    }
+
+    /// Adds links of `instance_id` it does not have yet (all of them for an instance just
+    /// inserted).
+    fn link_new_devices<'a>(
+        &mut self,
+        instance_id: &str,
+        devices: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), DbError> {
+        for code in devices {
             self.exec(
                 "INSERT INTO instance_devices (device_code, instance_id) VALUES ($1, $2) \
                  ON CONFLICT DO NOTHING",
-                &[new, &instance_id],
+                &[code, &instance_id],
             )?;
         }
         Ok(())
@@ -404,14 +414,7 @@ impl Tx for Postgres {
                 &license_sha256,
             ],
         )?;
-        for code in &r.devices {
-            self.exec(
-                "INSERT INTO instance_devices (device_code, instance_id) VALUES ($1, $2) \
-                 ON CONFLICT DO NOTHING",
-                &[code, &r.instance_id],
-            )?;
-        }
-        Ok(())
+        self.link_new_devices(&r.instance_id, &r.devices)
     }
 
     fn record_license(
