@@ -373,9 +373,11 @@ fn main() {
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
 
     let connector = common::tls_connector(cert.der());
-    // The server's allocator settings (kooagent_seller::server::heap) for the client too:
-    // it allocates per order as the server does, on the same two CPUs.
+    // The server's allocator settings (kooagent_seller::server::heap) for the client too,
+    // its heap warmed as a worker's is: it allocates per order as the server does, on
+    // the same two CPUs, and the first touch of its pages is no cost of the server's.
     kooagent_seller::server::heap::keep_freed_memory();
+    kooagent_seller::server::heap::warm_this_thread(kooagent_seller::server::heap::WORKER_HEAP);
     // One thread for the client: it shares the two CPUs with the server, and a
     // multi-threaded runtime's work stealing and cross-thread wake-ups cost it CPU the
     // marketplace's many separate clients would not put on this machine.

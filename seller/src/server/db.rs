@@ -675,6 +675,7 @@ impl Db {
 /// process alone never conflicts and keeps group commit's full batches; replicas that
 /// collide settle on small batches, so one conflict re-runs few requests.
 fn db_thread(mut backend: Box<dyn Backend>, rx: &std::sync::Mutex<mpsc::Receiver<Job>>) {
+    super::heap::warm_this_thread(super::heap::DB_HEAP);
     let mut limit = MAX_BATCH;
     loop {
         let mut batch = {

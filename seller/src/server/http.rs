@@ -1103,6 +1103,9 @@ fn metrics_token(cfg: &SellerServerConfig, market: &Secret) -> Result<Option<Sec
     Ok(Some(t))
 }
 
+/// The async runtime's worker threads.
+const WORKERS: usize = 2;
+
 /// `kooagent seller serve`: reads the configuration's files, opens the database, listens,
 /// prints `listening on ADDR` and serves until SIGTERM or SIGINT.
 /// `config_path`: the file SIGHUP reads again (None: SIGHUP is logged and ignored).
@@ -1115,8 +1118,16 @@ pub fn run(
     // The runtime and the SIGHUP handler come first: a reload asked for while the server
     // still reads its keys and opens the database (seconds on a busy PostgreSQL) is carried
     // out once it listens, instead of killing it (SIGHUP's default action).
+    // The two workers are the runtime's first threads (blocking threads come later, on
+    // demand, and need no warm heap).
+    let started = std::sync::atomic::AtomicUsize::new(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(WORKERS)
+        .on_thread_start(move || {
+            if started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < WORKERS {
+                super::heap::warm_this_thread(super::heap::WORKER_HEAP);
+            }
+        })
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
