@@ -105,7 +105,7 @@ pub fn build(req: &IssueRequest) -> Result<License, IssueError> {
         None => derived_id(&lic),
     };
     // Validate everything now, with the format's own rules and messages.
-    format::payload_bytes(&lic).map_err(|e| IssueError(e.to_string()))?;
+    format::check_fields(&lic).map_err(|e| IssueError(e.to_string()))?;
     Ok(lic)
 }
 
