@@ -240,6 +240,19 @@ fn self_cpu_us() -> f64 {
     proc_cpu_us(std::process::id())
 }
 
+/// A `/proc/PID/status` size (`VmRSS:`, `VmHWM:`) of the servers, added up, in MiB.
+fn resident_mib(pids: &[u32], field: &str) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        / 1024
+}
+
 /// The 1-minute load average (`/proc/loadavg`), "?" where there is none.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -414,6 +427,10 @@ fn main() {
         "client µs",
         "db µs"
     );
+    println!(
+        "server memory before the rounds: resident {} MiB",
+        resident_mib(&pids, "VmRSS:")
+    );
     let mut all_texts = std::collections::HashSet::new();
     let mut total_ok = 0;
     for (name, warm) in [("warm", true), ("cold", false)] {
@@ -456,6 +473,11 @@ fn main() {
             r.db_cpu_us / n as f64
         );
     }
+    println!(
+        "server memory after the rounds: resident {} MiB, peak {} MiB",
+        resident_mib(&pids, "VmRSS:"),
+        resident_mib(&pids, "VmHWM:")
+    );
     for mut child in children {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
