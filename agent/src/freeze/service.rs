@@ -1059,6 +1059,14 @@ mod tests {
         }
     }
 
+    /// [`services`] with the fixture's license (unbound, valid `now`) installed.
+    fn installed_services() -> Services {
+        let s = services();
+        let text = crate::license::format::sign(&s.lic, &s.key).unwrap();
+        s.license.install(text.as_bytes(), None).unwrap();
+        s
+    }
+
     /// A watcher that reacts to `frozen` by asking `license.check` must read the frozen
     /// verdict: no event is out before the verdict table shows it.
     #[test]
@@ -1072,9 +1080,7 @@ mod tests {
             _dir,
             _device_tx,
             ..
-        } = services();
-        let text = crate::license::format::sign(&lic, &key).unwrap();
-        license.install(text.as_bytes(), None).unwrap();
+        } = installed_services();
         let allowed = |l: &LicenseService| {
             l.verdicts().check("sku-pro", None, now).unwrap()["allowed"].clone()
         };
@@ -1196,9 +1202,7 @@ mod tests {
             _dir,
             _device_tx,
             ..
-        } = services();
-        let text = crate::license::format::sign(&lic, &key).unwrap();
-        license.install(text.as_bytes(), None).unwrap();
+        } = installed_services();
 
         let mut plain = freeze.subscribe();
         let l = license.clone();

@@ -64,19 +64,21 @@ pub fn warm_this_thread(bytes: usize) {
     }
     // Blocks under M_MMAP_THRESHOLD, so that they come from this thread's heap.
     const BLOCK: usize = 256 << 10;
-    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(bytes / BLOCK);
-    for _ in 0..bytes / BLOCK {
-        // Not `vec![0; n]`: calloc knows fresh heap memory is zero and would not touch it.
-        let mut b = Vec::<u8>::with_capacity(BLOCK);
-        let p = b.as_mut_ptr();
-        for off in (0..BLOCK).step_by(4096) {
-            // SAFETY: `off` < BLOCK, the capacity; a volatile write so it is not elided.
-            unsafe { std::ptr::write_volatile(p.add(off), 1) };
-        }
-        blocks.push(b);
-    }
+    let mut blocks: Vec<Vec<u8>> = (0..bytes / BLOCK).map(|_| touched_block(BLOCK)).collect();
     // Last first: each block then borders the top and merges into it.
     while blocks.pop().is_some() {}
+}
+
+/// A block of `len` bytes from the heap with every page of it written once (so resident).
+fn touched_block(len: usize) -> Vec<u8> {
+    // Not `vec![0; n]`: calloc knows fresh heap memory is zero and would not touch it.
+    let mut b = Vec::<u8>::with_capacity(len);
+    let p = b.as_mut_ptr();
+    for off in (0..len).step_by(4096) {
+        // SAFETY: `off` < len, the capacity; a volatile write so it is not elided.
+        unsafe { std::ptr::write_volatile(p.add(off), 1) };
+    }
+    b
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
@@ -96,14 +98,7 @@ mod tests {
     fn touch_new_blocks(bytes: usize) -> i64 {
         let before = faults();
         let blocks: Vec<Vec<u8>> = (0..bytes / (64 << 10))
-            .map(|_| {
-                let mut b = Vec::<u8>::with_capacity(64 << 10);
-                for off in (0..64 << 10).step_by(4096) {
-                    // SAFETY: within the capacity.
-                    unsafe { std::ptr::write_volatile(b.as_mut_ptr().add(off), 1) };
-                }
-                b
-            })
+            .map(|_| super::touched_block(64 << 10))
             .collect();
         let n = faults() - before;
         drop(blocks);
